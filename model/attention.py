@@ -1,0 +1,145 @@
+"""Attention: dense MHA/GQA (DeepSeek LLM, Qwen2, Llama) and Multi-head Latent Attention (V2 §2.1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, apply_rope, softmax_scale
+
+
+def _causal_mask(s: int, t: int, start_pos: int, device) -> torch.Tensor:
+    """Boolean [s, t] mask, True where query start_pos+i may see key j."""
+    q = torch.arange(s, device=device)[:, None] + start_pos
+    return torch.arange(t, device=device)[None, :] <= q
+
+
+class KVCache(nn.Module):
+    """Preallocated per-layer cache; `fields` name the per-token tensors it keeps."""
+
+    def __init__(self, batch: int, max_len: int, shapes: dict[str, tuple[int, ...]], dtype, device):
+        super().__init__()
+        self.max_len = max_len
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(batch, max_len, *shape, dtype=dtype, device=device),
+                                 persistent=False)
+
+    def write(self, name: str, start_pos: int, value: torch.Tensor) -> torch.Tensor:
+        """Store value [b, s, ...] at start_pos and return everything cached up to its end."""
+        end = start_pos + value.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; writing up to position {end}. "
+                             "Allocate a longer cache with new_cache(batch, max_len).")
+        buf = getattr(self, name)
+        buf[: value.shape[0], start_pos:end] = value.to(buf.dtype)
+        return buf[: value.shape[0], :end]
+
+    def nbytes_per_token(self) -> int:
+        return sum(b[0, 0].numel() * b.element_size() for b in self.buffers())
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with optional QKV bias (Qwen2) and half-rotated RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.gqa_head_dim
+        self.interleave = cfg.rope_interleave
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.softmax_scale = softmax_scale(cfg, self.head_dim)
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
+        shape = (self.n_kv_heads, self.head_dim)
+        return KVCache(batch, max_len, {"k": shape, "v": shape}, dtype, device)
+
+    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None):
+        b, s, _ = x.shape
+        cos, sin = rope
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin, self.interleave)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin, self.interleave)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        mask = None
+        if cache is not None:
+            k, v = cache.write("k", start_pos, k), cache.write("v", start_pos, v)
+            mask = _causal_mask(s, k.shape[1], start_pos, x.device)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+            scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(o.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (V2 §2.1; names as DeepSeek-V3 inference/model.py).
+
+    Queries: q = W^UQ RMSNorm(W^DQ h) (or W^Q h without query compression, V2-Lite).
+    Keys/values: one joint latent c^KV = RMSNorm(W^DKV h) of kv_lora_rank, up-projected per head by
+    W^UK / W^UV (wkv_b); a decoupled RoPE key k^R = RoPE(W^KR h) shared by all heads.
+
+    Training path: materialise per-head keys and values. Inference path (with a cache): keep only
+    c^KV and k^R per token and absorb W^UK into the query and W^UV into the output (V2 §2.1.3).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.qk_head_dim, self.v_head_dim = cfg.qk_head_dim, cfg.v_head_dim
+        if self.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.dim, self.q_lora_rank, bias=False)              # W^DQ
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)  # W^UQ, W^QR
+        else:
+            self.wq = nn.Linear(cfg.dim, self.n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)  # W^DKV, W^KR
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim),
+                               bias=False)                                                  # W^UK, W^UV
+        self.wo = nn.Linear(self.n_heads * self.v_head_dim, cfg.dim, bias=False)
+        self.softmax_scale = softmax_scale(cfg, self.qk_head_dim)
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
+        # (d_c + d_h^R) elements per token per layer (V2 §2.1.4)
+        return KVCache(batch, max_len, {"kv": (self.kv_lora_rank,), "pe": (self.qk_rope_head_dim,)}, dtype, device)
+
+    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None):
+        b, s, _ = x.shape
+        cos, sin = rope
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q = q.view(b, s, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, interleave=True)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_norm(kv)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, interleave=True)  # one head, shared
+        if cache is None:
+            return self._forward_full(q_nope, q_pe, kv, k_pe)
+        return self._forward_absorbed(q_nope, q_pe, kv, k_pe.squeeze(2), start_pos, cache)
+
+    def _forward_full(self, q_nope, q_pe, kv, k_pe):
+        b, s = kv.shape[:2]
+        kv = self.wkv_b(kv).view(b, s, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=self.softmax_scale)
+        return self.wo(o.transpose(1, 2).reshape(b, s, -1))
+
+    def _forward_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos: int, cache: KVCache):
+        b, s = kv.shape[:2]
+        wkv_b = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)          # W^UK absorbed into the query
+        kv_all, pe_all = cache.write("kv", start_pos, kv), cache.write("pe", start_pos, k_pe)
+        scores = (torch.einsum("bshc,btc->bsht", q_lat, kv_all.to(q_lat.dtype))
+                  + torch.einsum("bshr,btr->bsht", q_pe, pe_all.to(q_pe.dtype))) * self.softmax_scale
+        mask = _causal_mask(s, kv_all.shape[1], start_pos, kv.device)
+        scores = scores.masked_fill(~mask[None, :, None, :], float("-inf")).softmax(-1, dtype=torch.float32)
+        o = torch.einsum("bsht,btc->bshc", scores.to(kv.dtype), kv_all.to(kv.dtype))
+        o = torch.einsum("bshc,hdc->bshd", o, w_uv)                   # W^UV absorbed into the output
+        return self.wo(o.reshape(b, s, -1))

@@ -1,0 +1,108 @@
+"""Building blocks shared by every architecture: RMSNorm, rotary embedding with YaRN, SwiGLU."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, as the reference implementations do."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse rotary frequencies; YaRN-corrected when rope_factor > 1 (V2 §3.1.4, V3 §4.3)."""
+    dim, base = cfg.rope_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if cfg.rope_factor <= 1:
+        return inv_freq
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # low dimensions (fast rotations) keep their frequency, high ones are interpolated by 1/factor
+    return inv_freq / cfg.rope_factor * ramp + inv_freq * (1 - ramp)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions.
+
+    YaRN also scales cos/sin by mscale(s, mscale) / mscale(s, mscale_all_dim) and the softmax by
+    mscale(s, mscale_all_dim)^2 (see `softmax_scale`); both factors are 1 for the released configs'
+    cos/sin, which is why DeepSeek's own inference code applies only the softmax correction.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.interleave = cfg.rope_interleave
+        self.register_buffer("inv_freq", yarn_inv_freq(cfg), persistent=False)
+        self.attention_factor = 1.0
+        if cfg.rope_factor > 1:
+            if cfg.mscale and cfg.mscale_all_dim:
+                self.attention_factor = yarn_mscale(cfg.rope_factor, cfg.mscale) / yarn_mscale(
+                    cfg.rope_factor, cfg.mscale_all_dim)
+            else:
+                self.attention_factor = yarn_mscale(cfg.rope_factor)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [batch, seq, heads, d] by cos/sin [seq, d/2] (computed in fp32).
+
+    interleave=True rotates pairs (x0, x1), (x2, x3), ... (DeepSeek's MLA checkpoints);
+    otherwise the first half against the second (Llama/Qwen checkpoints, `rotate_half`).
+    """
+    dtype = x.dtype
+    x = x.float()
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(dtype)
+
+
+def softmax_scale(cfg: ModelConfig, qk_head_dim: int) -> float:
+    """1/sqrt(d_qk), times mscale^2 under YaRN (V2 §3.1.4; V3 inference/model.py MLA.__init__)."""
+    scale = qk_head_dim ** -0.5
+    if cfg.rope_factor > 1 and cfg.mscale_all_dim:
+        scale *= yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim) ** 2
+    return scale
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,208 @@
+"""DeepSeekMoE: fine-grained routed experts plus shared experts (DeepSeekMoE §3, V2 §2.2, V3 §2.1.2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import MLP
+
+
+def _limit_groups(scores: torch.Tensor, n_groups: int, keep: int, k_per_group: int) -> torch.Tensor:
+    """Mask (with -inf) every expert outside the `keep` best of `n_groups` contiguous expert groups.
+
+    A group's score is its best expert's (k_per_group=1) or the sum of its k_per_group best.
+    """
+    t, e = scores.shape
+    g = scores.view(t, n_groups, e // n_groups)
+    group_scores = g.amax(-1) if k_per_group == 1 else g.topk(k_per_group, dim=-1).values.sum(-1)
+    chosen = group_scores.topk(keep, dim=-1).indices
+    drop = torch.ones(t, n_groups, dtype=torch.bool, device=scores.device).scatter_(1, chosen, False)
+    return g.masked_fill(drop.unsqueeze(-1), float("-inf")).view(t, e)
+
+
+class Gate(nn.Module):
+    """Router: token-to-expert affinities, limited top-k selection, gate weights.
+
+    Follows DeepSeek-V3 inference/model.py `Gate.forward`: softmax (DeepSeekMoE, V2) or sigmoid (V3)
+    affinities s; the aux-loss-free bias b is added for selection only (V3 eq. 16); group-limited
+    selection over n_expert_groups (group score = top-2 sum with a bias, else the max); gate weights
+    from the unbiased s, normalised over the selected experts when norm_topk_prob (V3 eq. 13),
+    times route_scale. On top, device-limited (V2 §2.2.1) and node-limited (V3 §2.1.2) routing over
+    the expert placement that the parallel runtime sets with `set_placement` (one device by default).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
+        self.score_func, self.norm_topk_prob, self.route_scale = cfg.score_func, cfg.norm_topk_prob, cfg.route_scale
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.topk_devices, self.topk_nodes = cfg.topk_devices, cfg.topk_nodes
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        if cfg.aux_free_bias:
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.bias = None
+        self.n_devices, self.devices_per_node = 1, 1
+
+    def set_placement(self, n_devices: int, devices_per_node: int) -> None:
+        """Experts are split in contiguous equal blocks over n_devices (expert e on device
+        e // (n_experts / n_devices)); devices in contiguous blocks of devices_per_node per node."""
+        if self.n_experts % n_devices:
+            raise ValueError(f"{self.n_experts} experts cannot be split evenly over {n_devices} devices")
+        if n_devices % devices_per_node:
+            raise ValueError(f"{n_devices} devices do not fill nodes of {devices_per_node}")
+        self.n_devices, self.devices_per_node = n_devices, devices_per_node
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_devices // self.devices_per_node
+
+    def forward(self, x: torch.Tensor):
+        """x [T, dim] -> gate weights [T, K], expert indices [T, K], affinities s [T, E] (fp32)."""
+        scores = F.linear(x.float(), self.weight.float())
+        scores = scores.softmax(dim=-1) if self.score_func == "softmax" else scores.sigmoid()
+        select = scores if self.bias is None else scores + self.bias
+        if self.n_groups > 1:
+            select = _limit_groups(select, self.n_groups, self.topk_groups, 1 if self.bias is None else 2)
+        if self.topk_devices and self.n_devices > self.topk_devices:
+            # V2: the M devices holding the highest-affinity experts
+            select = _limit_groups(select, self.n_devices, self.topk_devices, 1)
+        if self.topk_nodes and self.n_nodes > self.topk_nodes:
+            # V3: nodes ranked by the sum of their K_r/M highest affinities
+            per_node = max(1, self.topk // self.topk_nodes)
+            select = _limit_groups(select, self.n_nodes, self.topk_nodes, per_node)
+        indices = select.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, gamma: float) -> None:
+        """V3 §2.1.2: b_i -= gamma if expert i is overloaded, += gamma if underloaded."""
+        if self.bias is not None:
+            self.bias += gamma * torch.sign(load.float().mean() - load.float())
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert, counts[e] rows for expert e; returns x_e @ w[e]^T for each block.
+
+    Uses torch's grouped GEMM when the strides allow it (16-byte aligned), else one matmul per
+    expert: a loop over experts, never over tokens.
+    """
+    aligned = all((d * x.element_size()) % 16 == 0 for d in (x.shape[-1], w.shape[-2]))
+    if aligned and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        out = F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        if out.requires_grad:
+            out.register_hook(lambda g: g.contiguous())  # the CPU kernel wants dense gradients
+        return out
+    chunks = x.split(counts.tolist())
+    return torch.cat([c @ w[e].t() for e, c in enumerate(chunks)]) if chunks else x.new_zeros(0, w.shape[1])
+
+
+class Experts(nn.Module):
+    """The routed experts' SwiGLU weights stacked [n_experts, out, in] (one grouped GEMM per matrix)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return grouped_mm(F.silu(grouped_mm(x, self.w1, counts)) * grouped_mm(x, self.w3, counts), self.w2, counts)
+
+
+class MoE(nn.Module):
+    """sum_j FFN^(s)_j(u) + sum_i g_i FFN^(r)_i(u): V3 eq. 12 without the residual.
+
+    In training it also records its balance losses (`aux_losses`) and accumulates the per-expert
+    token load (`tokens_per_expert`) that the aux-loss-free bias update consumes.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.aux_losses: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices, scores = self.gate(x)
+        routed = indices
+        if self.training and self.cfg.capacity_factor > 0 and self.gate.n_devices > 1:
+            weights, routed = self._drop_tokens(weights, indices, scores, shape[0])
+        # permute: sort the (token, slot) pairs by expert; dropped pairs carry index n_experts, sort last
+        flat = routed.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts + 1)[: self.n_experts]
+        order = order[: int(counts.sum())]
+        token = order // self.topk
+        out = self.experts(x[token], counts) * weights.flatten()[order, None].to(x.dtype)
+        y = torch.zeros_like(x).index_add_(0, token, out)  # unpermute and combine
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+            self.aux_losses = self._balance_losses(scores, indices, shape[0])
+        return y.view(shape)
+
+    def _balance_losses(self, scores, indices, batch: int) -> dict[str, torch.Tensor]:
+        """Expert-level (V2 eq. 23-25 = V3 sequence-wise eq. 17-20), device-level (eq. 26-28) and
+        communication (eq. 29-31) balance losses; T is one sequence's tokens when balance_per_sequence."""
+        cfg, e, k = self.cfg, self.n_experts, self.topk
+        losses = {}
+        if not (cfg.balance_alpha_expert or cfg.balance_alpha_device or cfg.balance_alpha_comm):
+            return losses
+        groups = batch if cfg.balance_per_sequence else 1
+        t = scores.shape[0] // groups
+        if self.gate.score_func == "sigmoid":
+            scores = scores / scores.sum(dim=-1, keepdim=True)  # s' (V3 eq. 19)
+        p = scores.view(groups, t, e).mean(1)                                        # P_i
+        hits = torch.zeros(groups, e, device=scores.device).scatter_add_(
+            1, indices.view(groups, t * k), torch.ones(groups, t * k, device=scores.device))
+        f = hits * e / (k * t)                                                       # f_i
+        if cfg.balance_alpha_expert:
+            losses["balance_expert"] = cfg.balance_alpha_expert * (f * p).sum(-1).mean()
+        d = self.gate.n_devices
+        p_dev = p.view(groups, d, e // d).sum(-1)                                    # P'_i = P''_i
+        if cfg.balance_alpha_device:
+            f_dev = f.view(groups, d, e // d).mean(-1)                               # f'_i
+            losses["balance_device"] = cfg.balance_alpha_device * (f_dev * p_dev).sum(-1).mean()
+        if cfg.balance_alpha_comm:
+            m = min(cfg.topk_devices or k, d)
+            sent = torch.zeros(scores.shape[0], d, device=scores.device).scatter_(1, indices // (e // d), 1.0)
+            f_comm = sent.view(groups, t, d).sum(1) * d / (m * t)                    # f''_i
+            losses["balance_comm"] = cfg.balance_alpha_comm * (f_comm * p_dev).sum(-1).mean()
+        return losses
+
+    def _drop_tokens(self, weights, indices, scores, batch: int):
+        """V2 §2.2.4: per device, keep the highest-affinity (token, expert) pairs up to
+        capacity_factor x the average load; pairs of ~drop_exempt_fraction of sequences are never dropped."""
+        cfg, e, d = self.cfg, self.n_experts, self.gate.n_devices
+        t, k = indices.shape
+        capacity = math.ceil(cfg.capacity_factor * t * k / d)
+        device = indices // (e // d)
+        priority = scores.gather(1, indices).detach()
+        exempt = (torch.rand(batch, device=indices.device) < cfg.drop_exempt_fraction)
+        exempt = exempt.repeat_interleave(t // batch)[:, None].expand(t, k)
+        priority = priority + exempt.float() * 2.0  # affinities lie in [0, 1]
+        order = priority.flatten().argsort(descending=True, stable=True)
+        order = order[device.flatten()[order].argsort(stable=True)]          # by device, then priority
+        dev_sorted = device.flatten()[order]
+        first = torch.searchsorted(dev_sorted, torch.arange(d, device=dev_sorted.device))
+        rank = torch.arange(order.numel(), device=order.device) - first[dev_sorted]
+        keep = torch.empty_like(rank, dtype=torch.bool).scatter_(0, order, rank < capacity)
+        keep = keep.view(t, k) | exempt
+        return weights * keep, torch.where(keep, indices, torch.full_like(indices, e))
