@@ -1,6 +1,7 @@
 """Building blocks shared by every architecture: RMSNorm, rotary embedding with YaRN, SwiGLU."""
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -8,6 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, yarn_mscale
+
+
+# NVIDIA apex is not on the package index: use its fused RMSNorm kernel on CUDA when it is present.
+HAVE_APEX = importlib.util.find_spec("apex") is not None
+_apex_rms_norm = None
+if HAVE_APEX:
+    try:
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine as _apex_rms_norm
+    except ImportError:  # apex built without its CUDA extensions
+        HAVE_APEX = False
 
 
 class RMSNorm(nn.Module):
@@ -19,6 +30,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _apex_rms_norm is not None and x.is_cuda:
+            return _apex_rms_norm(x, self.weight, self.weight.shape, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -96,6 +96,9 @@ class Gate(nn.Module):
             self.bias += gamma * torch.sign(load.float().mean() - load.float())
 
 
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.9
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert, counts[e] rows for expert e; returns x_e @ w[e]^T for each block.
 
@@ -103,9 +106,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     expert: a loop over experts, never over tokens.
     """
     aligned = all((d * x.element_size()) % 16 == 0 for d in (x.shape[-1], w.shape[-2]))
-    if aligned and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16):
+    if _grouped_mm is not None and aligned and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        out = F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        out = _grouped_mm(x, w.transpose(-2, -1), offs=offs)
         if out.requires_grad:
             out.register_hook(lambda g: g.contiguous())  # the CPU kernel wants dense gradients
         return out
@@ -160,6 +163,7 @@ class MoE(nn.Module):
         y = torch.zeros_like(x).index_add_(0, token, out)  # unpermute and combine
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
+        self.aux_losses = {}
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)

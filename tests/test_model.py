@@ -181,7 +181,11 @@ def test_aux_free_bias_update_follows_the_load():
     torch.testing.assert_close(moe.gate.bias, expected)
     assert moe.tokens_per_expert.sum() == 0
     net.train()
-    net.loss(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))
+    tok = torch.randint(0, 256, (2, 16))
+    assert "aux_loss" in net.loss(tok, tok)
+    assert moe.tokens_per_expert.sum() == 2 * 16 * net.cfg.n_activated_experts
+    net.eval()  # evaluation neither counts load nor reports stale training losses
+    assert "aux_loss" not in net.loss(tok, tok)
     assert moe.tokens_per_expert.sum() == 2 * 16 * net.cfg.n_activated_experts
 
 
