@@ -11,6 +11,22 @@ from torch import nn
 from .config import ModelConfig, yarn_mscale
 
 
+class FP32Buffers:
+    """Mixin: the buffers named in `fp32_buffers` stay fp32 when the module is cast (`.to(bf16)`):
+    routing biases moved by 1e-3 steps, load counters and rotary frequencies lose too much in bf16."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        keep = {n: self._buffers[n] for n in self.fp32_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+
 # NVIDIA apex is not on the package index: use its fused RMSNorm kernel on CUDA when it is present.
 HAVE_APEX = importlib.util.find_spec("apex") is not None
 _apex_rms_norm = None
@@ -57,7 +73,7 @@ def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq / cfg.rope_factor * ramp + inv_freq * (1 - ramp)
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(FP32Buffers, nn.Module):
     """cos/sin tables for given positions.
 
     YaRN also scales cos/sin by mscale(s, mscale) / mscale(s, mscale_all_dim) and the softmax by
@@ -65,8 +81,11 @@ class RotaryEmbedding(nn.Module):
     cos/sin, which is why DeepSeek's own inference code applies only the softmax correction.
     """
 
+    fp32_buffers = ("inv_freq",)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.interleave = cfg.rope_interleave
         self.register_buffer("inv_freq", yarn_inv_freq(cfg), persistent=False)
         self.attention_factor = 1.0
@@ -76,6 +95,10 @@ class RotaryEmbedding(nn.Module):
                     cfg.rope_factor, cfg.mscale_all_dim)
             else:
                 self.attention_factor = yarn_mscale(cfg.rope_factor)
+
+    def reset_parameters(self) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after `to_empty`."""
+        self.inv_freq = yarn_inv_freq(self.cfg).to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[:, None] * self.inv_freq[None, :]

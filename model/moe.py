@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP
+from .layers import MLP, FP32Buffers
 
 
 def _limit_groups(scores: torch.Tensor, n_groups: int, keep: int, k_per_group: int) -> torch.Tensor:
@@ -24,7 +24,7 @@ def _limit_groups(scores: torch.Tensor, n_groups: int, keep: int, k_per_group: i
     return g.masked_fill(drop.unsqueeze(-1), float("-inf")).view(t, e)
 
 
-class Gate(nn.Module):
+class Gate(FP32Buffers, nn.Module):
     """Router: token-to-expert affinities, limited top-k selection, gate weights.
 
     Follows DeepSeek-V3 inference/model.py `Gate.forward`: softmax (DeepSeekMoE, V2) or sigmoid (V3)
@@ -34,6 +34,8 @@ class Gate(nn.Module):
     times route_scale. On top, device-limited (V2 §2.2.1) and node-limited (V3 §2.1.2) routing over
     the expert placement that the parallel runtime sets with `set_placement` (one device by default).
     """
+
+    fp32_buffers = ("bias",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -129,12 +131,14 @@ class Experts(nn.Module):
         return grouped_mm(F.silu(grouped_mm(x, self.w1, counts)) * grouped_mm(x, self.w3, counts), self.w2, counts)
 
 
-class MoE(nn.Module):
+class MoE(FP32Buffers, nn.Module):
     """sum_j FFN^(s)_j(u) + sum_i g_i FFN^(r)_i(u): V3 eq. 12 without the residual.
 
     In training it also records its balance losses (`aux_losses`) and accumulates the per-expert
     token load (`tokens_per_expert`) that the aux-loss-free bias update consumes.
     """
+
+    fp32_buffers = ("tokens_per_expert",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -33,7 +33,8 @@ class Block(nn.Module):
 class MTP(nn.Module):
     """k-th MTP module (V3 eq. 21-22): h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))],
     h^k = TRM_k(h'). Embedding and output head are the main model's; `norm` is the shared head's
-    own RMSNorm. The concatenation puts the embedding first, as the released V3 weights expect."""
+    own RMSNorm, and h^k is passed on normalised, as transformers' MtpModel and vLLM chain it.
+    The concatenation puts the embedding first, as the released V3 weights expect."""
 
     def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
@@ -44,7 +45,7 @@ class MTP(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, rope) -> torch.Tensor:
-        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1)), rope)
+        return self.norm(self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1)), rope))
 
 
 class Transformer(nn.Module):
@@ -77,9 +78,16 @@ class Transformer(nn.Module):
                 p.zero_()
             else:
                 p.normal_(0.0, std, generator=generator)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Zero routing biases and load counters, recompute rotary frequencies (after `to_empty`)."""
         for m in self.moe_layers():
+            m.tokens_per_expert.zero_()
             if m.gate.bias is not None:
                 m.gate.bias.zero_()
+        self.rope.reset_parameters()
 
     # -- forward -------------------------------------------------------------------------------
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None):
@@ -114,9 +122,9 @@ class Transformer(nn.Module):
         `balance_expert` / `balance_device` / `balance_comm` summed over MoE layers, and `aux_loss`
         (their sum).
         """
-        h = self.hidden(tokens)
+        h = self.norm(self.hidden(tokens))
         n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        out = {"lm_loss": self._ce_sum(self.head(self.norm(h)), labels) / n_tokens}
+        out = {"lm_loss": self._ce_sum(self.head(h), labels) / n_tokens}
         total = out["lm_loss"]
         if len(self.mtp):
             lam = self.cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
@@ -128,7 +136,7 @@ class Transformer(nn.Module):
                     break
                 rope = self.rope(torch.arange(seq - k, device=h.device))
                 h = module(h[:, : seq - k], emb[:, k:], rope)             # predicts t_{i+k+1}
-                mtp = mtp + self._ce_sum(self.head(module.norm(h)), labels[:, k:]) / n_tokens  # eq. 24: 1/T
+                mtp = mtp + self._ce_sum(self.head(h), labels[:, k:]) / n_tokens  # eq. 24: 1/T
             out["mtp_loss"] = lam / len(self.mtp) * mtp
             total = total + out["mtp_loss"]
         aux = {}
