@@ -151,17 +151,22 @@ class MoE(FP32Buffers, nn.Module):
         self.aux_losses: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [batch, seq, dim] (or [tokens, dim]: one sequence)."""
         shape = x.shape
+        n_seqs = shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
+        dropping = self.training and self.cfg.capacity_factor > 0 and self.gate.n_devices > 1
         routed = indices
-        if self.training and self.cfg.capacity_factor > 0 and self.gate.n_devices > 1:
-            weights, routed = self._drop_tokens(weights, indices, scores, shape[0])
+        if dropping:
+            weights, routed = self._drop_tokens(weights, indices, scores, n_seqs)
         # permute: sort the (token, slot) pairs by expert; dropped pairs carry index n_experts, sort last
         flat = routed.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts + 1)[: self.n_experts]
-        order = order[: int(counts.sum())]
+        counts = torch.zeros(self.n_experts + 1, dtype=torch.long, device=x.device)
+        counts = counts.scatter_add_(0, flat, torch.ones_like(flat))[: self.n_experts]  # no host sync
+        if dropping:  # the only data-dependent shape; without dropping every pair is computed
+            order = order[: int(counts.sum())]
         token = order // self.topk
         out = self.experts(x[token], counts) * weights.flatten()[order, None].to(x.dtype)
         y = torch.zeros_like(x).index_add_(0, token, out)  # unpermute and combine
@@ -171,7 +176,7 @@ class MoE(FP32Buffers, nn.Module):
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
-            self.aux_losses = self._balance_losses(scores, indices, shape[0])
+            self.aux_losses = self._balance_losses(scores, indices, n_seqs)
         return y.view(shape)
 
     def _balance_losses(self, scores, indices, batch: int) -> dict[str, torch.Tensor]:
