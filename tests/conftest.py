@@ -2,7 +2,14 @@
 
 import os
 
+import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state, so a failure reproduces."""
+    torch.manual_seed(0)
 
 
 def pytest_configure(config):

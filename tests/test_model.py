@@ -319,11 +319,12 @@ def test_token_dropping_keeps_the_highest_affinities_per_device():
     cfg = preset("tiny-deepseek-v2", **overrides)
     moe = build_model(preset("tiny-deepseek-v2", n_layers=2, **overrides)).moe_layers()[0].train()
     torch.nn.init.normal_(moe.gate.weight, std=0.1)
-    moe.gate.weight.data[:4] += 0.2  # device 0's experts are popular: it overflows
+    moe.gate.weight.data[:4, 0] += 1.0  # with x[..., 0] = 2 device 0's experts are popular: it overflows
     for p in moe.experts.parameters():
         torch.nn.init.normal_(p, std=0.2)
     moe.gate.set_placement(2, 1)
     x = torch.randn(4, 16, cfg.dim)
+    x[..., 0] = 2.0
     w, idx, s = moe.gate(x.view(-1, cfg.dim))
     kept_w, kept_idx = moe._drop_tokens(w, idx, s, batch=4)
     cap = math.ceil(64 * 2 / 2)
