@@ -29,22 +29,13 @@ import time
 
 import torch
 
+from _machine import cpu_name
+
 from model import build_model, preset
 from model.attention import KVCache
 
 PRESETS = ("deepseek-v2-lite", "deepseek-v2", "deepseek-v3")
 DTYPE = torch.bfloat16
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(name: str) -> dict:
@@ -128,7 +119,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "kv_cache",
         "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
-        "machine": {"cpu": _cpu_name(), "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count()},
+        "machine": {"cpu": cpu_name(), "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count()},
         "torch": torch.__version__,
         "dtype": "bfloat16",
         "results": rows,

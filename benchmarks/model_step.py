@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from _machine import cpu_name
+
 import transformers
 from transformers import DeepseekV3ForCausalLM
 
@@ -68,17 +70,6 @@ DEFAULT_STEPS = {"tiny-deepseek-v3": (5, 21), "v3-100m": (3, 9)}
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 DEVICE = torch.device("cpu")  # set from --device in main()
@@ -372,7 +363,7 @@ def main(argv=None) -> dict:
         "benchmark": f"model_step_{DEVICE.type}",
         "command": "python " + " ".join(shlex.quote(a) for a in
                                         [os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
-        "machine": {"cpu": _cpu_name(), "processor": platform.processor(), "uname": " ".join(platform.uname()),
+        "machine": {"cpu": cpu_name(), "processor": platform.processor(), "uname": " ".join(platform.uname()),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else None,
@@ -390,7 +381,7 @@ def main(argv=None) -> dict:
         json.dump(out, f, indent=2)
         f.write("\n")
 
-    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else _cpu_name()
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else cpu_name()
     print(f"{where} ({dtype_name} GEMM peak {args.gemm_peak:.1f} GFLOP/s), {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {dtype_name}; median step times")
