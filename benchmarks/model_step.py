@@ -166,11 +166,13 @@ def model_flops(cfg: ModelConfig, counts: dict, batch: int, seq: int) -> dict:
 
 
 def _top_ops(prof, n: int = 15) -> list[dict]:
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
-    return [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-             "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1),
-             "cpu_total_ms": round(e.cpu_time_total / 1e3, 2), "calls": e.count} for e in rows[:n]]
+    """The n ops with the most self time on this run's device (CPU time on CPU, kernel time on CUDA)."""
+    attr = "self_device_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    return [{"op": e.key, "self_ms": round(getattr(e, attr) / 1e3, 2),
+             "self_pct": round(100 * getattr(e, attr) / total, 1), "calls": e.count} for e in rows[:n]]
 
 
 def run_config(name: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, steps: int, args) -> dict:
@@ -301,12 +303,16 @@ def run_config(name: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, s
         prof_steps = 3
         profiles = {}
         for n in ("ours", "theirs_sdpa"):
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+            with profile(activities=activities, record_shapes=False) as prof:
                 for _ in range(prof_steps):
                     runners[n][0]()
-            profiles[n] = {"steps": prof_steps, "top15_by_self_cpu": _top_ops(prof)}
+                _sync()
+            profiles[n] = {"steps": prof_steps, "sorted_by": "self device time" if DEVICE.type == "cuda"
+                           else "self CPU time", "top15": _top_ops(prof)}
             if n == "ours":
-                profiles[n]["table"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+                sort = "self_cuda_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
+                profiles[n]["table"] = prof.key_averages().table(sort_by=sort, row_limit=15)
         result["profile"] = profiles
     del net, theirs
     return result
