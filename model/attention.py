@@ -58,9 +58,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None):
         b, s, _ = x.shape
-        cos, sin = rope
-        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin, self.interleave)
-        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin, self.interleave)
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rope, self.interleave)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rope, self.interleave)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         mask = None
         if cache is not None:
@@ -108,14 +107,13 @@ class MLA(nn.Module):
 
     def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None):
         b, s, _ = x.shape
-        cos, sin = rope
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
         q = q.view(b, s, self.n_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, interleave=True)
+        q_pe = apply_rope(q_pe, rope, interleave=True)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, interleave=True)  # one head, shared
+        k_pe = apply_rope(k_pe.unsqueeze(2), rope, interleave=True)  # one head, shared
         if cache is None:
             return self._forward_full(q_nope, q_pe, kv, k_pe)
         return self._forward_absorbed(q_nope, q_pe, kv, k_pe.squeeze(2), start_pos, cache)

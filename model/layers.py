@@ -48,10 +48,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _apex_rms_norm is not None and x.is_cuda:
             return _apex_rms_norm(x, self.weight, self.weight.shape, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # fp32 normalisation, then the weight in the input dtype: transformers' DeepseekV3RMSNorm
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -100,27 +98,26 @@ class RotaryEmbedding(FP32Buffers, nn.Module):
         """Recompute the (non-persistent) frequencies, e.g. after `to_empty`."""
         self.inv_freq = yarn_inv_freq(self.cfg).to(self.inv_freq.device)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """freqs_cis [seq, d/2]: attention_factor * exp(i * position * inv_freq), complex64."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        return torch.polar(torch.full_like(angles, self.attention_factor), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate x [batch, seq, heads, d] by cos/sin [seq, d/2] (computed in fp32).
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [batch, seq, heads, d] by freqs_cis [seq, d/2] as a complex product in fp32.
 
-    interleave=True rotates pairs (x0, x1), (x2, x3), ... (DeepSeek's MLA checkpoints);
-    otherwise the first half against the second (Llama/Qwen checkpoints, `rotate_half`).
+    interleave=True rotates pairs (x0, x1), (x2, x3), ... (DeepSeek's MLA checkpoints, as its
+    reference `apply_rotary_emb`); otherwise the first half against the second (Llama/Qwen
+    checkpoints, `rotate_half`).
     """
-    dtype = x.dtype
-    x = x.float()
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    freqs_cis = freqs_cis[None, :, None, :]
     if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(dtype)
+        y = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs_cis
+        return torch.view_as_real(y).flatten(-2).to(x.dtype)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    y = torch.complex(x1, x2) * freqs_cis
+    return torch.cat([y.real, y.imag], dim=-1).to(x.dtype)
 
 
 def softmax_scale(cfg: ModelConfig, qk_head_dim: int) -> float:

@@ -167,9 +167,13 @@ class MoE(FP32Buffers, nn.Module):
         counts = counts.scatter_add_(0, flat, torch.ones_like(flat))[: self.n_experts]  # no host sync
         if dropping:  # the only data-dependent shape; without dropping every pair is computed
             order = order[: int(counts.sum())]
-        token = order // self.topk
-        out = self.experts(x[token], counts) * weights.flatten()[order, None].to(x.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, out)  # unpermute and combine
+        out = self.experts(x[order // self.topk], counts)
+        # unpermute into [tokens, K, dim] slots (a dropped pair's slot stays zero) and combine with
+        # the gate weights in one batched product: no scatter-add, no atomics
+        t, k = indices.shape
+        slots = out.new_zeros(t * k, out.shape[-1]) if dropping else torch.empty_like(out)
+        slots = slots.index_copy(0, order, out).view(t, k, -1)
+        y = torch.bmm(weights.to(x.dtype).unsqueeze(1), slots).squeeze(1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         self.aux_losses = {}

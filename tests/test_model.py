@@ -114,13 +114,21 @@ def test_yarn_frequencies_and_scales_match_transformers():
 
 def test_interleaved_and_half_rope_are_the_same_rotation_up_to_a_permutation():
     cfg = preset("tiny-deepseek-v3")
-    cos, sin = RotaryEmbedding(cfg)(torch.arange(7))
+    freqs = RotaryEmbedding(cfg)(torch.arange(7))
     x = torch.randn(2, 7, 3, cfg.qk_rope_head_dim)
     perm = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])  # interleaved -> halves
-    torch.testing.assert_close(apply_rope(x, cos, sin, True)[..., perm], apply_rope(x[..., perm], cos, sin, False))
-    # a rotation keeps norms and q.k depends only on the relative position
-    y = apply_rope(x, cos, sin, True)
+    torch.testing.assert_close(apply_rope(x, freqs, True)[..., perm], apply_rope(x[..., perm], freqs, False))
+    # a rotation keeps norms, and q.k depends only on the relative position
+    y = apply_rope(x, freqs, True)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    shifted = apply_rope(x, RotaryEmbedding(cfg)(torch.arange(7) + 5), True)
+    torch.testing.assert_close(torch.einsum("bshd,bthd->bhst", y, y), torch.einsum("bshd,bthd->bhst", shifted, shifted))
+    # the rotation itself, written out: pair j turns by position * inv_freq_j
+    theta = torch.arange(7.0)[:, None] * yarn_inv_freq(cfg)[None, :]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    c, s_ = theta.cos()[None, :, None], theta.sin()[None, :, None]
+    want = torch.stack([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1).flatten(-2)
+    torch.testing.assert_close(y, want)
 
 
 # -- MoE -------------------------------------------------------------------------------------
