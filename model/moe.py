@@ -168,12 +168,12 @@ class MoE(FP32Buffers, nn.Module):
         if dropping:  # the only data-dependent shape; without dropping every pair is computed
             order = order[: int(counts.sum())]
         out = self.experts(x[order // self.topk], counts)
-        # unpermute into [tokens, K, dim] slots (a dropped pair's slot stays zero) and combine with
-        # the gate weights in one batched product: no scatter-add, no atomics
+        # unpermute into [tokens, K, dim] slots (a dropped pair's slot stays zero) and take the
+        # gate-weighted sum over K: a permutation and a reduction, no scatter-add with atomics
         t, k = indices.shape
         slots = out.new_zeros(t * k, out.shape[-1]) if dropping else torch.empty_like(out)
         slots = slots.index_copy(0, order, out).view(t, k, -1)
-        y = torch.bmm(weights.to(x.dtype).unsqueeze(1), slots).squeeze(1)
+        y = (slots * weights.to(x.dtype).unsqueeze(-1)).sum(1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         self.aux_losses = {}
