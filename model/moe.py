@@ -111,7 +111,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     if _grouped_mm is not None and aligned and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         out = _grouped_mm(x, w.transpose(-2, -1), offs=offs)
-        if out.requires_grad:
+        if out.requires_grad and not out.is_cuda:
             out.register_hook(lambda g: g.contiguous())  # the CPU kernel wants dense gradients
         return out
     chunks = x.split(counts.tolist())

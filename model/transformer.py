@@ -93,9 +93,10 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None):
         """Final-layer hidden states before the output norm. Embeds `tokens` unless this stage has
         no embedding, in which case `tokens` already are hidden states."""
-        h = self.embed(tokens) if self.embed is not None else tokens
-        seq = h.shape[1]
-        rope = self.rope(torch.arange(start_pos, start_pos + seq, device=h.device))
+        return self._blocks(self.embed(tokens) if self.embed is not None else tokens, start_pos, caches)
+
+    def _blocks(self, h: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None):
+        rope = self.rope(torch.arange(start_pos, start_pos + h.shape[1], device=h.device))
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, rope, start_pos, None if caches is None else caches[i])
         return h
@@ -122,13 +123,13 @@ class Transformer(nn.Module):
         `balance_expert` / `balance_device` / `balance_comm` summed over MoE layers, and `aux_loss`
         (their sum).
         """
-        h = self.norm(self.hidden(tokens))
+        emb = self.embed(tokens)  # looked up once: the main model and every MTP depth use it
+        h = self.norm(self._blocks(emb))
         n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
         out = {"lm_loss": self._ce_sum(self.head(h), labels) / n_tokens}
         total = out["lm_loss"]
         if len(self.mtp):
             lam = self.cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
-            emb = self.embed(tokens)
             seq = tokens.shape[1]
             mtp = h.new_zeros(())
             for k, module in enumerate(self.mtp, start=1):
