@@ -118,17 +118,53 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return torch.cat([c @ w[e].t() for e, c in enumerate(chunks)]) if chunks else x.new_zeros(0, w.shape[1])
 
 
+def permute(indices: torch.Tensor, n_experts: int):
+    """Sort the (token, slot) pairs of indices [T, K] by expert; a pair with index >= n_experts is
+    dropped and sorts last. Returns the order and the per-expert counts (no host sync)."""
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=indices.device)
+    counts = counts.scatter_add_(0, flat.clamp(max=n_experts), torch.ones_like(flat))[:n_experts]
+    return order, counts
+
+
 class Experts(nn.Module):
-    """The routed experts' SwiGLU weights stacked [n_experts, out, in] (one grouped GEMM per matrix)."""
+    """The routed experts' SwiGLU weights stacked [n_experts, out, in] (one grouped GEMM per matrix).
+
+    `forward(x, indices, weights)` is the whole routed path for the experts held here:
+    y_t = sum_k weights[t, k] * FFN_{indices[t, k]}(x_t), where an index >= n_experts means
+    "not here" (a dropped pair, or an expert on another device). The expert-parallel runtime
+    wraps this module and calls it on the tokens it receives.
+    """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
+        self.n_experts = n_experts
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def ffn(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows of x sorted by expert, counts[e] rows for expert e."""
         return grouped_mm(F.silu(grouped_mm(x, self.w1, counts)) * grouped_mm(x, self.w3, counts), self.w2, counts)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                partial: bool = True) -> torch.Tensor:
+        """partial=False promises every pair is present: no host sync on the count."""
+        t, k = indices.shape
+        order, counts = permute(indices, self.n_experts)
+        if partial:
+            order = order[: int(counts.sum())]
+        out = self.ffn(x[order // k], counts)
+        # unpermute into [T, K, dim] slots (an absent pair's slot stays zero) and take the
+        # gate-weighted sum over K: a permutation and a reduction, no scatter-add with atomics
+        slots = out.new_zeros(t * k, out.shape[-1]) if partial else torch.empty_like(out)
+        slots = slots.index_copy(0, order, out).view(t, k, -1)
+        return (slots * weights.to(x.dtype).unsqueeze(-1)).sum(1)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class MoE(FP32Buffers, nn.Module):
@@ -149,6 +185,9 @@ class MoE(FP32Buffers, nn.Module):
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.aux_losses: dict[str, torch.Tensor] = {}
+        # Sums per-sequence routing statistics over the ranks that hold other tokens of the same
+        # sequences (sequence parallelism sets it); identity in one process.
+        self.reduce_token_stats = _identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, seq, dim] (or [tokens, dim]: one sequence)."""
@@ -160,26 +199,14 @@ class MoE(FP32Buffers, nn.Module):
         routed = indices
         if dropping:
             weights, routed = self._drop_tokens(weights, indices, scores, n_seqs)
-        # permute: sort the (token, slot) pairs by expert; dropped pairs carry index n_experts, sort last
-        flat = routed.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.zeros(self.n_experts + 1, dtype=torch.long, device=x.device)
-        counts = counts.scatter_add_(0, flat, torch.ones_like(flat))[: self.n_experts]  # no host sync
-        if dropping:  # the only data-dependent shape; without dropping every pair is computed
-            order = order[: int(counts.sum())]
-        out = self.experts(x[order // self.topk], counts)
-        # unpermute into [tokens, K, dim] slots (a dropped pair's slot stays zero) and take the
-        # gate-weighted sum over K: a permutation and a reduction, no scatter-add with atomics
-        t, k = indices.shape
-        slots = out.new_zeros(t * k, out.shape[-1]) if dropping else torch.empty_like(out)
-        slots = slots.index_copy(0, order, out).view(t, k, -1)
-        y = (slots * weights.to(x.dtype).unsqueeze(-1)).sum(1)
+        y = self.experts(x, routed, weights, partial=dropping)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         self.aux_losses = {}
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+                self.tokens_per_expert += torch.bincount(routed.flatten(), minlength=self.n_experts + 1)[
+                    : self.n_experts].to(self.tokens_per_expert.dtype)
             self.aux_losses = self._balance_losses(scores, indices, n_seqs)
         return y.view(shape)
 
@@ -194,10 +221,12 @@ class MoE(FP32Buffers, nn.Module):
         t = scores.shape[0] // groups
         if self.gate.score_func == "sigmoid":
             scores = scores / scores.sum(dim=-1, keepdim=True)  # s' (V3 eq. 19)
-        p = scores.view(groups, t, e).mean(1)                                        # P_i
+        reduce = self.reduce_token_stats
+        n = reduce(scores.new_full((1,), float(t)))                                  # T
+        p = reduce(scores.view(groups, t, e).sum(1)) / n                             # P_i
         hits = torch.zeros(groups, e, device=scores.device).scatter_add_(
             1, indices.view(groups, t * k), torch.ones(groups, t * k, device=scores.device))
-        f = hits * e / (k * t)                                                       # f_i
+        f = reduce(hits) * e / (k * n)                                               # f_i
         if cfg.balance_alpha_expert:
             losses["balance_expert"] = cfg.balance_alpha_expert * (f * p).sum(-1).mean()
         d = self.gate.n_devices
@@ -208,7 +237,7 @@ class MoE(FP32Buffers, nn.Module):
         if cfg.balance_alpha_comm:
             m = min(cfg.topk_devices or k, d)
             sent = torch.zeros(scores.shape[0], d, device=scores.device).scatter_(1, indices // (e // d), 1.0)
-            f_comm = sent.view(groups, t, d).sum(1) * d / (m * t)                    # f''_i
+            f_comm = reduce(sent.view(groups, t, d).sum(1)) * d / (m * n)            # f''_i
             losses["balance_comm"] = cfg.balance_alpha_comm * (f_comm * p_dev).sum(-1).mean()
         return losses
 

@@ -2,6 +2,8 @@
 and V3's multi-token prediction modules (V3 §2.2)."""
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,18 +69,27 @@ class Transformer(nn.Module):
 
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
+    def init_weights(self, seed: int = 0) -> None:
         """N(0, init_std) for every matrix (DeepSeek LLM §2 / V2 §3.1.2 / V3 §4.2), ones for norms,
-        zeros for biases and the aux-loss-free routing bias."""
-        std = self.cfg.init_std
+        zeros for biases and the aux-loss-free routing bias. Each parameter (each expert of a
+        stacked expert weight) draws from its own generator seeded by (seed, name), so that the
+        parallel runtime produces the same values for any shard without building the others."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std, generator=generator)
+            p.copy_(self.init_value(name, p.shape, seed, device=p.device).to(p.dtype))
         self.init_buffers()
+
+    def init_value(self, name: str, shape, seed: int = 0, experts: range | None = None,
+                   device=None) -> torch.Tensor:
+        """The fp32 initial value of parameter `name` of global `shape`; for stacked expert weights
+        ([n_experts, out, in]) only the experts in `experts` when given."""
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, device=device)
+        if name.endswith(".bias"):
+            return torch.zeros(shape, device=device)
+        if name.split(".")[-2] == "experts":
+            rows = experts if experts is not None else range(shape[0])
+            return torch.stack([_normal(shape[1:], self.cfg.init_std, (seed, name, e), device) for e in rows])
+        return _normal(shape, self.cfg.init_std, (seed, name), device)
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -93,10 +104,14 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None):
         """Final-layer hidden states before the output norm. Embeds `tokens` unless this stage has
         no embedding, in which case `tokens` already are hidden states."""
-        return self._blocks(self.embed(tokens) if self.embed is not None else tokens, start_pos, caches)
+        h = self.embed(tokens) if self.embed is not None else tokens
+        return self._blocks(h, self._rope(tokens.shape[1], start_pos, h.device), start_pos, caches)
 
-    def _blocks(self, h: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None):
-        rope = self.rope(torch.arange(start_pos, start_pos + h.shape[1], device=h.device))
+    def _rope(self, seq_len: int, start_pos: int, device) -> torch.Tensor:
+        # from the token count, not the hidden states: sequence parallelism splits those
+        return self.rope(torch.arange(start_pos, start_pos + seq_len, device=device))
+
+    def _blocks(self, h: torch.Tensor, rope, start_pos: int = 0, caches: list[KVCache] | None = None):
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, rope, start_pos, None if caches is None else caches[i])
         return h
@@ -123,21 +138,27 @@ class Transformer(nn.Module):
         `balance_expert` / `balance_device` / `balance_comm` summed over MoE layers, and `aux_loss`
         (their sum).
         """
-        emb = self.embed(tokens)  # looked up once: the main model and every MTP depth use it
-        h = self.norm(self._blocks(emb))
+        seq = tokens.shape[1]
+        rope = self._rope(seq, 0, tokens.device)
+        h = self.norm(self._blocks(self.embed(tokens), rope))
         n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        out = {"lm_loss": self._ce_sum(self.head(h), labels) / n_tokens}
+        out = {"lm_loss": self.cross_entropy(self.head(h), labels) / n_tokens}
         total = out["lm_loss"]
         if len(self.mtp):
             lam = self.cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
-            seq = tokens.shape[1]
             mtp = h.new_zeros(())
             for k, module in enumerate(self.mtp, start=1):
                 if seq <= k:
                     break
-                rope = self.rope(torch.arange(seq - k, device=h.device))
-                h = module(h[:, : seq - k], emb[:, k:], rope)             # predicts t_{i+k+1}
-                mtp = mtp + self._ce_sum(self.head(h), labels[:, k:]) / n_tokens  # eq. 24: 1/T
+                # Depth k pairs h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}. Tokens and labels are
+                # shifted, not the hidden states, so every tensor keeps the sequence length (and its
+                # sequence-parallel split); the last k positions have no target and are masked.
+                # They still pass through the MTP block, whose causal attention keeps them out of
+                # every earlier position.
+                h = module(h, self.embed(tokens.roll(-k, dims=1)), rope)
+                target = labels.roll(-k, dims=1)
+                target[:, seq - k:] = IGNORE_INDEX
+                mtp = mtp + self.cross_entropy(self.head(h), target) / n_tokens   # eq. 24: 1/T
             out["mtp_loss"] = lam / len(self.mtp) * mtp
             total = total + out["mtp_loss"]
         aux = {}
@@ -152,7 +173,8 @@ class Transformer(nn.Module):
         return out
 
     @staticmethod
-    def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed token cross-entropy; tensor parallelism swaps in the vocab-parallel one."""
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
 
@@ -176,15 +198,18 @@ class Transformer(nn.Module):
             m.gate.set_placement(n_devices, devices_per_node)
 
 
+def _normal(shape, std: float, key: tuple, device) -> torch.Tensor:
+    """N(0, std) from a CPU generator seeded by a stable hash of key: the same on every rank and device."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+    return torch.empty(shape).normal_(0.0, std, generator=gen).to(device)
+
+
 def build_model(cfg: ModelConfig, device=None, dtype=None, seed: int | None = 0) -> Transformer:
     """A randomly initialised model (N(0, init_std)); on the meta device nothing is allocated."""
     with torch.device(device or "cpu"):
         net = Transformer(cfg)
     if dtype is not None:
         net = net.to(dtype)
-    if not any(p.is_meta for p in net.parameters()):
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=next(net.parameters()).device).manual_seed(seed)
-        net.init_weights(gen)
+    if seed is not None and not any(p.is_meta for p in net.parameters()):
+        net.init_weights(seed)
     return net
