@@ -42,6 +42,11 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     """Multi-head / grouped-query attention with optional QKV bias (Qwen2) and half-rotated RoPE."""
 
+    # tensor parallelism (applied by parallel/): heads split; KV heads replicated when tp exceeds them
+    tp_plan = {"": "region_input", "wq": "colwise", "wk": "colwise:n_kv_heads", "wv": "colwise:n_kv_heads",
+               "wo": "rowwise"}
+    tp_divide = ("n_heads", "n_kv_heads")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.gqa_head_dim
@@ -82,6 +87,13 @@ class MLA(nn.Module):
     c^KV and k^R per token and absorb W^UK into the query and W^UV into the output (V2 §2.1.3).
     """
 
+    # tensor parallelism: heads split; the down-projections and their norms replicated, and the
+    # small latents (not the hidden states) enter the tensor-parallel region
+    tp_plan = {"wq_a": "region_output", "wq": ("colwise", "region_input"), "wq_b": "colwise",
+               "wkv_a": "region_output", "wkv_b": "colwise", "wo": "rowwise",
+               "q_norm": "partial_grad", "kv_norm": "partial_grad"}
+    tp_divide = ("n_heads",)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -106,9 +118,8 @@ class MLA(nn.Module):
         return KVCache(batch, max_len, {"kv": (self.kv_lora_rank,), "pe": (self.qk_rope_head_dim,)}, dtype, device)
 
     def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None):
-        b, s, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
-        q = q.view(b, s, self.n_heads, self.qk_head_dim)
+        q = q.unflatten(-1, (self.n_heads, self.qk_head_dim))  # [b, s, heads, d]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, rope, interleave=True)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)

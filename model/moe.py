@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP, FP32Buffers
+from .layers import MLP, FP32Buffers, high
 
 
 def _limit_groups(scores: torch.Tensor, n_groups: int, keep: int, k_per_group: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ class Gate(FP32Buffers, nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [T, dim] -> gate weights [T, K], expert indices [T, K], affinities s [T, E] (fp32)."""
-        scores = F.linear(x.float(), self.weight.float())
+        scores = F.linear(high(x), high(self.weight))
         scores = scores.softmax(dim=-1) if self.score_func == "softmax" else scores.sigmoid()
         select = scores if self.bias is None else scores + self.bias
         if self.n_groups > 1:
@@ -137,6 +137,8 @@ class Experts(nn.Module):
     wraps this module and calls it on the tokens it receives.
     """
 
+    ep_count, ep_params = "n_experts", ("w1", "w2", "w3")  # expert parallelism splits these on dim 0
+
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts = n_experts
@@ -175,6 +177,7 @@ class MoE(FP32Buffers, nn.Module):
     """
 
     fp32_buffers = ("tokens_per_expert",)
+    tp_plan = {"": "token_split"}  # under tp each rank routes its share of the tokens
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

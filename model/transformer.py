@@ -10,7 +10,7 @@ from torch import nn
 
 from .attention import MLA, Attention, KVCache
 from .config import ModelConfig
-from .layers import MLP, RMSNorm, RotaryEmbedding
+from .layers import MLP, RMSNorm, RotaryEmbedding, high
 from .moe import MoE
 
 IGNORE_INDEX = -100
@@ -18,6 +18,8 @@ IGNORE_INDEX = -100
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    fsdp_unit = True  # FSDP2 gathers and frees parameters block by block
 
     def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
@@ -54,6 +56,9 @@ class Transformer(nn.Module):
     """The DeepSeek decoder. `forward(tokens)` gives logits [batch, seq, vocab]; `loss` gives the
     LM, MTP and balance losses separately. Layers sit in a ModuleDict keyed by global index so that
     the parallel runtime can cut pipeline stages (and set embed/norm/head to None) from outside."""
+
+    tp_plan = {"embed": "vocab_embed", "head": "vocab_head"}
+    fsdp_forward_methods = ("loss", "hidden")  # entry points besides forward that FSDP2 must wrap
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -175,7 +180,7 @@ class Transformer(nn.Module):
     @staticmethod
     def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed token cross-entropy; tensor parallelism swaps in the vocab-parallel one."""
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+        return F.cross_entropy(high(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
 
     # -- MoE bookkeeping -----------------------------------------------------------------------

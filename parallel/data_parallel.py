@@ -1,0 +1,140 @@
+"""Data parallelism with FSDP2 (`fully_shard`), the gradient reductions FSDP does not know about,
+global gradient-norm clipping and the global expert load.
+
+FSDP2 shards each block's parameters over dp (fp32 master weights, `param_dtype` compute,
+fp32 reduction). Routed experts are sharded over the expert-data-parallel group instead, with
+the gradient divided by dp, not edp: every edp rank contributes the tokens of its own share of
+the data, and the loss each rank backpropagates is the mean over its dp shard.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from . import comm
+from .mesh import Mesh
+from .tensor_parallel import ParamLayout
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def apply_fsdp(model: nn.Module, mesh: Mesh, layouts: dict[str, ParamLayout], param_dtype=None,
+               reduce_dtype=None) -> None:
+    """fully_shard every experts module (over edp), every module whose class sets `fsdp_unit`
+    (the blocks, over dp), then the root. zero=3 reshards parameters after forward; zero=2 keeps
+    the gathered parameters until backward (ZeRO-2-like: optimizer state and gradients sharded)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    dims = mesh.dims
+    if param_dtype is not None and reduce_dtype is None:
+        reduce_dtype = torch.float32  # bf16 compute, fp32 gradient reduction
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    reshard = dims.zero == 3
+    dp_mesh, edp_mesh = mesh.device_meshes["main"]["dp"], mesh.device_meshes["stage"]["edp"]
+
+    def place(p):  # shard experts along the expert dim when it divides, else along rows
+        from torch.distributed.tensor import Shard
+        return Shard(0) if p.shape[0] % edp_mesh.size() == 0 else Shard(1)
+
+    # With edp = 1 there is nothing to shard the experts over: they stay plain tensors, outside
+    # FSDP, and finish_grad_sync scales their gradient. (FSDP2 on a one-rank mesh also divides
+    # twice for dtypes other than fp32/bf16: torch 2.13 _fsdp_collectives, world_size == 1 branch.)
+    ignored: set[nn.Parameter] = set()
+    for module in model.modules():
+        if getattr(type(module), "ep_count", None):
+            if edp_mesh.size() == 1:
+                ignored.update(module.parameters())
+                continue
+            fully_shard(module, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard, shard_placement_fn=place)
+            module.set_gradient_divide_factor(float(dims.dp))
+    for module in model.modules():
+        if getattr(type(module), "fsdp_unit", False):
+            fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard, ignored_params=ignored)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard, ignored_params=ignored)
+    for method in getattr(type(model), "fsdp_forward_methods", ()):
+        register_fsdp_forward_method(model, method)
+    model._fsdp = True
+
+
+@torch.no_grad()
+def finish_grad_sync(model: nn.Module, mesh: Mesh) -> None:
+    """After the last micro-batch's backward: sum the partial gradients FSDP does not reduce.
+
+    tp: parameters replicated over tp that saw only their rank's tokens or heads.
+    tp_replicas: a KV head kept on several tp ranks (each holds part of its gradient).
+    edp: routed experts outside FSDP: their replicas saw different tokens; the sum is divided by
+    dp because each rank's loss is the mean over its own share of the data.
+    """
+    layouts: dict[str, ParamLayout] = model.param_layouts
+    for name, p in model.named_parameters():
+        if p.grad is None or name not in layouts:
+            continue
+        g = _local(p.grad)
+        for group in layouts[name].grad_sum:
+            if group == "tp":
+                comm.all_reduce(g, mesh["tp"])
+            elif group == "edp" and not isinstance(p, DTensor):
+                comm.all_reduce(g, mesh["edp"])
+                if mesh.dims.dp > 1:
+                    g.div_(mesh.dims.dp)
+            elif group == "tp_replicas":
+                _sum_over_replicas(g, layouts[name], mesh)
+
+
+def _sum_over_replicas(g: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> None:
+    """Ranks holding the same chunk add their gradients: place each in a full-size buffer, all-reduce."""
+    (split,) = [s for s in layout.splits if s.group == "tp"]
+    tp = mesh["tp"]
+    buf = g.new_zeros((split.parts, *g.shape))
+    buf[tp.rank // (tp.size // split.parts)] = g
+    comm.all_reduce(buf, tp)
+    g.copy_(buf[tp.rank // (tp.size // split.parts)])
+
+
+def _distinct_copies(layout: ParamLayout, is_dtensor: bool, p, mesh: Mesh) -> int:
+    """How many ranks of a pipeline stage hold an identical copy of this local shard."""
+    dims = mesh.dims
+    shards = math.prod(s.parts for s in layout.splits)
+    if is_dtensor:
+        shards *= p.device_mesh.size()
+    return dims.dp * dims.tp // shards
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tensor:
+    """Global L2 norm of all gradients, each parameter counted once across tp, ep, dp and pp
+    (a replicated shard contributes 1/copies from each holder), then scale by max_norm / norm."""
+    layouts = model.param_layouts
+    total = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = _local(p.grad)
+        grads.append(g)
+        lay = layouts.get(name, ParamLayout(tuple(p.shape)))
+        copies = _distinct_copies(lay, isinstance(p.grad, DTensor), p, mesh)
+        total += g.double().pow(2).sum().cpu() / copies
+    total = total.to(grads[0].device if grads else "cpu")
+    comm.all_reduce(total, mesh["world"])
+    norm = total.sqrt()
+    if max_norm and max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
+    return norm.to(grads[0].dtype if grads else torch.float32)
+
+
+@torch.no_grad()
+def sync_expert_load(model: nn.Module, mesh: Mesh) -> None:
+    """Sum every MoE layer's token counts over the ranks of the stage that saw distinct tokens
+    (dp x tp), so that the aux-loss-free bias update (V3 §2.1.2) is the same on every rank."""
+    for m in model.modules():
+        load = getattr(m, "tokens_per_expert", None)
+        if isinstance(load, torch.Tensor):
+            comm.all_reduce(load, mesh["dp_tp"])

@@ -1,0 +1,158 @@
+"""The device mesh: world = pp x dp x tp, with expert parallelism carved out of dp x tp.
+
+Rank order (Megatron's default "tp-dp-pp"): tp varies fastest, then dp, then pp,
+
+    rank = (pp_i * dp + dp_i) * tp + tp_i.
+
+Within one pipeline stage the dp x tp ranks are viewed a second way for the routed experts,
+ep fastest (Megatron's and torchtitan's expert view):
+
+    dp_i * tp + tp_i = edp_i * ep + ep_i,      edp = dp * tp / ep,
+
+so an ep group is `ep` consecutive ranks: it holds whole tp groups when ep >= tp, and experts
+are split over ep and replicated (or, with FSDP, sharded) over the edp "expert data parallel"
+ranks. Nodes are `node_size` consecutive ranks; a tp group must fit in one node, and an ep group
+either fits in one node or covers whole nodes (then the dispatch goes node first, V3 §3.2.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from .comm import Group
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the constraint and the fix."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1          # tensor parallel
+    pp: int = 1          # pipeline parallel
+    dp: int = 0          # data parallel; 0: derived as world / (pp * tp)
+    ep: int = 1          # expert parallel, carved out of dp x tp
+    sp: bool = False     # sequence parallel (needs tp > 1 to matter)
+    node_size: int = 8   # ranks per node: tp and ep groups are placed with it
+    zero: int = 3        # FSDP2: 3 reshards parameters after forward, 2 keeps them until backward
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                raise LayoutError(f"parallel.{f.name} must be an integer, got {v!r}")
+        for name in ("tp", "pp", "ep", "node_size"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp < 0:
+            raise LayoutError(f"parallel.dp must be >= 1 (or 0 to derive it), got {self.dp}")
+        if self.zero not in (2, 3):
+            raise LayoutError(f"parallel.zero must be 2 or 3, got {self.zero}")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world: int
+    pp: int
+    dp: int
+    tp: int
+    ep: int
+    sp: bool
+    node_size: int
+    zero: int = 3
+
+    @property
+    def edp(self) -> int:
+        return self.dp * self.tp // self.ep
+
+    @property
+    def ep_nodes(self) -> int:
+        """Nodes spanned by one ep group."""
+        return max(1, self.ep // self.node_size)
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world: int) -> "ParallelDims":
+        """Check every constraint of the layout itself (the model's come in `parallelize`)."""
+        if world % (cfg.pp * cfg.tp):
+            raise LayoutError(f"world size {world} is not divisible by parallel.pp x parallel.tp = "
+                              f"{cfg.pp} x {cfg.tp}; launch a multiple of {cfg.pp * cfg.tp} ranks")
+        dp = cfg.dp or world // (cfg.pp * cfg.tp)
+        if cfg.pp * dp * cfg.tp != world:
+            raise LayoutError(f"parallel.pp x dp x tp = {cfg.pp} x {dp} x {cfg.tp} = {cfg.pp * dp * cfg.tp} "
+                              f"!= world size {world}; set parallel.dp=0 to derive it")
+        if (dp * cfg.tp) % cfg.ep:
+            raise LayoutError(f"parallel.ep = {cfg.ep} must divide dp x tp = {dp} x {cfg.tp}: experts are "
+                              "split over ranks of one pipeline stage")
+        if cfg.tp > cfg.node_size or cfg.node_size % cfg.tp:
+            raise LayoutError(f"parallel.tp = {cfg.tp} must divide parallel.node_size = {cfg.node_size}: "
+                              "a tensor-parallel group stays inside a node")
+        if cfg.ep <= cfg.node_size and cfg.node_size % cfg.ep:
+            raise LayoutError(f"parallel.ep = {cfg.ep} must divide parallel.node_size = {cfg.node_size} "
+                              "so that no expert-parallel group straddles a node boundary")
+        if cfg.ep > cfg.node_size and cfg.ep % cfg.node_size:
+            raise LayoutError(f"parallel.ep = {cfg.ep} spans nodes, so it must be a multiple of "
+                              f"parallel.node_size = {cfg.node_size}")
+        if cfg.sp and cfg.tp == 1:
+            raise LayoutError("parallel.sp=true needs parallel.tp > 1: sequence parallelism splits "
+                              "the sequence over the tensor-parallel group")
+        return cls(world, cfg.pp, dp, cfg.tp, cfg.ep, cfg.sp, cfg.node_size, cfg.zero)
+
+    def coords(self, rank: int) -> dict[str, int]:
+        tp_i, rest = rank % self.tp, rank // self.tp
+        dp_i, pp_i = rest % self.dp, rest // self.dp
+        r = dp_i * self.tp + tp_i
+        return {"pp": pp_i, "dp": dp_i, "tp": tp_i, "edp": r // self.ep, "ep": r % self.ep}
+
+
+@dataclass
+class Mesh:
+    """Process groups of one rank and the DeviceMeshes FSDP2 wants."""
+
+    dims: ParallelDims
+    groups: dict[str, Group]   # pp, dp, tp, edp, ep, ep_inter, ep_intra, dp_tp, world
+    device_meshes: dict[str, object]
+
+    def __getitem__(self, name: str) -> Group:
+        return self.groups[name]
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+
+def build_mesh(cfg: ParallelConfig | ParallelDims, device_type: str | None = None) -> Mesh:
+    """Check the layout, then create its process groups (every rank must call this)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dims = cfg if isinstance(cfg, ParallelDims) else ParallelDims.from_config(cfg, world)
+    if dims.world != world:
+        raise LayoutError(f"layout is for {dims.world} ranks, but {world} are running")
+    device_type = device_type or ("cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
+    ranks = torch.arange(world)
+    views = {  # name -> (shape, dim names); every view orders the same ranks (module docstring)
+        "main": ((dims.pp, dims.dp, dims.tp), ("pp", "dp", "tp")),
+        "expert": ((dims.pp, dims.edp, dims.ep_nodes, dims.ep // dims.ep_nodes),
+                   ("pp", "edp", "ep_inter", "ep_intra")),
+        "stage": ((dims.pp, dims.edp, dims.ep), ("pp", "edp", "ep")),
+        "flat": ((dims.pp, dims.dp * dims.tp), ("pp", "dp_tp")),
+    }
+    groups, meshes = {}, {}
+    if not dist.is_initialized():
+        from .comm import single_group
+        for names in (v[1] for v in views.values()):
+            for n in names:
+                groups[n] = single_group(n)
+        groups["world"] = single_group("world")
+        return Mesh(dims, groups, meshes)
+    from torch.distributed.device_mesh import DeviceMesh
+    for key, (shape, names) in views.items():
+        dm = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=names)
+        meshes[key] = dm
+        for n in names:
+            if n in groups:
+                continue
+            sub = dm[n]
+            groups[n] = Group(n, sub.get_group(), tuple(sub.mesh.tolist()), dims.node_size)
+    groups["world"] = Group("world", dist.group.WORLD, tuple(range(world)), dims.node_size)
+    return Mesh(dims, groups, meshes)
