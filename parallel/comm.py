@@ -87,7 +87,7 @@ def all_gather(t: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     t = t.movedim(dim, 0).contiguous()
     out = t.new_empty((group.size * t.shape[0], *t.shape[1:]))
     STATS.add("all_gather", group, _nbytes(out))
-    dist.all_gather_into_tensor(out, t, group=group.pg)
+    dist.all_gather_single(out, t, group=group.pg)
     return out.movedim(0, dim)
 
 
@@ -107,12 +107,13 @@ def reduce_scatter(t: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     if group.size == 1:
         return t
     if t.shape[dim] % group.size:
-        raise ValueError(f"reduce-scatter over {group.name} ({group.size} ranks) needs dim {dim} "
-                         f"divisible by {group.size}, got {tuple(t.shape)}")
+        raise ValueError(f"reduce-scatter over {group.name} ({group.size} ranks) needs dim {dim} of "
+                         f"{tuple(t.shape)} divisible by {group.size}: under sequence parallelism make the "
+                         f"sequence length a multiple of {group.size}")
     t = t.movedim(dim, 0).contiguous()
     out = t.new_empty((t.shape[0] // group.size, *t.shape[1:]))
     STATS.add("reduce_scatter", group, _nbytes(t))
-    dist.reduce_scatter_tensor(out, t, group=group.pg)
+    dist.reduce_scatter_single(out, t, group=group.pg)
     return out.movedim(0, dim)
 
 
@@ -164,6 +165,9 @@ class _ScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
+        if x.shape[dim] % group.size:
+            raise ValueError(f"sequence parallelism splits dim {dim} of {tuple(x.shape)} over {group.size} "
+                             f"ranks ({group.name}): make the sequence length a multiple of {group.size}")
         return x.chunk(group.size, dim)[group.rank].contiguous()
 
     @staticmethod
@@ -202,13 +206,13 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, send, recv, group):
-        ctx.send, ctx.recv, ctx.group = send, recv, group
-        return all_to_all(x, send, recv, group)
+    def forward(ctx, x, send, recv, group, label):
+        ctx.send, ctx.recv, ctx.group, ctx.label = send, recv, group, label
+        return all_to_all(x, send, recv, group, label)
 
     @staticmethod
     def backward(ctx, g):
-        return all_to_all(g, ctx.recv, ctx.send, ctx.group), None, None, None
+        return all_to_all(g, ctx.recv, ctx.send, ctx.group, ctx.label), None, None, None, None
 
 
 def copy_to_region(x, group: Group):
@@ -231,5 +235,5 @@ def reduce_scatter_to_sp(x, group: Group, dim: int = -2):
     return _ReduceScatterToSP.apply(x, group, dim) if group.size > 1 else x
 
 
-def all_to_all_autograd(x, send: list[int], recv: list[int], group: Group):
-    return _AllToAll.apply(x, send, recv, group) if group.size > 1 else x
+def all_to_all_autograd(x, send: list[int], recv: list[int], group: Group, label: str = "all_to_all"):
+    return _AllToAll.apply(x, send, recv, group, label) if group.size > 1 else x

@@ -55,7 +55,7 @@ class ExpertParallel:
         idx_s = torch.where(mine, indices[t_of], base + span)                  # others: absent
         x_r = comm.all_to_all_autograd(x[t_of], send, recv, group)
         idx_r = comm.all_to_all(idx_s, send, recv, group, label="all_to_all_routing")
-        w_r = comm.all_to_all_autograd(weights[t_of] * mine, send, recv, group)
+        w_r = comm.all_to_all_autograd(weights[t_of] * mine, send, recv, group, "all_to_all_routing")
         b = base + group.rank * per
         y_r = self._dispatch(x_r, idx_r, w_r, level + 1, b, per)
         y_s = comm.all_to_all_autograd(y_r, recv, send, group)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .mesh import Mesh
-from .tensor_parallel import ParamLayout, chunk_range, gather_split, split_index, take_local
+from .tensor_parallel import ParamLayout, _tied_parameters, chunk_range, gather_split, retie, split_index, take_local
 
 # value_fn(name, global_shape, experts) -> the fp32 global tensor, or only `experts` rows of a
 # stacked expert weight when experts is a range
@@ -36,7 +36,9 @@ def materialize(model: nn.Module, mesh: Mesh, value_fn: ValueFn, device=None) ->
     """Allocate a (possibly meta) parallel model on `device` and fill every local shard from the
     global values; each rank builds only the tensors it needs (its experts, not all of them)."""
     if any(p.is_meta for p in model.parameters()):
+        tied = _tied_parameters(model)
         model.to_empty(device=device or "cpu")
+        retie(model, tied)
     for name, p in model.named_parameters():
         value = _local_value(name, model.param_layouts[name], mesh, value_fn)
         if isinstance(p, DTensor):  # FSDP2 shard: this rank's rows of the tp/ep-local tensor

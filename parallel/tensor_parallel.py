@@ -276,11 +276,7 @@ def apply_tp(model: nn.Module, group: Group, sp: bool, layouts: dict[str, ParamL
                     raise ValueError(f"{type(module).__name__}.tp_plan: unknown style {style!r}")
         for attr in getattr(type(module), "tp_divide", ()):
             setattr(module, attr, max(1, getattr(module, attr) // tp))
-    for names in tied:  # a tied output layer shares the split embedding (same rows, same Split)
-        first = model.get_parameter(names[0])
-        for other in names[1:]:
-            mod, _, attr = other.rpartition(".")
-            setattr(model.get_submodule(mod), attr, first)
+    retie(model, tied)  # a tied output layer shares the split embedding (same rows, same Split)
     for name, p in model.named_parameters():
         if name in layouts and any(s.group == "tp" for s in layouts[name].splits):
             continue
@@ -296,6 +292,16 @@ def _tied_parameters(model: nn.Module) -> list[list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         seen.setdefault(id(p), []).append(name)
     return [names for names in seen.values() if len(names) > 1]
+
+
+def retie(model: nn.Module, tied: list[list[str]]) -> None:
+    """Point every name of a tied group at the first one's parameter (module swaps and
+    `to_empty` create new parameters per module)."""
+    for names in tied:
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            mod, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(mod), attr, first)
 
 
 def _enter_input(module, args, group, sp):

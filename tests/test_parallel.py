@@ -116,3 +116,24 @@ LAYOUTS = {
 def test_tiny_v3_equals_one_process(layout):
     world, kw = LAYOUTS[layout]
     run_ranks(world, equivalence_rank, "tiny-deepseek-v3", kw)
+
+
+DENSE = {
+    "llama_tp2": ("tiny-llama-3-8b", 2, dict(tp=2)),
+    "llama_tp2_sp": ("tiny-llama-3-8b", 2, dict(tp=2, sp=True)),
+    "llama_tp4_kv_replicated": ("tiny-llama-3-8b", 4, dict(tp=4)),   # 2 KV heads on 4 ranks
+    "llama_dp2_tp2": ("tiny-llama-3-8b", 4, dict(tp=2, sp=True)),
+    "qwen_tied_bias_tp4": ("tiny-qwen2.5-1.5b", 4, dict(tp=4, sp=True)),
+    "qwen_dp2": ("tiny-qwen2.5-1.5b", 2, dict()),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSE))
+def test_dense_gqa_equals_one_process(case):
+    name, world, kw = DENSE[case]
+    run_ranks(world, equivalence_rank, name, kw)
+
+
+def test_gradient_accumulation_and_sliced_init():
+    """dp2 (FSDP2) with 2 micro-batches per rank, from a materialised model that is sliced."""
+    run_ranks(2, equivalence_rank, "tiny-deepseek-v3", dict(), 2, False)
