@@ -137,3 +137,186 @@ def test_dense_gqa_equals_one_process(case):
 def test_gradient_accumulation_and_sliced_init():
     """dp2 (FSDP2) with 2 micro-batches per rank, from a materialised model that is sliced."""
     run_ranks(2, equivalence_rank, "tiny-deepseek-v3", dict(), 2, False)
+
+
+# -- node-limited routing over 4 ep ranks posing as 2 nodes ------------------------------------------
+def node_limited_rank(topk_nodes: int, results: str):
+    """Hierarchical dispatch (node, then device) equals one process; the cross-node all-to-all
+    bytes equal the count implied by the routing: each token crosses once per remote node that
+    holds any of its experts (forward dispatch + forward combine), times dim x 4 bytes."""
+    cfg = preset("tiny-deepseek-v3", topk_nodes=topk_nodes, n_expert_groups=1, n_limited_groups=1)
+    mesh = build_mesh(ParallelConfig(ep=4, node_size=2))
+    assert mesh.dims.ep_nodes == 2
+    net = parallelize(build_model(cfg, device="meta").train(), mesh)
+    parallel.init_parallel_weights(net, mesh, seed=0)
+    ref = build_model(cfg, seed=0).train()
+    ref.set_expert_placement(4, 2)
+    routed = []
+    for m in net.modules():
+        if type(m).__name__ == "Gate":
+            m.register_forward_hook(lambda mod, args, out: routed.append(out[1].detach()))
+    tokens, labels = _data(cfg, 0)
+    rank, dp = mesh.rank, mesh.dims.dp
+    rows = slice(rank * BATCH // dp, (rank + 1) * BATCH // dp)
+    parallel.STATS.reset()
+    with torch.no_grad():
+        out = net.loss(tokens[rows], labels[rows])
+    measured = torch.tensor(float(parallel.STATS.records[("all_to_all", "ep_inter")]["cross_node_bytes"]))
+    my_node = rank // 2
+    expected = 0.0
+    for idx in routed:  # [T, K] expert ids; experts 0-3 on node 0, 4-7 on node 1
+        nodes = idx // 4
+        if topk_nodes == 1:
+            assert bool((nodes == nodes[:, :1]).all()), "a token's experts span two nodes under M = 1"
+        remote = torch.zeros(idx.shape[0], 2, dtype=torch.bool).scatter_(1, nodes, True)
+        remote[:, my_node] = False
+        expected += 2 * remote.sum().item() * cfg.dim * 4   # dispatch + combine
+    dist.all_reduce(measured)
+    total_expected = torch.tensor(expected)
+    dist.all_reduce(total_expected)
+    assert measured.item() == total_expected.item(), (measured, total_expected)
+    with torch.no_grad():
+        rout = ref.loss(tokens, labels)
+    got = out["lm_loss"].clone()
+    dist.all_reduce(got)
+    _close(got / dp, rout["lm_loss"], "lm_loss", 1e-5)
+    if rank == 0:
+        torch.save({"cross_node_bytes": measured.item(), "tokens": tokens.numel() * len(routed) // 4}, results)
+
+
+def test_node_limited_routing_cuts_cross_node_bytes(tmp_path):
+    free, limited = tmp_path / "free.pt", tmp_path / "limited.pt"
+    run_ranks(4, node_limited_rank, 0, str(free))
+    run_ranks(4, node_limited_rank, 1, str(limited))
+    a, b = torch.load(free)["cross_node_bytes"], torch.load(limited)["cross_node_bytes"]
+    # unrestricted top-2 of 8 experts on 2 nodes: a token needs the other node unless both experts
+    # are local; with M = 1 only when its chosen node is remote
+    assert b < a, (a, b)
+
+
+# -- vocab-parallel cross-entropy -----------------------------------------------------------------
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def vocab_ce_rank(vocab: int):
+    from parallel.tensor_parallel import chunk_range, vocab_parallel_cross_entropy
+    from parallel.comm import Group
+    tp = Group("tp", dist.group.WORLD, tuple(range(dist.get_world_size())), 8)
+    g = torch.Generator().manual_seed(0)
+    n = 96
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::7] = IGNORE_INDEX
+    start, end = chunk_range(vocab, tp.size, tp.rank)
+    local = logits[:, start:end].clone().requires_grad_()
+    with _LargestTensor() as probe:
+        loss = vocab_parallel_cross_entropy(local, labels, start, tp)
+        loss.backward()
+    full = logits.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy(full, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(local.grad, full.grad[:, start:end], rtol=1e-12, atol=1e-15)
+    assert probe.largest <= n * (end - start), f"a tensor of {probe.largest} elements > tokens x vocab/tp"
+
+
+@pytest.mark.parametrize("world,vocab", [(2, 1000), (4, 1002)])  # 1002 / 4: uneven shards
+def test_vocab_parallel_cross_entropy(world, vocab):
+    run_ranks(world, vocab_ce_rank, vocab)
+
+
+# -- bad layouts fail before any work, naming the constraint --------------------------------------
+@pytest.mark.parametrize("kw,world,match", [
+    (dict(tp=3), 6, "must divide parallel.node_size"),
+    (dict(tp=2, pp=2), 6, "not divisible by parallel.pp x parallel.tp"),
+    (dict(ep=3), 4, "parallel.ep = 3 must divide dp x tp"),
+    (dict(ep=4, node_size=8, dp=2), 4, "!= world size"),
+    (dict(ep=6, node_size=4), 12, "multiple of parallel.node_size"),
+    (dict(sp=True), 2, "sp=true needs parallel.tp > 1"),
+])
+def test_bad_mesh_layouts(kw, world, match):
+    with pytest.raises(parallel.LayoutError, match=match):
+        parallel.ParallelDims.from_config(ParallelConfig(**kw), world)
+
+
+def test_bad_config_values():
+    with pytest.raises(parallel.LayoutError, match="parallel.tp must be an integer"):
+        ParallelConfig(tp="2")
+    with pytest.raises(parallel.LayoutError, match="parallel.zero must be 2 or 3"):
+        ParallelConfig(zero=1)
+
+
+@pytest.mark.parametrize("name,tp,ep,match", [
+    ("tiny-deepseek-v3", 8, 1, r"attn.n_heads = 4 is not divisible by parallel.tp = 8"),
+    ("tiny-llama-3-8b", 8, 1, r"n_heads = 4 is not divisible by parallel.tp = 8"),
+    ("tiny-deepseek-v3", 1, 3, r"experts.n_experts = 8 routed experts cannot be split evenly over parallel.ep = 3"),
+])
+def test_bad_model_layouts(name, tp, ep, match):
+    from parallel.expert_parallel import check_ep_plan
+    from parallel.tensor_parallel import check_tp_plan
+    net = build_model(preset(name), device="meta")
+    with pytest.raises(parallel.LayoutError, match=match):
+        check_tp_plan(net, tp)
+        check_ep_plan(net, ep)
+
+
+def test_kv_heads_neither_divisible_nor_replicable():
+    from parallel.tensor_parallel import check_tp_plan
+    net = build_model(preset("tiny-llama-3-8b", n_heads=6, n_kv_heads=3), device="meta")
+    with pytest.raises(parallel.LayoutError, match="n_kv_heads = 3 is not divisible by parallel.tp = 2"):
+        check_tp_plan(net, 2)
+
+
+def bad_runtime_rank():
+    mesh = build_mesh(ParallelConfig(ep=2, node_size=1))  # 2 "nodes" of one rank
+    net = build_model(preset("tiny-deepseek-v3", topk_nodes=1, n_activated_experts=6, n_expert_groups=1,
+                             n_limited_groups=1), device="meta")
+    with pytest.raises(parallel.LayoutError, match="node-limited routing to 1 nodes of 4 experts cannot select 6"):
+        parallelize(net, mesh)
+    mesh = build_mesh(ParallelConfig(tp=2, sp=True))
+    net = parallelize(build_model(preset("tiny-deepseek-v3")).train(), mesh)
+    tokens = torch.randint(0, 256, (2, 15))
+    with pytest.raises(ValueError, match="make the sequence length a multiple of 2"):
+        net.loss(tokens, tokens)
+
+
+def test_bad_runtime_layouts():
+    run_ranks(2, bad_runtime_rank)
+
+
+# -- mixed precision ----------------------------------------------------------------------------------
+def bf16_rank():
+    """FSDP2 with bf16 compute: parameters and gradients stay fp32 (master weights, fp32 reduction),
+    and the loss matches fp32 to bf16 accuracy."""
+    cfg = preset("tiny-deepseek-v3")
+    mesh = build_mesh(ParallelConfig(tp=2, sp=True, ep=2))
+    net = parallelize(build_model(cfg, device="meta").train(), mesh, param_dtype=torch.bfloat16)
+    parallel.init_parallel_weights(net, mesh, seed=0)
+    ref = build_model(cfg, seed=0).train()
+    tokens, labels = _data(cfg, 0)
+    d = mesh.dims.coords(mesh.rank)["dp"]
+    rows = slice(d * BATCH // mesh.dims.dp, (d + 1) * BATCH // mesh.dims.dp)
+    out = net.loss(tokens[rows], labels[rows])
+    out["loss"].backward()
+    parallel.finish_grad_sync(net, mesh)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
+    got = out["lm_loss"].detach().float()
+    dist.all_reduce(got)
+    want = ref.loss(tokens, labels)["lm_loss"]
+    assert abs(got.item() / mesh.dims.world - want.item()) < 2e-2 * want.item()
+
+
+def test_fsdp_bf16_compute_fp32_master_weights():
+    run_ranks(4, bf16_rank)
