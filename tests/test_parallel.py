@@ -320,3 +320,16 @@ def bf16_rank():
 
 def test_fsdp_bf16_compute_fp32_master_weights():
     run_ranks(4, bf16_rank)
+
+
+# -- communication accounting = the analytic formulas of parallel.cost --------------------------------
+@pytest.mark.parametrize("layout", ["tp2", "tp2_ep2_sp", "gqa_tp4_sp_kv_replicated"])
+def test_comm_volume_matches_formulas(layout, tmp_path):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import comm_volume as bench  # spawned ranks import it by name, so it must be on sys.path
+    name, world, kw = bench.LAYOUTS[layout]
+    for r in bench.run(name, world, kw, str(tmp_path / "ranks.json")):
+        for key, v in r["collectives"].items():
+            assert v["measured_bytes"] == v["formula_bytes"], (layout, r["rank"], key, v)
