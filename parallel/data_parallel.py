@@ -41,21 +41,19 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, layouts: dict[str, ParamLayout], pa
         from torch.distributed.tensor import Shard
         return Shard(0) if p.shape[0] % edp_mesh.size() == 0 else Shard(1)
 
-    # With edp = 1 there is nothing to shard the experts over: they stay plain tensors, outside
-    # FSDP, and finish_grad_sync scales their gradient. (FSDP2 on a one-rank mesh also divides
-    # twice for dtypes other than fp32/bf16: torch 2.13 _fsdp_collectives, world_size == 1 branch.)
-    ignored: set[nn.Parameter] = set()
     for module in model.modules():
         if getattr(type(module), "ep_count", None):
-            if edp_mesh.size() == 1:
-                ignored.update(module.parameters())
-                continue
             fully_shard(module, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard, shard_placement_fn=place)
-            module.set_gradient_divide_factor(float(dims.dp))
+            # With edp = 1 FSDP only carries the dtype policy (and keeps every parameter a DTensor
+            # for the optimizer's foreach kernels); finish_grad_sync divides by dp there, because
+            # torch 2.13's FSDP2 applies a divide factor twice on a one-rank mesh for dtypes other
+            # than fp32/bf16 (_fsdp_collectives.foreach_reduce, world_size == 1 branch).
+            if edp_mesh.size() > 1:
+                module.set_gradient_divide_factor(float(dims.dp))
     for module in model.modules():
         if getattr(type(module), "fsdp_unit", False):
-            fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard, ignored_params=ignored)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard, ignored_params=ignored)
+            fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     for method in getattr(type(model), "fsdp_forward_methods", ()):
         register_fsdp_forward_method(model, method)
     model._fsdp = True
@@ -68,7 +66,8 @@ def finish_grad_sync(model: nn.Module, mesh: Mesh) -> None:
     tp: parameters replicated over tp that saw only their rank's tokens or heads.
     tp_replicas: a KV head kept on several tp ranks (each holds part of its gradient).
     edp: routed experts outside FSDP: their replicas saw different tokens; the sum is divided by
-    dp because each rank's loss is the mean over its own share of the data.
+    dp because each rank's loss is the mean over its own share of the data (FSDP divides
+    when it shards them over edp > 1).
     """
     layouts: dict[str, ParamLayout] = model.param_layouts
     for name, p in model.named_parameters():
@@ -78,9 +77,11 @@ def finish_grad_sync(model: nn.Module, mesh: Mesh) -> None:
         for group in layouts[name].grad_sum:
             if group == "tp":
                 comm.all_reduce(g, mesh["tp"])
-            elif group == "edp" and not isinstance(p, DTensor):
-                comm.all_reduce(g, mesh["edp"])
-                if mesh.dims.dp > 1:
+            elif group == "edp":
+                fsdp = isinstance(p, DTensor)
+                if not fsdp:
+                    comm.all_reduce(g, mesh["edp"])
+                if (not fsdp or mesh["edp"].size == 1) and mesh.dims.dp > 1:
                     g.div_(mesh.dims.dp)
             elif group == "tp_replicas":
                 _sum_over_replicas(g, layouts[name], mesh)

@@ -43,6 +43,8 @@ class ParallelConfig:
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool)):
                 raise LayoutError(f"parallel.{f.name} must be an integer, got {v!r}")
+            if f.type == "bool" and not isinstance(v, bool):
+                raise LayoutError(f"parallel.{f.name} must be true or false, got {v!r}")
         for name in ("tp", "pp", "ep", "node_size"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")

@@ -198,7 +198,7 @@ def check_tp_plan(model: nn.Module, tp: int) -> None:
             n = getattr(module, attr)
             units_ok = n % tp == 0 or (attr in _replicable(module) and tp % n == 0)
             if not units_ok:
-                fix = f" or a divisor of tp" if attr in _replicable(module) else ""
+                fix = " or a divisor of tp" if attr in _replicable(module) else ""
                 raise LayoutError(f"{_join(path, attr)} = {n} is not divisible by parallel.tp = {tp}: "
                                   f"choose tp dividing {n}{fix}")
         for child, styles in getattr(type(module), "tp_plan", {}).items():
@@ -313,11 +313,14 @@ def _enter_output(module, args, out, group, sp):
 
 
 def _split_tokens(module, args, group):
-    return (comm.scatter_to_sp(args[0], group, -2), *args[1:])
+    # Without gradients (decoding one token at a time) a length that does not split runs whole on
+    # every rank: the results are identical and nothing is gathered.
+    module._tokens_split = module.training or torch.is_grad_enabled() or args[0].shape[-2] % group.size == 0
+    return (comm.scatter_to_sp(args[0], group, -2), *args[1:]) if module._tokens_split else args
 
 
 def _gather_tokens(module, args, out, group):
-    return comm.gather_from_sp(out, group, -2, reduce_grad=False)
+    return comm.gather_from_sp(out, group, -2, reduce_grad=False) if module._tokens_split else out
 
 
 def _new_param(t: torch.Tensor) -> nn.Parameter:
