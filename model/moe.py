@@ -160,8 +160,9 @@ class Experts(nn.Module):
         out = self.ffn(x[order // k], counts)
         # unpermute into [T, K, dim] slots (an absent pair's slot stays zero) and take the
         # gate-weighted sum over K: a permutation and a reduction, no scatter-add with atomics
-        slots = out.new_zeros(t * k, out.shape[-1]) if partial else torch.empty_like(out)
-        slots = slots.index_copy(0, order, out).view(t, k, -1)
+        dim = self.w2.shape[1]
+        slots = out.new_zeros(t * k, dim) if partial else torch.empty_like(out)
+        slots = slots.index_copy(0, order, out).view(t, k, dim)
         return (slots * weights.to(x.dtype).unsqueeze(-1)).sum(1)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .comm import STATS, Group
-from .data_parallel import apply_fsdp, clip_grad_norm_, finish_grad_sync, sync_expert_load
+from .data_parallel import apply_fsdp, clip_grad_norm_, finish_grad_sync, set_gradient_sync, sync_expert_load
 from .expert_parallel import apply_ep, check_ep_plan
 from .mesh import LayoutError, Mesh, ParallelConfig, ParallelDims, build_mesh
 from .state import full_state, full_tensor, init_parallel_weights, load_full_state_dict, materialize
@@ -26,7 +26,8 @@ from .tensor_parallel import ParamLayout, apply_tp, check_tp_plan
 
 __all__ = ["STATS", "Group", "LayoutError", "Mesh", "ParallelConfig", "ParallelDims", "build_mesh",
            "parallelize", "init_parallel_weights", "load_full_state_dict", "materialize", "full_state",
-           "full_tensor", "finish_grad_sync", "clip_grad_norm_", "sync_expert_load", "update_expert_bias"]
+           "full_tensor", "finish_grad_sync", "clip_grad_norm_", "set_gradient_sync", "sync_expert_load",
+           "update_expert_bias"]
 
 
 def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = None) -> nn.Module:

@@ -111,7 +111,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tens
     """Global L2 norm of all gradients, each parameter counted once across tp, ep, dp and pp
     (a replicated shard contributes 1/copies from each holder), then scale by max_norm / norm."""
     layouts = model.param_layouts
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=mesh.device_type)  # summed on the device: no syncs
     grads = []
     for name, p in model.named_parameters():
         if p.grad is None:
@@ -120,8 +120,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tens
         grads.append(g)
         lay = layouts.get(name, ParamLayout(tuple(p.shape)))
         copies = _distinct_copies(lay, isinstance(p.grad, DTensor), p, mesh)
-        total += g.double().pow(2).sum().cpu() / copies
-    total = total.to(grads[0].device if grads else "cpu")
+        total += g.double().pow(2).sum().to(total.device) / copies
     comm.all_reduce(total, mesh["world"])
     norm = total.sqrt()
     if max_norm and max_norm > 0:
@@ -129,6 +128,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tens
         for g in grads:
             g.mul_(scale.to(g.dtype))
     return norm.to(grads[0].dtype if grads else torch.float32)
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Gradient accumulation: skip FSDP2's reduce-scatter on all but the last micro-batch (the
+    unsharded gradients accumulate locally; ZeRO-3 then holds them until the last one)."""
+    for m in model.modules():
+        if hasattr(m, "set_requires_gradient_sync"):
+            m.set_requires_gradient_sync(enabled, recurse=False)
 
 
 @torch.no_grad()

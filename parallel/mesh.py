@@ -115,6 +115,7 @@ class Mesh:
     dims: ParallelDims
     groups: dict[str, Group]   # pp, dp, tp, edp, ep, ep_inter, ep_intra, dp_tp, world
     device_meshes: dict[str, object]
+    device_type: str = "cpu"
 
     def __getitem__(self, name: str) -> Group:
         return self.groups[name]
@@ -146,7 +147,7 @@ def build_mesh(cfg: ParallelConfig | ParallelDims, device_type: str | None = Non
             for n in names:
                 groups[n] = single_group(n)
         groups["world"] = single_group("world")
-        return Mesh(dims, groups, meshes)
+        return Mesh(dims, groups, meshes, device_type or "cpu")
     from torch.distributed.device_mesh import DeviceMesh
     for key, (shape, names) in views.items():
         dm = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=names)
@@ -157,4 +158,4 @@ def build_mesh(cfg: ParallelConfig | ParallelDims, device_type: str | None = Non
             sub = dm[n]
             groups[n] = Group(n, sub.get_group(), tuple(sub.mesh.tolist()), dims.node_size)
     groups["world"] = Group("world", dist.group.WORLD, tuple(range(world)), dims.node_size)
-    return Mesh(dims, groups, meshes)
+    return Mesh(dims, groups, meshes, device_type)

@@ -71,6 +71,7 @@ def _equivalence(name, mesh, dtype, steps, micro, meta_init, overrides):
         mine = slice(d * rows, (d + 1) * rows)
         losses = []
         for m in range(micro):  # gradient accumulation over micro-batches of this rank's rows
+            parallel.set_gradient_sync(net, m == micro - 1)
             part = slice(mine.start + m * rows // micro, mine.start + (m + 1) * rows // micro)
             out = net.loss(tokens[part], labels[part])
             (out["loss"] / micro).backward()
@@ -379,3 +380,29 @@ def test_tensor_parallel_cached_decoding():
 def test_bad_config_sp_type():
     with pytest.raises(parallel.LayoutError, match="parallel.sp must be true or false"):
         ParallelConfig(tp=2, sp="yes")
+
+
+def idle_experts_rank():
+    """ep2 where the routing biases keep every token off rank 1's experts: that rank computes on
+    zero rows, its experts get zero (not missing) gradients, and FSDP's reductions still line up."""
+    cfg = preset("tiny-deepseek-v3")
+    mesh = build_mesh(ParallelConfig(ep=2))
+    ref = build_model(cfg, seed=0).train()
+    net = parallelize(build_model(cfg, seed=0).train(), mesh)
+    for model in (ref, net):
+        for m in model.moe_layers():
+            m.gate.bias[4:] = -10.0  # experts 4-7 live on ep rank 1
+    tokens, labels = _data(cfg, 0)
+    d = mesh.dims.coords(mesh.rank)["dp"]
+    ref.loss(tokens, labels)["loss"].backward()
+    net.loss(tokens[d * 2:(d + 1) * 2], labels[d * 2:(d + 1) * 2])["loss"].backward()
+    parallel.finish_grad_sync(net, mesh)
+    grads = parallel.full_state(net, mesh, grads=True)
+    for k, p in ref.named_parameters():
+        _close(grads[k], p.grad, f"grad {k}")
+        if ".experts." in k:
+            assert grads[k][4:].abs().max() == 0
+
+
+def test_rank_with_no_routed_tokens():
+    run_ranks(2, idle_experts_rank)
