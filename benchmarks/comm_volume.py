@@ -37,7 +37,7 @@ LAYOUTS = {  # name: (model preset, world, parallel config)
     "ep2": ("tiny-deepseek-v3", 2, dict(ep=2)),
     "ep4": ("tiny-deepseek-v3", 4, dict(ep=4)),
     "tp2_ep2_sp": ("tiny-deepseek-v3", 2, dict(tp=2, ep=2, sp=True)),
-    "dp2_tp2_ep2_sp": ("tiny-deepseek-v3", 8, dict(tp=2, ep=2, sp=True)),
+    "dp4_tp2_ep2_sp": ("tiny-deepseek-v3", 8, dict(tp=2, ep=2, sp=True)),
     "gqa_tp2": ("tiny-llama-3-8b", 2, dict(tp=2)),
     "gqa_tp4_sp_kv_replicated": ("tiny-llama-3-8b", 4, dict(tp=4, sp=True)),
 }

@@ -166,8 +166,9 @@ class _ScatterToSP(torch.autograd.Function):
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
         if x.shape[dim] % group.size:
-            raise ValueError(f"sequence parallelism splits dim {dim} of {tuple(x.shape)} over {group.size} "
-                             f"ranks ({group.name}): make the sequence length a multiple of {group.size}")
+            raise ValueError(f"the sequence (dim {dim} of {tuple(x.shape)}) is split over the {group.size} "
+                             f"{group.name} ranks (sequence parallelism, or the MoE's token split under "
+                             f"tensor parallelism): make the sequence length a multiple of {group.size}")
         return x.chunk(group.size, dim)[group.rank].contiguous()
 
     @staticmethod

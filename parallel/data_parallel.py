@@ -50,6 +50,8 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, layouts: dict[str, ParamLayout], pa
             # than fp32/bf16 (_fsdp_collectives.foreach_reduce, world_size == 1 branch).
             if edp_mesh.size() > 1:
                 module.set_gradient_divide_factor(float(dims.dp))
+                if dims.dp != edp_mesh.size() and mesh.device_type == "cpu":
+                    module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM: sum, then divide
     for module in model.modules():
         if getattr(type(module), "fsdp_unit", False):
             fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)

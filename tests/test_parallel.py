@@ -109,7 +109,8 @@ LAYOUTS = {
     "ep4": (4, dict(ep=4)),
     "dp2": (2, dict()),
     "tp2_ep2": (2, dict(tp=2, ep=2, sp=True)),
-    "dp2_tp2_ep2": (8, dict(tp=2, ep=2, sp=True)),
+    "dp4_tp2_ep2": (8, dict(tp=2, ep=2, sp=True)),   # 8 ranks: dense dp 4; experts ep 2 x edp 4
+    "dp4_tp2_ep4": (8, dict(tp=2, ep=4, sp=True)),   # an ep group spans two tp groups; edp 2
 }
 
 
