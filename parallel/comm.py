@@ -10,6 +10,7 @@ volume follows from the parameter count (`parallel.cost.fsdp_bytes`).
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -123,7 +124,7 @@ def all_to_all(t: torch.Tensor, send: list[int], recv: list[int], group: Group, 
     `label` names the record (token payloads and routing metadata are counted apart)."""
     if group.size == 1:
         return t
-    row = _nbytes(t[0]) if t.shape[0] else t[0:0].element_size() * int(torch.tensor(t.shape[1:]).prod())
+    row = t.element_size() * math.prod(t.shape[1:])
     me, my_node = group.rank, group.node_of(group.rank)
     STATS.add(label, group,
               row * sum(n for j, n in enumerate(send) if j != me),

@@ -61,11 +61,13 @@ def load_full_state_dict(model: nn.Module, mesh: Mesh, state: dict[str, torch.Te
     missing = [n for n in model.param_layouts if n not in state]
     if missing:
         raise KeyError(f"state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    for name, layout in model.param_layouts.items():  # all checked before any weight changes
+        if tuple(state[name].shape) != tuple(layout.global_shape):
+            raise ValueError(f"{name}: state dict has shape {tuple(state[name].shape)}, "
+                             f"the model {tuple(layout.global_shape)}")
 
     def value(name, shape, experts):
         t = state[name]
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name}: state dict has shape {tuple(t.shape)}, the model {tuple(shape)}")
         return t[experts.start:experts.stop] if experts is not None else t
     materialize(model, mesh, value, device)
 

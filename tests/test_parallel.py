@@ -407,3 +407,29 @@ def idle_experts_rank():
 
 def test_rank_with_no_routed_tokens():
     run_ranks(2, idle_experts_rank)
+
+
+def load_state_rank():
+    """A single-process state dict (what load_hf returns) loads into a tp2 x ep2 + sp model
+    (a tied head included for Qwen), and the parallel loss equals the single-process one."""
+    for name in ("tiny-deepseek-v3", "tiny-qwen2.5-1.5b"):
+        cfg = preset(name)
+        mesh = build_mesh(ParallelConfig(tp=2, ep=2 if cfg.n_routed_experts else 1, sp=True))
+        ref = build_model(cfg, seed=7).train()
+        net = parallelize(build_model(cfg, device="meta").train(), mesh)
+        parallel.load_full_state_dict(net, mesh, ref.state_dict())
+        got = parallel.full_state(net, mesh)
+        assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items() if k in got)
+        tokens, labels = _data(cfg, 0)
+        _close(net.loss(tokens, labels)["loss"].detach(), ref.loss(tokens, labels)["loss"].detach(), name)
+        bad = dict(ref.state_dict())
+        bad["norm.weight"] = torch.ones(3)
+        before = parallel.full_state(net, mesh)
+        with pytest.raises(ValueError, match=r"norm.weight: state dict has shape \(3,\), the model \(64,\)"):
+            parallel.load_full_state_dict(net, mesh, bad)
+        after = parallel.full_state(net, mesh)
+        assert all(torch.equal(before[k], after[k]) for k in before), "a failed load changed weights"
+
+
+def test_load_single_process_state_dict():
+    run_ranks(2, load_state_rank)
