@@ -29,9 +29,8 @@ from .tensor_parallel import ParamLayout, Split, take_local
 class ExpertParallel:
     """Mixin placed in front of the experts module's class."""
 
-    ep_levels: tuple[Group, ...]
-    ep_total: int     # experts in the whole ep group
-    ep_first: int     # first expert held here
+    ep_levels: tuple[Group, ...]   # the ep group, or its cross-node then in-node groups
+    ep_total: int                  # experts in the whole ep group
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, partial: bool = True):
         return self._dispatch(x, indices, weights, 0, 0, self.ep_total)
@@ -90,4 +89,3 @@ def apply_ep(model: nn.Module, levels: tuple[Group, ...], ep_group: Group, layou
             cls = type(module)
             module.__class__ = type(f"ExpertParallel{cls.__name__}", (ExpertParallel, cls), {})
             module.ep_levels, module.ep_total = levels, total
-            module.ep_first = ep_group.rank * (total // ep)

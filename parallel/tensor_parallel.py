@@ -277,14 +277,14 @@ def apply_tp(model: nn.Module, group: Group, sp: bool, layouts: dict[str, ParamL
         for attr in getattr(type(module), "tp_divide", ()):
             setattr(module, attr, max(1, getattr(module, attr) // tp))
     retie(model, tied)  # a tied output layer shares the split embedding (same rows, same Split)
+    routed = {_join(path, n) for path, m in model.named_modules() if getattr(type(m), "ep_count", None)
+              for n, _ in m.named_parameters()}  # summed over edp (which holds the tp ranks) instead
     for name, p in model.named_parameters():
-        if name in layouts and any(s.group == "tp" for s in layouts[name].splits):
+        if name in routed or (name in layouts and any(s.group == "tp" for s in layouts[name].splits)):
             continue
-        in_split = any(name.startswith(t + ".") for t in token_split)
-        if sp or name in partial or in_split:
+        if sp or name in partial or any(name.startswith(t + ".") for t in token_split):
             lay = layouts.get(name, ParamLayout(tuple(p.shape)))
-            if not any(s.group == "ep" for s in lay.splits):  # routed experts: reduced over edp instead
-                layouts[name] = ParamLayout(lay.global_shape, lay.splits, lay.grad_sum + ("tp",))
+            layouts[name] = ParamLayout(lay.global_shape, lay.splits, lay.grad_sum + ("tp",))
 
 
 def _tied_parameters(model: nn.Module) -> list[list[str]]:
