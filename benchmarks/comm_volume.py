@@ -6,8 +6,8 @@ do, global clipping and the expert-bias update. Runs gloo ranks on CPU:
 
     python benchmarks/comm_volume.py            # writes benchmarks/results/comm_volume.json
 
-FSDP2's own parameter all-gathers and gradient reduce-scatters do not pass through the
-accounting; their formula (`cost.fsdp_step`) is printed for dp > 1 and marked as such.
+FSDP2's parameter all-gathers and gradient reduce-scatters are counted through its custom
+collective hooks and checked against `cost.fsdp_step` like the rest.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ BATCH, SEQ = 8, 32
 LAYOUTS = {  # name: (model preset, world, parallel config)
     "tp2": ("tiny-deepseek-v3", 2, dict(tp=2)),
     "tp2_sp": ("tiny-deepseek-v3", 2, dict(tp=2, sp=True)),
+    "dp2": ("tiny-deepseek-v3", 2, dict()),
+    "dp2_zero2": ("tiny-deepseek-v3", 2, dict(zero=2)),
     "ep2": ("tiny-deepseek-v3", 2, dict(ep=2)),
     "ep4": ("tiny-deepseek-v3", 4, dict(ep=4)),
     "tp2_ep2_sp": ("tiny-deepseek-v3", 2, dict(tp=2, ep=2, sp=True)),
@@ -95,14 +97,21 @@ def _rank(rank, world, port, name, layout, out_path):
         formula["all_reduce/world"] += 8                          # clipping: one float64
     if dims.dp * dims.tp > 1 and routes:
         formula["all_reduce/dp_tp"] += 4 * cfg.n_routed_experts * len(routes)  # expert load, fp32
-    n_dp_params = sum(p.numel() for p in net.parameters() if isinstance(p, torch.distributed.tensor.DTensor))
-    fsdp = cost.fsdp_step(n_dp_params, dims.dp, 4, 4, dims.zero) if dims.dp > 1 else {}
+    from torch.distributed.fsdp import FSDPModule
+    units = []
+    for m in net.modules():
+        if isinstance(m, FSDPModule):
+            for pg in m._get_fsdp_state()._fsdp_param_groups:
+                ranks = pg.mesh_info.shard_mesh_size
+                padded = sum(cost.fsdp_padded_shard(tuple(fp.sharded_param.shape), fp.sharded_param.placements[0].dim,
+                                                    ranks) for fp in pg.fsdp_params)
+                units.append(("edp" if getattr(type(m), "ep_count", None) else "dp", ranks, padded))
+    formula.update(cost.fsdp_step(units, 4, 4, dims.zero))
     rec = {"rank": rank, "tokens": b * SEQ,
            "collectives": {k: {"measured_bytes": measured.get(k, {}).get("bytes", 0),
                                "formula_bytes": formula.get(k, 0),
                                "calls": measured.get(k, {}).get("calls", 0)}
-                           for k in sorted(set(measured) | set(formula))},
-           "fsdp_formula_bytes_not_accounted": fsdp}
+                           for k in sorted(set(measured) | set(formula))}}
     gathered = [None] * world
     dist.all_gather_object(gathered, rec)
     if rank == 0:
@@ -141,8 +150,6 @@ def main():
                 if r["rank"] == 0 or k.startswith("all_to_all"):
                     print(f"  {k:28s} {r['rank']:4d} {v['measured_bytes']:12d} {v['formula_bytes']:12d}"
                           f"{'' if agree else '   MISMATCH'}")
-        for k, v in r0["fsdp_formula_bytes_not_accounted"].items():
-            print(f"  {k:28s} {0:4d} {'(FSDP2)':>12s} {v:12d}")
         results[key] = {"model": name, "world": world, "layout": layout, "ranks": ranks}
     os.remove(tmp)
     out = {

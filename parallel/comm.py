@@ -5,8 +5,8 @@ Every collective the runtime issues goes through this module, which records, per
 calls and bytes of each (operation, group) pair in `STATS`. Byte conventions (per rank):
 all-reduce: the tensor; all-gather: the gathered output; reduce-scatter: the full input;
 all-to-all: the rows sent to *other* ranks, with the share that leaves the node counted again
-as `cross_node_bytes`. FSDP2's own all-gathers and reduce-scatters are not seen here; their
-volume follows from the parameter count (`parallel.cost.fsdp_bytes`).
+as `cross_node_bytes`. FSDP2's all-gathers and reduce-scatters are recorded too, through its
+custom-collective hooks (`data_parallel._counted_comms`).
 """
 from __future__ import annotations
 

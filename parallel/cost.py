@@ -13,6 +13,7 @@ The model description comes from a config with the field names of `model.ModelCo
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 
@@ -111,11 +112,22 @@ def expert_dispatch_step(pairs, rank: int, dim: int, topk: int, e: int = 4) -> C
     return out
 
 
-def fsdp_step(n_params: int, dp: int, param_bytes: int, reduce_bytes: int = 4, zero: int = 3) -> dict[str, int]:
-    """FSDP2 per rank and step, for parameters sharded over dp (not seen by comm.STATS):
-    all-gather of the parameters in forward and, with ZeRO-3, again in backward; reduce-scatter
-    of the gradients."""
-    if dp == 1:
-        return {}
-    return {"all_gather/dp": n_params * param_bytes * (2 if zero == 3 else 1),
-            "reduce_scatter/dp": n_params * reduce_bytes}
+def fsdp_padded_shard(shape: tuple[int, ...], dim: int, ranks: int) -> int:
+    """Elements of one rank's FSDP2 shard of a parameter split along `dim`, padded to equal size."""
+    rows = shape[dim]
+    return -(-rows // ranks) * (math.prod(shape) // rows if rows else 0)
+
+
+def fsdp_step(units, param_bytes: int, reduce_bytes: int = 4, zero: int = 3) -> Counter:
+    """FSDP2 per rank and step. units: (group name, group size, padded shard elements per rank)
+    per fully_shard'ed module. Each unit all-gathers its parameters for forward and, under ZeRO-3,
+    again for backward (the root too, as measured with reshard_after_forward=True), and
+    reduce-scatters its gradients once."""
+    out: Counter = Counter()
+    for group, ranks, padded in units:
+        if ranks == 1:
+            continue
+        gathers = 2 if zero == 3 else 1
+        _add(out, "all_gather", group, gathers * ranks * padded * param_bytes)
+        _add(out, "reduce_scatter", group, ranks * padded * reduce_bytes)
+    return out

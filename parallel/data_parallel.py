@@ -19,6 +19,32 @@ from .mesh import Mesh
 from .tensor_parallel import ParamLayout
 
 
+def _counted_comms(group):
+    """FSDP2's default all-gather and reduce-scatter, recorded in comm.STATS under `group`'s name
+    (FSDP issues its collectives itself; its custom-comm hooks are the way to see them)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+    named = group
+
+    class CountedAllGather(DefaultAllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            comm.STATS.add("all_gather", named, comm._nbytes(output_tensor))
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    class CountedReduceScatter(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            comm.STATS.add("reduce_scatter", named, comm._nbytes(input_tensor))
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    return CountedAllGather(), CountedReduceScatter()
+
+
+def _count(module, group) -> None:
+    gather, scatter = _counted_comms(group)
+    module.set_custom_all_gather(gather)
+    module.set_custom_reduce_scatter(scatter)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -44,6 +70,7 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, layouts: dict[str, ParamLayout], pa
     for module in model.modules():
         if getattr(type(module), "ep_count", None):
             fully_shard(module, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard, shard_placement_fn=place)
+            _count(module, mesh["edp"])
             # With edp = 1 FSDP only carries the dtype policy (and keeps every parameter a DTensor
             # for the optimizer's foreach kernels); finish_grad_sync divides by dp there, because
             # torch 2.13's FSDP2 applies a divide factor twice on a one-rank mesh for dtypes other
@@ -55,7 +82,9 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, layouts: dict[str, ParamLayout], pa
     for module in model.modules():
         if getattr(type(module), "fsdp_unit", False):
             fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+            _count(module, mesh["dp"])
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    _count(model, mesh["dp"])
     for method in getattr(type(model), "fsdp_forward_methods", ()):
         register_fsdp_forward_method(model, method)
     model._fsdp = True

@@ -325,7 +325,7 @@ def test_fsdp_bf16_compute_fp32_master_weights():
 
 
 # -- communication accounting = the analytic formulas of parallel.cost --------------------------------
-@pytest.mark.parametrize("layout", ["tp2", "tp2_ep2_sp", "gqa_tp4_sp_kv_replicated"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_ep2_sp", "dp2_zero2", "gqa_tp4_sp_kv_replicated"])
 def test_comm_volume_matches_formulas(layout, tmp_path):
     import os
     import sys
