@@ -118,14 +118,18 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return torch.cat([c @ w[e].t() for e, c in enumerate(chunks)]) if chunks else x.new_zeros(0, w.shape[1])
 
 
-def permute(indices: torch.Tensor, n_experts: int):
-    """Sort the (token, slot) pairs of indices [T, K] by expert; a pair with index >= n_experts is
-    dropped and sorts last. Returns the order and the per-expert counts (no host sync)."""
-    flat = indices.flatten()
-    order = flat.argsort(stable=True)
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Pairs per expert in indices [T, K]; an index >= n_experts (absent) is not counted. A
+    scatter-add, not bincount: no host sync on CUDA."""
+    flat = indices.flatten().clamp(max=n_experts)
     counts = torch.zeros(n_experts + 1, dtype=torch.long, device=indices.device)
-    counts = counts.scatter_add_(0, flat.clamp(max=n_experts), torch.ones_like(flat))[:n_experts]
-    return order, counts
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[:n_experts]
+
+
+def permute(indices: torch.Tensor, n_experts: int):
+    """Sort the (token, slot) pairs of indices [T, K] by expert (absent pairs sort last); returns
+    the order and the per-expert counts."""
+    return indices.flatten().argsort(stable=True), expert_counts(indices, n_experts)
 
 
 class Experts(nn.Module):
@@ -209,8 +213,7 @@ class MoE(FP32Buffers, nn.Module):
         self.aux_losses = {}
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(routed.flatten(), minlength=self.n_experts + 1)[
-                    : self.n_experts].to(self.tokens_per_expert.dtype)
+                self.tokens_per_expert += expert_counts(routed, self.n_experts).to(self.tokens_per_expert.dtype)
             self.aux_losses = self._balance_losses(scores, indices, n_seqs)
         return y.view(shape)
 

@@ -147,7 +147,7 @@ class Transformer(nn.Module):
         rope = self._rope(seq, 0, tokens.device)
         h = self.norm(self._blocks(self.embed(tokens), rope))
         n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        out = {"lm_loss": self.cross_entropy(self.head(h), labels) / n_tokens}
+        out = {"lm_loss": self.cross_entropy(high(self.head(h)), labels) / n_tokens}
         total = out["lm_loss"]
         if len(self.mtp):
             lam = self.cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
@@ -163,7 +163,7 @@ class Transformer(nn.Module):
                 h = module(h, self.embed(tokens.roll(-k, dims=1)), rope)
                 target = labels.roll(-k, dims=1)
                 target[:, seq - k:] = IGNORE_INDEX
-                mtp = mtp + self.cross_entropy(self.head(h), target) / n_tokens   # eq. 24: 1/T
+                mtp = mtp + self.cross_entropy(high(self.head(h)), target) / n_tokens   # eq. 24: 1/T
             out["mtp_loss"] = lam / len(self.mtp) * mtp
             total = total + out["mtp_loss"]
         aux = {}
@@ -179,8 +179,9 @@ class Transformer(nn.Module):
 
     @staticmethod
     def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed token cross-entropy; tensor parallelism swaps in the vocab-parallel one."""
-        return F.cross_entropy(high(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+        """Summed token cross-entropy of (at least fp32) logits; tensor parallelism swaps in the
+        vocab-parallel one."""
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
 
     # -- MoE bookkeeping -----------------------------------------------------------------------

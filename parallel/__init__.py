@@ -55,7 +55,7 @@ def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = 
         layouts.setdefault(name, ParamLayout(tuple(p.shape)))
     model.param_layouts = layouts
     if dims.dp > 1 or param_dtype is not None:
-        apply_fsdp(model, mesh, layouts, param_dtype=param_dtype)
+        apply_fsdp(model, mesh, param_dtype=param_dtype)
     return model
 
 

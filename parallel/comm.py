@@ -10,6 +10,7 @@ custom-collective hooks (`data_parallel._counted_comms`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ class Group:
     def size(self) -> int:
         return len(self.ranks)
 
-    @property
+    @functools.cached_property
     def rank(self) -> int:
         return self.ranks.index(dist.get_rank()) if self.pg is not None else 0
 

@@ -49,7 +49,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def apply_fsdp(model: nn.Module, mesh: Mesh, layouts: dict[str, ParamLayout], param_dtype=None,
+def apply_fsdp(model: nn.Module, mesh: Mesh, param_dtype=None,
                reduce_dtype=None) -> None:
     """fully_shard every experts module (over edp), every module whose class sets `fsdp_unit`
     (the blocks, over dp), then the root. zero=3 reshards parameters after forward; zero=2 keeps

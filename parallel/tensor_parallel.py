@@ -172,14 +172,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return g * (grad * valid).unsqueeze(-1), None, None, None, None
 
 
-def _high(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group: Group,
                                  ignore_index: int = -100) -> torch.Tensor:
     """Summed cross-entropy of logits [..., vocab/tp] (this rank's columns from vocab_start)."""
-    loss = _VocabParallelCrossEntropy.apply(_high(logits).flatten(0, -2), labels.flatten(), vocab_start,
+    loss = _VocabParallelCrossEntropy.apply(logits.flatten(0, -2), labels.flatten(), vocab_start,
                                             group, ignore_index)
     return loss.sum()
 
@@ -261,7 +257,11 @@ def apply_tp(model: nn.Module, group: Group, sp: bool, layouts: dict[str, ParamL
                 elif name == "vocab_embed":
                     _swap_embedding(module, child, cpath, group, sp, layouts)
                 elif name == "vocab_head":
-                    start = _swap_head(module, child, cpath, group, sp, layouts)
+                    _swap_colwise(module, child, cpath, group, None, layouts)
+                    getattr(module, child).register_forward_pre_hook(
+                        functools.partial(_enter_input, group=group, sp=sp))
+                    vocab = layouts[_join(cpath, "weight")].global_shape[0]
+                    start, _ = chunk_range(vocab, group.size, group.rank)
                     module.cross_entropy = functools.partial(vocab_parallel_cross_entropy, vocab_start=start,
                                                              group=group)
                 elif name == "token_split":
@@ -365,19 +365,6 @@ def _swap_embedding(module, child, path, group, sp, layouts):
     new.weight = _new_param(w)
     layouts[_join(path, "weight")] = ParamLayout(tuple(emb.weight.shape), (split,))
     setattr(module, child, new)
-
-
-def _swap_head(module, child, path, group, sp, layouts) -> int:
-    head = getattr(module, child)
-    split = Split(0, "tp", group.size)
-    start, _ = chunk_range(head.weight.shape[0], group.size, group.rank)
-    w = take_local(head.weight, split, group)
-    new = ColumnParallelLinear(head.in_features, w.shape[0], False, device=w.device, dtype=w.dtype)
-    new.weight = _new_param(w)
-    new.register_forward_pre_hook(functools.partial(_enter_input, group=group, sp=sp))
-    layouts[_join(path, "weight")] = ParamLayout(tuple(head.weight.shape), (split,))
-    setattr(module, child, new)
-    return start
 
 
 def is_partial(layout: ParamLayout) -> bool:
