@@ -20,6 +20,9 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
     fsdp_unit = True  # FSDP2 gathers and frees parameters block by block
+    # selective recomputation recomputes these in backward instead of keeping their outputs: every
+    # RMSNorm and the MLA up-projections (V3 §3.2.3); names absent in a block (GQA, no q_lora) are skipped
+    recompute_selective = ("attn_norm", "ffn_norm", "attn.q_norm", "attn.kv_norm", "attn.wq_b", "attn.wkv_b")
 
     def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
