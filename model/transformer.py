@@ -109,11 +109,12 @@ class Transformer(nn.Module):
         self.rope.reset_parameters()
 
     # -- forward -------------------------------------------------------------------------------
-    def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None):
-        """Final-layer hidden states before the output norm. Embeds `tokens` unless this stage has
-        no embedding, in which case `tokens` already are hidden states."""
-        h = self.embed(tokens) if self.embed is not None else tokens
-        return self._blocks(h, self._rope(tokens.shape[1], start_pos, h.device), start_pos, caches)
+    def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None,
+               h: torch.Tensor | None = None):
+        """Final-layer hidden states before the output norm. On a pipeline stage without the
+        embedding, `h` carries the previous stage's hidden states (`tokens` still give the positions)."""
+        h = self.embed(tokens) if h is None else h
+        return self._blocks(h, self._rope(tokens.shape[1], start_pos, tokens.device), start_pos, caches)
 
     def _rope(self, seq_len: int, start_pos: int, device) -> torch.Tensor:
         # from the token count, not the hidden states: sequence parallelism splits those
@@ -137,18 +138,19 @@ class Transformer(nn.Module):
                 for layer in self.layers.values()]
 
     # -- training objective --------------------------------------------------------------------
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_lambda: float | None = None
-             ) -> dict[str, torch.Tensor]:
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_lambda: float | None = None,
+             h: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Losses for next-token labels [batch, seq] (IGNORE_INDEX masks a position).
 
         Returns `loss` (what to backpropagate) = lm_loss + mtp_loss + the balance losses, and each
         term separately: `lm_loss`, `mtp_loss` (V3 eq. 24-25, lambda from the config unless given),
         `balance_expert` / `balance_device` / `balance_comm` summed over MoE layers, and `aux_loss`
-        (their sum).
+        (their sum). On the last pipeline stage `h` carries the previous stage's hidden states, and
+        the balance losses are those of this stage's MoE layers.
         """
         seq = tokens.shape[1]
         rope = self._rope(seq, 0, tokens.device)
-        h = self.norm(self._blocks(self.embed(tokens), rope))
+        h = self.norm(self._blocks(self.embed(tokens) if h is None else h, rope))
         n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
         out = {"lm_loss": self.cross_entropy(high(self.head(h)), labels) / n_tokens}
         total = out["lm_loss"]
@@ -186,6 +188,28 @@ class Transformer(nn.Module):
         vocab-parallel one."""
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
+
+    # -- cost, for cutting pipeline stages -------------------------------------------------------
+    def stage_costs(self, seq_len: int) -> tuple[float, list[float], float]:
+        """Forward FLOPs per token of (what precedes the first layer, each layer, what follows the last
+        layer): 2 per active weight (routed experts at n_activated/n_routed) plus causal attention
+        scores and values. V3's 3 dense + 58 MoE layers, head and MTP are not equal costs (V3 §3.2)."""
+        def active(m: nn.Module) -> float:
+            n = 0.0
+            for name, p in m.named_parameters():
+                share = self.cfg.n_activated_experts / self.cfg.n_routed_experts if ".experts." in f".{name}" else 1.0
+                n += p.numel() * share
+            return n
+
+        def block(b: Block) -> float:
+            a = b.attn
+            qk = a.qk_head_dim if isinstance(a, MLA) else a.head_dim
+            v = a.v_head_dim if isinstance(a, MLA) else a.head_dim
+            return 2 * active(b) + 2 * a.n_heads * (qk + v) * seq_len / 2  # causal: half the scores
+
+        head = 2 * self.cfg.dim * self.cfg.vocab_size
+        mtp = sum(block(m.block) + 2 * m.eh_proj.weight.numel() + head for m in self.mtp)
+        return 0.0, [block(b) for b in self.layers.values()], head + mtp
 
     # -- MoE bookkeeping -----------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:

@@ -138,20 +138,25 @@ def _distinct_copies(layout: ParamLayout, is_dtensor: bool, p, mesh: Mesh) -> in
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module | list[nn.Module], max_norm: float, mesh: Mesh) -> torch.Tensor:
     """Global L2 norm of all gradients, each parameter counted once across tp, ep, dp and pp
-    (a replicated shard contributes 1/copies from each holder), then scale by max_norm / norm."""
-    layouts = model.param_layouts
+    (a replicated shard contributes 1/copies from each holder; a pipeline stage's copy of another
+    stage's parameter, listed in its `grad_norm_skip`, not at all), then scale by max_norm / norm.
+    `model` may be this rank's list of pipeline stages."""
     total = torch.zeros((), dtype=torch.float64, device=mesh.device_type)  # summed on the device: no syncs
     grads = []
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        g = _local(p.grad)
-        grads.append(g)
-        lay = layouts.get(name, ParamLayout(tuple(p.shape)))
-        copies = _distinct_copies(lay, isinstance(p.grad, DTensor), p, mesh)
-        total += g.double().pow(2).sum().to(total.device) / copies
+    for m in model if isinstance(model, (list, tuple)) else [model]:
+        layouts, skip = m.param_layouts, getattr(m, "grad_norm_skip", ())
+        for name, p in m.named_parameters():
+            if p.grad is None:
+                continue
+            g = _local(p.grad)
+            grads.append(g)
+            if name in skip:
+                continue
+            lay = layouts.get(name, ParamLayout(tuple(p.shape)))
+            copies = _distinct_copies(lay, isinstance(p.grad, DTensor), p, mesh)
+            total += g.double().pow(2).sum().to(total.device) / copies
     comm.all_reduce(total, mesh["world"])
     norm = total.sqrt()
     if max_norm and max_norm > 0:

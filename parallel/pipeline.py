@@ -1,0 +1,369 @@
+"""Pipeline parallelism: cut a model into stages, run them under a schedule of
+torch.distributed.pipelining, and do what that library does not know about.
+
+torch's PipelineStage runs any module and its schedules (GPipe, 1F1B, interleaved 1F1B, ZB1P, ZBV,
+DualPipeV; `pp_schedules.py`) send one activation tensor from stage to stage. Three things of a
+DeepSeek-V3 model do not fit that and are written here:
+
+- Inputs every stage needs. Token ids (positions under sequence parallelism, MTP's shifted
+  embeddings) and labels go to every stage as keyword arguments, which torch's schedules chunk
+  and hand to all stages; only the hidden states travel between stages.
+- Losses that arise before the last stage. Each stage's MoE balance losses are attached to the
+  hidden states it sends on (`AttachAuxLoss`, the idea of Megatron's MoEAuxLossAutoScaler): the
+  forward value is untouched, and backward gives the loss its gradient, so a stage needs no scalar
+  output of its own. The last stage returns lm + MTP + its own balance losses.
+- Parameters two stages hold. MTP (and a tied output head) needs the embedding on the last stage.
+  That stage keeps a copy, initialised identically, and after backward the copies' gradients are
+  summed (Megatron's shared-embedding group; in the V layouts both stages sit on rank 0 and the
+  sum is local), so they take identical optimizer steps (V3 §3.2 keeps them on one PP rank).
+
+The objective of one step is the mean over micro-batches of each micro-batch's `loss()`, exactly
+what one process computes with gradient accumulation over the same micro-batches.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor
+
+from . import comm
+from .data_parallel import clip_grad_norm_, finish_grad_sync
+from .mesh import LayoutError, Mesh
+from .pp_schedules import build_schedule, n_stages, rank_stages, schedule_spec
+
+METRIC_KEYS = ("lm_loss", "mtp_loss", "balance_expert", "balance_device", "balance_comm")
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on the activations; in backward the auxiliary loss receives gradient `scale` (the
+    weight of its micro-batch in the objective), so its graph is back-propagated with the stage's."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor, scale: float):
+        ctx.scale, ctx.aux_meta = scale, (aux.dtype, aux.device)
+        # a copy, not a view: torch's zero-bubble backward detaches stage outputs in place
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dtype, device = ctx.aux_meta
+        return grad, torch.full((), ctx.scale, dtype=dtype, device=device), None
+
+
+class StageModel:
+    """Mixin swapped onto a stage's copy of the model (as FSDP2 swaps classes; names unchanged).
+
+    forward(h, *, tokens, labels): the first stage embeds `tokens` (no `h`); the last returns the
+    micro-batch's loss; the others return hidden states carrying their balance losses."""
+
+    fsdp_forward_methods = ()  # only forward is called on a stage; `loss`/`hidden` run inside it
+
+    def forward(self, h: torch.Tensor | None = None, *, tokens: torch.Tensor, labels: torch.Tensor):
+        if self.is_last:
+            out = self.loss(tokens, labels, h=h)
+            self.record(out)
+            return out["loss"].view(1)  # torch's schedules concatenate the last stage's outputs
+        h = self.hidden(tokens, h=h)
+        terms = {}
+        for m in self.moe_layers():
+            for k, v in m.aux_losses.items():
+                terms[k] = terms.get(k, 0.0) + v
+        self.record(terms)
+        if terms and torch.is_grad_enabled():
+            h = AttachAuxLoss.apply(h, sum(terms.values()), self.aux_scale)
+        return h
+
+    def record(self, out: dict) -> None:
+        self.stage_metrics.append({k: v.detach() for k, v in out.items() if k in METRIC_KEYS})
+
+
+def _stage_class(cls: type) -> type:
+    return type(f"Stage{cls.__name__}", (StageModel, cls), {})
+
+
+# -- cutting ---------------------------------------------------------------------------------------
+def split_layers(costs: tuple[float, list[float], float], n: int) -> list[list[int]]:
+    """Contiguous layers for n stages minimising the most expensive stage (the pipeline runs at the
+    pace of its slowest stage). The first stage also pays `pre`, the last `post` (head, MTP). Middle
+    stages get at least one layer; the first and the last may get none when their extra work
+    outweighs a layer."""
+    pre, layer, post = costs
+    L = len(layer)
+    if L < n - 2 or (L < n and n <= 2):
+        raise LayoutError(f"{n} pipeline stages need at least {max(n - 2, 1)} layers; the model has {L}: "
+                          f"lower parallel.pp (or the virtual stages per rank)")
+    prefix = [0.0]
+    for c in layer:
+        prefix.append(prefix[-1] + c)
+
+    def cost(s: int, a: int, b: int) -> float:  # stage s holding layers a..b-1
+        return prefix[b] - prefix[a] + (pre if s == 0 else 0.0) + (post if s == n - 1 else 0.0)
+
+    inf = float("inf")
+    # best[s][b]: the smallest max-cost over stages 0..s holding layers 0..b-1
+    best = [[inf] * (L + 1) for _ in range(n)]
+    cut = [[0] * (L + 1) for _ in range(n)]
+    for b in range(L + 1):
+        best[0][b] = cost(0, 0, b)
+    for s in range(1, n):
+        for b in range(L + 1):
+            for a in range(b + 1):
+                if a == b and 0 < s < n - 1:
+                    continue  # a middle stage must hold a layer
+                v = max(best[s - 1][a], cost(s, a, b))
+                if v < best[s][b]:
+                    best[s][b], cut[s][b] = v, a
+    edges = _edges_from_cuts(cut, n, L)
+    return [list(range(edges[s], edges[s + 1])) for s in range(n)]
+
+
+def _edges_from_cuts(cut, n: int, L: int) -> list[int]:
+    edges, b = [L], L
+    for s in range(n - 1, 0, -1):
+        b = cut[s][b]
+        edges.append(b)
+    edges.append(0)
+    return edges[::-1]
+
+
+def check_layer_split(split: list[list[int]], n_layers: int, n: int) -> None:
+    if len(split) != n:
+        raise LayoutError(f"the layer split has {len(split)} stages; the schedule needs {n}")
+    flat = [i for stage in split for i in stage]
+    if flat != list(range(n_layers)):
+        raise LayoutError(f"the layer split must list layers 0..{n_layers - 1} once each, in order, "
+                          f"as consecutive runs per stage; got {split}")
+    for s, stage in enumerate(split):
+        if not stage and 0 < s < n - 1:
+            raise LayoutError(f"stage {s} of the layer split has no layer; only the first and last may be empty")
+
+
+def cut_stage(model: nn.Module, layers: list[int], first: bool, last: bool, keep_embed: bool) -> nn.Module:
+    """A copy of (meta) `model` holding only `layers` and, on the first stage, the embedding; on the
+    last the final norm, head and MTP modules (plus a copy of the embedding when `keep_embed`)."""
+    stage = copy.deepcopy(model)
+    stage.layers = nn.ModuleDict({str(i): stage.layers[str(i)] for i in layers})
+    if not (first or (last and keep_embed)):
+        stage.embed = None
+    if not last:
+        stage.norm, stage.head, stage.mtp = None, None, nn.ModuleList()
+    stage.__class__ = _stage_class(type(model))
+    stage.is_first, stage.is_last = first, last
+    stage.stage_metrics, stage.aux_scale = [], 1.0
+    return stage
+
+
+def _needs_embed_on_last(model: nn.Module) -> bool:
+    """MTP embeds shifted tokens, and a tied head is the embedding."""
+    return len(getattr(model, "mtp", ())) > 0 or model.head.weight is model.embed.weight
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+@dataclass
+class Pipeline:
+    """This rank's stages of a model and the schedule that drives them.
+
+        pipe = build_pipeline(build_model(cfg, device="meta"), mesh, "dualpipev", n_microbatches=8)
+        pipe.init_weights(seed=0)
+        metrics = pipe.step(tokens, labels)        # forward + backward of every micro-batch
+        pipe.clip_grad_norm_(1.0); opt.step(); pipe.update_expert_bias()
+    """
+
+    stages: list[nn.Module]            # this rank's stage models, by increasing stage index
+    stage_ids: list[int]
+    n_stages: int
+    layer_split: list[list[int]]
+    schedule_name: str
+    n_microbatches: int
+    mesh: Mesh
+    shared_names: tuple[str, ...]      # parameters the first and the last stage both hold
+    pp_stages: list[PipelineStage] = field(default_factory=list)
+    schedule: object = None
+    _shared_group: object = None
+
+    def parameters(self):
+        for s in self.stages:
+            yield from s.parameters()
+
+    def init_weights(self, seed: int = 0, device=None) -> None:
+        from .state import init_parallel_weights
+        for s in self.stages:
+            init_parallel_weights(s, self.mesh, seed, device)
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Run the schedule on this data-parallel rank's batch; gradients end synchronised over tp,
+        dp, ep and the shared embedding. Returns the objective's terms (mean over micro-batches,
+        mean over dp) and each stage's, identical on every rank."""
+        for s in self.stages:
+            s.stage_metrics.clear()
+            s.aux_scale = 1.0 / self.n_microbatches
+        kwargs = dict(tokens=tokens, labels=labels)
+        if any(s.is_last for s in self.stages):
+            self.schedule.step(target=labels, **kwargs)
+        else:
+            self.schedule.step(**kwargs)
+        for s in self.stages:
+            finish_grad_sync(s, self.mesh)
+        self._sum_shared_grads()
+        return self._metrics()
+
+    def _sum_shared_grads(self) -> None:
+        """Megatron's embedding-group all-reduce: the first stage's embedding and the last stage's
+        copy get the sum of both gradients (and stay equal after the optimizer step)."""
+        holders = [s for s in self.stages if s.is_first or s.is_last]
+        for name in self.shared_names:
+            grads = [_local(dict(s.named_parameters())[name].grad) for s in holders]
+            grads = [g for g in grads if g is not None]
+            if len(holders) == 2:  # V layouts: both on this rank
+                total = grads[0] + grads[1]
+                for g in grads:
+                    g.copy_(total)
+            elif holders and self._shared_group is not None:
+                comm.all_reduce(grads[0], self._shared_group)
+
+    def _metrics(self) -> dict[str, float]:
+        dims = self.mesh.dims
+        vec = torch.zeros(self.n_stages, len(METRIC_KEYS), dtype=torch.float64)
+        for sid, s in zip(self.stage_ids, self.stages):
+            for rec in s.stage_metrics:
+                for k, v in rec.items():
+                    vec[sid, METRIC_KEYS.index(k)] += float(v) / self.n_microbatches
+        comm.all_reduce(vec, self.mesh["world"])
+        vec /= dims.dp * dims.tp  # tp ranks hold the same values; dp ranks are averaged
+        out: dict[str, float] = {}
+        total = vec.sum(0)
+        for j, k in enumerate(METRIC_KEYS):
+            if k in ("lm_loss", "mtp_loss") and self.mesh is not None:
+                out[k] = float(total[j])
+        aux = {k: float(total[j]) for j, k in enumerate(METRIC_KEYS) if k.startswith("balance") and total[j] != 0}
+        out.update(aux)
+        if aux:
+            out["aux_loss"] = sum(aux.values())
+        if not self.stages[0].cfg.n_mtp:
+            out.pop("mtp_loss", None)
+        out["loss"] = out["lm_loss"] + out.get("mtp_loss", 0.0) + out.get("aux_loss", 0.0)
+        for sid in range(self.n_stages):
+            aux_s = float(vec[sid, 2:].sum())
+            if aux_s:
+                out[f"stage{sid}/aux_loss"] = aux_s
+        return out
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global norm over every stage of every rank, each shared parameter counted once."""
+        return clip_grad_norm_(self.stages, max_norm, self.mesh)
+
+    @torch.no_grad()
+    def update_expert_bias(self, gamma: float | None = None) -> None:
+        from . import update_expert_bias
+        for s in self.stages:
+            update_expert_bias(s, self.mesh, gamma)
+
+
+def _local(t):
+    if t is None:
+        return None
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_microbatches: int = 0, *,
+                   vpp: int = 2, layer_split: list[list[int]] | None = None, seq_len: int | None = None,
+                   recompute: str | list[str] = "none", param_dtype: torch.dtype | None = None) -> Pipeline:
+    """Cut `model` (best on the meta device: each rank allocates only its stages) into the stages of
+    `schedule`, apply tp/ep/FSDP2 to each (`parallelize`) and build the schedule.
+
+    layer_split: explicit layers per stage (global stage order); otherwise split by
+    `model.stage_costs(seq_len)` so that the slowest stage is as fast as possible. recompute: one mode
+    ("none" | "selective" | "full") or one per global stage."""
+    from . import parallelize
+
+    dims = mesh.dims
+    pp = dims.pp
+    total = n_stages(schedule, pp, vpp)
+    if total < 2:
+        raise LayoutError(f"pipeline schedule {schedule} with pp={pp} has {total} stage; use parallel.pp >= 2")
+    n_layers = len(model.layers)
+    if layer_split is None:
+        layer_split = split_layers(model.stage_costs(seq_len or model.cfg.max_seq_len), total)
+    check_layer_split(layer_split, n_layers, total)
+    modes = [recompute] * total if isinstance(recompute, str) else list(recompute)
+    if len(modes) != total:
+        raise LayoutError(f"recompute lists {len(modes)} modes; the schedule has {total} stages")
+    keep_embed = _needs_embed_on_last(model)
+    pp_rank = dims.coords(mesh.rank)["pp"]
+    ids = rank_stages(schedule, pp, pp_rank, vpp)
+    stages = []
+    for sid in ids:
+        s = cut_stage(model, layer_split[sid], sid == 0, sid == total - 1, keep_embed)
+        s.stage_index = sid
+        if modes[sid] != "none":
+            from .recompute import apply_recompute
+            apply_recompute(s, modes[sid])
+        stages.append(parallelize(s, mesh, param_dtype=param_dtype))
+    first_names = {n for n, _ in cut_stage(model, layer_split[0], True, False, keep_embed).named_parameters()}
+    last_names = {n for n, _ in cut_stage(model, layer_split[-1], False, True, keep_embed).named_parameters()}
+    shared = tuple(sorted(first_names & last_names))
+    for s in stages:  # the last stage's copies are not counted again in the gradient norm
+        s.grad_norm_skip = set(shared) if (s.is_last and not s.is_first) else set()
+    pipe = Pipeline(stages, ids, total, layer_split, schedule, n_microbatches, mesh, shared)
+    pipe._shared_group = _shared_embedding_group(mesh, schedule, vpp) if shared else None
+    return pipe
+
+
+def _shared_embedding_group(mesh: Mesh, schedule: str, vpp: int):
+    """The ranks holding the first and the last stage with this rank's dp/tp coordinates (every rank
+    takes part in creating every group, as torch.distributed requires). None in V layouts, where
+    they are one rank."""
+    dims = mesh.dims
+    if schedule_spec(schedule).style == "v":
+        return None
+    first_pp, last_pp = 0, (n_stages(schedule, dims.pp, vpp) - 1) % dims.pp
+    if first_pp == last_pp:
+        return None
+    mine = None
+    for dp_i in range(dims.dp):
+        for tp_i in range(dims.tp):
+            ranks = [(p * dims.dp + dp_i) * dims.tp + tp_i for p in (first_pp, last_pp)]
+            pg = dist.new_group(ranks)
+            if mesh.rank in ranks:
+                mine = comm.Group("pp_shared", pg, tuple(ranks), dims.node_size)
+    return mine
+
+
+def attach_schedule(pipe: Pipeline, micro_batch_size: int, seq_len: int, dtype: torch.dtype | None = None,
+                    device=None) -> Pipeline:
+    """Wrap the (materialised) stages in PipelineStage objects and build the schedule. Separate from
+    `build_pipeline` because the stages must hold real tensors first (`init_weights` or a load).
+
+    The stages are given their input and output shapes (torch's "static" mode). Left to infer them,
+    torch runs each stage once on uninitialised tensors, and a forward has side effects here: the
+    MoE load counters behind the aux-loss-free bias would count that phantom batch."""
+    mesh = pipe.mesh
+    dims = mesh.dims
+    device = torch.device(device or mesh.device_type)
+    ref = next(pipe.stages[0].parameters())
+    dtype = dtype or ref.dtype
+    if dims.sp and seq_len % dims.tp:
+        raise LayoutError(f"sequence length {seq_len} is not divisible by tp={dims.tp} under sequence parallelism")
+    hidden = (micro_batch_size, seq_len // dims.tp if dims.sp else seq_len, pipe.stages[0].cfg.dim)
+    loss_dtype = torch.promote_types(dtype, torch.float32)
+    n = pipe.n_microbatches
+
+    def loss_fn(out, target):  # the objective: the mean over micro-batches
+        return out.sum() / n
+
+    def meta(shape, dt):
+        return torch.empty(shape, dtype=dt, device="meta", requires_grad=True)
+
+    pipe.pp_stages = []
+    for s, sid in zip(pipe.stages, pipe.stage_ids):
+        inputs = () if s.is_first else (meta(hidden, dtype),)
+        outputs = (meta((1,), loss_dtype),) if s.is_last else (meta(hidden, dtype),)
+        pipe.pp_stages.append(PipelineStage(s, sid, pipe.n_stages, device, input_args=inputs,
+                                            output_args=outputs, group=mesh["pp"].pg))
+    pipe.schedule = build_schedule(pipe.schedule_name, pipe.pp_stages, n, loss_fn)
+    return pipe
