@@ -3,7 +3,7 @@ byte accounting, column/row/vocab-parallel layers, sequence parallelism, expert-
 dispatch, data parallelism (FSDP2), and the layouts that relate each local shard to its global
 tensor. It turns a plain network into a parallel one from outside, reading the plans that model
 classes declare (`tp_plan`, `tp_divide`, `ep_count`/`ep_params`, `fsdp_unit`), and knows
-nothing about DeepSeek beyond "a layer". Pipeline stages and schedules arrive with Parallel II.
+nothing about DeepSeek beyond "a layer". Pipeline stages and schedules: `pipeline.py`.
 
     mesh = build_mesh(ParallelConfig(tp=2, ep=2, sp=True))
     net = parallelize(build_model(cfg, device="meta"), mesh)
@@ -30,13 +30,16 @@ __all__ = ["STATS", "Group", "LayoutError", "Mesh", "ParallelConfig", "ParallelD
            "update_expert_bias"]
 
 
-def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = None) -> nn.Module:
+def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = None,
+                zero: int | None = None) -> nn.Module:
     """Apply tp (+sp), ep and FSDP2 to `model` in place, after checking every constraint.
 
     Works on a meta-device model (then call `init_parallel_weights` or `load_full_state_dict`)
     or on a materialised one, whose values are sliced. FSDP2 is applied when dp > 1 or when a
     compute dtype is given (it carries the mixed-precision policy: parameters stay in their own
     dtype, fp32 in training, and are cast to param_dtype for compute; gradients reduce in fp32).
+    `zero` overrides the layout's ZeRO stage for this model (pipeline stages under zero-bubble
+    schedules need 2).
     """
     dims = mesh.dims
     check_tp_plan(model, dims.tp)
@@ -55,7 +58,7 @@ def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = 
         layouts.setdefault(name, ParamLayout(tuple(p.shape)))
     model.param_layouts = layouts
     if dims.dp > 1 or param_dtype is not None:
-        apply_fsdp(model, mesh, param_dtype=param_dtype)
+        apply_fsdp(model, mesh, param_dtype=param_dtype, zero=zero)
     return model
 
 

@@ -50,7 +50,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def apply_fsdp(model: nn.Module, mesh: Mesh, param_dtype=None,
-               reduce_dtype=None) -> None:
+               reduce_dtype=None, zero: int | None = None) -> None:
     """fully_shard every experts module (over edp), every module whose class sets `fsdp_unit`
     (the blocks, over dp), then the root. zero=3 reshards parameters after forward; zero=2 keeps
     the gathered parameters until backward (ZeRO-2-like: optimizer state and gradients sharded)."""
@@ -60,7 +60,7 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, param_dtype=None,
     if param_dtype is not None and reduce_dtype is None:
         reduce_dtype = torch.float32  # bf16 compute, fp32 gradient reduction
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    reshard = dims.zero == 3
+    reshard = (zero or dims.zero) == 3
     dp_mesh, edp_mesh = mesh.device_meshes["main"]["dp"], mesh.device_meshes["stage"]["edp"]
 
     def place(p):  # shard experts along the expert dim when it divides, else along rows

@@ -46,8 +46,7 @@ class AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, aux: torch.Tensor, scale: float):
         ctx.scale, ctx.aux_meta = scale, (aux.dtype, aux.device)
-        # a copy, not a view: torch's zero-bubble backward detaches stage outputs in place
-        return h.clone()
+        return h.clone(memory_format=torch.contiguous_format)  # see _sendable
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -75,11 +74,18 @@ class StageModel:
                 terms[k] = terms.get(k, 0.0) + v
         self.record(terms)
         if terms and torch.is_grad_enabled():
-            h = AttachAuxLoss.apply(h, sum(terms.values()), self.aux_scale)
-        return h
+            return AttachAuxLoss.apply(h, sum(terms.values()), self.aux_scale)
+        return _sendable(h)
 
     def record(self, out: dict) -> None:
         self.stage_metrics.append({k: v.detach() for k, v in out.items() if k in METRIC_KEYS})
+
+
+def _sendable(h: torch.Tensor) -> torch.Tensor:
+    """Stage outputs must be contiguous (they are sent as they are) and not views (torch's
+    zero-bubble backward detaches them in place); sequence-parallel scatters and collectives can
+    return either, and then a copy is made."""
+    return h if h.is_contiguous() and h._base is None else h.clone(memory_format=torch.contiguous_format)
 
 
 def _stage_class(cls: type) -> type:
@@ -293,6 +299,12 @@ def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_micro
     modes = [recompute] * total if isinstance(recompute, str) else list(recompute)
     if len(modes) != total:
         raise LayoutError(f"recompute lists {len(modes)} modes; the schedule has {total} stages")
+    # Zero-bubble schedules run a micro-batch's weight gradients (W) apart from its input gradients
+    # (I). With FSDP2 resharding parameters after forward, torch 2.13's runtime then loses the last
+    # stage's gradients (measured: all None at pp2 x dp2 under zbv and zb1p, wrong embedding
+    # gradients under dualpipev). Keeping the gathered parameters until backward (ZeRO-2) is
+    # correct, and DeepSeek-V3 pairs DualPipe with ZeRO-1, which shards less still.
+    zero = 2 if schedule_spec(schedule).splits_backward and dims.dp > 1 else None
     keep_embed = _needs_embed_on_last(model)
     pp_rank = dims.coords(mesh.rank)["pp"]
     ids = rank_stages(schedule, pp, pp_rank, vpp)
@@ -303,7 +315,7 @@ def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_micro
         if modes[sid] != "none":
             from .recompute import apply_recompute
             apply_recompute(s, modes[sid])
-        stages.append(parallelize(s, mesh, param_dtype=param_dtype))
+        stages.append(parallelize(s, mesh, param_dtype=param_dtype, zero=zero))
     first_names = {n for n, _ in cut_stage(model, layer_split[0], True, False, keep_embed).named_parameters()}
     last_names = {n for n, _ in cut_stage(model, layer_split[-1], False, True, keep_embed).named_parameters()}
     shared = tuple(sorted(first_names & last_names))

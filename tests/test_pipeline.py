@@ -103,3 +103,25 @@ def test_pp2_every_schedule(schedule):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_pp4_every_schedule(schedule):
     run_ranks(4, pipeline_rank, "tiny-deepseek-v3", dict(pp=4), schedule, 8, dict(n_layers=8))
+
+
+COMPOSED = {
+    "pp2_tp2_sp_1f1b": (4, dict(pp=2, tp=2, sp=True), "1f1b"),
+    "pp2_ep2_dualpipev": (4, dict(pp=2, ep=2), "dualpipev"),
+    "pp2_dp2_zbv": (4, dict(pp=2), "zbv"),                       # dp = 2, FSDP2 per stage
+    "pp2_dp2_interleaved": (4, dict(pp=2), "interleaved_1f1b"),
+    "pp2_tp2_ep2_dualpipev": (8, dict(pp=2, tp=2, ep=2, sp=True), "dualpipev"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPOSED))
+def test_pp_composes_with_tp_ep_dp(case):
+    world, layout, schedule = COMPOSED[case]
+    run_ranks(world, pipeline_rank, "tiny-deepseek-v3", layout, schedule, 4, dict(n_layers=4))
+
+
+@pytest.mark.parametrize("schedule,layout", [("dualpipev", dict(pp=2)), ("1f1b", dict(pp=2, tp=2, sp=True))])
+def test_pp_adamw_steps_fp64(schedule, layout):
+    """Parameters after 3 AdamW steps with clipping and the bias update (fp64: exact logic check)."""
+    run_ranks(2 * layout.get("tp", 1), pipeline_rank, "tiny-deepseek-v3", layout, schedule, 4, dict(n_layers=4),
+              "float64", 3)
