@@ -125,3 +125,58 @@ def test_pp_adamw_steps_fp64(schedule, layout):
     """Parameters after 3 AdamW steps with clipping and the bias update (fp64: exact logic check)."""
     run_ranks(2 * layout.get("tp", 1), pipeline_rank, "tiny-deepseek-v3", layout, schedule, 4, dict(n_layers=4),
               "float64", 3)
+
+
+def test_pp_recompute_per_stage():
+    """Full recomputation on one stage and selective on the other change nothing numerically."""
+    run_ranks(2, pipeline_rank, "tiny-deepseek-v3", dict(pp=2), "1f1b", 4, dict(n_layers=4), "float32", 1, 2,
+              ["full", "selective"])
+
+
+# -- cutting by cost (no processes) -------------------------------------------------------------------
+def _stage_costs(costs, split):
+    pre, layer, post = costs
+    return [sum(layer[i] for i in s) + (pre if k == 0 else 0) + (post if k == len(split) - 1 else 0)
+            for k, s in enumerate(split)]
+
+
+def test_v3_split_by_cost_beats_equal_counts():
+    """V3: 3 dense + 58 MoE layers, head and MTP on the last stage (V3 §3.2): PP16 x 2 chunks
+    (DualPipeV's 32 stages) cut by cost has a cheaper slowest stage than equal layer counts."""
+    from parallel.pipeline import split_layers
+    net = build_model(preset("deepseek-v3"), device="meta")
+    costs = net.stage_costs(4096)
+    assert costs[2] > 3 * costs[1][3], "the head and MTP after the last layer must weigh several layers"
+    split = split_layers(costs, 32)
+    assert [i for s in split for i in s] == list(range(61))
+    by_cost = max(_stage_costs(costs, split))
+    equal = [list(range(61))[k * 61 // 32:(k + 1) * 61 // 32] for k in range(32)]
+    by_count = max(_stage_costs(costs, equal))
+    assert by_cost < 0.8 * by_count, (by_cost, by_count)
+    # the optimum: no stage is cheaper to make slower than its neighbour (exhaustive check on a small case)
+    small = (1.0, [3.0, 1.0, 1.0, 1.0, 2.0, 2.0], 4.0)
+    got = max(_stage_costs(small, split_layers(small, 3)))
+    import itertools
+    best = min(max(_stage_costs(small, [list(range(0, a)), list(range(a, b)), list(range(b, 6))]))
+               for a, b in itertools.combinations(range(0, 7), 2) if b > a)
+    assert got == best
+
+
+def test_bad_pipeline_input_is_refused():
+    from parallel.mesh import LayoutError
+    from parallel.pipeline import check_layer_split, split_layers
+    from parallel.pp_schedules import check_microbatches, schedule_spec
+    with pytest.raises(ValueError, match="unknown pipeline schedule 'dualpipe'.*dualpipev"):
+        schedule_spec("dualpipe")
+    with pytest.raises(ValueError, match="at least 4 micro-batches"):
+        check_microbatches("dualpipev", 2, 2)
+    with pytest.raises(ValueError, match="even number"):
+        check_microbatches("dualpipev", 2, 5)
+    with pytest.raises(LayoutError, match="once each, in order"):
+        check_layer_split([[0, 2], [1, 3]], 4, 2)
+    with pytest.raises(LayoutError, match="stage 1 of the layer split has no layer"):
+        check_layer_split([[0], [], [1]], 2, 3)
+    with pytest.raises(LayoutError, match="the schedule needs 3"):
+        check_layer_split([[0], [1]], 2, 3)
+    with pytest.raises(LayoutError, match="lower parallel.pp"):
+        split_layers((0.0, [1.0, 1.0], 1.0), 8)
