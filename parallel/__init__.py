@@ -27,7 +27,7 @@ from .tensor_parallel import ParamLayout, apply_tp, check_tp_plan
 __all__ = ["STATS", "Group", "LayoutError", "Mesh", "ParallelConfig", "ParallelDims", "build_mesh",
            "parallelize", "init_parallel_weights", "load_full_state_dict", "materialize", "full_state",
            "full_tensor", "finish_grad_sync", "clip_grad_norm_", "set_gradient_sync", "sync_expert_load",
-           "update_expert_bias"]
+           "update_expert_bias", "Pipeline", "build_pipeline", "attach_schedule", "apply_recompute"]
 
 
 def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = None,
@@ -67,3 +67,7 @@ def update_expert_bias(model: nn.Module, mesh: Mesh, gamma: float | None = None)
     """The aux-loss-free bias step from the global expert load (identical on every rank)."""
     sync_expert_load(model, mesh)
     model.update_expert_bias(gamma)
+
+
+from .pipeline import Pipeline, attach_schedule, build_pipeline  # noqa: E402 (uses parallelize)
+from .recompute import apply_recompute  # noqa: E402
