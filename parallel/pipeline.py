@@ -241,11 +241,8 @@ class Pipeline:
                     vec[sid, METRIC_KEYS.index(k)] += float(v) / self.n_microbatches
         comm.all_reduce(vec, self.mesh["world"])
         vec /= dims.dp * dims.tp  # tp ranks hold the same values; dp ranks are averaged
-        out: dict[str, float] = {}
         total = vec.sum(0)
-        for j, k in enumerate(METRIC_KEYS):
-            if k in ("lm_loss", "mtp_loss") and self.mesh is not None:
-                out[k] = float(total[j])
+        out = {k: float(total[METRIC_KEYS.index(k)]) for k in ("lm_loss", "mtp_loss")}
         aux = {k: float(total[j]) for j, k in enumerate(METRIC_KEYS) if k.startswith("balance") and total[j] != 0}
         out.update(aux)
         if aux:
