@@ -171,10 +171,7 @@ class Transformer(nn.Module):
                 mtp = mtp + self.cross_entropy(high(self.head(h)), target) / n_tokens   # eq. 24: 1/T
             out["mtp_loss"] = lam / len(self.mtp) * mtp
             total = total + out["mtp_loss"]
-        aux = {}
-        for m in self.moe_layers():
-            for name, value in m.aux_losses.items():
-                aux[name] = aux.get(name, 0.0) + value
+        aux = self.balance_losses()
         if aux:
             out.update(aux)
             out["aux_loss"] = sum(aux.values())
@@ -214,6 +211,14 @@ class Transformer(nn.Module):
     # -- MoE bookkeeping -----------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def balance_losses(self) -> dict[str, torch.Tensor]:
+        """Each balance loss of the last forward, summed over this model's (or stage's) MoE layers."""
+        aux: dict[str, torch.Tensor] = {}
+        for m in self.moe_layers():
+            for name, value in m.aux_losses.items():
+                aux[name] = aux.get(name, 0.0) + value
+        return aux
 
     @torch.no_grad()
     def update_expert_bias(self, gamma: float | None = None) -> None:

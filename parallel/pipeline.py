@@ -29,10 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.tensor import DTensor
 
 from . import comm
-from .data_parallel import clip_grad_norm_, finish_grad_sync
+from .data_parallel import _local, clip_grad_norm_, finish_grad_sync
 from .mesh import LayoutError, Mesh
 from .pp_schedules import build_schedule, n_stages, rank_stages, schedule_spec
 
@@ -68,10 +67,7 @@ class StageModel:
             self.record(out)
             return out["loss"].view(1)  # torch's schedules concatenate the last stage's outputs
         h = self.hidden(tokens, h=h)
-        terms = {}
-        for m in self.moe_layers():
-            for k, v in m.aux_losses.items():
-                terms[k] = terms.get(k, 0.0) + v
+        terms = self.balance_losses()
         self.record(terms)
         if terms and torch.is_grad_enabled():
             return AttachAuxLoss.apply(h, sum(terms.values()), self.aux_scale)
@@ -175,7 +171,7 @@ class Pipeline:
     """This rank's stages of a model and the schedule that drives them.
 
         pipe = build_pipeline(build_model(cfg, device="meta"), mesh, "dualpipev", n_microbatches=8)
-        pipe.init_weights(seed=0)
+        pipe.init_weights(seed=0); attach_schedule(pipe, micro_batch_size=1, seq_len=4096)
         metrics = pipe.step(tokens, labels)        # forward + backward of every micro-batch
         pipe.clip_grad_norm_(1.0); opt.step(); pipe.update_expert_bias()
     """
@@ -223,8 +219,7 @@ class Pipeline:
         copy get the sum of both gradients (and stay equal after the optimizer step)."""
         holders = [s for s in self.stages if s.is_first or s.is_last]
         for name in self.shared_names:
-            grads = [_local(dict(s.named_parameters())[name].grad) for s in holders]
-            grads = [g for g in grads if g is not None]
+            grads = [_local(s.get_parameter(name).grad) for s in holders]
             if len(holders) == 2:  # V layouts: both on this rank
                 total = grads[0] + grads[1]
                 for g in grads:
@@ -251,7 +246,7 @@ class Pipeline:
             out.pop("mtp_loss", None)
         out["loss"] = out["lm_loss"] + out.get("mtp_loss", 0.0) + out.get("aux_loss", 0.0)
         for sid in range(self.n_stages):
-            aux_s = float(vec[sid, 2:].sum())
+            aux_s = float(vec[sid, 2:].sum())  # METRIC_KEYS[2:] are the balance losses
             if aux_s:
                 out[f"stage{sid}/aux_loss"] = aux_s
         return out
@@ -265,12 +260,6 @@ class Pipeline:
         from . import update_expert_bias
         for s in self.stages:
             update_expert_bias(s, self.mesh, gamma)
-
-
-def _local(t):
-    if t is None:
-        return None
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_microbatches: int = 0, *,
