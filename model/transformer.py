@@ -74,6 +74,7 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTP(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp))
         self.rope = RotaryEmbedding(cfg)
+        self.mtp_lambda = cfg.mtp_lambda  # V3 §4.2 changes it during training; the loop sets it per step
 
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -143,7 +144,7 @@ class Transformer(nn.Module):
         """Losses for next-token labels [batch, seq] (IGNORE_INDEX masks a position).
 
         Returns `loss` (what to backpropagate) = lm_loss + mtp_loss + the balance losses, and each
-        term separately: `lm_loss`, `mtp_loss` (V3 eq. 24-25, lambda from the config unless given),
+        term separately: `lm_loss`, `mtp_loss` (V3 eq. 24-25, lambda = self.mtp_lambda unless given),
         `balance_expert` / `balance_device` / `balance_comm` summed over MoE layers, and `aux_loss`
         (their sum). On the last pipeline stage `h` carries the previous stage's hidden states, and
         the balance losses are those of this stage's MoE layers.
@@ -155,7 +156,7 @@ class Transformer(nn.Module):
         out = {"lm_loss": self.cross_entropy(high(self.head(h)), labels) / n_tokens}
         total = out["lm_loss"]
         if len(self.mtp):
-            lam = self.cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
+            lam = self.mtp_lambda if mtp_lambda is None else mtp_lambda
             mtp = h.new_zeros(())
             for k, module in enumerate(self.mtp, start=1):
                 if seq <= k:

@@ -214,6 +214,24 @@ class Pipeline:
         self._sum_shared_grads()
         return self._metrics()
 
+    @torch.no_grad()
+    def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Forward only (the stages in eval mode: no balance losses, no load counting); the same
+        metrics as `step`."""
+        for s in self.stages:
+            s.stage_metrics.clear()
+            s.eval()
+        try:
+            kwargs = dict(tokens=tokens, labels=labels)
+            if any(s.is_last for s in self.stages):
+                self.schedule.eval(target=labels, **kwargs)
+            else:
+                self.schedule.eval(**kwargs)
+        finally:
+            for s in self.stages:
+                s.train()
+        return self._metrics()
+
     def _sum_shared_grads(self) -> None:
         """Megatron's embedding-group all-reduce: the first stage's embedding and the last stage's
         copy get the sum of both gradients (and stay equal after the optimizer step)."""

@@ -1,0 +1,34 @@
+"""python -m pretrain --config FILE [key=value ...]  (also under torchrun: one process per device).
+
+    python -m pretrain --config configs/pretrain/tiny_v3.yaml train.steps=50 parallel.ep=2
+    torchrun --nproc-per-node 4 -m pretrain --config configs/pretrain/tiny_v3.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML file (sections model, parallel, train, data, checkpoint, logging)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 parallel.pp=2")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from .train import NonFiniteError, train
+    try:
+        return train(cfg)
+    except (ConfigError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

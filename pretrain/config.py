@@ -1,0 +1,289 @@
+"""One config system (DESIGN decision 7): typed dataclasses, loaded from YAML, overridden by dotted
+`key=value` arguments. An unknown key or a value of the wrong type is an error that names the key
+and lists the valid ones; nothing is silently ignored.
+
+    cfg = load_config("configs/pretrain/tiny_v3.yaml", ["train.steps=50", "parallel.ep=2"])
+    cfg.model_config()       # the preset with the model.* overrides applied (a ModelConfig)
+    save_config(cfg, run_dir / "config.yaml")
+
+The `model` section is open: `model.preset` names a preset and every other `model.*` key overrides
+that ModelConfig field (checked against ModelConfig's own fields and types).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from model import ModelConfig, preset
+from model.config import _PRESETS
+
+from .data import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 0                     # 0: world / (pp x tp)
+    ep: int = 1
+    sp: bool = False
+    node_size: int = 8              # ranks per node (tp and ep groups are placed with it)
+    zero: int = 3                   # FSDP2: 3 reshards parameters after forward, 2 keeps them
+    pp_schedule: str = "1f1b"       # gpipe | 1f1b | interleaved_1f1b | zb1p | zbv | dualpipev
+    vpp: int = 2                    # stages per rank of interleaved_1f1b
+    layer_split: list[list[int]] = field(default_factory=list)   # layers per stage; [] = by cost
+    recompute: str = "none"         # none | selective | full
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    seed: int = 0
+    lr: float = 3e-3                # peak
+    lr_schedule: str = "cosine"     # constant | cosine | wsd | multistep | v3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1       # final lr / peak (cosine, wsd)
+    lr_milestones: list[float] = field(default_factory=list)   # fractions of the tokens; [] = defaults
+    lr_factors: list[float] = field(default_factory=list)
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    batch_ramp: list[int] = field(default_factory=list)        # [start, increment, ramp_samples] (V3 §4.2)
+    exit_at_step: int = 0           # save and stop there without changing the schedule (0: off)
+    dtype: str = "fp32"             # fp32 | bf16 (parameters and optimizer stay fp32)
+    fp8: str = "none"               # none | blockwise (arrives with the FP8 issue)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    moment_dtype: str = "fp32"      # fp32 | bf16 AdamW moments (V3 §3.3)
+    grad_clip: float = 1.0
+    mtp_lambda: list[list[float]] = field(default_factory=list)  # [[progress, value], ...]; [] = model's
+    bias_gamma: list[list[float]] = field(default_factory=list)  # [[progress, value], ...]; [] = model's
+    ema_decay: float = 0.0          # 0: no EMA
+    max_nonfinite: int = 3          # consecutive skipped steps before the run stops
+    eval_every: int = 0             # 0: no periodic validation
+    eval_batches: int = 2
+    device: str = "auto"            # auto | cpu | cuda
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = ""                   # "" = RUN_DIR/checkpoints
+    every: int = 0                  # 0: only at exit_at_step, on a signal and at the end
+    keep: int = 3
+    async_save: bool = False
+    resume: str = "auto"            # auto (latest in dir, if any) | none | PATH of a checkpoint
+
+
+@dataclass
+class LoggingSection:
+    run_dir: str = "runs/default"
+    every: int = 1
+    wandb: str = "offline"          # online | offline | disabled
+    wandb_project: str = "whaletron"
+    wandb_entity: str = ""
+    wandb_name: str = ""
+    wandb_tags: list[str] = field(default_factory=list)
+    peak_tflops: float = 0.0        # per device, for MFU; 0: from the device (CUDA table, CPU measured)
+
+
+@dataclass
+class Config:
+    model: dict = field(default_factory=lambda: {"preset": "tiny-deepseek-v3"})
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def model_config(self) -> ModelConfig:
+        """The preset with the model.* overrides; types checked by ModelConfig itself."""
+        over = dict(self.model)
+        name = over.pop("preset")
+        base = preset(name)
+        try:
+            return dataclasses.replace(base, **over)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """Constraints between keys that a single field's type cannot express."""
+        t, p = self.train, self.parallel
+        choices = {"train.dtype": (t.dtype, ("fp32", "bf16")), "train.fp8": (t.fp8, ("none", "blockwise")),
+                   "train.moment_dtype": (t.moment_dtype, ("fp32", "bf16")),
+                   "train.device": (t.device, ("auto", "cpu", "cuda")),
+                   "parallel.recompute": (p.recompute, ("none", "selective", "full")),
+                   "logging.wandb": (self.logging.wandb, ("online", "offline", "disabled"))}
+        for key, (value, valid) in choices.items():
+            if value not in valid:
+                raise ConfigError(f"{key} = {value!r}; valid values: {', '.join(valid)}")
+        from parallel.pp_schedules import SCHEDULES
+        if p.pp_schedule not in SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule = {p.pp_schedule!r}; valid: {', '.join(SCHEDULES)}")
+        for key in ("steps", "micro_batch_size", "global_batch_size"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        if t.exit_at_step < 0 or t.exit_at_step > t.steps:
+            raise ConfigError(f"train.exit_at_step = {t.exit_at_step} must lie in [0, train.steps = {t.steps}]")
+        if t.fp8 != "none":
+            raise ConfigError("train.fp8 = blockwise is not available yet (it arrives with the FP8 issue); "
+                              "use train.fp8=none")
+        if self.checkpoint.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, got {self.checkpoint.keep}")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must lie in [0, 1) (0 disables the EMA), got {t.ema_decay}")
+        self.model_config()
+
+
+# -- typed loading ---------------------------------------------------------------------------------
+def _coerce(value, tp, key: str):
+    """value as type tp (int, float, str, bool, list[...], dict), or a ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list ({_type_name(tp)}), got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _section_cls(name: str):
+    return _hints(Config)[name]
+
+
+def _set(cfg: Config, dotted: str, value, source: str) -> None:
+    parts = dotted.split(".")
+    sections = [f.name for f in fields(Config)]
+    if parts[0] not in sections:
+        raise ConfigError(f"{source}: unknown section {parts[0]!r} in {dotted!r}; valid sections: {', '.join(sections)}")
+    if len(parts) != 2:
+        raise ConfigError(f"{source}: {dotted!r} must be SECTION.KEY (e.g. train.lr)")
+    section, key = parts
+    if section == "model":
+        _set_model(cfg, key, value, source)
+        return
+    obj = getattr(cfg, section)
+    hints = _hints(type(obj))
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown key {dotted!r}; valid {section}.* keys: {', '.join(sorted(hints))}")
+    setattr(obj, key, _coerce(value, hints[key], f"{source}: {dotted}"))
+
+
+def _set_model(cfg: Config, key: str, value, source: str) -> None:
+    model_fields = {f.name: f for f in fields(ModelConfig)}
+    if key == "preset":
+        if value not in _PRESETS:
+            raise ConfigError(f"{source}: model.preset = {value!r} is not a preset; valid: {', '.join(sorted(_PRESETS))}")
+        cfg.model["preset"] = value
+        return
+    if key not in model_fields or key == "name":
+        valid = sorted(k for k in model_fields if k != "name")
+        raise ConfigError(f"{source}: unknown key 'model.{key}'; valid: model.preset and model.{{{', '.join(valid)}}}")
+    tp = {"int": int, "float": float, "bool": bool, "str": str}[model_fields[key].type]
+    cfg.model[key] = _coerce(value, tp, f"{source}: model.{key}")
+
+
+def _flatten(d: dict, source: str, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            out.extend(_flatten(v, source, key + "."))
+        elif not prefix:
+            raise ConfigError(f"{source}: top-level key {key!r} must be a section (mapping); "
+                              f"valid sections: {', '.join(f.name for f in fields(Config))}")
+        else:
+            out.append((key, v))
+    return out
+
+
+def parse_override(arg: str) -> tuple[str, object]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003): the value is parsed as YAML (lists, bools, numbers)."""
+    if "=" not in arg:
+        raise ConfigError(f"command-line override {arg!r} must be KEY=VALUE, e.g. train.steps=100")
+    key, text = arg.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for key, value in _flatten(data, str(path)):
+            _set(cfg, key, value, str(path))
+    for arg in overrides:
+        key, value = parse_override(arg)
+        _set(cfg, key, value, "command line")
+    cfg.check()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """The resolved configuration (every key, defaults included), written atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_dict(d: dict) -> Config:
+    cfg = Config()
+    for key, value in _flatten(d, "config dict"):
+        _set(cfg, key, value, "config dict")
+    return cfg
