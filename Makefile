@@ -30,8 +30,10 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -e ".[test]"
 	touch $@
 
+# The main job: the tiny V3 preset on the embedded corpus, 4 CPU ranks (pp2 x ep2, DualPipeV).
+DEMO_ARGS ?=
 demo: venv
-	$(VENV)/bin/python -m model.demo
+	PY=$(VENV)/bin/python launch/torchrun.sh 4 --config configs/pretrain/tiny_v3.yaml $(DEMO_ARGS)
 
 test: venv
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests

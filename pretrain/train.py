@@ -33,7 +33,7 @@ from .config import Config, ConfigError, save_config
 from .data import PretrainData, check_batch_sizes, global_batch_size_at
 from .metrics import MetricsLogger, bias_stats, expert_load_stats, load_heatmap, mfu, train_flops_per_token
 from .optim import EMA, AdamW, param_groups
-from .schedules import check_lr_schedule, lr_at, piecewise
+from .schedules import check_lr_schedule, check_piecewise, lr_at, piecewise
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -117,6 +117,9 @@ class Trainer:
         self.dp_rank = dims.coords(self.mesh.rank)["dp"]
         check_batch_sizes(t.global_batch_size, t.micro_batch_size, dims.dp, t.batch_ramp)
         check_lr_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_milestones, t.lr_factors)
+        for key in ("mtp_lambda", "bias_gamma"):
+            if getattr(t, key):
+                check_piecewise(getattr(t, key), f"train.{key}")
         self.total_samples = sum(self.batch_size(s)[1] for s in range(t.steps))  # walks the ramp
         self.model_cfg = cfg.model_config()
 
@@ -455,7 +458,7 @@ class Trainer:
             from parallel.checkpoint import wait_for_pending
             wait_for_pending()
             if self.ema is not None:
-                self.ema.wait()
+                self.ema.close()
             self.logger.close()
             if self.rank == 0:
                 print(f"metrics: {self.run_dir / 'metrics.jsonl'}; checkpoints: {self.ckpt_dir}"
