@@ -30,8 +30,9 @@ from parallel import comm
 from parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sharded_state
 
 from .config import Config, ConfigError, save_config
-from .data import PretrainData, check_batch_sizes, global_batch_size_at
-from .metrics import MetricsLogger, bias_stats, expert_load_stats, load_heatmap, mfu, train_flops_per_token
+from .data import PretrainData, check_batch_sizes, global_batch_size_at, samples_for_steps
+from .metrics import (MetricsLogger, bias_stats, device_peak_flops, expert_load_stats, expert_state, load_heatmap,
+                      memory_stats, mfu, train_flops_per_token)
 from .optim import EMA, AdamW, param_groups
 from .schedules import check_lr_schedule, check_piecewise, lr_at, piecewise
 
@@ -69,35 +70,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def peak_flops(device: torch.device, dtype: str, configured_tflops: float) -> float:
-    """FLOP/s one device can do, for MFU: the configured peak, else dense BF16 tables for known GPUs,
-    else a measured fp32 matmul rate on CPU (what this process's threads reach)."""
-    if configured_tflops > 0:
-        return configured_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in (("H200", 989), ("H100", 989), ("H800", 989), ("A100", 312)):  # dense bf16
-            if key in name:
-                return tflops * 1e12 * (1 if dtype == "bf16" else 0.5)
-        return 0.0
-    a = torch.randn(512, 512)
-    a @ a
-    t0 = time.perf_counter()
-    for _ in range(8):
-        a @ a
-    return 8 * 2 * 512**3 / (time.perf_counter() - t0)
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return 0.0
-
-
 # -- the trainer -----------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: Config):
@@ -115,12 +87,15 @@ class Trainer:
                                               node_size=p.node_size, zero=p.zero), self.device.type)
         dims = self.mesh.dims
         self.dp_rank = dims.coords(self.mesh.rank)["dp"]
-        check_batch_sizes(t.global_batch_size, t.micro_batch_size, dims.dp, t.batch_ramp)
-        check_lr_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_milestones, t.lr_factors)
-        for key in ("mtp_lambda", "bias_gamma"):
-            if getattr(t, key):
-                check_piecewise(getattr(t, key), f"train.{key}")
-        self.total_samples = sum(self.batch_size(s)[1] for s in range(t.steps))  # walks the ramp
+        try:  # the checks' messages name the keys; as ConfigErrors they print without a traceback
+            check_batch_sizes(t.global_batch_size, t.micro_batch_size, dims.dp, t.batch_ramp)
+            check_lr_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_milestones, t.lr_factors)
+            for key in ("mtp_lambda", "bias_gamma"):
+                if getattr(t, key):
+                    check_piecewise(getattr(t, key), f"train.{key}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.total_samples = samples_for_steps(t.steps, t.global_batch_size, t.batch_ramp)
         self.model_cfg = cfg.model_config()
 
         self.data = self._build_data()
@@ -135,7 +110,7 @@ class Trainer:
                          moment_dtype=torch.bfloat16 if t.moment_dtype == "bf16" else torch.float32)
         self.ema = EMA(self._named_unique(), t.ema_decay) if t.ema_decay > 0 else None
         self.flops_per_token = train_flops_per_token(build_model(self.model_cfg, device="meta"), cfg.data.seq_len)
-        self.peak = peak_flops(self.device, t.dtype, cfg.logging.peak_tflops)
+        self.peak = cfg.logging.peak_tflops * 1e12 or device_peak_flops(self.device, t.dtype)
 
         self.step, self.consumed, self.nonfinite_streak, self.skipped = 0, 0, 0, 0
         self._resume()
@@ -143,17 +118,13 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, rank=self.rank, wandb_mode=lg.wandb, project=lg.wandb_project,
                                     entity=lg.wandb_entity, name=lg.wandb_name or self.run_dir.name,
                                     tags=lg.wandb_tags, config=cfg.to_dict(),
-                                    resume_step=self.step if self.step else None)
+                                    resume_step=self.step if self.step else None, total_steps=t.steps)
         self.stop_signal = 0
 
     # -- setup -------------------------------------------------------------------------------------
     def _build_data(self) -> PretrainData:
         cfg, t = self.cfg, self.cfg.train
-        if cfg.data.embedded and not cfg.data.paths and self.rank == 0:
-            from .corpus import ensure_embedded_corpus  # built once, on rank 0
-            ensure_embedded_corpus(cfg.data.cache_dir, vocab_size=cfg.data.vocab_size,
-                                   max_bytes=cfg.data.corpus_bytes)
-        _barrier()
+        # every rank builds it (megatron's builder synchronises); rank 0 tokenizes the embedded corpus
         return PretrainData(cfg.data, seed=t.seed, train_samples=self.total_samples,
                             valid_samples=max(1, t.eval_batches) * t.global_batch_size,
                             dp_rank=self.dp_rank, dp_size=self.mesh.dims.dp)
@@ -302,31 +273,27 @@ class Trainer:
     def expert_loads(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Every MoE layer's token load of this step (summed over the stage's ranks, then gathered over
         pp) and routing bias, keyed by global layer index (MTP layers after the decoder's)."""
-        rows, biases = {}, {}
-        for m in self.models:
-            sync_expert_load(m, self.mesh)
-            for name, mod in m.named_modules():
-                if isinstance(mod, MoE):
-                    parts = name.split(".")
-                    layer = int(parts[1]) if parts[0] == "layers" else self.model_cfg.n_layers + int(parts[1])
-                    rows[layer] = mod.tokens_per_expert
-                    biases[layer] = mod.gate.bias if mod.gate.bias is not None else None
-        if not rows and not self.model_cfg.is_moe:
+        if not self.model_cfg.is_moe:
             return {}, {}
-        n = self.model_cfg.n_layers + self.model_cfg.n_mtp
-        e = self.model_cfg.n_routed_experts
-        table = torch.zeros(2, n, e, dtype=torch.float64, device=self.device)
-        for i, load in rows.items():
-            table[0, i] = load.double()
-            if biases[i] is not None:
-                table[1, i] = biases[i].double()
-        if self.mesh.dims.pp > 1:
+        loads, biases = {}, {}
+        for m in self.models:
+            sync_expert_load(m, self.mesh)  # the bias update below uses these summed counts
+            a, b = expert_state(m)
+            loads.update(a)
+            biases.update(b)
+        layers = sorted(i for i in range(self.model_cfg.n_layers + self.model_cfg.n_mtp)
+                        if self.model_cfg.is_moe_layer(min(i, self.model_cfg.n_layers)))
+        table = torch.zeros(2, len(layers), self.model_cfg.n_routed_experts, dtype=torch.float64, device=self.device)
+        for row, i in enumerate(layers):
+            if i in loads:
+                table[0, row] = loads[i].double()
+            if i in biases:
+                table[1, row] = biases[i].double()
+        if self.mesh.dims.pp > 1:  # each layer lives on one pp rank
             comm.all_reduce(table, self.mesh["pp"])
-        moe = [i for i in range(n) if i < self.model_cfg.n_layers and self.model_cfg.is_moe_layer(i)
-               or i >= self.model_cfg.n_layers]
-        loads = {i: table[0, i].cpu() for i in moe}
-        bias = {i: table[1, i].cpu() for i in moe} if self.model_cfg.aux_free_bias else {}
-        return loads, bias
+        table = table.cpu()
+        bias = {i: table[1, r] for r, i in enumerate(layers)} if self.model_cfg.aux_free_bias else {}
+        return {i: table[0, r] for r, i in enumerate(layers)}, bias
 
     def train_step(self) -> dict[str, float]:
         t = self.cfg.train
@@ -367,9 +334,10 @@ class Trainer:
         tokens_per_s = gbs * self.cfg.data.seq_len / dt
         metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s, step_time=dt,
                        mfu=mfu(tokens_per_s, self.flops_per_token, self.world, self.peak) if self.peak else 0.0,
-                       memory_gb=memory_gb(self.device), global_batch_size=gbs, consumed_samples=self.consumed,
+                       global_batch_size=gbs, consumed_samples=self.consumed,
                        skipped_steps=self.skipped)
-        if len(self.models[0].mtp) or self.model_cfg.n_mtp:
+        metrics.update(memory_stats(self.device))
+        if self.model_cfg.n_mtp:
             metrics["mtp_lambda"] = lam
         if loads:
             metrics.update(expert_load_stats(loads))
@@ -455,8 +423,8 @@ class Trainer:
                     self.save()
             return 0
         finally:
-            from parallel.checkpoint import wait_for_pending
-            wait_for_pending()
+            from parallel.checkpoint import finalize_pending
+            finalize_pending()
             if self.ema is not None:
                 self.ema.close()
             self.logger.close()

@@ -35,7 +35,7 @@ def base_overrides(corpus, run_dir, **extra) -> list[str]:
          "data.corpus_bytes": 400_000, "data.seq_len": 32, "train.steps": 10, "train.lr": 3e-3,
          "train.warmup_steps": 2, "train.micro_batch_size": 2, "train.global_batch_size": 8,
          "train.eval_every": 0, "logging.wandb": "disabled", "logging.run_dir": str(run_dir),
-         "checkpoint.keep": 5}
+         "checkpoint.keep": 5, "data.split": "90,10,0"}
     o.update(extra)
     return [f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in o.items()]
 
@@ -74,7 +74,7 @@ def test_exact_resume_same_layout(corpus, tmp_path):
     for key in ("lm_loss", "mtp_loss", "grad_norm", "lr", "maxvio/mean"):
         assert losses(tmp_path / "split", key) == losses(tmp_path / "full", key), key
     m = metrics(tmp_path / "full")
-    assert [x["global_batch_size"] for x in m[:6]] == [4, 4, 6, 6, 6, 8]  # the ramp (V3 §4.2)
+    assert [x["global_batch_size"] for x in m[:6]] == [4, 4, 4, 6, 6, 8]  # Megatron's ramp: +2 every 12 samples
     assert m[-1]["loss"] < m[0]["loss"]
 
 
