@@ -2,11 +2,16 @@
 
     python -m model.convert hf-to-native HF_DIR OUT_DIR [--dtype {fp32,bf16}]
     python -m model.convert native-to-hf IN_DIR HF_DIR [--dtype {fp32,bf16}]
+    python -m model.convert checkpoint-to-hf CKPT_DIR HF_DIR [--dtype {fp32,bf16}]
 
 Native format: our state_dict names (experts stacked [E, out, in]; the tied head omitted) in
 model.safetensors or model-0000i-of-0000N.safetensors + model.safetensors.index.json, beside
 whaletron_config.json (= ModelConfig.to_dict()). Both directions stream one tensor at a time and write
 one shard at a time; FP8 HF checkpoints are dequantized (to bf16 unless --dtype fp32).
+
+checkpoint-to-hf exports a training checkpoint (parallel/checkpoint.py: a step directory, or a
+checkpoint root whose latest is taken), saved under any parallel layout, in one process: the model
+tensors are read at their global shapes and the model config comes from the checkpoint's meta.json.
 """
 from __future__ import annotations
 
@@ -88,6 +93,39 @@ def native_to_hf(in_dir, hf_dir, dtype=None, max_shard_bytes: int = DEFAULT_SHAR
     return hf_cfg
 
 
+def checkpoint_to_hf(ckpt_dir, hf_dir, dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                     overwrite: bool = False, rope_interleave: bool = True) -> dict:
+    """Export a training checkpoint (a step directory or a checkpoint root: its latest) as a Hugging Face
+    checkpoint directory; returns the config.json dict."""
+    from parallel.checkpoint import read_full_model_state  # keeps torch.distributed out of `import model`
+
+    dtype = as_dtype(dtype)
+    state, model_config = read_full_model_state(ckpt_dir)
+    if not model_config:
+        raise ValueError(f"{ckpt_dir}: the checkpoint's meta.json records no model_config")
+    cfg = ModelConfig.from_dict(model_config)
+    hf_cfg = config_to_hf(cfg, rope_interleave)
+    present, expected = set(state), _native_keys(cfg)
+    if present != expected:
+        raise _key_error(f"checkpoint {ckpt_dir}", list(expected - present), list(present - expected),
+                         f"(its model_config: {cfg.n_layers} layers, {cfg.n_mtp} MTP modules)")
+
+    def get(key, index=None):
+        t = state[key]
+        return t if index is None else t[index]
+
+    first = None
+    with atomic_dir(hf_dir, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for k, t in iter_to_hf(cfg, get, rope_interleave):
+            first = first or t.dtype
+            writer.add(k, cast_for_export(k, t, dtype))
+        writer.close()
+        hf_cfg["dtype"] = str(dtype or first).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    return hf_cfg
+
+
 def load_native(path, dtype=torch.float32, device="cpu"):
     """A native checkpoint directory as an eval-mode Transformer."""
     from .hf import _empty_model
@@ -139,6 +177,16 @@ def _parser() -> argparse.ArgumentParser:
     common(b)
     b.add_argument("--rope-half", action="store_true",
                    help="DeepseekV3 only: write rope_interleave=false with the rope rows in rotate_half order")
+    c = sub.add_parser("checkpoint-to-hf", help="training checkpoint (any parallel layout) -> Hugging Face directory",
+                       description="Read a checkpoint written by training (parallel/checkpoint.py) in one process "
+                                   "and write config.json + hub-format safetensors to HF_DIR; the model config "
+                                   "comes from the checkpoint's meta.json.")
+    c.add_argument("ckpt_dir", metavar="CKPT_DIR",
+                   help="a checkpoint step directory (step_XXXXXXXX) or a checkpoint root (its latest is used)")
+    c.add_argument("hf_dir", metavar="HF_DIR", help="output directory (created; must be empty or absent)")
+    common(c)
+    c.add_argument("--rope-half", action="store_true",
+                   help="DeepseekV3 only: write rope_interleave=false with the rope rows in rotate_half order")
     return p
 
 
@@ -149,6 +197,10 @@ def main(argv=None) -> int:
         if args.command == "hf-to-native":
             cfg = hf_to_native(args.hf_dir, args.out_dir, args.dtype, shard, args.overwrite)
             print(f"wrote {args.out_dir}: {cfg.name} ({cfg.n_layers} layers, {cfg.n_mtp} MTP)")
+        elif args.command == "checkpoint-to-hf":
+            d = checkpoint_to_hf(args.ckpt_dir, args.hf_dir, args.dtype, shard, args.overwrite,
+                                 rope_interleave=not args.rope_half)
+            print(f"wrote {args.hf_dir}: {d['architectures'][0]}")
         else:
             d = native_to_hf(args.in_dir, args.hf_dir, args.dtype, shard, args.overwrite,
                              rope_interleave=not args.rope_half)

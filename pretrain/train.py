@@ -177,28 +177,8 @@ class Trainer:
         self.step, self.consumed = meta["step"], meta["consumed_samples"]
         self.opt.step_count = meta["optimizer_steps"]
         self.nonfinite_streak, self.skipped = meta.get("nonfinite_streak", 0), meta.get("skipped_steps", 0)
-        self._copy_shared_params()
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} ({self.consumed} samples)", flush=True)
-
-    @torch.no_grad()
-    def _copy_shared_params(self) -> None:
-        """In the V layouts one rank holds the embedding on its first and last stage; a checkpoint
-        key names it once, so the loaded copy is repeated into the other (values and moments)."""
-        if self.pipe is None:
-            return
-        holders = [s for s in self.models if s.is_first or s.is_last]
-        if len(holders) != 2:
-            return
-        src, dst = holders
-        for name in self.pipe.shared_names:
-            a, b = src.get_parameter(name), dst.get_parameter(name)
-            if a is b:
-                continue
-            _local(b).copy_(_local(a))
-            for k, v in self.opt.state.get(a, {}).items():
-                if torch.is_tensor(v):
-                    self.opt.state[b][k].copy_(v)
 
     def save(self) -> None:
         t0 = time.perf_counter()
