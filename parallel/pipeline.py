@@ -65,7 +65,7 @@ class StageModel:
         if self.is_last:
             out = self.loss(tokens, labels, h=h)
             self.record(out)
-            return out["loss"].view(1)  # torch's schedules concatenate the last stage's outputs
+            return torch.stack([out["loss"]])  # torch's schedules concatenate these; not a view (FSDP2 warns)
         h = self.hidden(tokens, h=h)
         terms = self.balance_losses()
         self.record(terms)

@@ -52,8 +52,11 @@ def init_distributed(device_pref: str = "auto") -> torch.device:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        else:  # a plain process is a world of one: the runtime (FSDP2's bf16 policy, DCP) runs unchanged
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     return device
 
 
@@ -103,7 +106,10 @@ class Trainer:
             raise ConfigError(f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size is "
                               f"{self.model_cfg.vocab_size}; set model.vocab_size={self.data.vocab_size} (or more)")
         self.param_dtype = DTYPES[t.dtype]
-        self._build_model()
+        try:
+            self._build_model()
+        except ValueError as e:  # layout and micro-batch constraints; their messages name the keys
+            raise ConfigError(str(e)) from None
         named = [(n, q) for m in self.models for n, q in m.named_parameters()]
         self.opt = AdamW(param_groups(named, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                          eps=t.adam_eps, weight_decay=t.weight_decay,
@@ -411,10 +417,6 @@ class Trainer:
             if self.rank == 0:
                 print(f"metrics: {self.run_dir / 'metrics.jsonl'}; checkpoints: {self.ckpt_dir}"
                       + (f"; W&B: {self.logger.wandb_dir}" if self.logger.wandb_dir else ""), flush=True)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def train(cfg: Config) -> int:

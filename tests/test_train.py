@@ -102,7 +102,7 @@ def test_export_from_a_parallel_checkpoint(corpus, tmp_path):
     exported model's loss on a batch equals the one-process run's validation at that checkpoint."""
     d = tmp_path / "run"
     run(base_overrides(corpus, d, **{"train.steps": 3, "parallel.pp": 2, "parallel.ep": 2,
-                                     "parallel.pp_schedule": "dualpipev"}), world=4)
+                                     "parallel.pp_schedule": "dualpipev", "train.global_batch_size": 16}), world=4)
     out = tmp_path / "hf"
     subprocess.run([sys.executable, "-m", "model.convert", "checkpoint-to-hf", str(d / "checkpoints"), str(out)],
                    check=True, cwd=ROOT)
@@ -192,7 +192,7 @@ def test_metrics_schema_and_wandb_offline(corpus, tmp_path):
     run(base_overrides(corpus, tmp_path, **{"train.steps": 3, "logging.wandb": "offline", "train.eval_every": 3}))
     m = metrics(tmp_path)
     for key in ("step", "loss", "lm_loss", "lr", "grad_norm", "tokens_per_s", "mtp_loss", "aux_loss", "mfu",
-                "memory_gb", "maxvio/mean", "bias/mean_abs"):
+                "memory/peak_gib", "maxvio/mean", "bias/mean_abs"):
         assert key in m[-1], key
     assert "val_lm_loss" in m[-1] and "val_lm_loss" in m[0] and m[0]["step"] == 0
     assert (tmp_path / "config.yaml").exists()
