@@ -166,6 +166,16 @@ def clip_grad_norm_(model: nn.Module | list[nn.Module], max_norm: float, mesh: M
     return norm.to(grads[0].dtype if grads else torch.float32)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters FSDP2 keeps after a forward without backward (evaluation under
+    ZeRO-2 keeps them), so that the module holds its sharded parameters again (the ones the optimizer
+    and the checkpoint know)."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Gradient accumulation: skip FSDP2's reduce-scatter on all but the last micro-batch (the
     unsharded gradients accumulate locally; ZeRO-3 then holds them until the last one)."""

@@ -31,9 +31,9 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
 from . import comm
-from .data_parallel import _local, clip_grad_norm_, finish_grad_sync
+from .data_parallel import _local, clip_grad_norm_, finish_grad_sync, reshard
 from .mesh import LayoutError, Mesh
-from .pp_schedules import build_schedule, n_stages, rank_stages, schedule_spec
+from .pp_schedules import build_schedule, n_stages, rank_stages, schedule_spec, stage_to_rank
 
 METRIC_KEYS = ("lm_loss", "mtp_loss", "balance_expert", "balance_device", "balance_comm")
 
@@ -186,6 +186,8 @@ class Pipeline:
     shared_names: tuple[str, ...]      # parameters the first and the last stage both hold
     pp_stages: list[PipelineStage] = field(default_factory=list)
     schedule: object = None
+    hidden_shape: tuple = ()           # one micro-batch's activations between stages (attach_schedule)
+    act_dtype: torch.dtype = torch.float32
     _shared_group: object = None
 
     def parameters(self):
@@ -216,20 +218,38 @@ class Pipeline:
 
     @torch.no_grad()
     def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Forward only (the stages in eval mode: no balance losses, no load counting); the same
-        metrics as `step`."""
+        """Forward only, the stages in eval mode (no balance losses, no load counting); the same
+        metrics as `step`. Written here rather than with the schedules' own `eval`, which torch 2.13
+        cannot run for the split-backward schedules (ZBV, DualPipeV assert on their B actions): each
+        micro-batch walks the stages in order, the hidden states going point to point to the rank
+        holding the next stage (same dp/tp coordinates). Validation is rare; no overlap is needed."""
+        dims, me = self.mesh.dims, self.mesh.rank
+        owner = stage_to_rank(self.schedule_name, dims.pp, self.n_stages // dims.pp)
+        pp_i = dims.coords(me)["pp"]
+        mine = dict(zip(self.stage_ids, self.stages))
         for s in self.stages:
             s.stage_metrics.clear()
             s.eval()
         try:
-            kwargs = dict(tokens=tokens, labels=labels)
-            if any(s.is_last for s in self.stages):
-                self.schedule.eval(target=labels, **kwargs)
-            else:
-                self.schedule.eval(**kwargs)
+            m = self.n_microbatches
+            for tok, lab in zip(tokens.chunk(m), labels.chunk(m)):
+                h = None
+                for sid in range(self.n_stages):
+                    if sid in mine:
+                        if h is None and sid > 0:  # sent by the previous stage's rank
+                            h = torch.empty(self.hidden_shape, dtype=self.act_dtype, device=tok.device)
+                            dist.recv(h, me + (owner[sid - 1] - pp_i) * dims.dp * dims.tp)
+                        h = mine[sid](h, tokens=tok, labels=lab)
+                        nxt = owner[sid + 1] if sid + 1 < self.n_stages else pp_i
+                        if nxt != pp_i:
+                            dist.send(h.contiguous(), me + (nxt - pp_i) * dims.dp * dims.tp)
+                            h = None
+                    else:
+                        h = None
         finally:
             for s in self.stages:
                 s.train()
+                reshard(s)
         return self._metrics()
 
     def _sum_shared_grads(self) -> None:
@@ -367,6 +387,7 @@ def attach_schedule(pipe: Pipeline, micro_batch_size: int, seq_len: int, dtype: 
         raise LayoutError(f"sequence length {seq_len} is not divisible by tp={dims.tp} under sequence parallelism")
     hidden = (micro_batch_size, seq_len // dims.tp if dims.sp else seq_len, pipe.stages[0].cfg.dim)
     loss_dtype = torch.promote_types(dtype, torch.float32)
+    pipe.hidden_shape, pipe.act_dtype = hidden, dtype
     n = pipe.n_microbatches
 
     def loss_fn(out, target):  # the objective: the mean over micro-batches

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train(cfg)
     except (ConfigError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # the same on every rank: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 3
 
 

@@ -525,6 +525,10 @@ class MetricsLogger:
             parts.append(f"mem {float(m['memory/peak_gib']):.1f} GiB")
         if "maxvio/max" in m:
             parts.append(f"maxvio {float(m['maxvio/max']):.2f}")
+        if "val_lm_loss" in m:
+            parts.append(f"val lm {_fmt(float(m['val_lm_loss']))}")
+        if m.get("skipped"):
+            parts.append("SKIPPED (non-finite loss or gradient)")
         return " | ".join(parts)
 
     # -- end --

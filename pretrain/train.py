@@ -27,6 +27,7 @@ from parallel import (ParallelConfig, apply_recompute, attach_schedule, build_me
                       clip_grad_norm_, finish_grad_sync, init_parallel_weights, parallelize,
                       set_gradient_sync, sync_expert_load)
 from parallel import comm
+from parallel.data_parallel import reshard
 from parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sharded_state
 
 from .config import Config, ConfigError, save_config
@@ -332,7 +333,7 @@ class Trainer:
             metrics.update(bias_stats(bias))
         self._last_loads = loads
         if not finite:
-            metrics["nonfinite"] = 1.0
+            metrics["skipped"] = 1.0
         return metrics
 
     @torch.no_grad()
@@ -354,6 +355,7 @@ class Trainer:
                     for k, v in net.loss(tokens[sl], labels[sl]).items():
                         sums[k] = sums.get(k, 0.0) + v.float() / n
                 net.train()
+                reshard(net)
                 out = self._mean_over_dp(sums)
             for k in ("lm_loss", "mtp_loss"):
                 if k in out:
@@ -389,7 +391,7 @@ class Trainer:
                 metrics = self.train_step()
                 if t.eval_every and self.step % t.eval_every == 0:
                     metrics.update(self.evaluate())
-                if self.step % cfg.logging.every == 0 or self.step == last or "nonfinite" in metrics:
+                if self.step % cfg.logging.every == 0 or self.step == last or "skipped" in metrics:
                     images = None
                     if self._last_loads and self.step % (10 * cfg.logging.every) == 0:
                         images = {"expert_load": load_heatmap(self._last_loads)}

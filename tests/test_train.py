@@ -98,11 +98,16 @@ def test_reshard_pp2_tp2_ep2_to_ep4_and_one_process(corpus, tmp_path):
 
 
 def test_export_from_a_parallel_checkpoint(corpus, tmp_path):
-    """python -m model.convert checkpoint-to-hf writes HF safetensors from a pp2 x ep2 checkpoint; the
-    exported model's loss on a batch equals the one-process run's validation at that checkpoint."""
+    """Validation under DualPipeV (pp2 x ep2) equals one process's; `python -m model.convert
+    checkpoint-to-hf` writes HF safetensors from that checkpoint that load_hf reads back exactly."""
     d = tmp_path / "run"
-    run(base_overrides(corpus, d, **{"train.steps": 3, "parallel.pp": 2, "parallel.ep": 2,
-                                     "parallel.pp_schedule": "dualpipev", "train.global_batch_size": 16}), world=4)
+    common = {"train.steps": 3, "train.global_batch_size": 16, "train.eval_every": 3}
+    run(base_overrides(corpus, d, **common, **{"parallel.pp": 2, "parallel.ep": 2,
+                                               "parallel.pp_schedule": "dualpipev"}), world=4)
+    run(base_overrides(corpus, tmp_path / "one", **common))
+    for step in (0, 3):  # validation through the V-shaped stages equals one process's
+        a, b = losses(d, "val_lm_loss")[step], losses(tmp_path / "one", "val_lm_loss")[step]
+        assert a == pytest.approx(b, rel=2e-5), (step, a, b)
     out = tmp_path / "hf"
     subprocess.run([sys.executable, "-m", "model.convert", "checkpoint-to-hf", str(d / "checkpoints"), str(out)],
                    check=True, cwd=ROOT)
@@ -157,7 +162,7 @@ def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     with pytest.raises(T.NonFiniteError, match="train.max_nonfinite"):
         trainer.run()
     m = metrics(tmp_path)
-    assert [x["step"] for x in m if x.get("nonfinite")] == [3, 6, 7, 8]
+    assert [x["step"] for x in m if x.get("skipped")] == [3, 6, 7, 8]
     assert m[-1]["skipped_steps"] == 4
     from parallel.checkpoint import latest_checkpoint
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000005"
