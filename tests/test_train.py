@@ -206,3 +206,37 @@ def test_metrics_schema_and_wandb_offline(corpus, tmp_path):
     blob = runs[0].read_bytes()
     for key in (b"lm_loss", b"mtp_loss", b"grad_norm", b"tokens_per_s", b"maxvio/mean"):
         assert key in blob, key
+
+
+@pytest.mark.slow
+def test_torchrun_restart_resumes_from_the_last_checkpoint(corpus, tmp_path):
+    """A worker killed mid-run (SIGKILL: no chance to save) under `torchrun --max-restarts`: the
+    restarted workers resume from the last checkpoint and the run finishes with every step logged once."""
+    args = base_overrides(corpus, tmp_path, **{"train.steps": 40, "checkpoint.every": 4, "parallel.ep": 2})
+    # Up to 3 restarts: on a loaded 2-core machine a restarted gloo rank can give up connecting to its
+    # peer before that one listens (torch's retry limit); torchrun then restarts the round again.
+    env = dict(os.environ, MAX_RESTARTS="3", PY=sys.executable, OMP_NUM_THREADS="1")
+    log = open(tmp_path / "torchrun.log", "w")  # a file, not a pipe: nobody reads while we wait
+    p = subprocess.Popen(["launch/torchrun.sh", "2", "--config", str(ROOT / "configs/pretrain/tiny_v3.yaml"),
+                          "parallel.pp=1", "train.batch_ramp=[]", *args], cwd=ROOT, env=env,
+                         stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        ckpt = tmp_path / "checkpoints" / "latest"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (ckpt.exists() and len(losses(tmp_path)) >= 6):
+            time.sleep(0.2)
+        assert ckpt.exists(), "no checkpoint appeared"
+        # launch/torchrun.sh execs torchrun, whose children are the workers
+        workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        assert workers, "no worker processes found"
+        os.kill(max(workers), signal.SIGKILL)
+        p.wait(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        log.close()
+    out = (tmp_path / "torchrun.log").read_text()
+    assert p.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    assert sorted(losses(tmp_path)) == list(range(1, 41))
