@@ -55,7 +55,11 @@ def init_distributed(device_pref: str = "auto") -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            # torchrun's agent keeps one store across `--max-restarts` rounds; without a prefix per
+            # round a restarted rank reads the dead round's addresses and gloo's connect is refused
+            store, rank, world = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"whaletron/round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
         else:  # a plain process is a world of one: the runtime (FSDP2's bf16 policy, DCP) runs unchanged
             dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     return device
