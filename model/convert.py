@@ -81,15 +81,21 @@ def native_to_hf(in_dir, hf_dir, dtype=None, max_shard_bytes: int = DEFAULT_SHAR
         if present != expected:
             raise _key_error(f"native checkpoint {in_dir}", list(expected - present), list(present - expected),
                              f"(whaletron_config.json: {cfg.n_layers} layers, {cfg.n_mtp} MTP modules)")
-        first = None
-        with atomic_dir(hf_dir, overwrite) as tmp:
-            writer = ShardWriter(tmp, max_shard_bytes)
-            for k, t in iter_to_hf(cfg, reader.get, rope_interleave):
-                first = first or t.dtype
-                writer.add(k, cast_for_export(k, t, dtype))
-            writer.close()
-            hf_cfg["dtype"] = str(dtype or first).removeprefix("torch.")
-            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        return _write_hf(cfg, hf_cfg, reader.get, hf_dir, dtype, max_shard_bytes, overwrite, rope_interleave)
+
+
+def _write_hf(cfg: ModelConfig, hf_cfg: dict, get, hf_dir, dtype, max_shard_bytes: int, overwrite: bool,
+              rope_interleave: bool) -> dict:
+    """Stream the native tensors `get(key, index=None)` yields into a Hugging Face directory, atomically."""
+    first = None
+    with atomic_dir(hf_dir, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for k, t in iter_to_hf(cfg, get, rope_interleave):
+            first = first or t.dtype
+            writer.add(k, cast_for_export(k, t, dtype))
+        writer.close()
+        hf_cfg["dtype"] = str(dtype or first).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return hf_cfg
 
 
@@ -114,16 +120,7 @@ def checkpoint_to_hf(ckpt_dir, hf_dir, dtype=None, max_shard_bytes: int = DEFAUL
         t = state[key]
         return t if index is None else t[index]
 
-    first = None
-    with atomic_dir(hf_dir, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for k, t in iter_to_hf(cfg, get, rope_interleave):
-            first = first or t.dtype
-            writer.add(k, cast_for_export(k, t, dtype))
-        writer.close()
-        hf_cfg["dtype"] = str(dtype or first).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    return hf_cfg
+    return _write_hf(cfg, hf_cfg, get, hf_dir, dtype, max_shard_bytes, overwrite, rope_interleave)
 
 
 def load_native(path, dtype=torch.float32, device="cpu"):
