@@ -23,15 +23,16 @@ import torch.distributed as dist
 
 from model import build_model
 from model.moe import MoE
-from parallel import (ParallelConfig, apply_recompute, attach_schedule, build_mesh, build_pipeline,
+from parallel import (LayoutError, ParallelConfig, apply_recompute, attach_schedule, build_mesh, build_pipeline,
                       clip_grad_norm_, finish_grad_sync, init_parallel_weights, parallelize,
                       set_gradient_sync, sync_expert_load)
 from parallel import comm
 from parallel.data_parallel import reshard
+from parallel.pp_schedules import check_microbatches
 from parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sharded_state
 
 from .config import Config, ConfigError, save_config
-from .data import PretrainData, check_batch_sizes, global_batch_size_at, samples_for_steps
+from .data import PretrainData, check_batch_sizes, global_batch_size_at, ramp_batch_sizes, samples_for_steps
 from .metrics import (MetricsLogger, bias_stats, device_peak_flops, expert_load_stats, expert_state, load_heatmap,
                       memory_stats, mfu, train_flops_per_token)
 from .optim import EMA, AdamW, param_groups
@@ -73,11 +74,6 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # -- the trainer -----------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: Config):
@@ -91,8 +87,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        self.mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sp,
-                                              node_size=p.node_size, zero=p.zero), self.device.type)
+        try:
+            self.mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sp,
+                                                  node_size=p.node_size, zero=p.zero), self.device.type)
+        except LayoutError as e:
+            raise ConfigError(str(e)) from None
         dims = self.mesh.dims
         self.dp_rank = dims.coords(self.mesh.rank)["dp"]
         try:  # the checks' messages name the keys; as ConfigErrors they print without a traceback
@@ -145,6 +144,12 @@ class Trainer:
         meta = build_model(self.model_cfg, device="meta")
         if p.pp > 1:
             m0 = t.micro_batch_size * self.mesh.dims.dp
+            for gbs in ramp_batch_sizes(t.global_batch_size, t.batch_ramp):  # every size the ramp reaches
+                try:
+                    check_microbatches(p.pp_schedule, p.pp, gbs // m0, p.vpp)
+                except ValueError as e:
+                    raise ConfigError(f"at a global batch of {gbs} sequences (train.batch_ramp = {t.batch_ramp}, "
+                                      f"{gbs // m0} micro-batches per dp rank): {e}") from None
             self.pipe = build_pipeline(meta, self.mesh, p.pp_schedule, t.global_batch_size // m0, vpp=p.vpp,
                                        layer_split=p.layer_split or None, seq_len=cfg.data.seq_len,
                                        recompute=p.recompute, param_dtype=self.param_dtype)

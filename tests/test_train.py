@@ -168,8 +168,10 @@ def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000005"
 
 
-def test_sigterm_saves_a_loadable_checkpoint(corpus, tmp_path):
-    """SIGTERM mid-run: the step finishes, a checkpoint is written, the process exits 0; resuming continues."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_a_loadable_checkpoint(corpus, tmp_path, sig):
+    """SIGTERM or SIGUSR1 (Slurm's preemption warning) mid-run: the step finishes, a checkpoint is
+    written, the process exits 0; resuming continues."""
     args = base_overrides(corpus, tmp_path, **{"train.steps": 100000})
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "-m", "pretrain", "--config", str(ROOT / "configs/pretrain/tiny_v3.yaml"),
@@ -180,7 +182,7 @@ def test_sigterm_saves_a_loadable_checkpoint(corpus, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (f.exists() and len(f.read_text().splitlines()) >= 3):
         time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0, out
     assert "stopped by signal" in out
