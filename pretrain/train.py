@@ -208,13 +208,9 @@ class Trainer:
             print(f"checkpoint step {self.step} -> {path} ({time.perf_counter() - t0:.2f} s)", flush=True)
 
     # -- schedules ---------------------------------------------------------------------------------
-    def batch_size(self, step: int, consumed: int | None = None) -> tuple[int, int]:
-        """(micro-batches per dp rank, global batch) of `step`; the ramp depends on samples consumed."""
+    def batch_size(self, consumed: int) -> tuple[int, int]:
+        """(micro-batches per dp rank, global batch) after `consumed` samples (the ramp's rule)."""
         t = self.cfg.train
-        if consumed is None:  # walk the ramp from the start
-            consumed = 0
-            for _ in range(step):
-                consumed += global_batch_size_at(consumed, t.global_batch_size, t.batch_ramp)
         gbs = global_batch_size_at(consumed, t.global_batch_size, t.batch_ramp)
         return gbs // (t.micro_batch_size * self.mesh.dims.dp), gbs
 
@@ -294,7 +290,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t = self.cfg.train
         torch.manual_seed(t.seed * 1_000_003 + self.step)  # step-keyed randomness: resume is exact
-        n_micro, gbs = self.batch_size(self.step, self.consumed)
+        n_micro, gbs = self.batch_size(self.consumed)
         tokens, labels = self.data.global_batch(self.consumed, gbs)
         tokens, labels = tokens.to(self.device), labels.to(self.device)
         lr, lam, gamma = self.lr(), self.mtp_lambda(), self.bias_gamma()
@@ -370,7 +366,7 @@ class Trainer:
                 if k in out:
                     totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + out[k] / t.eval_batches
         if self.pipe is not None:
-            self._schedule_for(self.batch_size(self.step, self.consumed)[0])
+            self._schedule_for(self.batch_size(self.consumed)[0])
         return totals
 
     # -- the run -----------------------------------------------------------------------------------
