@@ -79,6 +79,7 @@ def test_exact_resume_same_layout(corpus, tmp_path):
 
 
 # -- resharding ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_reshard_pp2_tp2_ep2_to_ep4_and_one_process(corpus, tmp_path):
     """A checkpoint of pp2 x tp2 x ep2 (8 ranks, sp) resumes under ep4 (4 ranks) and in one process and
     continues with the losses of the original run; every layout sees the same global batches."""
