@@ -17,9 +17,7 @@ must construct PretrainData). The cache directory must be shared by all nodes, a
 `--data-cache-path`.
 
 The blend and sample indices use megatron-core's C++ `helpers_cpp` extension; its wheels ship
-it prebuilt (there is no Makefile or pybind11 in an installed wheel to compile it again). Where
-it cannot be imported, a line-by-line NumPy/Python port of the same functions (below) is
-installed in its place, so loading still works, only slower to build.
+it prebuilt (there is no Makefile or pybind11 in an installed wheel to compile it again).
 """
 from __future__ import annotations
 
@@ -30,8 +28,6 @@ import math
 import os
 import re
 import struct
-import sys
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -231,78 +227,15 @@ class _MegatronTokenizer:
         self.unique_identifiers = {"class": "whaletron", "vocab_size": tok.vocab_size, "eod": tok.eod_id}
 
 
-def _python_helpers() -> types.ModuleType:
-    """A NumPy/Python port of megatron/core/datasets/helpers.cpp (the functions GPT datasets use)."""
-    mod = types.ModuleType("megatron.core.datasets.helpers_cpp")
-
-    def build_blending_indices(dataset_index, dataset_sample_index, weights, num_datasets, size, verbose):
-        current = [0] * num_datasets
-        for i in range(size):
-            x = max(float(i), 1.0)
-            best = max(range(num_datasets), key=lambda d: (weights[d] * x - current[d], -d))
-            dataset_index[i] = best
-            dataset_sample_index[i] = current[best]
-            current[best] += 1
-
-    def build_exhaustive_blending_indices(dataset_index, dataset_sample_index, sizes, num_datasets):
-        total = int(sum(sizes))
-        weights = [s / total for s in sizes]
-        counts = [0] * num_datasets
-        unspent = list(range(num_datasets))
-        i = 0
-        while unspent:
-            x = max(float(i), 1.0)
-            best = max(unspent, key=lambda d: (weights[d] * x - counts[d], -d))
-            dataset_index[i] = best
-            dataset_sample_index[i] = counts[best]
-            counts[best] += 1
-            if sizes[best] - counts[best] == 0:
-                unspent.remove(best)
-            i += 1
-
-    def _sample_idx(dtype):
-        def build(sizes, document_idx, seq_length, num_epochs, tokens_per_epoch,
-                  drop_last_partial_sequence=True, add_extra_token_to_sequence=1):
-            extra = int(add_extra_token_to_sequence)
-            if drop_last_partial_sequence:
-                num_samples = (num_epochs * tokens_per_epoch - extra) // seq_length
-            else:  # C++: ceil(float(...) / seq_length) in single precision
-                num_samples = math.ceil(np.float32(num_epochs * tokens_per_epoch - extra) / np.float32(seq_length))
-            out = np.empty((num_samples + 1, 2), dtype=dtype)
-            doc, offset, last = 0, 0, len(document_idx) - 1
-            out[0] = (0, 0)
-            for s in range(1, num_samples + 1):
-                remaining = seq_length + extra
-                while remaining != 0:
-                    length = int(sizes[document_idx[doc]]) - offset
-                    remaining -= length
-                    if remaining <= 0:
-                        offset += remaining + length - extra
-                        remaining = 0
-                    elif doc == last:
-                        offset = int(sizes[document_idx[doc]]) - extra
-                        break
-                    else:
-                        doc, offset = doc + 1, 0
-                out[s] = (doc, offset)
-            return out
-        return build
-
-    mod.build_blending_indices = build_blending_indices
-    mod.build_exhaustive_blending_indices = build_exhaustive_blending_indices
-    mod.build_sample_idx_int32 = _sample_idx(np.int32)
-    mod.build_sample_idx_int64 = _sample_idx(np.int64)
-    return mod
-
-
 def _import_megatron() -> dict:
-    """The megatron-core dataset classes, importing quietly; installs the Python helpers if needed."""
+    """The megatron-core dataset classes, importing quietly."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed" etc.
         try:
             import megatron.core.datasets.helpers_cpp  # noqa: F401  (prebuilt in megatron-core's wheels)
-        except ImportError:
-            sys.modules["megatron.core.datasets.helpers_cpp"] = _python_helpers()
+        except ImportError as e:
+            raise ImportError(f"megatron-core's compiled dataset helpers (helpers_cpp) cannot be imported ({e}); "
+                              "install a megatron-core 0.16 binary wheel: pip install 'megatron-core>=0.16,<0.17'") from e
         from megatron.core.datasets.blended_dataset import BlendedDataset
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig

@@ -234,30 +234,6 @@ def test_bad_config(work):
         build(split="100,0,0").valid_batches(1, 8)
 
 
-# -- megatron-core helpers ----------------------------------------------------------------------
-
-
-def test_python_helpers_match_compiled():
-    from megatron.core.datasets import helpers_cpp as cpp
-
-    py, rng = data._python_helpers(), np.random.default_rng(0)
-    sizes = rng.integers(1, 50, 300).astype(np.int32)
-    doc_idx = np.tile(np.arange(300, dtype=np.int32), 3)
-    rng.shuffle(doc_idx)
-    for drop in (True, False):
-        args = (sizes, doc_idx, 16, 3, int(sizes.sum()), drop, 1)
-        assert np.array_equal(py.build_sample_idx_int32(*args), cpp.build_sample_idx_int32(*args))
-    w = [0.5, 0.3, 0.2]
-    out = [(np.zeros(500, np.int16), np.zeros(500, np.int64)) for _ in range(2)]
-    cpp.build_blending_indices(*out[0], np.array(w), 3, 500, False)
-    py.build_blending_indices(*out[1], w, 3, 500, False)
-    assert all(np.array_equal(a, b) for a, b in zip(*out))
-    out = [(np.zeros(60, np.int16), np.zeros(60, np.int64)) for _ in range(2)]
-    cpp.build_exhaustive_blending_indices(*out[0], np.array([30, 20, 10]), 3)
-    py.build_exhaustive_blending_indices(*out[1], [30, 20, 10], 3)
-    assert all(np.array_equal(a, b) for a, b in zip(*out))
-
-
 # -- embedded corpus ----------------------------------------------------------------------------
 
 
