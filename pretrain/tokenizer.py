@@ -14,6 +14,7 @@ SentencePiece its EOS piece, for Hugging Face tokenizers the `eos_token`).
 """
 from __future__ import annotations
 
+import abc
 import json
 import os
 from typing import Iterable
@@ -21,19 +22,19 @@ from typing import Iterable
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer", "train_sentencepiece"]
 
 
-class Tokenizer:
-    """What the data pipeline needs from a tokenizer."""
+class Tokenizer(abc.ABC):
+    """What the data pipeline needs from a tokenizer (sentencepiece and HF implement it)."""
 
     vocab_size: int
     eod_id: int
     bos_id: int | None = None
     path: str = ""
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
