@@ -214,7 +214,7 @@ class Pipeline:
         for s in self.stages:
             finish_grad_sync(s, self.mesh)
         self._sum_shared_grads()
-        return self._metrics()
+        return self._metrics(self.n_microbatches)
 
     @torch.no_grad()
     def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -231,8 +231,8 @@ class Pipeline:
             s.stage_metrics.clear()
             s.eval()
         try:
-            m = self.n_microbatches
-            for tok, lab in zip(tokens.chunk(m), labels.chunk(m)):
+            mbs = self.hidden_shape[0]  # the micro-batch size the stages were given (attach_schedule)
+            for tok, lab in zip(tokens.split(mbs), labels.split(mbs)):
                 h = None
                 for sid in range(self.n_stages):
                     if sid in mine:
@@ -250,7 +250,7 @@ class Pipeline:
             for s in self.stages:
                 s.train()
                 reshard(s)
-        return self._metrics()
+        return self._metrics(-(-tokens.shape[0] // mbs))
 
     def _sum_shared_grads(self) -> None:
         """Megatron's embedding-group all-reduce: the first stage's embedding and the last stage's
@@ -265,13 +265,13 @@ class Pipeline:
             elif holders and self._shared_group is not None:
                 comm.all_reduce(grads[0], self._shared_group)
 
-    def _metrics(self) -> dict[str, float]:
+    def _metrics(self, n_micro: int) -> dict[str, float]:
         dims = self.mesh.dims
         vec = torch.zeros(self.n_stages, len(METRIC_KEYS), dtype=torch.float64)
         for sid, s in zip(self.stage_ids, self.stages):
             for rec in s.stage_metrics:
                 for k, v in rec.items():
-                    vec[sid, METRIC_KEYS.index(k)] += float(v) / self.n_microbatches
+                    vec[sid, METRIC_KEYS.index(k)] += float(v) / n_micro
         comm.all_reduce(vec, self.mesh["world"])
         vec /= dims.dp * dims.tp  # tp ranks hold the same values; dp ranks are averaged
         total = vec.sum(0)

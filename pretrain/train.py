@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from model import build_model
-from model.moe import MoE
 from parallel import (LayoutError, ParallelConfig, apply_recompute, attach_schedule, build_mesh, build_pipeline,
                       clip_grad_norm_, finish_grad_sync, init_parallel_weights, parallelize,
                       set_gradient_sync, sync_expert_load)
@@ -130,6 +129,7 @@ class Trainer:
                                     tags=lg.wandb_tags, config=cfg.to_dict(),
                                     resume_step=self.step if self.step else None, total_steps=t.steps)
         self.stop_signal = 0
+        self.last_step = t.exit_at_step or t.steps
 
     # -- setup -------------------------------------------------------------------------------------
     def _build_data(self) -> PretrainData:
@@ -238,15 +238,22 @@ class Trainer:
         if self.pipe is not None:
             self._schedule_for(n_micro)
             return self.pipe.step(tokens, labels)
+        return self._micro_batches(tokens, labels, n_micro, backward=True)
+
+    def _micro_batches(self, tokens, labels, n_micro: int, backward: bool) -> dict[str, float]:
+        """The loss terms averaged over micro-batches and dp ranks; with `backward`, the gradients of
+        that mean (FSDP2 reduces once, after the last micro-batch)."""
         net, mbs = self.models[0], self.cfg.train.micro_batch_size
         sums: dict[str, torch.Tensor] = {}
         for i in range(n_micro):
-            set_gradient_sync(net, i == n_micro - 1)  # FSDP2 reduces once, after the last
             out = net.loss(tokens[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs])
-            (out["loss"] / n_micro).backward()
+            if backward:
+                set_gradient_sync(net, i == n_micro - 1)
+                (out["loss"] / n_micro).backward()
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / n_micro
-        finish_grad_sync(net, self.mesh)
+        if backward:
+            finish_grad_sync(net, self.mesh)
         return self._mean_over_dp(sums)
 
     def _mean_over_dp(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -262,14 +269,11 @@ class Trainer:
         return float(norm)
 
     @torch.no_grad()
-    def expert_loads(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Every MoE layer's token load of this step (summed over the stage's ranks, then gathered over
-        pp) and routing bias, keyed by global layer index (MTP layers after the decoder's)."""
-        if not self.model_cfg.is_moe:
-            return {}, {}
+    def expert_stats(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Every MoE layer's token load of this step (already summed over the stage's ranks) and routing
+        bias, keyed by global layer index (MTP layers after the decoder's), gathered over pp."""
         loads, biases = {}, {}
         for m in self.models:
-            sync_expert_load(m, self.mesh)  # the bias update below uses these summed counts
             a, b = expert_state(m)
             loads.update(a)
             biases.update(b)
@@ -301,22 +305,21 @@ class Trainer:
         t0 = time.perf_counter()
         metrics = self.forward_backward(tokens, labels, n_micro)
         grad_norm = self.clip()
-        loads, bias = self.expert_loads()
         finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+        for m in self.models:
+            sync_expert_load(m, self.mesh)  # the step's global load, for the bias update and the stats
+        logged = not finite or (self.step + 1) % self.cfg.logging.every == 0 or self.step + 1 == self.last_step
+        loads, bias = self.expert_stats() if logged and self.model_cfg.is_moe else ({}, {})
         if finite:
             self.opt.step()
-            for m in self.models:
-                m.update_expert_bias(gamma)  # loads already summed over ranks by expert_loads
             if self.ema is not None:
                 self.ema.update()
             self.nonfinite_streak = 0
-        else:  # skip: no update, no bias move; the next step starts clean
-            for m in self.models:
-                for mod in m.modules():
-                    if isinstance(mod, MoE):
-                        mod.tokens_per_expert.zero_()
+        else:  # skip: no update and no bias move (gamma 0 below only resets the load counts)
             self.nonfinite_streak += 1
             self.skipped += 1
+        for m in self.models:
+            m.update_expert_bias(gamma if finite else 0.0)
         self.opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -348,25 +351,16 @@ class Trainer:
         for tokens, labels in self.data.valid_batches(t.eval_batches, t.global_batch_size):
             tokens, labels = tokens.to(self.device), labels.to(self.device)
             if self.pipe is not None:
-                self._schedule_for(tokens.shape[0] // t.micro_batch_size)
                 out = self.pipe.evaluate(tokens, labels)
             else:
                 net = self.models[0]
                 net.eval()
-                n = tokens.shape[0] // t.micro_batch_size
-                sums = {}
-                for i in range(n):
-                    sl = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-                    for k, v in net.loss(tokens[sl], labels[sl]).items():
-                        sums[k] = sums.get(k, 0.0) + v.float() / n
+                out = self._micro_batches(tokens, labels, tokens.shape[0] // t.micro_batch_size, backward=False)
                 net.train()
                 reshard(net)
-                out = self._mean_over_dp(sums)
             for k in ("lm_loss", "mtp_loss"):
                 if k in out:
                     totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + out[k] / t.eval_batches
-        if self.pipe is not None:
-            self._schedule_for(self.batch_size(self.consumed)[0])
         return totals
 
     # -- the run -----------------------------------------------------------------------------------
@@ -384,7 +378,7 @@ class Trainer:
         cfg, t, c = self.cfg, self.cfg.train, self.cfg.checkpoint
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        last = t.exit_at_step or t.steps
+        last = self.last_step
         if self.rank == 0:
             counts = self.model_cfg.param_counts()
             print(f"{self.model_cfg.name}: {counts['total']:,} parameters ({counts['active']:,} active), "
