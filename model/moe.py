@@ -142,6 +142,7 @@ class Experts(nn.Module):
     """
 
     ep_count, ep_params = "n_experts", ("w1", "w2", "w3")  # expert parallelism splits these on dim 0
+    grouped_gemm = staticmethod(grouped_mm)  # a GEMM backend (FP8) may replace it from outside
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
@@ -152,7 +153,8 @@ class Experts(nn.Module):
 
     def ffn(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows of x sorted by expert, counts[e] rows for expert e."""
-        return grouped_mm(F.silu(grouped_mm(x, self.w1, counts)) * grouped_mm(x, self.w3, counts), self.w2, counts)
+        gemm = self.grouped_gemm
+        return gemm(F.silu(gemm(x, self.w1, counts)) * gemm(x, self.w3, counts), self.w2, counts)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 partial: bool = True) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from .comm import STATS, Group
 from .data_parallel import apply_fsdp, clip_grad_norm_, finish_grad_sync, set_gradient_sync, sync_expert_load
 from .expert_parallel import apply_ep, check_ep_plan
+from .fp8 import Fp8Recipe, apply_fp8
 from .mesh import LayoutError, Mesh, ParallelConfig, ParallelDims, build_mesh
 from .state import full_state, full_tensor, init_parallel_weights, load_full_state_dict, materialize
 from .tensor_parallel import ParamLayout, apply_tp, check_tp_plan
@@ -27,11 +28,11 @@ from .tensor_parallel import ParamLayout, apply_tp, check_tp_plan
 __all__ = ["STATS", "Group", "LayoutError", "Mesh", "ParallelConfig", "ParallelDims", "build_mesh",
            "parallelize", "init_parallel_weights", "load_full_state_dict", "materialize", "full_state",
            "full_tensor", "finish_grad_sync", "clip_grad_norm_", "set_gradient_sync", "sync_expert_load",
-           "update_expert_bias", "Pipeline", "build_pipeline", "attach_schedule", "apply_recompute"]
+           "update_expert_bias", "Fp8Recipe", "apply_fp8", "Pipeline", "build_pipeline", "attach_schedule", "apply_recompute"]
 
 
 def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = None,
-                zero: int | None = None) -> nn.Module:
+                zero: int | None = None, fp8: Fp8Recipe | None = None) -> nn.Module:
     """Apply tp (+sp), ep and FSDP2 to `model` in place, after checking every constraint.
 
     Works on a meta-device model (then call `init_parallel_weights` or `load_full_state_dict`)
@@ -39,7 +40,7 @@ def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = 
     compute dtype is given (it carries the mixed-precision policy: parameters stay in their own
     dtype, fp32 in training, and are cast to param_dtype for compute; gradients reduce in fp32).
     `zero` overrides the layout's ZeRO stage for this model (pipeline stages under zero-bubble
-    schedules need 2).
+    schedules need 2). `fp8` puts the linear layers and expert GEMMs on an FP8 backend (fp8.py).
     """
     dims = mesh.dims
     check_tp_plan(model, dims.tp)
@@ -57,6 +58,8 @@ def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = 
     for name, p in model.named_parameters():
         layouts.setdefault(name, ParamLayout(tuple(p.shape)))
     model.param_layouts = layouts
+    if fp8 is not None:
+        apply_fp8(model, fp8)
     if dims.dp > 1 or param_dtype is not None:
         apply_fsdp(model, mesh, param_dtype=param_dtype, zero=zero)
     return model

@@ -302,13 +302,14 @@ class Pipeline:
 
 def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_microbatches: int = 0, *,
                    vpp: int = 2, layer_split: list[list[int]] | None = None, seq_len: int | None = None,
-                   recompute: str | list[str] = "none", param_dtype: torch.dtype | None = None) -> Pipeline:
+                   recompute: str | list[str] = "none", param_dtype: torch.dtype | None = None,
+                   fp8=None) -> Pipeline:
     """Cut `model` (best on the meta device: each rank allocates only its stages) into the stages of
     `schedule`, apply tp/ep/FSDP2 to each (`parallelize`) and build the schedule.
 
     layer_split: explicit layers per stage (global stage order); otherwise split by
     `model.stage_costs(seq_len)` so that the slowest stage is as fast as possible. recompute: one mode
-    ("none" | "selective" | "full") or one per global stage."""
+    ("none" | "selective" | "full") or one per global stage. fp8: an `Fp8Recipe` for every stage."""
     from . import parallelize
 
     dims = mesh.dims
@@ -339,7 +340,7 @@ def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_micro
         if modes[sid] != "none":
             from .recompute import apply_recompute
             apply_recompute(s, modes[sid])
-        stages.append(parallelize(s, mesh, param_dtype=param_dtype, zero=zero))
+        stages.append(parallelize(s, mesh, param_dtype=param_dtype, zero=zero, fp8=fp8))
     first_names = {n for n, _ in cut_stage(model, layer_split[0], True, False, keep_embed).named_parameters()}
     last_names = {n for n, _ in cut_stage(model, layer_split[-1], False, True, keep_embed).named_parameters()}
     shared = tuple(sorted(first_names & last_names))

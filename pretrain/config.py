@@ -58,7 +58,8 @@ class TrainSection:
     batch_ramp: list[int] = field(default_factory=list)        # [start, increment, ramp_samples] (V3 §4.2)
     exit_at_step: int = 0           # save and stop there without changing the schedule (0: off)
     dtype: str = "fp32"             # fp32 | bf16 (parameters and optimizer stay fp32)
-    fp8: str = "none"               # none | blockwise (arrives with the FP8 issue)
+    fp8: str = "none"               # none | blockwise (V3 §3.3: linears and expert GEMMs in FP8)
+    fp8_backend: str = "auto"       # auto | emulate | torch (auto: torch's scaled_mm on CUDA, else emulate)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -121,6 +122,7 @@ class Config:
         """Constraints between keys that a single field's type cannot express."""
         t, p = self.train, self.parallel
         choices = {"train.dtype": (t.dtype, ("fp32", "bf16")), "train.fp8": (t.fp8, ("none", "blockwise")),
+                   "train.fp8_backend": (t.fp8_backend, ("auto", "emulate", "torch")),
                    "train.moment_dtype": (t.moment_dtype, ("fp32", "bf16")),
                    "train.device": (t.device, ("auto", "cpu", "cuda")),
                    "parallel.recompute": (p.recompute, ("none", "selective", "full")),
@@ -136,9 +138,6 @@ class Config:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
         if t.exit_at_step < 0 or t.exit_at_step > t.steps:
             raise ConfigError(f"train.exit_at_step = {t.exit_at_step} must lie in [0, train.steps = {t.steps}]")
-        if t.fp8 != "none":
-            raise ConfigError("train.fp8 = blockwise is not available yet (it arrives with the FP8 issue); "
-                              "use train.fp8=none")
         if self.checkpoint.keep < 1:
             raise ConfigError(f"checkpoint.keep must be >= 1, got {self.checkpoint.keep}")
         if not 0.0 <= t.ema_decay < 1.0:

@@ -27,6 +27,7 @@ from parallel import (LayoutError, ParallelConfig, apply_recompute, attach_sched
                       set_gradient_sync, sync_expert_load)
 from parallel import comm
 from parallel.data_parallel import reshard
+from parallel.fp8 import Fp8Error, Fp8Recipe, get_backend
 from parallel.pp_schedules import check_microbatches
 from parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sharded_state
 
@@ -109,6 +110,12 @@ class Trainer:
             raise ConfigError(f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size is "
                               f"{self.model_cfg.vocab_size}; set model.vocab_size={self.data.vocab_size} (or more)")
         self.param_dtype = DTYPES[t.dtype]
+        self.fp8 = Fp8Recipe(t.fp8_backend) if t.fp8 == "blockwise" else None
+        if self.fp8:
+            try:
+                get_backend(t.fp8_backend, self.device)
+            except Fp8Error as e:
+                raise ConfigError(f"train.fp8_backend = {t.fp8_backend}: {e}") from None
         try:
             self._build_model()
         except ValueError as e:  # layout and micro-batch constraints; their messages name the keys
@@ -152,7 +159,7 @@ class Trainer:
                                       f"{gbs // m0} micro-batches per dp rank): {e}") from None
             self.pipe = build_pipeline(meta, self.mesh, p.pp_schedule, t.global_batch_size // m0, vpp=p.vpp,
                                        layer_split=p.layer_split or None, seq_len=cfg.data.seq_len,
-                                       recompute=p.recompute, param_dtype=self.param_dtype)
+                                       recompute=p.recompute, param_dtype=self.param_dtype, fp8=self.fp8)
             self.pipe.init_weights(t.seed, self.device)
             self.models = self.pipe.stages
             self._schedule_for(self.batch_size(0)[0])
@@ -160,7 +167,7 @@ class Trainer:
             self.pipe = None
             if p.recompute != "none":
                 apply_recompute(meta, p.recompute)
-            net = parallelize(meta, self.mesh, param_dtype=self.param_dtype)
+            net = parallelize(meta, self.mesh, param_dtype=self.param_dtype, fp8=self.fp8)
             init_parallel_weights(net, self.mesh, t.seed, self.device)
             self.models = [net]
 

@@ -1,0 +1,391 @@
+"""DeepSeek-V3's fine-grained FP8 training recipe (V3 §3.3, Appendix B) as a linear backend.
+
+    apply_fp8(model, Fp8Recipe(backend="auto"))   # before FSDP2; tp/ep/pp applied as usual
+
+The recipe, the same in every backend:
+  - E4M3 on every tensor (max 448), scales from the online max-abs of each group (§3.3.2);
+  - activations and activation gradients in 1x128 tiles along the GEMM's inner dimension,
+    weights in 128x128 blocks (§3.3.2, Fig. 7a); activation gradients are never put in 128x128
+    blocks, which diverged on a 16B MoE (App. B.2);
+  - Fprop, Dgrad and Wgrad all in FP8 with FP32 accumulation (§3.3.1, Fig. 6); the outputs are
+    the activations' dtype (Fprop, Dgrad) and fp32 (Wgrad, cast to the parameter's dtype);
+  - the layer's input is cached for backward in FP8 (its 1x128 tiles, §3.3.3) and re-tiled to
+    128x1 for Wgrad: dequantized and quantized again along the token dimension;
+  - embedding, output head, MoE gating, norms and attention stay in high precision: only
+    nn.Linear-like layers and routed-expert GEMMs are converted, the vocab-parallel head is not.
+
+Backends, all computing C = A @ B^T from FP8 A [M, K] and B [N, K] with per-group scales:
+  emulate  dequantize, fp32 matmul: exact products, fp32 sums; runs anywhere, the reference;
+  torch    `torch.nn.functional.scaled_mm` with BlockWise1x128 / BlockWise128x128 scales on CUDA
+           (Hopper); where the build lacks them, row-wise scales, with a warning naming the gap;
+A dimension that is not a multiple of 128 gives a partial tile or block at the edge, scaled by
+its own max-abs (zero padding, which leaves every max unchanged).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+TILE = (1, 128)      # activations and activation gradients (per token per 128 channels)
+BLOCK = (128, 128)   # weights (per 128 input x 128 output channels)
+AMAX_FLOOR = 1e-12   # an all-zero (or denormal) group gets a finite scale and quantizes to zeros
+BACKENDS = ("auto", "emulate", "torch")
+
+
+class Fp8Error(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    backend: str = "auto"            # auto | emulate | torch
+    pow2_scales: bool = False        # round scales up to powers of two (V3 §3.3.3's re-tiled activations)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise Fp8Error(f"unknown FP8 backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+# -- quantization -------------------------------------------------------------------------------------
+def _grouped_view(x: torch.Tensor, group: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """x [..., R, C] zero-padded to whole groups and viewed as [..., R/gr, gr, C/gc, gc]."""
+    gr, gc = group
+    r, c = x.shape[-2:]
+    pr, pc = -r % gr, -c % gc
+    if pr or pc:
+        x = F.pad(x, (0, pc, 0, pr))
+    return x.unflatten(-1, (-1, gc)).unflatten(-3, (-1, gr)), (r, c)
+
+
+def quantize(x: torch.Tensor, group: tuple[int, int], pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 values of x [..., R, C] and fp32 dequantization scales [..., ceil(R/gr), ceil(C/gc)],
+    one per (gr x gc) group: s = max|x_group| / 448, q = x / s (V3 §3.3.2, online max-abs).
+    A non-finite element makes its whole group NaN after dequantization: never a silent finite."""
+    if x.dim() < 2:
+        raise Fp8Error(f"FP8 quantization needs a tensor of at least 2 dimensions, got shape {tuple(x.shape)}")
+    v, (r, c) = _grouped_view(x.float(), group)
+    amax = v.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR)
+    scale = amax / E4M3_MAX
+    if pow2_scales:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (v / scale[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    q = q.flatten(-4, -3).flatten(-2, -1)[..., :r, :c]
+    return q.contiguous(), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group: tuple[int, int]) -> torch.Tensor:
+    """fp32 q * s with each group's scale; the inverse of `quantize` up to E4M3 rounding."""
+    v, (r, c) = _grouped_view(q.float(), group)
+    return (v * scale[..., :, None, :, None]).flatten(-4, -3).flatten(-2, -1)[..., :r, :c]
+
+
+@dataclass
+class Fp8Tensor:
+    """FP8 data with the scale of each group; `t()` transposes data, scales and grouping (a
+    128x128 block stays a block, which is why weights need no requantization for Dgrad)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    group: tuple[int, int]
+
+    @classmethod
+    def of(cls, x: torch.Tensor, group: tuple[int, int], pow2: bool = False) -> "Fp8Tensor":
+        return cls(*quantize(x, group, pow2), group)
+
+    def t(self) -> "Fp8Tensor":
+        return Fp8Tensor(self.data.transpose(-2, -1), self.scale.transpose(-2, -1), self.group[::-1])
+
+    def float(self) -> torch.Tensor:
+        return dequantize(self.data, self.scale, self.group)
+
+
+# -- GEMM backends: C = A @ B^T, A [M, K] in 1x128 tiles, B [N, K] in 1x128 tiles or 128x128 blocks ---
+def spans(counts: list[int]):
+    """(expert, first row, rows) of each non-empty segment."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, n
+        start += n
+
+
+class Backend:
+    """C = A @ B^T from FP8 A [M, K] (1x128 tiles) and B [N, K] (1x128 tiles or 128x128 blocks),
+    and the experts' grouped forms. The grouped ones default to one GEMM per expert."""
+
+    name = ""
+
+    def gemm(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grouped_gemm(self, a: Fp8Tensor, b: Fp8Tensor, counts: list[int], out_dtype) -> torch.Tensor:
+        """Rows of a by expert times b[e]^T (b [E, N, K])."""
+        outs = [self.gemm(Fp8Tensor(a.data[s:s + n], a.scale[s:s + n], a.group),
+                          Fp8Tensor(b.data[e], b.scale[e], b.group), out_dtype) for e, s, n in spans(counts)]
+        return _cat_rows(outs, a, b, out_dtype)
+
+    def grouped_wgrad(self, dy: "Segments", x: "Segments") -> torch.Tensor:
+        """dW[e] = dY_e^T X_e, both in 128x1 token tiles inside the expert; fp32 [E, N, K]."""
+        dw = dy.data.new_zeros(len(dy.counts), dy.data.shape[1], x.data.shape[1], dtype=torch.float32)
+        for e, s, _ in spans(dy.counts):
+            dw[e] = self.gemm(dy.segment(e, s), x.segment(e, s), torch.float32)
+        return dw
+
+
+def _cat_rows(outs, a, b, out_dtype):
+    if not outs:
+        return a.data.new_zeros(a.data.shape[0], b.data.shape[-2], dtype=out_dtype)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class Emulated(Backend):
+    """Exact FP8 arithmetic in plain torch: E4M3 x E4M3 products and their scaling are exact in
+    fp32, so this is the recipe's value up to the order of fp32 sums. The reference."""
+
+    name = "emulate"
+
+    def gemm(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return (a.float() @ b.float().transpose(-2, -1)).to(out_dtype)
+
+    def grouped_gemm(self, a, b, counts, out_dtype):
+        ad, bd = a.float(), b.float()   # dequantize once, then one fp32 matmul per expert
+        outs = [(ad[s:s + n] @ bd[e].t()).to(out_dtype) for e, s, n in spans(counts)]
+        return _cat_rows(outs, a, b, out_dtype)
+
+    def grouped_wgrad(self, dy, x):
+        dyd, xd = dy.float(), x.float()
+        dw = dyd.new_zeros(len(dy.counts), dyd.shape[1], xd.shape[1])
+        for e, s, n in spans(dy.counts):
+            dw[e] = dyd[s:s + n].t() @ xd[s:s + n]
+        return dw
+
+
+class TorchScaledMM(Backend):
+    """`F.scaled_mm` (cuBLAS/CUTLASS on Hopper): DeepSeek's blockwise scaling natively, with the
+    inner-dimension scales applied in fp32 every 128 elements (V3 §3.3.2's N_C = 128 promotion).
+    Shapes are zero-padded to the kernel's alignment (exact: padding never changes a group's max).
+    Experts run one GEMM each: torch's `scaled_grouped_mm` takes row-wise or MX scales only."""
+
+    name = "torch"
+
+    def __init__(self):
+        self.blockwise = hasattr(F, "ScalingType") and hasattr(F.ScalingType, "BlockWise1x128")
+        if not self.blockwise:
+            warnings.warn("this torch build has no blockwise FP8 scaled_mm (F.ScalingType.BlockWise1x128): "
+                          "FP8 GEMMs use one scale per row of each operand (row-wise) instead of per "
+                          "1x128 tile / 128x128 block; expect larger quantization error than V3's recipe",
+                          stacklevel=2)
+
+    def gemm(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        m, n = a.data.shape[0], b.data.shape[0]
+        if not self.blockwise:
+            return self._rowwise(a, b, out_dtype)
+        ST = F.ScalingType
+        ad, as_ = _pad_to(a.data, 128, 128).contiguous(), _pad_scales(a.scale, a.group, 128, 128)
+        bd, bs = _pad_to(b.data, 128, 128).contiguous(), _pad_scales(b.scale, b.group, 128, 128)
+        # cuBLAS wants A row-major, B column-major, 1x128 scales outer-dim-major (transposed in
+        # memory), and the 128x128 scales of B as [K/128 rounded up to 4, N/128], K-major
+        a_scale = as_.t().contiguous().t()
+        if b.group == TILE:
+            b_scale, b_recipe = bs.t().contiguous().t(), ST.BlockWise1x128
+        else:
+            b_scale = F.pad(bs.contiguous(), (0, -bs.shape[1] % 4), value=1.0).t()
+            b_recipe = ST.BlockWise128x128
+        out = F.scaled_mm(ad, bd.t(), a_scale, ST.BlockWise1x128, b_scale, b_recipe,
+                          output_dtype=torch.float32 if out_dtype == torch.float32 else torch.bfloat16)
+        return out[:m, :n].to(out_dtype)
+
+    def _rowwise(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype):
+        # the nearest scaling the build has: requantize each row of A and of B with one scale
+        a2, b2 = (Fp8Tensor.of(x.float(), (1, x.data.shape[1])) for x in (a, b))
+        ad, bd = _pad_to(a2.data, 16, 16), _pad_to(b2.data, 16, 16)
+        sa = F.pad(a2.scale, (0, 0, 0, ad.shape[0] - a2.scale.shape[0]), value=1.0)
+        sb = F.pad(b2.scale, (0, 0, 0, bd.shape[0] - b2.scale.shape[0]), value=1.0)
+        out = torch._scaled_mm(ad, bd.t(), scale_a=sa.contiguous(), scale_b=sb.t().contiguous(),
+                               out_dtype=torch.bfloat16 if out_dtype != torch.float32 else torch.float32)
+        return out[: a.data.shape[0], : b.data.shape[0]].to(out_dtype)
+
+
+def _pad_to(x: torch.Tensor, mult_r: int, mult_c: int) -> torch.Tensor:
+    pr, pc = -x.shape[-2] % mult_r, -x.shape[-1] % mult_c
+    if not (pr or pc):
+        return x
+    # fp8 has no pad kernel everywhere: pad its bytes
+    return F.pad(x.view(torch.uint8), (0, pc, 0, pr)).view(x.dtype)
+
+
+def _pad_scales(s: torch.Tensor, group, mult_r: int, mult_c: int) -> torch.Tensor:
+    """Scales for the padded operand: padded rows (1xN tiles) get scale 1 on zero data."""
+    rows = -(-s.shape[0] * group[0] // mult_r) * mult_r // group[0]
+    cols = -(-s.shape[1] * group[1] // mult_c) * mult_c // group[1]
+    return F.pad(s, (0, cols - s.shape[1], 0, rows - s.shape[0]), value=1.0)
+
+
+_BACKENDS: dict[str, object] = {}
+
+
+def get_backend(name: str, device: torch.device | str = "cpu"):
+    """The GEMM backend for `name` on `device` ("auto": torch on CUDA, else emulate)."""
+    device = torch.device(device)
+    if name == "auto":
+        name = "torch" if device.type == "cuda" else "emulate"
+    if name == "torch" and device.type != "cuda":
+        raise Fp8Error(f"FP8 backend 'torch' needs a CUDA device (this run is on {device.type}); "
+                       "use train.fp8_backend=emulate on CPU")
+    if name not in _BACKENDS:
+        _BACKENDS[name] = Emulated() if name == "emulate" else TorchScaledMM()
+    return _BACKENDS[name]
+
+
+# -- the FP8 linear -------------------------------------------------------------------------------------
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T with all three GEMMs in FP8 (V3 Fig. 6); x cached as its FP8 1x128 tiles."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, backend, recipe: Fp8Recipe):
+        xq = Fp8Tensor.of(x2d, TILE, recipe.pow2_scales)
+        wq = Fp8Tensor.of(weight, BLOCK, recipe.pow2_scales)
+        y = backend.gemm(xq, wq, x2d.dtype)                         # Fprop: [M,K] x [N,K]^T
+        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
+        ctx.backend, ctx.recipe, ctx.w_dtype, ctx.x_dtype = backend, recipe, weight.dtype, x2d.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xd, xs, wd, ws = ctx.saved_tensors
+        backend, pow2 = ctx.backend, ctx.recipe.pow2_scales
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:   # Dgrad: dY in 1x128 tiles along N, W^T in (transposed) blocks
+            dx = backend.gemm(Fp8Tensor.of(dy, TILE, pow2), Fp8Tensor(wd, ws, BLOCK).t(), ctx.x_dtype)
+        if ctx.needs_input_grad[1]:   # Wgrad: dY^T and X^T in 1x128 tiles along the tokens (128x1 of dY, X)
+            x_t = Fp8Tensor(xd, xs, TILE).float().t()                 # the cached FP8 input, re-tiled
+            dw = backend.gemm(Fp8Tensor.of(dy.t(), TILE, pow2), Fp8Tensor.of(x_t, TILE, pow2), torch.float32)
+            dw = dw.to(ctx.w_dtype)
+        return dx, dw, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T under the blockwise FP8 recipe, in x's dtype."""
+    backend = get_backend(recipe.backend, x.device)
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)   # as F.linear would require; the fp32 master stays the optimizer's
+    y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, backend, recipe)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Segments:
+    """Rows of a [T, C] tensor in consecutive segments (one per expert, counts[e] rows), quantized
+    in 128x1 tiles that restart at each segment's first row: Wgrad's token tiles never mix experts."""
+
+    def __init__(self, x: torch.Tensor, counts: list[int], pow2: bool = False):
+        self.counts = counts
+        tiles = [-(-n // TILE[1]) for n in counts]
+        self.tile_base = [sum(tiles[:e]) for e in range(len(counts))]
+        n_rows = sum(counts)
+        seg = torch.repeat_interleave(torch.arange(len(counts), device=x.device),
+                                      torch.tensor(counts, device=x.device), output_size=n_rows)
+        starts = torch.tensor([sum(counts[:e]) for e in range(len(counts))], device=x.device, dtype=torch.long)
+        base = torch.tensor(self.tile_base, device=x.device, dtype=torch.long)
+        self.tile = base[seg] + (torch.arange(n_rows, device=x.device) - starts[seg]) // TILE[1]
+        v = x.float()
+        amax = v.new_zeros(sum(tiles), v.shape[1]).scatter_reduce_(0, self.tile[:, None].expand_as(v), v.abs(), "amax")
+        self.scale = amax.clamp(min=AMAX_FLOOR) / E4M3_MAX
+        if pow2:
+            self.scale = torch.exp2(torch.ceil(torch.log2(self.scale)))
+        self.data = (v / self.scale[self.tile]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+    def float(self) -> torch.Tensor:
+        return self.data.float() * self.scale[self.tile]
+
+    def segment(self, e: int, start: int) -> Fp8Tensor:
+        """Segment e transposed, [C, n], in 1x128 tiles along its n tokens."""
+        n, b = self.counts[e], self.tile_base[e]
+        return Fp8Tensor(self.data[start:start + n].t(), self.scale[b:b - (-n // TILE[1])].t(), TILE)
+
+
+class _Fp8GroupedMM(torch.autograd.Function):
+    """Routed experts: rows of x sorted by expert (counts[e] rows each) times w[e]^T, all three
+    GEMMs in FP8. Token tiles (1x128 along the hidden dim) do not depend on the grouping; each
+    expert's weight has its own 128x128 blocks; Wgrad's 128x1 token tiles stay inside an expert."""
+
+    @staticmethod
+    def forward(ctx, x, w, counts, backend, recipe: Fp8Recipe):
+        xq = Fp8Tensor.of(x, TILE, recipe.pow2_scales)
+        wq = Fp8Tensor.of(w, BLOCK, recipe.pow2_scales)            # [E, N, K]: blocks per expert
+        y = backend.grouped_gemm(xq, wq, counts, x.dtype)
+        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
+        ctx.meta = (counts, backend, recipe, w.dtype, x.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xd, xs, wd, ws = ctx.saved_tensors
+        counts, backend, recipe, w_dtype, x_dtype = ctx.meta
+        pow2 = recipe.pow2_scales
+        dy = dy.contiguous()
+        dx = backend.grouped_gemm(Fp8Tensor.of(dy, TILE, pow2), Fp8Tensor(wd, ws, BLOCK).t(), counts, x_dtype)
+        x_cached = Fp8Tensor(xd, xs, TILE).float()                   # re-tiled 128x1 inside each expert
+        dw = backend.grouped_wgrad(Segments(dy, counts, pow2), Segments(x_cached, counts, pow2))
+        return dx, dw.to(w_dtype), None, None, None
+
+
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
+    """The experts' grouped GEMM (x [T, K] sorted by expert, w [E, N, K]) under the FP8 recipe."""
+    backend = get_backend(recipe.backend, x.device)
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    counts_list = [int(c) for c in counts.tolist()]  # one host sync per grouped GEMM, as the split would
+    if x.shape[0] != sum(counts_list):
+        raise Fp8Error(f"fp8_grouped_mm: x has {x.shape[0]} rows but the expert counts sum to {sum(counts_list)}")
+    return _Fp8GroupedMM.apply(x, w, counts_list, backend, recipe)
+
+
+# -- applying the recipe to a model from outside ----------------------------------------------------------
+class Fp8Linear:
+    """Mixin put in front of a linear layer's class (nn.Linear, Column/RowParallelLinear): the
+    local GEMM goes through `fp8_linear`; names, parameters and state dicts do not change."""
+
+    fp8_recipe: Fp8Recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .tensor_parallel import RowParallelLinear, exit_region
+        y = fp8_linear(x, self.weight, self.fp8_recipe)
+        if isinstance(self, RowParallelLinear):
+            y = exit_region(y, self.group, self.sp)
+        return y if self.bias is None else y + self.bias
+
+
+def apply_fp8(model: nn.Module, recipe: Fp8Recipe) -> list[str]:
+    """Convert the model's linear layers and routed-expert GEMMs to FP8 in place; returns the paths
+    converted. Kept high precision (V3 §3.3.1): the vocab head and embedding (tp styles
+    vocab_head / vocab_embed), the gate, norms and attention's core (none of them nn.Linear)."""
+    keep = set()
+    for path, module in model.named_modules():
+        for child, styles in getattr(type(module), "tp_plan", {}).items():
+            styles = (styles,) if isinstance(styles, str) else styles
+            if {"vocab_head", "vocab_embed"} & set(styles):
+                keep.add(f"{path}.{child}".strip(".") if child else path)
+    converted = []
+    for path, module in list(model.named_modules()):
+        if path in keep:
+            continue
+        if isinstance(module, nn.Linear) and not isinstance(module, Fp8Linear):
+            cls = type(module)
+            module.__class__ = type(f"Fp8{cls.__name__}", (Fp8Linear, cls), {})
+            module.fp8_recipe = recipe
+            converted.append(path)
+        elif hasattr(module, "grouped_gemm") and getattr(type(module), "ep_params", None):
+            module.grouped_gemm = lambda x, w, counts, r=recipe: fp8_grouped_mm(x, w, counts, r)
+            converted.append(path)
+    return converted
+
+
+__all__ = ["Fp8Recipe", "Fp8Error", "Fp8Tensor", "quantize", "dequantize", "fp8_linear", "fp8_grouped_mm",
+           "apply_fp8", "get_backend", "E4M3_MAX", "TILE", "BLOCK"]
