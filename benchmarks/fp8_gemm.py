@@ -61,6 +61,9 @@ def linear_case(m: int, k: int, n: int) -> dict:
     t_bf = bench(lambda: x @ w.t())
     t_f8 = bench(lambda: torch_be.gemm(xq, wq, torch.bfloat16))
     out.update(gemm_bf16_tflops=flops / t_bf / 1e12, gemm_fp8_tflops=flops / t_f8 / 1e12)
+    t_qx, t_qw = bench(lambda: Fp8Tensor.of(x, TILE)), bench(lambda: Fp8Tensor.of(w, BLOCK))
+    out.update(quant_x_ms=t_qx * 1e3, quant_w_ms=t_qw * 1e3,
+               quant_x_gbps=(x.numel() * 3 + x.numel() / 32) / t_qx / 1e9)   # read bf16, write e4m3 + scales
     rec = Fp8Recipe("torch")
     t_fwd = bench(lambda: fp8_linear(x, w, rec))
     out.update(fprop_fp8_tflops=flops / t_fwd / 1e12, fprop_bf16_tflops=flops / t_bf / 1e12)
@@ -122,7 +125,8 @@ def main() -> None:
         r = linear_case(args.tokens, k, n)
         res["linear"].append(r)
         print(f"{k:>6}x{n:<6} gemm bf16 {r['gemm_bf16_tflops']:7.1f} fp8 {r['gemm_fp8_tflops']:7.1f} "
-              f"({r['gemm_speedup']:.2f}x) | fprop fp8 {r['fprop_fp8_tflops']:7.1f} | step bf16 "
+              f"({r['gemm_speedup']:.2f}x) | quant x {r['quant_x_ms']:.3f} ms ({r['quant_x_gbps']:.0f} GB/s) | "
+              f"fprop fp8 {r['fprop_fp8_tflops']:7.1f} | step bf16 "
               f"{r['step_bf16_tflops']:7.1f} fp8 {r['step_fp8_tflops']:7.1f} ({r['step_speedup']:.2f}x) | err vs emu "
               f"{r['gemm_rel_err_vs_emulation']:.1e} layer {r['layer_rel_err_vs_emulation']}", flush=True)
     for k, n in ((7168, 2048), (2048, 7168)):

@@ -32,6 +32,7 @@ from torch import nn
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+INV_E4M3_MAX = 1.0 / E4M3_MAX   # s = amax * (1/448): one fp32 multiply, the same on every device
 TILE = (1, 128)      # activations and activation gradients (per token per 128 channels)
 BLOCK = (128, 128)   # weights (per 128 input x 128 output channels)
 AMAX_FLOOR = 1e-12   # an all-zero (or denormal) group gets a finite scale and quantizes to zeros
@@ -66,17 +67,55 @@ def _grouped_view(x: torch.Tensor, group: tuple[int, int]) -> tuple[torch.Tensor
 def quantize(x: torch.Tensor, group: tuple[int, int], pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 values of x [..., R, C] and fp32 dequantization scales [..., ceil(R/gr), ceil(C/gc)],
     one per (gr x gc) group: s = max|x_group| / 448, q = x / s (V3 §3.3.2, online max-abs).
-    A non-finite element makes its whole group NaN after dequantization: never a silent finite."""
+    A non-finite element makes its whole group NaN after dequantization: never a silent finite.
+    On CUDA the 1x128 and 128x128 cases run as one Triton kernel each, bit-identical to this."""
     if x.dim() < 2:
         raise Fp8Error(f"FP8 quantization needs a tensor of at least 2 dimensions, got shape {tuple(x.shape)}")
+    kernels = _kernels(x)
+    if kernels and group == BLOCK:
+        return kernels.quant_blocks(x, AMAX_FLOOR, INV_E4M3_MAX, pow2_scales)
+    if kernels and group == TILE and x.dim() == 2:
+        return kernels.quant_rows(x, AMAX_FLOOR, INV_E4M3_MAX, pow2_scales)
+    return quantize_torch(x, group, pow2_scales)
+
+
+def quantize_torch(x: torch.Tensor, group: tuple[int, int], pow2_scales: bool = False):
+    """`quantize` in plain torch ops: the reference, and the path on CPU."""
     v, (r, c) = _grouped_view(x.float(), group)
-    amax = v.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR)
-    scale = amax / E4M3_MAX
+    scale = v.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR) * INV_E4M3_MAX
     if pow2_scales:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (v / scale[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     q = q.flatten(-4, -3).flatten(-2, -1)[..., :r, :c]
     return q.contiguous(), scale
+
+
+def quantize_t(x: torch.Tensor, pow2: bool = False, row_scale: torch.Tensor | None = None) -> "Fp8Tensor":
+    """x^T [C, R] in 1x128 tiles along R (128x1 tiles of x), for Wgrad. x [R, C] is high precision,
+    or E4M3 with its 1x128 `row_scale`: the cached input, dequantized and quantized again."""
+    kernels = _kernels(x)
+    if kernels:
+        return Fp8Tensor(*kernels.quant_t(x, AMAX_FLOOR, INV_E4M3_MAX, row_scale, pow2), TILE)
+    if row_scale is not None:
+        x = dequantize(x, row_scale, TILE)
+    return Fp8Tensor(*quantize_torch(x.t(), TILE, pow2), TILE)
+
+
+_KERNELS = None
+
+
+def _kernels(x: torch.Tensor):
+    """The Triton kernels module when x is on CUDA and Triton is importable, else None."""
+    global _KERNELS
+    if not x.is_cuda:
+        return None
+    if _KERNELS is None:
+        try:
+            from . import fp8_kernels
+            _KERNELS = fp8_kernels
+        except ImportError:
+            _KERNELS = False
+    return _KERNELS or None
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group: tuple[int, int]) -> torch.Tensor:
@@ -130,11 +169,13 @@ class Backend:
                           Fp8Tensor(b.data[e], b.scale[e], b.group), out_dtype) for e, s, n in spans(counts)]
         return _cat_rows(outs, a, b, out_dtype)
 
-    def grouped_wgrad(self, dy: "Segments", x: "Segments") -> torch.Tensor:
-        """dW[e] = dY_e^T X_e, both in 128x1 token tiles inside the expert; fp32 [E, N, K]."""
-        dw = dy.data.new_zeros(len(dy.counts), dy.data.shape[1], x.data.shape[1], dtype=torch.float32)
-        for e, s, _ in spans(dy.counts):
-            dw[e] = self.gemm(dy.segment(e, s), x.segment(e, s), torch.float32)
+    def grouped_wgrad(self, dy: torch.Tensor, x: Fp8Tensor, counts: list[int], pow2: bool) -> torch.Tensor:
+        """dW[e] = dY_e^T X_e with both in 128x1 token tiles inside expert e (x: the cached FP8
+        input, re-tiled); fp32 [E, N, K]."""
+        dw = dy.new_zeros(len(counts), dy.shape[1], x.data.shape[1], dtype=torch.float32)
+        for e, s, n in spans(counts):
+            dw[e] = self.gemm(quantize_t(dy[s:s + n], pow2),
+                              quantize_t(x.data[s:s + n], pow2, row_scale=x.scale[s:s + n]), torch.float32)
         return dw
 
 
@@ -158,10 +199,11 @@ class Emulated(Backend):
         outs = [(ad[s:s + n] @ bd[e].t()).to(out_dtype) for e, s, n in spans(counts)]
         return _cat_rows(outs, a, b, out_dtype)
 
-    def grouped_wgrad(self, dy, x):
-        dyd, xd = dy.float(), x.float()
-        dw = dyd.new_zeros(len(dy.counts), dyd.shape[1], xd.shape[1])
-        for e, s, n in spans(dy.counts):
+    def grouped_wgrad(self, dy, x, counts, pow2):
+        # all experts' token tiles at once (one scatter-amax), then one fp32 matmul per expert
+        dyd, xd = quantize_segments(dy, counts, pow2), quantize_segments(x.float(), counts, pow2)
+        dw = dyd.new_zeros(len(counts), dyd.shape[1], xd.shape[1])
+        for e, s, n in spans(counts):
             dw[e] = dyd[s:s + n].t() @ xd[s:s + n]
         return dw
 
@@ -265,9 +307,8 @@ class _Fp8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:   # Dgrad: dY in 1x128 tiles along N, W^T in (transposed) blocks
             dx = backend.gemm(Fp8Tensor.of(dy, TILE, pow2), Fp8Tensor(wd, ws, BLOCK).t(), ctx.x_dtype)
         if ctx.needs_input_grad[1]:   # Wgrad: dY^T and X^T in 1x128 tiles along the tokens (128x1 of dY, X)
-            x_t = Fp8Tensor(xd, xs, TILE).float().t()                 # the cached FP8 input, re-tiled
-            dw = backend.gemm(Fp8Tensor.of(dy.t(), TILE, pow2), Fp8Tensor.of(x_t, TILE, pow2), torch.float32)
-            dw = dw.to(ctx.w_dtype)
+            x_t = quantize_t(xd, pow2, row_scale=xs)                  # the cached FP8 input, re-tiled
+            dw = backend.gemm(quantize_t(dy, pow2), x_t, torch.float32).to(ctx.w_dtype)
         return dx, dw, None, None
 
 
@@ -280,34 +321,22 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe = Fp8Rec
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-class Segments:
-    """Rows of a [T, C] tensor in consecutive segments (one per expert, counts[e] rows), quantized
-    in 128x1 tiles that restart at each segment's first row: Wgrad's token tiles never mix experts."""
-
-    def __init__(self, x: torch.Tensor, counts: list[int], pow2: bool = False):
-        self.counts = counts
-        tiles = [-(-n // TILE[1]) for n in counts]
-        self.tile_base = [sum(tiles[:e]) for e in range(len(counts))]
-        n_rows = sum(counts)
-        seg = torch.repeat_interleave(torch.arange(len(counts), device=x.device),
-                                      torch.tensor(counts, device=x.device), output_size=n_rows)
-        starts = torch.tensor([sum(counts[:e]) for e in range(len(counts))], device=x.device, dtype=torch.long)
-        base = torch.tensor(self.tile_base, device=x.device, dtype=torch.long)
-        self.tile = base[seg] + (torch.arange(n_rows, device=x.device) - starts[seg]) // TILE[1]
-        v = x.float()
-        amax = v.new_zeros(sum(tiles), v.shape[1]).scatter_reduce_(0, self.tile[:, None].expand_as(v), v.abs(), "amax")
-        self.scale = amax.clamp(min=AMAX_FLOOR) / E4M3_MAX
-        if pow2:
-            self.scale = torch.exp2(torch.ceil(torch.log2(self.scale)))
-        self.data = (v / self.scale[self.tile]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-
-    def float(self) -> torch.Tensor:
-        return self.data.float() * self.scale[self.tile]
-
-    def segment(self, e: int, start: int) -> Fp8Tensor:
-        """Segment e transposed, [C, n], in 1x128 tiles along its n tokens."""
-        n, b = self.counts[e], self.tile_base[e]
-        return Fp8Tensor(self.data[start:start + n].t(), self.scale[b:b - (-n // TILE[1])].t(), TILE)
+def quantize_segments(x: torch.Tensor, counts: list[int], pow2: bool = False) -> torch.Tensor:
+    """x [T, C] quantized and dequantized (fp32) in 128x1 tiles that restart at each segment's first
+    row (counts[e] rows per expert): Wgrad's token tiles never mix experts. All tiles in one pass."""
+    tiles = [-(-n // TILE[1]) for n in counts]
+    dev = x.device
+    seg = torch.repeat_interleave(torch.arange(len(counts), device=dev), torch.tensor(counts, device=dev),
+                                  output_size=sum(counts))
+    starts = torch.tensor([sum(counts[:e]) for e in range(len(counts))], device=dev)
+    bases = torch.tensor([sum(tiles[:e]) for e in range(len(counts))], device=dev)
+    tile = bases[seg] + (torch.arange(sum(counts), device=dev) - starts[seg]) // TILE[1]
+    v = x.float()
+    amax = v.new_zeros(sum(tiles), v.shape[1]).scatter_reduce_(0, tile[:, None].expand_as(v), v.abs(), "amax")
+    scale = amax.clamp(min=AMAX_FLOOR) * INV_E4M3_MAX
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return (v / scale[tile]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * scale[tile]
 
 
 class _Fp8GroupedMM(torch.autograd.Function):
@@ -331,8 +360,7 @@ class _Fp8GroupedMM(torch.autograd.Function):
         pow2 = recipe.pow2_scales
         dy = dy.contiguous()
         dx = backend.grouped_gemm(Fp8Tensor.of(dy, TILE, pow2), Fp8Tensor(wd, ws, BLOCK).t(), counts, x_dtype)
-        x_cached = Fp8Tensor(xd, xs, TILE).float()                   # re-tiled 128x1 inside each expert
-        dw = backend.grouped_wgrad(Segments(dy, counts, pow2), Segments(x_cached, counts, pow2))
+        dw = backend.grouped_wgrad(dy, Fp8Tensor(xd, xs, TILE), counts, pow2)
         return dx, dw.to(w_dtype), None, None, None
 
 

@@ -62,3 +62,43 @@ def test_linear_and_grouped_match_emulation(dtype):
 def test_auto_backend_is_torch_on_cuda():
     from parallel.fp8 import get_backend
     assert get_backend("auto", "cuda").name == "torch"
+
+
+def _same(a, b):
+    """Bit-identical tensors (NaNs compared as NaNs)."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if a.dtype == torch.float8_e4m3fn:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+        nan_a, nan_b = (a & 0x7F) == 0x7F, (b & 0x7F) == 0x7F
+        assert torch.equal(nan_a, nan_b)
+        assert torch.equal(a[~nan_a], b[~nan_b])
+    else:
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+
+
+@hopper
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape", [(256, 512), (33, 200), (1, 1), (300, 129), (4096, 7168)])
+def test_kernels_bit_identical_to_reference(shape, pow2):
+    from parallel import fp8_kernels as k
+    from parallel.fp8 import AMAX_FLOOR, INV_E4M3_MAX, quantize_torch
+    torch.manual_seed(sum(shape))
+    x = torch.randn(*shape, device="cuda") * torch.logspace(-3, 3, shape[1], device="cuda")
+    x = x.to(torch.bfloat16)
+    if shape[0] > 40 and shape[1] > 140:
+        x[3, 5] = float("nan")
+        x[37, 140] = float("inf")
+        x[130:, :128] = 0.0 if shape[0] > 130 else x[130:, :128]
+    for got, ref in zip(k.quant_rows(x, AMAX_FLOOR, INV_E4M3_MAX, pow2), quantize_torch(x, TILE, pow2)):
+        _same(got, ref)
+    for got, ref in zip(k.quant_blocks(x, AMAX_FLOOR, INV_E4M3_MAX, pow2), quantize_torch(x, BLOCK, pow2)):
+        _same(got, ref)
+    for got, ref in zip(k.quant_t(x, AMAX_FLOOR, INV_E4M3_MAX, None, pow2), quantize_torch(x.t(), TILE, pow2)):
+        _same(got, ref)
+    q, s = quantize_torch(x, TILE, pow2)   # Wgrad's re-tiling of the cached FP8 input
+    ref = quantize_torch(Fp8Tensor(q, s, TILE).float().t(), TILE, pow2)
+    for got, r in zip(k.quant_t(q, AMAX_FLOOR, INV_E4M3_MAX, s, pow2), ref):
+        _same(got, r)
+    w = torch.randn(3, *shape, device="cuda")
+    for got, ref in zip(k.quant_blocks(w, AMAX_FLOOR, INV_E4M3_MAX, pow2), quantize_torch(w, BLOCK, pow2)):
+        _same(got, ref)
