@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from parallel.fp8 import dequantize
+
 from .config import ModelConfig
 
 # architecture name -> model_type, as transformers writes them
@@ -521,8 +523,7 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     if tuple(scale_inv.shape) != grid:
         raise ValueError(f"{name}_scale_inv has shape {tuple(scale_inv.shape)}; a {out}x{inp} weight in "
                          f"{b0}x{b1} blocks needs {grid}")
-    s = scale_inv.float().repeat_interleave(b0, 0)[:out].repeat_interleave(b1, 1)[:, :inp]
-    return w.float() * s
+    return dequantize(w, scale_inv.float(), block)
 
 
 # =============================================================================================

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from model import build_model, load_hf, preset, preset_names  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.convert import load_native, main as convert_main  # noqa: E402
+from parallel.fp8 import quantize  # noqa: E402
 from model.hf import (config_from_hf, config_to_hf, dequantize_fp8, from_hf_state_dict, save_hf,  # noqa: E402
                       to_hf_state_dict)
 
@@ -360,19 +361,8 @@ def test_load_bf16(mtp_checkpoint):
 # --------------------------------------------------------------------------------------------
 # FP8 (deepseek-v3-weights-format.md): e4m3 weights with a scale per 2-D block
 # --------------------------------------------------------------------------------------------
-E4M3_MAX = 448.0
-
-
 def quantize_fp8(w: torch.Tensor, block: tuple[int, int]):
-    out, inp = w.shape
-    b0, b1 = block
-    go, gi = math.ceil(out / b0), math.ceil(inp / b1)
-    padded = torch.zeros(go * b0, gi * b1)
-    padded[:out, :inp] = w
-    blocks = padded.view(go, b0, gi, b1)
-    scale_inv = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
-    q = (blocks / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn).view(go * b0, gi * b1)
-    return q[:out, :inp].contiguous(), scale_inv
+    return quantize(w, block)   # the training recipe's quantizer (parallel/fp8.py) writes V3's format
 
 
 def expand_scale(scale_inv, shape, block):
