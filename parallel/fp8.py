@@ -24,11 +24,14 @@ its own max-abs (zero padding, which leaves every max unchanged).
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .tensor_parallel import RowParallelLinear, exit_region
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -154,14 +157,14 @@ def spans(counts: list[int]):
         start += n
 
 
-class Backend:
+class Backend(ABC):
     """C = A @ B^T from FP8 A [M, K] (1x128 tiles) and B [N, K] (1x128 tiles or 128x128 blocks),
     and the experts' grouped forms. The grouped ones default to one GEMM per expert."""
 
     name = ""
 
-    def gemm(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def gemm(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor: ...
 
     def grouped_gemm(self, a: Fp8Tensor, b: Fp8Tensor, counts: list[int], out_dtype) -> torch.Tensor:
         """Rows of a by expert times b[e]^T (b [E, N, K])."""
@@ -383,7 +386,6 @@ class Fp8Linear:
     fp8_recipe: Fp8Recipe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .tensor_parallel import RowParallelLinear, exit_region
         y = fp8_linear(x, self.weight, self.fp8_recipe)
         if isinstance(self, RowParallelLinear):
             y = exit_region(y, self.group, self.sp)

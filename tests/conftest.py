@@ -12,6 +12,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The embedded corpus at a small size (vocabulary 512, 400 KB), built once per session."""
+    from pretrain.corpus import ensure_embedded_corpus
+    cache = tmp_path_factory.mktemp("corpus")
+    ensure_embedded_corpus(str(cache), vocab_size=512, max_bytes=400_000)
+    return cache
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: slow convergence/benchmark-style tests; still run in CI"

@@ -700,27 +700,20 @@ FP8_LAYOUTS = {
 }
 
 
-def test_parallel_fp8_equals_one_process(par_reference, tmp_path):
-    """tp2, tp2+sp, ep2, dp2 (FSDP2) and tp2+ep2+sp: loss and every gradient of the FP8 model against
-    the FP8 model in one process, with tolerances set by what can differ (see above)."""
-    report = tmp_path / "report.txt"
-    try:
-        run_ranks(2, fp8_layouts_rank, FP8_LAYOUTS, par_reference, str(report))
-    finally:
-        if report.exists():
-            print(report.read_text())
-
-
 FP8_LAYOUTS_4 = {
     "dp2_tp2_ep2_sp": dict(tp=2, ep=2, sp=True),   # FSDP2 over dp for dense, experts ep 2 x edp 2
 }
 
 
-def test_parallel_fp8_equals_one_process_4_ranks(par_reference, tmp_path):
-    """dp2 x tp2 (+sp) with ep2: FSDP2 shards the dense parameters over dp and the experts over edp."""
+@pytest.mark.parametrize("world,layouts", [(2, FP8_LAYOUTS), (4, FP8_LAYOUTS_4)], ids=["2_ranks", "4_ranks"])
+def test_parallel_fp8_equals_one_process(world, layouts, par_reference, tmp_path):
+    """Loss and every gradient of the FP8 model against the FP8 model in one process, with
+    tolerances set by what can differ (see above). 2 ranks: tp2, tp2+sp, ep2, dp2 (FSDP2) and
+    tp2+ep2+sp; 4 ranks: dp2 x tp2 (+sp) with ep2, FSDP2 sharding the dense parameters over dp and
+    the experts over edp."""
     report = tmp_path / "report.txt"
     try:
-        run_ranks(4, fp8_layouts_rank, FP8_LAYOUTS_4, par_reference, str(report))
+        run_ranks(world, fp8_layouts_rank, layouts, par_reference, str(report))
     finally:
         if report.exists():
             print(report.read_text())

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from test_train import base_overrides, corpus, losses, metrics, run  # noqa: F401 (corpus: fixture)
+from test_train import base_overrides, losses, metrics, run
 
 STEPS = 300
 COMMON = {"model.dim": 128, "model.n_layers": 3, "train.dtype": "bf16", "train.steps": STEPS,

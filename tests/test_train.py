@@ -16,17 +16,9 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from pretrain.config import config_from_dict, load_config
+from pretrain.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from pretrain.corpus import ensure_embedded_corpus
-    cache = tmp_path_factory.mktemp("corpus")
-    ensure_embedded_corpus(str(cache), vocab_size=512, max_bytes=400_000)
-    return cache
 
 
 def base_overrides(corpus, run_dir, **extra) -> list[str]:
@@ -187,7 +179,7 @@ def test_signal_saves_a_loadable_checkpoint(corpus, tmp_path, sig):
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0, out
     assert "stopped by signal" in out
-    from parallel.checkpoint import latest_checkpoint, load_checkpoint
+    from parallel.checkpoint import latest_checkpoint
     step = latest_checkpoint(tmp_path / "checkpoints")
     meta = json.loads((step / "meta.json").read_text())
     assert meta["step"] == max(losses(tmp_path))
