@@ -9,10 +9,19 @@ from .config import ModelConfig
 from .layers import RMSNorm, apply_rope, softmax_scale
 
 
-def _causal_mask(s: int, t: int, start_pos: int, device) -> torch.Tensor:
-    """Boolean [s, t] mask, True where query start_pos+i may see key j."""
+def attention_mask(s: int, t: int, start_pos: int, device, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [b or 1, s, t] mask, True where query start_pos+i may see key j: causal and, given
+    `doc_ids` [b, t] (a document id for every position up to the last query), within one document.
+
+    Packed sequences (several documents per row) and left-padded prompts (the padding is its own
+    document) both reduce to this. Positions are not restarted per document: RoPE scores depend only
+    on the distance between query and key, so within a document the result is that of the document
+    alone, wherever it starts. Every query sees at least itself, so no row of scores is all -inf."""
     q = torch.arange(s, device=device)[:, None] + start_pos
-    return torch.arange(t, device=device)[None, :] <= q
+    mask = (torch.arange(t, device=device)[None, :] <= q)[None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, start_pos:start_pos + s, None] == doc_ids[:, None, :t])
+    return mask
 
 
 class KVCache(nn.Module):
@@ -61,17 +70,19 @@ class Attention(nn.Module):
         shape = (self.n_kv_heads, self.head_dim)
         return KVCache(batch, max_len, {"k": shape, "v": shape}, dtype, device)
 
-    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None):
+    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        """mask: boolean [b or 1, s, keys] (attention_mask); None means plain causal."""
         b, s, _ = x.shape
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rope, self.interleave)
         k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rope, self.interleave)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
-        mask = None
         if cache is not None:
             k, v = cache.write("k", start_pos, k), cache.write("v", start_pos, v)
-            mask = _causal_mask(s, k.shape[1], start_pos, x.device)
+            if mask is None:
+                mask = attention_mask(s, k.shape[1], start_pos, x.device)
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask[:, None], is_causal=mask is None,
             scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(o.transpose(1, 2).reshape(b, s, -1))
 
@@ -117,7 +128,8 @@ class MLA(nn.Module):
         # (d_c + d_h^R) elements per token per layer (V2 §2.1.4)
         return KVCache(batch, max_len, {"kv": (self.kv_lora_rank,), "pe": (self.qk_rope_head_dim,)}, dtype, device)
 
-    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None):
+    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        """mask: boolean [b or 1, s, keys] (attention_mask); None means plain causal."""
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
         q = q.unflatten(-1, (self.n_heads, self.qk_head_dim))  # [b, s, heads, d]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -126,20 +138,21 @@ class MLA(nn.Module):
         kv = self.kv_norm(kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), rope, interleave=True)  # one head, shared
         if cache is None:
-            return self._forward_full(q_nope, q_pe, kv, k_pe)
-        return self._forward_absorbed(q_nope, q_pe, kv, k_pe.squeeze(2), start_pos, cache)
+            return self._forward_full(q_nope, q_pe, kv, k_pe, mask)
+        return self._forward_absorbed(q_nope, q_pe, kv, k_pe.squeeze(2), start_pos, cache, mask)
 
-    def _forward_full(self, q_nope, q_pe, kv, k_pe):
+    def _forward_full(self, q_nope, q_pe, kv, k_pe, mask=None):
         b, s = kv.shape[:2]
         kv = self.wkv_b(kv).view(b, s, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=self.softmax_scale)
+                                           attn_mask=None if mask is None else mask[:, None],
+                                           is_causal=mask is None, scale=self.softmax_scale)
         return self.wo(o.transpose(1, 2).reshape(b, s, -1))
 
-    def _forward_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos: int, cache: KVCache):
+    def _forward_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos: int, cache: KVCache, mask=None):
         b, s = kv.shape[:2]
         wkv_b = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
@@ -147,8 +160,9 @@ class MLA(nn.Module):
         kv_all, pe_all = cache.write("kv", start_pos, kv), cache.write("pe", start_pos, k_pe)
         scores = (torch.einsum("bshc,btc->bsht", q_lat, kv_all.to(q_lat.dtype))
                   + torch.einsum("bshr,btr->bsht", q_pe, pe_all.to(q_pe.dtype))) * self.softmax_scale
-        mask = _causal_mask(s, kv_all.shape[1], start_pos, kv.device)
-        scores = scores.masked_fill(~mask[None, :, None, :], float("-inf")).softmax(-1, dtype=torch.float32)
+        if mask is None:
+            mask = attention_mask(s, kv_all.shape[1], start_pos, kv.device)
+        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf")).softmax(-1, dtype=torch.float32)
         o = torch.einsum("bsht,btc->bshc", scores.to(kv.dtype), kv_all.to(kv.dtype))
         o = torch.einsum("bshc,hdc->bshd", o, w_uv)                   # W^UV absorbed into the output
         return self.wo(o.reshape(b, s, -1))

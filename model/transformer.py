@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MLA, Attention, KVCache
+from .attention import MLA, Attention, KVCache, attention_mask
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, RotaryEmbedding, high
 from .moe import MoE
@@ -32,8 +32,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None):
-        x = x + self.attn(self.attn_norm(x), rope, start_pos, cache)
+    def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        x = x + self.attn(self.attn_norm(x), rope, start_pos, cache, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -51,8 +51,9 @@ class MTP(nn.Module):
         self.block = Block(layer_id, cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, rope) -> torch.Tensor:
-        return self.norm(self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1)), rope))
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, rope, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.norm(self.block(h, rope, mask=mask))
 
 
 class Transformer(nn.Module):
@@ -111,23 +112,38 @@ class Transformer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None,
-               h: torch.Tensor | None = None):
+               h: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
         """Final-layer hidden states before the output norm. On a pipeline stage without the
-        embedding, `h` carries the previous stage's hidden states (`tokens` still give the positions)."""
+        embedding, `h` carries the previous stage's hidden states (`tokens` still give the positions).
+        `doc_ids` [batch, start_pos + seq]: attention stays within a document (packed rows, padding)."""
         h = self.embed(tokens) if h is None else h
-        return self._blocks(h, self._rope(tokens.shape[1], start_pos, tokens.device), start_pos, caches)
+        s = tokens.shape[1]
+        mask = self._mask(s, start_pos, tokens.device, doc_ids, caches is not None)
+        return self._blocks(h, self._rope(s, start_pos, tokens.device), start_pos, caches, mask)
+
+    @staticmethod
+    def _mask(s: int, start_pos: int, device, doc_ids, cached: bool) -> torch.Tensor | None:
+        """None (plain causal, SDPA's fused path) unless documents or a cache call for an explicit mask."""
+        if doc_ids is None:
+            return None
+        if doc_ids.shape[1] < start_pos + s:
+            raise ValueError(f"doc_ids covers {doc_ids.shape[1]} positions; it needs one id per position up to "
+                             f"the last query ({start_pos + s})")
+        return attention_mask(s, start_pos + s if cached else s, start_pos, device, doc_ids)
 
     def _rope(self, seq_len: int, start_pos: int, device) -> torch.Tensor:
         # from the token count, not the hidden states: sequence parallelism splits those
         return self.rope(torch.arange(start_pos, start_pos + seq_len, device=device))
 
-    def _blocks(self, h: torch.Tensor, rope, start_pos: int = 0, caches: list[KVCache] | None = None):
+    def _blocks(self, h: torch.Tensor, rope, start_pos: int = 0, caches: list[KVCache] | None = None,
+                mask: torch.Tensor | None = None):
         for i, layer in enumerate(self.layers.values()):
-            h = layer(h, rope, start_pos, None if caches is None else caches[i])
+            h = layer(h, rope, start_pos, None if caches is None else caches[i], mask)
         return h
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None):
-        h = self.hidden(tokens, start_pos, caches)
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None,
+                doc_ids: torch.Tensor | None = None):
+        h = self.hidden(tokens, start_pos, caches, doc_ids=doc_ids)
         if self.head is None:
             return h
         return self.head(self.norm(h))
@@ -140,18 +156,21 @@ class Transformer(nn.Module):
 
     # -- training objective --------------------------------------------------------------------
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_lambda: float | None = None,
-             h: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             h: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Losses for next-token labels [batch, seq] (IGNORE_INDEX masks a position).
 
         Returns `loss` (what to backpropagate) = lm_loss + mtp_loss + the balance losses, and each
         term separately: `lm_loss`, `mtp_loss` (V3 eq. 24-25, lambda = self.mtp_lambda unless given),
         `balance_expert` / `balance_device` / `balance_comm` summed over MoE layers, and `aux_loss`
         (their sum). On the last pipeline stage `h` carries the previous stage's hidden states, and
-        the balance losses are those of this stage's MoE layers.
+        the balance losses are those of this stage's MoE layers. With `doc_ids` [batch, seq] (packed
+        documents) attention and the MTP targets stay within each document; the caller masks the
+        label of each document's last token.
         """
         seq = tokens.shape[1]
         rope = self._rope(seq, 0, tokens.device)
-        h = self.norm(self._blocks(self.embed(tokens) if h is None else h, rope))
+        mask = self._mask(seq, 0, tokens.device, doc_ids, False)
+        h = self.norm(self._blocks(self.embed(tokens) if h is None else h, rope, mask=mask))
         n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
         out = {"lm_loss": self.cross_entropy(high(self.head(h)), labels) / n_tokens}
         total = out["lm_loss"]
@@ -166,9 +185,11 @@ class Transformer(nn.Module):
                 # sequence-parallel split); the last k positions have no target and are masked.
                 # They still pass through the MTP block, whose causal attention keeps them out of
                 # every earlier position.
-                h = module(h, self.embed(tokens.roll(-k, dims=1)), rope)
+                h = module(h, self.embed(tokens.roll(-k, dims=1)), rope, mask)
                 target = labels.roll(-k, dims=1)
                 target[:, seq - k:] = IGNORE_INDEX
+                if doc_ids is not None:  # t_{i+k+1} from another document is no target for position i
+                    target = target.masked_fill(doc_ids.roll(-k, dims=1) != doc_ids, IGNORE_INDEX)
                 mtp = mtp + self.cross_entropy(high(self.head(h)), target) / n_tokens   # eq. 24: 1/T
             out["mtp_loss"] = lam / len(self.mtp) * mtp
             total = total + out["mtp_loss"]
@@ -180,12 +201,31 @@ class Transformer(nn.Module):
         out["loss"] = total
         return out
 
+    def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                       entropy: bool = False) -> dict[str, torch.Tensor]:
+        """log pi(targets | prefix) per position [batch, seq] (0 where the target is IGNORE_INDEX), and
+        with `entropy` the policy's entropy per position (no gradient). Under tensor parallelism the
+        logits stay split over the vocabulary: both come from a few all-reduces of [tokens] values."""
+        logits = high(self(tokens, doc_ids=doc_ids))
+        out = {"logprobs": -self.cross_entropy(logits, targets, reduction="none").view_as(targets)}
+        if entropy:
+            with torch.no_grad():
+                out["entropy"] = self.entropy(logits.detach()).view_as(targets)
+        return out
+
     @staticmethod
-    def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed token cross-entropy of (at least fp32) logits; tensor parallelism swaps in the
+    def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """Token cross-entropy of (at least fp32) logits, summed or per token (`reduction="none"`, 0 at
+        IGNORE_INDEX); tensor parallelism swaps in the vocab-parallel one."""
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
+
+    @staticmethod
+    def entropy(logits: torch.Tensor) -> torch.Tensor:
+        """Entropy of softmax(logits) per position, flattened; tensor parallelism swaps in the
         vocab-parallel one."""
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        logp = logits.flatten(0, -2).log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1)
 
     # -- cost, for cutting pipeline stages -------------------------------------------------------
     def stage_costs(self, seq_len: int) -> tuple[float, list[float], float]:

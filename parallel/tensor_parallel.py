@@ -173,11 +173,26 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group: Group,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """Summed cross-entropy of logits [..., vocab/tp] (this rank's columns from vocab_start)."""
+                                 ignore_index: int = -100, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of logits [..., vocab/tp] (this rank's columns from vocab_start), summed or per
+    token (`reduction="none"`, flattened, 0 at ignore_index)."""
     loss = _VocabParallelCrossEntropy.apply(logits.flatten(0, -2), labels.flatten(), vocab_start,
                                             group, ignore_index)
-    return loss.sum()
+    return loss.sum() if reduction == "sum" else loss
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor, group: Group) -> torch.Tensor:
+    """Entropy per position (flattened) of logits split along the vocabulary: H = log Z - sum p z over
+    max-shifted logits z, from three all-reduces of [tokens] values."""
+    z = logits.flatten(0, -2)
+    z_max = z.max(dim=-1).values
+    comm.all_reduce(z_max, group, op=torch.distributed.ReduceOp.MAX)
+    z = z - z_max.unsqueeze(-1)
+    e = z.exp()
+    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])
+    comm.all_reduce(sums, group)
+    return sums[0].log() - sums[1] / sums[0]
 
 
 # -- applying a plan ----------------------------------------------------------------------------------
@@ -264,6 +279,7 @@ def apply_tp(model: nn.Module, group: Group, sp: bool, layouts: dict[str, ParamL
                     start, _ = chunk_range(vocab, group.size, group.rank)
                     module.cross_entropy = functools.partial(vocab_parallel_cross_entropy, vocab_start=start,
                                                              group=group)
+                    module.entropy = functools.partial(vocab_parallel_entropy, group=group)
                 elif name == "token_split":
                     token_split.append(path)
                     if not sp:
