@@ -116,6 +116,11 @@ class Transformer(nn.Module):
         """Final-layer hidden states before the output norm. On a pipeline stage without the
         embedding, `h` carries the previous stage's hidden states (`tokens` still give the positions).
         `doc_ids` [batch, start_pos + seq]: attention stays within a document (packed rows, padding)."""
+        return self._hidden(tokens, start_pos, caches, h, doc_ids)
+
+    def _hidden(self, tokens, start_pos=0, caches=None, h=None, doc_ids=None):
+        # forward's body too: FSDP2 wraps `hidden` as an entry point, whose exit would reshard the
+        # root's parameters (norm, head) before forward uses them
         h = self.embed(tokens) if h is None else h
         s = tokens.shape[1]
         mask = self._mask(s, start_pos, tokens.device, doc_ids, caches is not None)
@@ -143,7 +148,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None,
                 doc_ids: torch.Tensor | None = None):
-        h = self.hidden(tokens, start_pos, caches, doc_ids=doc_ids)
+        h = self._hidden(tokens, start_pos, caches, doc_ids=doc_ids)
         if self.head is None:
             return h
         return self.head(self.norm(h))
@@ -202,11 +207,15 @@ class Transformer(nn.Module):
         return out
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                       entropy: bool = False) -> dict[str, torch.Tensor]:
+                       entropy: bool = False, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """log pi(targets | prefix) per position [batch, seq] (0 where the target is IGNORE_INDEX), and
-        with `entropy` the policy's entropy per position (no gradient). Under tensor parallelism the
-        logits stay split over the vocabulary: both come from a few all-reduces of [tokens] values."""
+        with `entropy` the policy's entropy per position (no gradient). `temperature` scales the logits
+        as the sampler did, so that ratios compare the distribution the samples came from. Under tensor
+        parallelism the logits stay split over the vocabulary: both come from a few all-reduces of
+        [tokens] values."""
         logits = high(self(tokens, doc_ids=doc_ids))
+        if temperature != 1.0:
+            logits = logits / temperature
         out = {"logprobs": -self.cross_entropy(logits, targets, reduction="none").view_as(targets)}
         if entropy:
             with torch.no_grad():
@@ -219,6 +228,12 @@ class Transformer(nn.Module):
         IGNORE_INDEX); tensor parallelism swaps in the vocab-parallel one."""
         return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
+
+    @staticmethod
+    def gather_logits(logits: torch.Tensor) -> torch.Tensor:
+        """The whole vocabulary's logits (for sampling a few positions); tensor parallelism swaps in an
+        all-gather of the vocab-parallel shards."""
+        return logits
 
     @staticmethod
     def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -195,6 +195,11 @@ def vocab_parallel_entropy(logits: torch.Tensor, group: Group) -> torch.Tensor:
     return sums[0].log() - sums[1] / sums[0]
 
 
+def gather_vocab(logits: torch.Tensor, vocab: int, group: Group) -> torch.Tensor:
+    """All-gather vocab-parallel logits [..., vocab/tp] into [..., vocab] (uneven shards allowed)."""
+    return gather_split(logits, vocab, Split(logits.dim() - 1, "tp", group.size), group)
+
+
 # -- applying a plan ----------------------------------------------------------------------------------
 def _styles(v) -> tuple[str, ...]:
     return (v,) if isinstance(v, str) else tuple(v)
@@ -280,6 +285,7 @@ def apply_tp(model: nn.Module, group: Group, sp: bool, layouts: dict[str, ParamL
                     module.cross_entropy = functools.partial(vocab_parallel_cross_entropy, vocab_start=start,
                                                              group=group)
                     module.entropy = functools.partial(vocab_parallel_entropy, group=group)
+                    module.gather_logits = functools.partial(gather_vocab, vocab=vocab, group=group)
                 elif name == "token_split":
                     token_split.append(path)
                     if not sp:

@@ -114,9 +114,8 @@ def tp_logprobs_rank(name: str):
     cfg = preset(name)
     ref = build_model(cfg, dtype=torch.float64, seed=0)
     mesh = parallel.build_mesh(parallel.ParallelConfig(tp=dist.get_world_size()), "cpu")
-    net = parallel.parallelize(build_model(cfg, device="meta"), mesh, param_dtype=None)
+    net = parallel.parallelize(build_model(cfg, device="meta", dtype=torch.float64), mesh)
     parallel.init_parallel_weights(net, mesh, seed=0)
-    net = net.double()
     g = torch.Generator().manual_seed(4)
     tokens = torch.randint(0, cfg.vocab_size, (2, 10), generator=g)   # the MoE token split needs seq % tp == 0
     targets = tokens.roll(-1, 1)
