@@ -190,13 +190,9 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _section_cls(name: str):
-    return _hints(Config)[name]
-
-
 def _set(cfg: Config, dotted: str, value, source: str) -> None:
     parts = dotted.split(".")
-    sections = [f.name for f in fields(Config)]
+    sections = [f.name for f in fields(cfg)]
     if parts[0] not in sections:
         raise ConfigError(f"{source}: unknown section {parts[0]!r} in {dotted!r}; valid sections: {', '.join(sections)}")
     if len(parts) != 2:
@@ -226,7 +222,7 @@ def _set_model(cfg: Config, key: str, value, source: str) -> None:
     cfg.model[key] = _coerce(value, tp, f"{source}: model.{key}")
 
 
-def _flatten(d: dict, source: str, prefix: str = "") -> list[tuple[str, object]]:
+def _flatten(d: dict, source: str, prefix: str = "", cls=None) -> list[tuple[str, object]]:
     out = []
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -234,7 +230,7 @@ def _flatten(d: dict, source: str, prefix: str = "") -> list[tuple[str, object]]
             out.extend(_flatten(v, source, key + "."))
         elif not prefix:
             raise ConfigError(f"{source}: top-level key {key!r} must be a section (mapping); "
-                              f"valid sections: {', '.join(f.name for f in fields(Config))}")
+                              f"valid sections: {', '.join(f.name for f in fields(cls or Config))}")
         else:
             out.append((key, v))
     return out
@@ -252,8 +248,9 @@ def parse_override(arg: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    cfg = Config()
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Config:
+    """`cls`: the root dataclass (Config, or a subclass with more sections, as posttrain's)."""
+    cfg = cls()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -264,7 +261,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        for key, value in _flatten(data, str(path)):
+        for key, value in _flatten(data, str(path), cls=cls):
             _set(cfg, key, value, str(path))
     for arg in overrides:
         key, value = parse_override(arg)
@@ -281,8 +278,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def config_from_dict(d: dict) -> Config:
-    cfg = Config()
-    for key, value in _flatten(d, "config dict"):
+def config_from_dict(d: dict, cls: type = Config) -> Config:
+    cfg = cls()
+    for key, value in _flatten(d, "config dict", cls=cls):
         _set(cfg, key, value, "config dict")
     return cfg

@@ -1,0 +1,129 @@
+"""Post-training configuration: pretraining's typed Config (model, parallel, train, checkpoint,
+logging) plus the sections of the post-training stages, loaded and overridden the same way
+(`load_config(path, ["grpo.beta=0.04"])`): unknown keys and wrong types are errors naming the key.
+
+Each stage reads the sections it needs; `train.steps` counts optimizer steps for SFT/DPO and
+rollout batches for GRPO.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.config import Config, ConfigError, load_config as _load_config
+
+
+@dataclass
+class InitSection:
+    checkpoint: str = ""            # whaletron checkpoint (root or step dir) with the starting weights; "" = random (train.seed)
+    tokenizer: str = ""             # sentencepiece .model or HF tokenizer.json / directory
+
+
+@dataclass
+class PostData:
+    train_files: list[str] = field(default_factory=list)   # jsonl: conversations or prompt/answer records
+    valid_files: list[str] = field(default_factory=list)   # held-out prompts (eval accuracy) or SFT rows
+    template: str = "r1_zero"       # posttrain.templates: r1_zero | chat
+    seq_len: int = 256              # packed SFT row length; GRPO: prompt + completion must fit max_seq_len
+    overflow: str = "truncate"      # truncate | drop an SFT example longer than seq_len
+    epochs: int = 0                 # SFT: > 0 sets the steps to this many passes over the packed rows (else train.steps)
+
+
+@dataclass
+class RolloutSection:
+    max_new_tokens: int = 64
+    temperature: float = 1.0        # R1-Zero: 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GRPOSection:
+    group_size: int = 8             # G samples per prompt (R1-Zero: 16; DeepSeekMath: 64)
+    prompts_per_step: int = 8       # prompts per rollout batch over all dp ranks (R1-Zero: 32)
+    inner_steps: int = 1            # optimizer steps per rollout batch (mu in DeepSeekMath Alg. 1)
+    eps_low: float = 0.2            # clip 1 - eps_low
+    eps_high: float = 0.2           # clip 1 + eps_high (DAPO's clip-higher: 0.28)
+    beta: float = 0.0               # k3 KL coefficient (R1-Zero: 0.001, DeepSeekMath: 0.04); 0 builds no reference
+    ref_update_every: int = 0       # replace the reference by the policy every N rollout batches (R1-Zero: 400); 0 = never
+    std_normalize: bool = True      # false: Dr. GRPO advantages (no division by the group std)
+    loss_agg: str = "token_mean"    # token_mean | seq_mean | constant
+    dynamic_sampling: bool = True   # drop groups whose rewards are all equal (zero advantage, zero signal)
+    old_logprobs: str = "rollout"   # rollout: recorded while sampling | recompute: a training-path forward
+    kl_clamp: float = 10.0          # |log-ratio| bound inside k3 and the ratio
+    entropy_floor: float = 0.0      # stop when the mean token entropy stays below this (collapse); 0 = off
+    min_response_len: float = 0.0   # stop when the mean response length stays below this (collapse); 0 = off
+    collapse_patience: int = 5      # rollout batches in a row below a floor before stopping
+
+
+@dataclass
+class RewardSection:
+    # name (or module.path:function) -> weight, or -> {weight: w, option: value} (posttrain.rewards)
+    weights: dict = field(default_factory=lambda: {"accuracy": 1.0})
+
+
+@dataclass
+class EvalSection:
+    every: int = 0                  # rollout batches (GRPO) or steps (SFT) between held-out evaluations; 0 = off
+    prompts: int = 64               # held-out prompts per evaluation (from data.valid_files)
+    temperature: float = 0.0        # 0: greedy accuracy
+    max_new_tokens: int = 0         # 0: rollout.max_new_tokens
+
+
+@dataclass
+class DPOSection:
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RejectionSection:
+    samples: int = 4                # k completions per prompt
+    output: str = ""                # SFT jsonl to write
+    max_response_tokens: int = 0    # drop longer responses; 0 = keep all
+    min_language_consistency: float = 0.0   # drop mixed-language chains of thought below this fraction
+    keep_per_prompt: int = 1        # verified-correct completions kept per prompt
+
+
+@dataclass
+class PosttrainConfig(Config):
+    data: PostData = field(default_factory=PostData)
+    init: InitSection = field(default_factory=InitSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    rejection: RejectionSection = field(default_factory=RejectionSection)
+
+    def check(self) -> None:
+        super().check()
+        g = self.grpo
+        choices = {"grpo.loss_agg": (g.loss_agg, ("token_mean", "seq_mean", "constant")),
+                   "grpo.old_logprobs": (g.old_logprobs, ("rollout", "recompute")),
+                   "data.overflow": (self.data.overflow, ("truncate", "drop"))}
+        for key, (value, valid) in choices.items():
+            if value not in valid:
+                raise ConfigError(f"{key} = {value!r}; valid values: {', '.join(valid)}")
+        if g.group_size < 2:
+            raise ConfigError(f"grpo.group_size must be >= 2 (advantages compare samples of one prompt), got {g.group_size}")
+        for key in ("prompts_per_step", "inner_steps"):
+            if getattr(g, key) < 1:
+                raise ConfigError(f"grpo.{key} must be >= 1, got {getattr(g, key)}")
+        if not (0 <= g.eps_low < 1 and g.eps_high >= 0):
+            raise ConfigError(f"grpo.eps_low must lie in [0, 1) and grpo.eps_high be >= 0; got {g.eps_low}, {g.eps_high}")
+        if g.beta < 0:
+            raise ConfigError(f"grpo.beta must be >= 0, got {g.beta}")
+        if self.parallel.pp != 1:
+            raise ConfigError("post-training runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): rollouts decode "
+                              "one token per step, which a pipeline would serialise; set parallel.pp=1")
+        from .rewards import build_reward
+        try:
+            build_reward(self.reward.weights)
+        except ValueError as e:
+            raise ConfigError(f"reward.weights: {e}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> PosttrainConfig:
+    return _load_config(path, overrides, cls=PosttrainConfig)

@@ -1,0 +1,296 @@
+"""GRPO (DeepSeekMath §4.1, Algorithm 1; R1 §2.2): `python -m posttrain.grpo --config FILE [key=value ...]`.
+
+One rollout batch, top to bottom:
+    prompts   = this dp rank's share of grpo.prompts_per_step (a seeded, resumable pass over the data)
+    rollouts  = G samples per prompt from the policy (posttrain.generate, KV cache), with log pi_old
+    rewards   = rule-based (posttrain.rewards); A_i = (r_i - mean) / std within each prompt's group
+    drop      = groups whose rewards are all equal carry no signal (dynamic sampling): weight 0
+    update    = grpo.inner_steps optimizer steps on the clipped surrogate - beta * k3 KL to the reference
+    guard     = NaN-free k3 and ratios (clamped log-ratios); stop when entropy or length collapses
+    log, evaluate held-out accuracy, replace the reference every grpo.ref_update_every, checkpoint
+
+Log-probs come from Transformer.token_logprobs: under tp the logits stay split over the vocabulary.
+Every rank runs the same number of forwards (same prompts per rank, same micro-batch count), which
+FSDP2's gathers and the MoE all-to-alls need; dropped groups therefore keep their rows at weight 0.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+
+from model.transformer import IGNORE_INDEX
+from parallel import finish_grad_sync, set_gradient_sync
+from pretrain.config import ConfigError
+
+from .config import PosttrainConfig
+from .data import DataError, encode_prompt, load_prompts
+from .generate import Generator, SamplingParams
+from .objectives import aggregate, group_advantages, grpo_token_terms
+from .rewards import build_reward
+from .runtime import Runtime, StageError, stage_main
+
+
+class CollapseError(StageError):
+    """Entropy or response length collapsed; the run stops with the last checkpoint kept."""
+
+
+class PromptStream:
+    """Seeded passes over the prompt records: each epoch a fresh permutation; state (epoch, index)."""
+
+    def __init__(self, records: list[dict], seed: int):
+        self.records, self.seed, self.epoch, self.index = records, seed, 0, 0
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(len(self.records), generator=g).tolist()
+            while self.index < len(order) and len(out) < n:
+                out.append(self.records[order[self.index]])
+                self.index += 1
+            if self.index == len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.index = int(state.get("epoch", 0)), int(state.get("index", 0))
+
+
+def training_rows(prompts: list[list[int]], completions, multiple: int, pad: int):
+    """Right-padded rows prompt + completion [n, L] (L a multiple of `multiple`, the token split under
+    tp), targets (the next token on completion positions, else IGNORE_INDEX) and the rollout log-probs
+    at the same positions."""
+    lens = [len(p) + len(c.ids) for p, c in zip(prompts, completions)]
+    L = -(-max(lens) // multiple) * multiple
+    n = len(prompts)
+    tokens = torch.full((n, L), pad, dtype=torch.long)
+    targets = torch.full((n, L), IGNORE_INDEX, dtype=torch.long)
+    old = torch.zeros(n, L, dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seq = torch.tensor(p + c.ids)
+        tokens[i, :len(seq)] = seq
+        a, b = len(p) - 1, len(p) - 1 + len(c.ids)     # position t predicts token t + 1
+        targets[i, a:b] = seq[a + 1:b + 1]
+        old[i, a:b] = torch.tensor(c.logprobs)
+    return tokens, targets, old
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: PosttrainConfig):
+        self.cfg = cfg
+        self.rt = rt = Runtime(cfg, "grpo")
+        g, d = cfg.grpo, cfg.data
+        if not d.train_files:
+            raise ConfigError("data.train_files is empty: name the jsonl prompt files (prompt/answer records)")
+        try:
+            self.train_records = load_prompts(d.train_files)
+            self.valid_records = load_prompts(d.valid_files) if d.valid_files else []
+        except (OSError, DataError) as e:
+            raise ConfigError(f"data: {e}") from None
+        dp = rt.dims.dp
+        if g.prompts_per_step % dp:
+            raise ConfigError(f"grpo.prompts_per_step = {g.prompts_per_step} must be a multiple of the data-parallel "
+                              f"size {dp}, so that every rank samples the same number of prompts")
+        self.local_prompts = g.prompts_per_step // dp
+        self.reward = build_reward(cfg.reward.weights)
+        self.stream = PromptStream(self.train_records, cfg.train.seed)
+        self.ref = rt.build(trainable=False) if g.beta > 0 else None
+        self.gen = Generator(rt.policy, rt.tokenizer)
+        r = cfg.rollout
+        self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                       top_k=r.top_k, stop=list(r.stop))
+        self.prompt_ids = {}
+        self.low_streak = {"entropy": 0, "length": 0}
+        rt.resume(extra_models=[self.ref] if self.ref is not None else [])
+        if rt.extra_state:
+            self.stream.load(rt.extra_state.get("prompts", {}))
+            self.low_streak.update(rt.extra_state.get("low_streak", {}))
+
+    # -- pieces --------------------------------------------------------------------------------------
+    def encode(self, record: dict) -> list[int]:
+        key = id(record)
+        if key not in self.prompt_ids:
+            self.prompt_ids[key] = encode_prompt(self.cfg.data.template, self.rt.tokenizer, record)
+        return self.prompt_ids[key]
+
+    def _local_slice(self, items: list) -> list:
+        n = len(items) // self.rt.dims.dp
+        return items[self.rt.dp_rank * n:(self.rt.dp_rank + 1) * n]
+
+    def rollout(self):
+        """This rank's prompts, G completions each, their rewards and advantages."""
+        cfg, rt, G = self.cfg, self.rt, self.cfg.grpo.group_size
+        records = self._local_slice(self.stream.take(cfg.grpo.prompts_per_step))
+        prompts = [self.encode(r) for r in records for _ in range(G)]
+        seed = (cfg.train.seed * 1_000_003 + rt.step) * 4099 + rt.dp_rank    # tp ranks draw the same tokens
+        completions, gstats = self.gen.generate(prompts, self.sampling, seed=seed)
+        scores = [self.reward.score(c.text, rec) for c, rec in zip(completions, (r for r in records for _ in range(G)))]
+        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float64).view(-1, G)
+        adv = group_advantages(rewards, cfg.grpo.std_normalize)
+        keep = torch.ones_like(rewards)
+        if cfg.grpo.dynamic_sampling:
+            keep = (rewards.std(dim=1, keepdim=True) > 0).double().expand_as(rewards)
+        return prompts, completions, scores, rewards, adv.flatten(), keep.flatten(), gstats
+
+    def loss_normaliser(self, completions, keep: torch.Tensor) -> float:
+        g = self.cfg.grpo
+        tokens = sum(len(c.ids) * float(k) for c, k in zip(completions, keep))
+        seqs = float(keep.sum())
+        tokens, seqs = self.rt.all_sum([tokens, seqs])
+        if g.loss_agg == "token_mean":
+            return tokens
+        if g.loss_agg == "seq_mean":
+            return seqs
+        return seqs * self.cfg.rollout.max_new_tokens
+
+    def update(self, prompts, completions, adv, keep) -> dict[str, float]:
+        """grpo.inner_steps optimizer steps on this rollout batch."""
+        cfg, rt, g = self.cfg, self.rt, self.cfg.grpo
+        net, mbs = rt.policy, cfg.train.micro_batch_size
+        multiple = rt.dims.tp if (rt.dims.tp > 1 and (self.rt.model_cfg.is_moe or cfg.parallel.sp)) else 1
+        tokens, targets, old = training_rows(prompts, completions, multiple, rt.tokenizer.eod_id)
+        tokens, targets, old = tokens.to(rt.device), targets.to(rt.device), old.to(rt.device)
+        adv, keep = adv.float().to(rt.device), keep.float().to(rt.device)
+        mask = (targets != IGNORE_INDEX).float() * keep[:, None]
+        norm = max(self.loss_normaliser(completions, keep), 1.0)
+        n = tokens.shape[0]
+        n_micro = -(-n // mbs)
+        temperature = self.sampling.temperature or 1.0
+        ref_logp = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logp = torch.cat([self.ref.token_logprobs(tokens[i:i + mbs], targets[i:i + mbs],
+                                                              temperature=temperature)["logprobs"]
+                                      for i in range(0, n, mbs)])
+        if g.old_logprobs == "recompute":
+            with torch.no_grad():
+                old = torch.cat([net.token_logprobs(tokens[i:i + mbs], targets[i:i + mbs],
+                                                    temperature=temperature)["logprobs"] for i in range(0, n, mbs)])
+        stats: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for inner in range(g.inner_steps):
+            sums = torch.zeros(6, dtype=torch.float64, device=rt.device)   # loss, clipped, kl, entropy, mismatch, ratio
+            for m, i in enumerate(range(0, n, mbs)):
+                sl = slice(i, i + mbs)
+                out = net.token_logprobs(tokens[sl], targets[sl], entropy=True, temperature=temperature)
+                logp = out["logprobs"]
+                loss_tok, clipped, kl = grpo_token_terms(
+                    logp, old[sl], adv[sl], eps_low=g.eps_low, eps_high=g.eps_high,
+                    ref_logp=None if ref_logp is None else ref_logp[sl], beta=g.beta, kl_clamp=g.kl_clamp,
+                    ratio_clamp=g.kl_clamp)
+                loss = aggregate(loss_tok, mask[sl], g.loss_agg, norm) * rt.dims.dp
+                set_gradient_sync(net, m == n_micro - 1)
+                loss.backward()
+                mk = mask[sl]
+                with torch.no_grad():
+                    sums += torch.stack([
+                        loss.detach().double() / rt.dims.dp,
+                        (clipped.float() * mk).sum().double(),
+                        (kl * mk).sum().double() if kl is not None else torch.zeros((), dtype=torch.float64, device=rt.device),
+                        (out["entropy"] * mk).sum().double(),
+                        ((logp.detach() - old[sl]).abs() * mk).sum().double(),
+                        ((logp.detach() - old[sl]).exp() * mk).sum().double()])
+            finish_grad_sync(net, rt.mesh)
+            totals = rt.all_sum(sums.tolist() + [float(mask.sum())])
+            tok = max(totals[6], 1.0)
+            opt = rt.optimizer_step(totals[0])
+            if inner == 0:   # against the rollout's own log-probs, before any update: numerics only
+                stats.update(logprob_mismatch=totals[4] / tok, entropy=totals[3] / tok)
+            stats.update(loss=totals[0], clip_fraction=totals[1] / tok, kl=totals[2] / tok,
+                         ratio_mean=totals[5] / tok, **opt)
+        dt = time.perf_counter() - t0
+        trained = rt.all_sum([float((targets != IGNORE_INDEX).sum()) * g.inner_steps])[0]
+        stats["train_tokens_per_s"] = trained / max(dt, 1e-9)
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy (and format rate) over eval.prompts prompts, split over dp ranks."""
+        cfg, rt, e = self.cfg, self.rt, self.cfg.eval
+        n = min(e.prompts, len(self.valid_records)) // rt.dims.dp * rt.dims.dp
+        if n == 0:
+            return {}
+        records = self._local_slice(self.valid_records[:n])
+        params = SamplingParams(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+                                temperature=e.temperature, top_p=cfg.rollout.top_p, stop=list(cfg.rollout.stop))
+        outs, _ = self.gen.generate([self.encode(r) for r in records], params, seed=cfg.train.seed + rt.dp_rank)
+        acc = fmt = 0.0
+        for c, r in zip(outs, records):
+            s = self.reward.score(c.text, r)
+            acc += s.get("accuracy", s.get("countdown", s["reward"]))
+            fmt += s.get("format", 0.0)
+        acc, fmt = rt.all_sum([acc, fmt])
+        return {"eval_accuracy": acc / n, "eval_format": fmt / n, "eval_prompts": float(n)}
+
+    def guard(self, entropy: float, length: float) -> None:
+        """Stop on entropy or length collapse (a floor crossed for grpo.collapse_patience batches in a row)."""
+        g = self.cfg.grpo
+        for key, value, floor, name in (("entropy", entropy, g.entropy_floor, "grpo.entropy_floor"),
+                                        ("length", length, g.min_response_len, "grpo.min_response_len")):
+            self.low_streak[key] = self.low_streak[key] + 1 if floor and value < floor else 0
+            if self.low_streak[key] >= g.collapse_patience:
+                raise CollapseError(
+                    f"{key} collapsed: {value:.4g} < {name} = {floor} for {self.low_streak[key]} rollout batches in a "
+                    f"row. The policy has stopped exploring (entropy) or answers with almost nothing (length). Lower "
+                    f"train.lr, raise rollout.temperature or grpo.eps_high (clip-higher), or add grpo.beta, then resume "
+                    f"from the last checkpoint in {self.rt.ckpt_dir}")
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, rt = self.cfg, self.rt
+        try:
+            if cfg.eval.every and rt.step == 0:
+                rt.log(self.evaluate())
+            while rt.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                prompts, completions, scores, rewards, adv, keep, gstats = self.rollout()
+                t_roll = time.perf_counter() - t0
+                metrics = self.update(prompts, completions, adv, keep)
+                rt.step += 1
+                lengths = [len(c.ids) for c in completions]
+                local = [float(rewards.sum()), float((rewards ** 2).sum()), float(rewards.numel()),
+                         sum(s.get("accuracy", s.get("countdown", 0.0)) for s in scores),
+                         sum(s.get("format", 0.0) for s in scores), float(sum(lengths)),
+                         float(keep.numel() - keep.sum()), gstats["tokens"], t_roll]
+                tot = rt.all_sum(local)
+                n = tot[2]
+                mean = tot[0] / n
+                metrics.update(
+                    reward_mean=mean, reward_std=math.sqrt(max(tot[1] / n - mean ** 2, 0.0)), accuracy=tot[3] / n,
+                    format_rate=tot[4] / n, response_length_mean=tot[5] / n,
+                    response_length_max=self._max(float(max(lengths))), dropped_fraction=tot[6] / n,
+                    rollout_tokens_per_s=tot[7] / max(t_roll, 1e-9))
+                if cfg.eval.every and rt.step % cfg.eval.every == 0:
+                    metrics.update(self.evaluate())
+                if cfg.grpo.ref_update_every and self.ref is not None and rt.step % cfg.grpo.ref_update_every == 0:
+                    rt.copy_weights(self.ref, rt.policy)       # R1-Zero: the reference follows the policy
+                    metrics["reference_updated"] = 1.0
+                if rt.step % cfg.logging.every == 0 or rt.step == cfg.train.steps:
+                    rt.log(metrics)
+                stage_state = {"prompts": self.stream.state(), "low_streak": dict(self.low_streak)}
+                if rt.step == cfg.train.steps or (cfg.checkpoint.every and rt.step % cfg.checkpoint.every == 0):
+                    rt.save(stage_state, [self.ref] if self.ref is not None else [])
+                self.guard(metrics["entropy"], metrics["response_length_mean"])
+            return 0
+        finally:
+            rt.close()
+
+    def _max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.rt.device)
+        from parallel import comm
+        comm.all_reduce(t, self.rt.mesh["dp"], op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(GRPOTrainer, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
