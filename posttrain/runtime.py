@@ -89,6 +89,9 @@ class Runtime:
         self.opt = AdamW(param_groups(list(self.policy.named_parameters()), t.weight_decay), lr=t.lr,
                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
                          moment_dtype=torch.bfloat16 if t.moment_dtype == "bf16" else torch.float32)
+        # every parameter's moments exist from the start: a stage may never touch some (GRPO leaves the MTP
+        # modules alone), and a checkpoint must hold the same keys whenever it is written
+        self.opt.init_state()
         self.step, self.nonfinite_streak, self.skipped = 0, 0, 0
         self.extra_state: dict = {}
         self.logger: MetricsLogger | None = None

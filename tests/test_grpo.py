@@ -1,0 +1,136 @@
+"""The GRPO stage: one update under tp2 and ep2 (dp2) against one process, the metrics a run writes,
+exact resume, rows alignment, and the collapse guard."""
+import json
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from model.transformer import IGNORE_INDEX
+from posttrain.generate import Completion
+from posttrain.grpo import CollapseError, GRPOTrainer, training_rows
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    from posttrain.tasks import build_task_tokenizer, write_task_splits
+    d = tmp_path_factory.mktemp("tasks")
+    write_task_splits(str(d), "arithmetic", 300, 32, seed=0, difficulty=[1, 2])
+    build_task_tokenizer(str(d / "tok.model"), n_per_level=20)
+    return d
+
+
+def _config(task_dir, run_dir, *extra):
+    from posttrain.config import load_config
+    return load_config(None, [
+        "model.preset=tiny-deepseek-v3", "model.vocab_size=256", f"init.tokenizer={task_dir}/tok.model",
+        f"data.train_files=[{task_dir}/arithmetic_train.jsonl]", f"data.valid_files=[{task_dir}/arithmetic_heldout.jsonl]",
+        "data.template=chat", "rollout.max_new_tokens=12", "rollout.stop=['</answer>']", "grpo.group_size=4",
+        "grpo.prompts_per_step=4", "grpo.beta=0.04", "train.steps=2", "train.lr=1e-3", "train.lr_schedule=constant",
+        "train.warmup_steps=0", "train.micro_batch_size=8", "reward.weights={accuracy: 1.0, format: 0.1}",
+        "eval.every=2", "eval.prompts=8", "logging.wandb=disabled", f"logging.run_dir={run_dir}", *extra])
+
+
+def test_training_rows_alignment():
+    c = [Completion([5, 6], [7, 8, 2], "", [-0.1, -0.2, -0.3], "eod"), Completion([5], [9], "", [-0.5], "length")]
+    tokens, targets, old = training_rows([[5, 6], [5]], c, multiple=4, pad=0)
+    assert tokens.tolist() == [[5, 6, 7, 8, 2, 0, 0, 0], [5, 9, 0, 0, 0, 0, 0, 0]]
+    I = IGNORE_INDEX
+    assert targets.tolist() == [[I, 7, 8, 2, I, I, I, I], [9, I, I, I, I, I, I, I]]
+    torch.testing.assert_close(old[0, 1:4], torch.tensor([-0.1, -0.2, -0.3]))
+    assert old[1, 0] == -0.5 and old[1, 1:].abs().sum() == 0
+
+
+def _fixed_batch(trainer, n_prompts, G):
+    """Deterministic prompts and completions (random tokens, their own old log-probs) and advantages."""
+    g = torch.Generator().manual_seed(7)
+    prompts, comps = [], []
+    for r in trainer.train_records[:n_prompts]:
+        p = trainer.encode(r)
+        for _ in range(G):
+            n = int(torch.randint(2, 9, (1,), generator=g))
+            ids = torch.randint(3, 200, (n,), generator=g).tolist()
+            lp = (-torch.rand(n, generator=g) * 3).tolist()
+            prompts.append(p)
+            comps.append(Completion(p, ids, "", lp, "length"))
+    adv = torch.randn(len(prompts), generator=g, dtype=torch.float64)
+    keep = torch.ones(len(prompts), dtype=torch.float64)
+    keep[:G] = 0                                     # one dropped group
+    return prompts, comps, adv, keep
+
+
+def update_rank(task_dir, run_dir, layout, out):
+    import torch.distributed as dist
+    import parallel
+    cfg = _config(task_dir, run_dir, *layout)
+    tr = GRPOTrainer(cfg)
+    prompts, comps, adv, keep = _fixed_batch(tr, 4, 4)
+    dp, r = tr.rt.dims.dp, tr.rt.dp_rank
+    n = len(prompts) // dp
+    sl = slice(r * n, (r + 1) * n)
+    grads = {}
+    step = tr.rt.optimizer_step
+
+    def capture(loss):   # the synchronised gradients, before AdamW (whose first step is sign(g): in fp32 a
+        grads.update(parallel.full_state(tr.rt.policy, tr.rt.mesh, grads=True))   # last-bit g ~ 0 flips it)
+        return step(loss)
+
+    tr.rt.optimizer_step = capture
+    stats = tr.update(prompts[sl], comps[sl], adv[sl], keep[sl])
+    if dist.get_rank() == 0:
+        torch.save({"grads": {k: v.detach().clone() for k, v in grads.items() if v is not None}, "stats": stats}, out)
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
+def test_update_under_tp_and_ep_equals_one_process(task_dir, tmp_path, layout):
+    run_ranks(1, update_rank, str(task_dir), str(tmp_path / "one"), [], str(tmp_path / "one.pt"))
+    run_ranks(2, update_rank, str(task_dir), str(tmp_path / "two"), layout, str(tmp_path / "two.pt"))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "logprob_mismatch"):
+        assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-5, abs=1e-7), key
+    assert one["stats"]["grad_norm"] > 0 and one["stats"]["kl"] == 0.0   # the reference equals the policy
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 20
+    for k, v in one["grads"].items():
+        scale = v.abs().max().item()
+        torch.testing.assert_close(two["grads"][k], v, rtol=1e-5, atol=1e-5 * max(scale, 1e-12))
+
+
+def run_rank(task_dir, run_dir, extra, out):
+    import torch.distributed as dist
+    import parallel
+    tr = GRPOTrainer(_config(task_dir, run_dir, *extra))
+    tr.run()
+    state = parallel.full_state(tr.rt.policy, tr.rt.mesh)
+    if dist.get_rank() == 0:
+        torch.save({k: v.detach().clone() for k, v in state.items()}, out)
+
+
+def test_run_writes_metrics_and_resumes_exactly(task_dir, tmp_path):
+    run_ranks(1, run_rank, str(task_dir), str(tmp_path / "a"), [], str(tmp_path / "a.pt"))
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "eval_accuracy" in rows[0]
+    for key in ("reward_mean", "reward_std", "accuracy", "format_rate", "kl", "clip_fraction", "entropy",
+                "response_length_mean", "response_length_max", "rollout_tokens_per_s", "train_tokens_per_s",
+                "dropped_fraction"):
+        assert key in rows[1], key
+    assert "eval_accuracy" in rows[-1] and rows[-1]["step"] == 2
+    # stop after step 1, then resume: the same parameters as the uninterrupted run
+    run_ranks(1, run_rank, str(task_dir), str(tmp_path / "b"), ["train.steps=1"], str(tmp_path / "b1.pt"))
+    run_ranks(1, run_rank, str(task_dir), str(tmp_path / "b"), [], str(tmp_path / "b.pt"))
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_collapse_guard(task_dir, tmp_path):
+    from posttrain.config import load_config
+    cfg = _config(task_dir, tmp_path / "c", "grpo.entropy_floor=0.5", "grpo.collapse_patience=2")
+    guard = GRPOTrainer.guard
+    fake = type("T", (), {"cfg": cfg, "low_streak": {"entropy": 0, "length": 0},
+                          "rt": type("R", (), {"ckpt_dir": tmp_path})()})()
+    guard(fake, 0.4, 10.0)
+    with pytest.raises(CollapseError, match="entropy collapsed"):
+        guard(fake, 0.3, 10.0)
+    guard(fake, 0.9, 10.0)          # recovered: the streak restarts
+    assert fake.low_streak["entropy"] == 0
+    assert load_config is not None
