@@ -1,4 +1,5 @@
-"""Launching: `torchrun` and Slurm scripts, sweep submission and the cluster planner CLI
-(`python -m launch.plan`, `python -m launch.sweep`); Python logic that belongs in a
-package does not live here. Not implemented yet: it arrives with issues 5 and 8.
+"""Launching: `torchrun` and Slurm scripts, scaling-law sweep submission (`python -m launch.sweep`)
+and the cluster planner (`python -m launch.plan`). These are thin command lines: the planner's model
+lives in `parallel/planner.py`, the sweeps' laws, fits and runner in `pretrain/scaling.py` and
+`pretrain/sweep.py`.
 """

@@ -1,5 +1,6 @@
-"""Post-training: chat/think templates, SFT, the generation engine (KV cache), rewards,
-GRPO, rejection sampling, distillation and DPO, each stage a `python -m posttrain.<stage>`
-CLI that reuses `pretrain`'s loop pieces instead of a second runtime or model. Not
-implemented yet: it arrives with issue 7.
+"""Post-training on the pretraining runtime: chat/think templates and jsonl data (templates, data),
+the generation engine with a KV cache (generate), rule-based rewards and a sandbox for code
+(rewards, sandbox), verifiable tasks (tasks), the objectives (objectives), and the stages as
+`python -m posttrain.<stage>` CLIs sharing one runtime (runtime: mesh, policy, AdamW, checkpoints,
+metrics): sft and grpo so far; rejection sampling, distillation and DPO are still to come (issue 7).
 """
