@@ -1,5 +1,5 @@
 """Analytic communication volume of one training step: the formulas the byte accounting
-(`comm.STATS`) is checked against and the cluster planner will use. One place for all of them.
+(`comm.STATS`) is checked against and the cluster planner (planner.py) uses. One place for all of them.
 
 Conventions are comm.py's (per rank): all-reduce = the tensor, all-gather = the gathered
 output, reduce-scatter = the full input, all-to-all = rows sent to other ranks.
@@ -33,6 +33,45 @@ def tp_exit(out: Counter, tokens: int, width: int, sp: bool, e: int) -> None:
     tp_enter(out, tokens, width, sp, e)  # the mirror image: same collectives, same sizes
 
 
+def tp_layer_step(out: Counter, cfg, layer: int, tp: int, sp: bool, batch: int, seq: int, e: int = 4,
+                  stats_bytes: int = 4, ep: int = 1) -> None:
+    """Add the tp (and sp) collectives of one block (global index `layer`; MTP blocks follow the
+    n_layers main ones) for one forward + backward on [batch, seq] to `out`."""
+    t = batch * seq
+    D = cfg.dim
+    if cfg.attention == "mla":
+        tp_enter(out, t, cfg.q_lora_rank or D, sp, e)
+        tp_enter(out, t, cfg.kv_lora_rank + cfg.qk_rope_head_dim, sp, e)
+    else:
+        tp_enter(out, t, D, sp, e)
+    tp_exit(out, t, D, sp, e)
+    if cfg.is_moe_layer(layer):
+        if not sp:  # tokens split before the MoE (backward all-gather), gathered after it
+            _add(out, "all_gather", "tp", 2 * t * D * e)
+        if cfg.n_shared_experts:  # inside the token split: sequence-parallel style
+            tp_enter(out, t, D, True, e)
+            tp_exit(out, t, D, True, e)
+        if cfg.balance_alpha_expert or cfg.balance_alpha_device or cfg.balance_alpha_comm:
+            groups = batch if cfg.balance_per_sequence else 1
+            # token count, P_i sums (with the affinities' dtype), hits (fp32), f''_i sums
+            n = stats_bytes * (1 + groups * cfg.n_routed_experts) + 4 * groups * cfg.n_routed_experts
+            if cfg.balance_alpha_comm:
+                n += 4 * groups * ep  # tokens sent to each expert-parallel device
+            _add(out, "all_reduce", "tp", n)
+    else:
+        tp_enter(out, t, D, sp, e)
+        tp_exit(out, t, D, sp, e)
+
+
+def tp_head_step(out: Counter, cfg, sp: bool, batch: int, seq: int, e: int = 4, loss_bytes: int = 4) -> None:
+    """Add one embedding + output head + cross-entropy call (the main one, or one MTP depth's):
+    vocab-parallel embedding, head input, and the loss's max, target logit and sum of exp."""
+    t = batch * seq
+    tp_exit(out, t, cfg.dim, sp, e)                   # vocab-parallel embedding
+    tp_enter(out, t, cfg.dim, sp, e)                  # output head input
+    _add(out, "all_reduce", "tp", 3 * t * loss_bytes)  # max, target logit, sum of exp
+
+
 def tensor_parallel_step(cfg, tp: int, sp: bool, batch: int, seq: int, e: int = 4,
                          loss_bytes: int = 4, stats_bytes: int = 4, ep: int = 1) -> Counter:
     """Bytes per rank of the tp (and sp) collectives of one forward + backward on [batch, seq]
@@ -41,39 +80,14 @@ def tensor_parallel_step(cfg, tp: int, sp: bool, batch: int, seq: int, e: int = 
     out: Counter = Counter()
     if tp == 1:
         return out
-    t = batch * seq
-    D = cfg.dim
     n_blocks = cfg.n_layers + cfg.n_mtp
     calls = 1 + sum(seq > k for k in range(1, cfg.n_mtp + 1))  # embedding/head/CE calls
     for layer in range(n_blocks):
         if layer >= cfg.n_layers and layer - cfg.n_layers + 1 >= seq:
             continue  # MTP depth with no position left
-        if cfg.attention == "mla":
-            tp_enter(out, t, cfg.q_lora_rank or D, sp, e)
-            tp_enter(out, t, cfg.kv_lora_rank + cfg.qk_rope_head_dim, sp, e)
-        else:
-            tp_enter(out, t, D, sp, e)
-        tp_exit(out, t, D, sp, e)
-        if cfg.is_moe_layer(layer):
-            if not sp:  # tokens split before the MoE (backward all-gather), gathered after it
-                _add(out, "all_gather", "tp", 2 * t * D * e)
-            if cfg.n_shared_experts:  # inside the token split: sequence-parallel style
-                tp_enter(out, t, D, True, e)
-                tp_exit(out, t, D, True, e)
-            if cfg.balance_alpha_expert or cfg.balance_alpha_device or cfg.balance_alpha_comm:
-                groups = batch if cfg.balance_per_sequence else 1
-                # token count, P_i sums (with the affinities' dtype), hits (fp32), f''_i sums
-                n = stats_bytes * (1 + groups * cfg.n_routed_experts) + 4 * groups * cfg.n_routed_experts
-                if cfg.balance_alpha_comm:
-                    n += 4 * groups * ep  # tokens sent to each expert-parallel device
-                _add(out, "all_reduce", "tp", n)
-        else:
-            tp_enter(out, t, D, sp, e)
-            tp_exit(out, t, D, sp, e)
+        tp_layer_step(out, cfg, layer, tp, sp, batch, seq, e, stats_bytes, ep)
     for _ in range(calls):
-        tp_exit(out, t, D, sp, e)                         # vocab-parallel embedding
-        tp_enter(out, t, D, sp, e)                        # output head input
-        _add(out, "all_reduce", "tp", 3 * t * loss_bytes)  # max, target logit, sum of exp
+        tp_head_step(out, cfg, sp, batch, seq, e, loss_bytes)
     return out
 
 
@@ -95,6 +109,17 @@ def grad_sync_step(layouts, local_numel: dict[str, int], tp: int, edp: int = 1,
     return out
 
 
+def token_payload_bytes(sent: float, received: float, dim: int, e: float, e_combine: float | None = None) -> float:
+    """Token rows one rank puts on the wire for one MoE layer's forward + backward: dispatch sends
+    `sent` rows and combine sends back `received` in forward; backward sends both again (the
+    combine's gradient travels the dispatch's way, the dispatch's gradient the combine's). With one
+    element size that is 2 x (sent + received) x dim x e. V3 §3.3.3 dispatches in FP8 (the
+    activation before the up-projections and the gradient before the down-projections) and keeps
+    both combines in BF16: give the dispatch direction's `e` and `e_combine`."""
+    e_c = e if e_combine is None else e_combine
+    return 2 * (sent * e + received * e_c) * dim
+
+
 def expert_dispatch_step(pairs, rank: int, dim: int, topk: int, e: int = 4) -> Counter:
     """One MoE layer's all-to-alls for rank `rank` in one forward + backward, from the routing:
     pairs[src][dst] = tokens of src that have an expert on dst (each token travels once per
@@ -107,9 +132,67 @@ def expert_dispatch_step(pairs, rank: int, dim: int, topk: int, e: int = 4) -> C
         return out
     sent = sum(pairs[rank][d] for d in range(n) if d != rank)
     received = sum(pairs[s][rank] for s in range(n) if s != rank)
-    _add(out, "all_to_all", "ep", 2 * (sent + received) * dim * e)
+    _add(out, "all_to_all", "ep", token_payload_bytes(sent, received, dim, e))
     _add(out, "all_to_all_routing", "ep", (n - 1) * 8 + sent * topk * 8 + (sent + received) * topk * 4)
     return out
+
+
+def _miss(pool: int, held: int, k: int) -> float:
+    """P(none of k experts drawn uniformly without replacement from `pool` is among `held` of them)."""
+    if held >= pool:
+        return 0.0
+    return math.comb(pool - held, k) / math.comb(pool, k) if pool - held >= k else 0.0
+
+
+def expected_dispatch_rows(n_experts: int, topk: int, ep: int, node_size: int, topk_nodes: int = 0,
+                           topk_devices: int = 0) -> dict[str, float]:
+    """Expected rows one token sends in one dispatch, under routing spread evenly over the experts
+    (what the aux-loss-free balance aims at, V3 §2.1.2), with the runtime's placement: ep ranks
+    hold contiguous blocks of experts; an ep group larger than a node covers whole nodes.
+
+    Hierarchical dispatch (V3 §3.2.2, expert_parallel.py): a token crosses to each other node holding
+    any of its experts once (IB, to the rank with its in-node index), then is forwarded inside each
+    node once per further device (NVLink); inside its own node it goes straight to each device.
+    Node-limited routing (V3 §2.1.2: at most M = topk_nodes nodes) or device-limited routing (V2
+    §2.2.1: topk_devices) first picks that many nodes (devices); the top-k experts are then drawn
+    among theirs. Returns {"inter": IB rows, "intra": NVLink rows, "total": both}."""
+    if ep <= 1:
+        return {"inter": 0.0, "intra": 0.0, "total": 0.0}
+    nodes = ep // node_size if ep > node_size else 1
+    per_node = ep // nodes
+    per_dev = n_experts // ep
+    if nodes > 1:
+        m = topk_nodes if 0 < topk_nodes < nodes else nodes
+        pool = m * per_node * per_dev
+        node_hit = 1 - _miss(pool, per_node * per_dev, topk)
+        dev_hit = 1 - _miss(pool, per_dev, topk)
+        inter = m * node_hit * (nodes - 1) / nodes       # each chosen node is the token's own w.p. 1/nodes
+        intra = m * (per_node - 1) * dev_hit             # devices beyond the one a token lands on
+        return {"inter": inter, "intra": intra, "total": inter + intra}
+    m = topk_devices if 0 < topk_devices < ep else ep
+    pool = m * per_dev
+    dev_hit = 1 - _miss(pool, per_dev, topk)
+    intra = m * dev_hit * (ep - 1) / ep
+    return {"inter": 0.0, "intra": intra, "total": intra}
+
+
+def wire_bytes(op: str, nbytes: float, n: int) -> float:
+    """Bytes one rank sends for a collective recorded as `nbytes` (comm.py's convention), with ring
+    algorithms (NCCL's for these sizes): all-reduce 2(n-1)/n of the tensor, all-gather (n-1)/n of the
+    gathered output, reduce-scatter (n-1)/n of the full input; all-to-all rows are already what is sent."""
+    if n <= 1:
+        return 0.0
+    if op.startswith("all_reduce"):
+        return 2 * (n - 1) / n * nbytes
+    if op.startswith(("all_gather", "reduce_scatter")):
+        return (n - 1) / n * nbytes
+    return nbytes
+
+
+def pipeline_p2p_bytes(tokens: int, dim: int, tp: int, sp: bool, e: int = 4) -> float:
+    """Bytes one rank sends across one stage boundary per micro-batch and direction: the hidden states
+    forward, their gradient backward (split over tp under sequence parallelism)."""
+    return tokens * dim * e / (tp if sp else 1)
 
 
 def fsdp_padded_shard(shape: tuple[int, ...], dim: int, ranks: int) -> int:

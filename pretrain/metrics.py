@@ -38,18 +38,13 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+# PEAK_FLOPS: dense (no 2:4 sparsity) tensor-core FLOP/s per GPU and dtype, from NVIDIA's datasheets.
+# It is the cluster planner's GPU table (parallel/planner.py GPUS): one table for MFU and for planning.
+from parallel.planner import PEAK_FLOPS
+
 WANDB_MODES = ("online", "offline", "disabled")
 _MODE_RANK = {"disabled": 0, "offline": 1, "online": 2}
 _GIB = float(1 << 30)
-
-# Dense (no 2:4 sparsity) peak tensor-core FLOP/s per GPU, from NVIDIA's H100/H200/A100 datasheets (the
-# datasheets quote the sparse figure, twice these). H800 has H100 SXM's compute (V3 §3.1 trains on H800).
-PEAK_FLOPS = {
-    "H100": {"bf16": 989.4e12, "fp8": 1978.9e12, "fp32": 494.7e12},   # SXM5; fp32 = TF32
-    "H800": {"bf16": 989.4e12, "fp8": 1978.9e12, "fp32": 494.7e12},
-    "H200": {"bf16": 989.4e12, "fp8": 1978.9e12, "fp32": 494.7e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12},
-}
 
 
 # -- FLOPs and MFU ------------------------------------------------------------------------------------

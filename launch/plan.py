@@ -1,0 +1,73 @@
+"""python -m launch.plan: which parallel layouts fit a cluster, and how fast each would train.
+
+    python -m launch.plan --model deepseek-v3 --gpus 2048 --gpu h800 --global-batch 15360 --fp8
+    python -m launch.plan --model deepseek-v3 --gpus 2048 --gpu h800 --global-batch 15360 --fp8 \\
+        --layout pp=16,ep=64,tp=1 --schedule dualpipe --zero 1 --recompute selective --json
+
+The model and its constants are parallel/planner.py's; docs/planner.md explains every term.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from parallel import planner as P
+
+    ap = argparse.ArgumentParser(prog="python -m launch.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model preset, e.g. deepseek-v3")
+    ap.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    ap.add_argument("--gpu", default="H100", help=f"GPU kind: {', '.join(P.GPUS)} (default H100)")
+    ap.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    ap.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    ap.add_argument("--layout", default="", help="pin tp/pp/ep/dp/vpp, e.g. pp=16,ep=64,tp=1")
+    ap.add_argument("--schedule", choices=P.SCHEDULE_NAMES, help="pin the pipeline schedule")
+    ap.add_argument("--zero", type=int, choices=P.ZERO, help="1: ZeRO-1 (optimizer states sharded); 3: FSDP")
+    ap.add_argument("--recompute", choices=P.RECOMPUTE, help="pin activation recomputation")
+    prec = ap.add_mutually_exclusive_group()
+    prec.add_argument("--precision", choices=P.PRECISIONS, help="GEMM precision (default bf16)")
+    prec.add_argument("--fp8", dest="precision", action="store_const", const="fp8", help="= --precision fp8")
+    prec.add_argument("--no-fp8", dest="precision", action="store_const", const="bf16", help="= --precision bf16")
+    ap.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
+    ap.add_argument("--nvlink-gbps", type=float, help="NVLink GB/s per GPU and direction (default: the GPU's)")
+    ap.add_argument("--ib-gbps", type=float, help="InfiniBand GB/s per GPU and direction (default: the GPU's)")
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--no-ep-overlap", action="store_true",
+                    help="the expert all-to-all does not overlap compute (whaletron's torch schedules today)")
+    ap.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object: the pinned or best layout")
+    args = ap.parse_args(argv)
+
+    from model import build_model, preset
+    try:
+        cfg = preset(args.model)
+        if args.seq_len < 1:
+            raise P.PlanError(f"--seq-len must be >= 1, got {args.seq_len}")
+        cluster = P.Cluster(args.gpu, args.gpus, args.gpus_per_node, args.nvlink_gbps, args.ib_gbps)
+        pin = P.parse_layout(args.layout)
+        for key, value in (("schedule", args.schedule), ("zero", args.zero), ("recompute", args.recompute),
+                           ("micro_batch", args.micro_batch)):
+            if value is not None:
+                pin[key] = value
+        shape = P.model_shape(build_model(cfg, device="meta"), args.seq_len)
+        plans = P.plan(shape, cluster, args.global_batch, precision=args.precision or "bf16", pin=pin,
+                       ep_overlap=not args.no_ep_overlap)
+    except ValueError as e:   # PlanError, an unknown preset
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = dict(model=args.model, gpu=cluster.gpu, gpus=cluster.n_gpus, gpus_per_node=cluster.gpus_per_node,
+                   nvlink_gbps=cluster.nvlink_gbps, ib_gbps=cluster.ib_gbps, global_batch=args.global_batch,
+                   seq_len=args.seq_len, train_flops_per_token=shape.train_flops_per_token,
+                   ep_overlap=not args.no_ep_overlap, **plans[0].as_dict(), constants=P.constants())
+        print(json.dumps(out, indent=1))
+    else:
+        print(P.report(plans, shape, cluster, args.global_batch, args.top, not args.no_ep_overlap))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
