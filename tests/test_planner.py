@@ -1,6 +1,9 @@
-"""The cluster planner (parallel/planner.py, `python -m launch.plan`): the two published DeepSeek-V3 runs
-it is validated against, memory terms by hand, the bubbles and activation counts of V3 Table 2,
-ranking, the command line, and the communication formulas it shares with parallel/cost.py.
+"""The cluster planner (parallel/planner.py, `python -m launch.plan`): the two Megatron-Bridge runs (NeMo
+DGX-H100 tables) its fitted constants come from (dense Llama-3 8B for NON_GEMM, DeepSeek-V3 on 1024 H100 for
+MOE_OVERHEAD), the out-of-sample run it is validated against (DeepSeek-V3 on 2048 H800, DeepSeek's own report),
+the FLOP count against Megatron's for a second MoE shape (Qwen3-30B-A3B), memory terms by hand, the bubbles and
+activation counts of V3 Table 2, ranking, the command line, and the communication formulas it shares with
+parallel/cost.py.
 No processes, no GPU: the models are built on the meta device."""
 from __future__ import annotations
 
@@ -50,21 +53,24 @@ def _run(shape, gpu, n, layout, batch, **kw):
     return P.evaluate(shape, cluster, layout, batch, **kw)
 
 
-# -- validation: the two published runs, one set of constants -------------------------------------
+# -- validation: out of sample (H800, DeepSeek's DualPipe and FP8 recipe, no TP, its own batch) ----
 def test_deepseek_v3_2048_h800_gpu_hours(v3):
-    """V3 §1 / Table 1: 180K H800 GPU-hours per trillion tokens; memory within 80 GB."""
+    """V3 §1 / Table 1: 180K H800 GPU-hours per trillion tokens; memory within 80 GB. No constant is set
+    on this run: the prediction must land within ±20%."""
     p = _run(v3, "H800", 2048, V3_RUN, 15360)
     assert p.fits and p.memory["total"] < 80, p.memory
     assert 0.8 * 180e3 <= p.gpu_hours_per_trillion_tokens <= 1.2 * 180e3, p.gpu_hours_per_trillion_tokens
     assert p.n_microbatches == 120 and p.layer_split[0] + sum(p.layer_split[1:]) == 61
 
 
-def test_megatron_v3_1024_h100_throughput(v3):
-    """Megatron-Core's published DeepSeek-V3 run: 338 TFLOP/s and 1297 tokens/s per H100."""
+# -- calibration: each constant is set on one Megatron-Bridge row and reproduces it -----------------
+def test_moe_calibration_megatron_v3_1024_h100(v3):
+    """MOE_OVERHEAD is set from Megatron-Bridge's DeepSeek-V3 run (NeMo 25.09, 1024 H100): 338 TFLOP/s and
+    1297 tokens/s per GPU, both reproduced within ±3% (which also meets the ±20% the run was first held to)."""
     p = _run(v3, "H100", 1024, MCORE_RUN, 8192, layer_split=MCORE_SPLIT)
     assert p.fits, p.memory
-    assert 0.8 * 338 <= p.tflops_per_gpu <= 1.2 * 338, p.tflops_per_gpu
-    assert 0.8 * 1297 <= p.tokens_per_s_per_gpu <= 1.2 * 1297, p.tokens_per_s_per_gpu
+    assert p.tflops_per_gpu == pytest.approx(338, rel=0.03)
+    assert p.tokens_per_s_per_gpu == pytest.approx(1297, rel=0.03)
     assert p.n_microbatches == 128 and p.layer_split == MCORE_SPLIT
     # the last rank holds 6 layers, MTP and the head: the planner's own cut of the same layout is faster
     own = _run(v3, "H100", 1024, MCORE_RUN, 8192)
@@ -74,11 +80,28 @@ def test_megatron_v3_1024_h100_throughput(v3):
 
 
 def test_dense_calibration_point():
-    """NON_GEMM is set from Megatron-Bridge's dense Llama-3 8B run (8 H100, FP8, FSDP, MBS 1, GBS 128,
-    seq 8192: 14451 tokens/s per GPU): the constants still reproduce it."""
+    """NON_GEMM is set from Megatron-Bridge's dense Llama-3 8B run (NeMo 25.11, 8 H100, FP8, FSDP, MBS 1,
+    GBS 128, seq 8192: 14451 tokens/s per GPU): the constants still reproduce it."""
     shape = P.model_shape(build_model(preset("llama-3-8b"), device="meta"), 8192)
     p = _run(shape, "H100", 8, P.Layout(dp=8, zero=3, precision="fp8"), 128)
     assert p.tokens_per_s_per_gpu == pytest.approx(14451, rel=0.05)
+
+
+# Qwen3-30B-A3B (Hugging Face config.json of Qwen/Qwen3-30B-A3B): 48 layers, hidden 2048, GQA 32 heads of 128
+# with 4 KV heads, every layer MoE with 128 routed experts of 768, top-8 (normalised), no shared expert,
+# vocab 151936, untied head. (QK-norm is not modelled: a negligible cost.)
+QWEN3_30B_A3B = ModelConfig(name="qwen3-30b-a3b", attention="gqa", rope_interleave=False, vocab_size=151936, dim=2048,
+                            n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, inter_dim=6144, n_routed_experts=128,
+                            n_shared_experts=0, n_activated_experts=8, moe_inter_dim=768, norm_topk_prob=True,
+                            rope_theta=1e6, max_seq_len=4096)
+
+
+def test_qwen3_30b_a3b_flops_match_megatron():
+    """The model's FLOP count for a fine-grained MoE agrees with Megatron's: its Qwen3-30B-A3B row (NeMo 25.09,
+    DGX-H100) gives 241 TFLOP/s / 10494 tok/s = 22.97 GFLOP/token. (That row's throughput is a known
+    out-of-domain miss of the shape-free MOE_OVERHEAD: docs/planner.md.)"""
+    shape = P.model_shape(build_model(QWEN3_30B_A3B, device="meta"), 4096)
+    assert shape.train_flops_per_token == pytest.approx(241e12 / 10494, rel=0.01)
 
 
 def test_flops_and_gpu_table_are_the_repository_s(v3, v3_net):
