@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, load_config as _load_config
+from pretrain.config import Config, ConfigError, check_choices, load_config as _load_config
 
 
 @dataclass
@@ -103,9 +103,7 @@ class PosttrainConfig(Config):
         choices = {"grpo.loss_agg": (g.loss_agg, ("token_mean", "seq_mean", "constant")),
                    "grpo.old_logprobs": (g.old_logprobs, ("rollout", "recompute")),
                    "data.overflow": (self.data.overflow, ("truncate", "drop"))}
-        for key, (value, valid) in choices.items():
-            if value not in valid:
-                raise ConfigError(f"{key} = {value!r}; valid values: {', '.join(valid)}")
+        check_choices(choices)
         if g.group_size < 2:
             raise ConfigError(f"grpo.group_size must be >= 2 (advantages compare samples of one prompt), got {g.group_size}")
         for key in ("prompts_per_step", "inner_steps"):

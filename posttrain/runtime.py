@@ -16,15 +16,15 @@ import torch
 import torch.distributed as dist
 
 from model import build_model
-from parallel import (LayoutError, ParallelConfig, build_mesh, clip_grad_norm_, init_parallel_weights, parallelize)
+from parallel import clip_grad_norm_, init_parallel_weights, parallelize
 from parallel import comm
 from parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sharded_state
-from pretrain.config import ConfigError, save_config
+from pretrain.config import ConfigError
 from pretrain.metrics import MetricsLogger
 from pretrain.optim import AdamW, param_groups
 from pretrain.schedules import check_lr_schedule, lr_at
 from pretrain.tokenizer import load_tokenizer
-from pretrain.train import DTYPES, NonFiniteError, init_distributed
+from pretrain.train import DTYPES, NonFiniteError, open_run
 
 from .config import PosttrainConfig
 
@@ -57,19 +57,12 @@ def stage_main(stage, argv: list[str] | None = None) -> int:
 class Runtime:
     def __init__(self, cfg: PosttrainConfig, stage: str):
         self.cfg, self.stage = cfg, stage
-        t, p = cfg.train, cfg.parallel
-        self.device = init_distributed(t.device)
+        t = cfg.train
+        self.device, self.run_dir, self.ckpt_dir, self.mesh = open_run(cfg, pp=1)
         self.rank = dist.get_rank()
-        self.run_dir = Path(cfg.logging.run_dir)
-        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         try:
-            self.mesh = build_mesh(ParallelConfig(tp=p.tp, pp=1, dp=p.dp, ep=p.ep, sp=p.sp, node_size=p.node_size,
-                                                  zero=p.zero), self.device.type)
             check_lr_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_milestones, t.lr_factors)
-        except (LayoutError, ValueError) as e:
+        except ValueError as e:
             raise ConfigError(str(e)) from None
         self.dims = self.mesh.dims
         self.dp_rank = self.dims.coords(self.mesh.rank)["dp"]
@@ -93,6 +86,7 @@ class Runtime:
         # modules alone), and a checkpoint must hold the same keys whenever it is written
         self.opt.init_state()
         self.step, self.nonfinite_streak, self.skipped = 0, 0, 0
+        self.total_steps = t.steps      # the stage may derive its own (SFT: data.epochs)
         self.extra_state: dict = {}
         self.logger: MetricsLogger | None = None
 
@@ -122,7 +116,7 @@ class Runtime:
     # -- optimisation ------------------------------------------------------------------------------
     def lr(self) -> float:
         t = self.cfg.train
-        return lr_at(self.step, self.step / max(t.steps, 1), peak=t.lr, schedule=t.lr_schedule,
+        return lr_at(self.step, self.step / max(self.total_steps, 1), peak=t.lr, schedule=t.lr_schedule,
                      warmup_steps=t.warmup_steps, min_ratio=t.min_lr_ratio, milestones=t.lr_milestones,
                      factors=t.lr_factors)
 
@@ -178,7 +172,7 @@ class Runtime:
         self.logger = MetricsLogger(self.run_dir, rank=self.rank, wandb_mode=lg.wandb, project=lg.wandb_project,
                                     entity=lg.wandb_entity, name=lg.wandb_name or self.run_dir.name,
                                     tags=[self.stage, *lg.wandb_tags], config=self.cfg.to_dict(),
-                                    resume_step=self.step if self.step else None, total_steps=self.cfg.train.steps)
+                                    resume_step=self.step if self.step else None, total_steps=self.total_steps)
 
     def save(self, stage_state: dict, extra_models=()) -> None:
         t0 = time.perf_counter()

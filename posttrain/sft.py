@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from parallel import finish_grad_sync, set_gradient_sync
 from pretrain.config import ConfigError
+from pretrain.train import micro_batch_losses
 
 from .config import PosttrainConfig
 from .data import DataError, PackedIterator, load_sft_examples, pack_examples
@@ -51,6 +51,8 @@ class SFTTrainer:
         except ValueError as e:
             raise ConfigError(f"data: {e}") from None
         self.steps = d.epochs * self.it.batches_per_epoch if d.epochs > 0 else t.steps
+        rt.total_steps = self.steps
+        self.last = min(t.exit_at_step or self.steps, self.steps)   # save and stop there, same schedule
         rt.resume()
         if rt.extra_state:
             self.it.load_state_dict(rt.extra_state["iterator"])
@@ -63,24 +65,11 @@ class SFTTrainer:
     def _micro_batches(self, batch: dict, backward: bool) -> dict[str, float]:
         """The loss terms averaged over micro-batches and dp ranks (with `backward`, their gradients)."""
         rt, mbs = self.rt, self.cfg.train.micro_batch_size
-        net = rt.policy
-        n = batch["input_ids"].shape[0]
-        n_micro = n // mbs
-        sums: dict[str, torch.Tensor] = {}
-        for m in range(n_micro):
-            sl = slice(m * mbs, (m + 1) * mbs)
-            out = net.loss(batch["input_ids"][sl].to(rt.device), batch["labels"][sl].to(rt.device),
-                           doc_ids=batch["doc_ids"][sl].to(rt.device))
-            if backward:
-                set_gradient_sync(net, m == n_micro - 1)
-                (out["loss"] / n_micro).backward()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().double() / n_micro
-        if backward:
-            finish_grad_sync(net, rt.mesh)
-        keys = sorted(sums)
-        vals = rt.all_sum([float(sums[k]) for k in keys])
-        return {k: v / rt.dims.dp for k, v in zip(keys, vals)}
+        n_micro = batch["input_ids"].shape[0] // mbs
+        return micro_batch_losses(rt.policy, rt.mesh, [
+            {"tokens": batch["input_ids"][m * mbs:(m + 1) * mbs].to(rt.device),
+             "labels": batch["labels"][m * mbs:(m + 1) * mbs].to(rt.device),
+             "doc_ids": batch["doc_ids"][m * mbs:(m + 1) * mbs].to(rt.device)} for m in range(n_micro)], backward)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -101,7 +90,7 @@ class SFTTrainer:
         try:
             if cfg.eval.every and rt.step == 0:
                 rt.log(self.evaluate())
-            while rt.step < self.steps:
+            while rt.step < self.last:
                 torch.manual_seed(cfg.train.seed * 1_000_003 + rt.step)
                 t0 = time.perf_counter()
                 batch = next(self.it)
@@ -114,9 +103,9 @@ class SFTTrainer:
                                tokens_per_s=cfg.train.global_batch_size * cfg.data.seq_len / dt)
                 if cfg.eval.every and rt.step % cfg.eval.every == 0:
                     metrics.update(self.evaluate())
-                if rt.step % cfg.logging.every == 0 or rt.step == self.steps:
+                if rt.step % cfg.logging.every == 0 or rt.step == self.last:
                     rt.log(metrics)
-                if rt.step == self.steps or (cfg.checkpoint.every and rt.step % cfg.checkpoint.every == 0):
+                if rt.step == self.last or (cfg.checkpoint.every and rt.step % cfg.checkpoint.every == 0):
                     rt.save({"iterator": self.it.state_dict()})
             return 0
         finally:

@@ -127,9 +127,7 @@ class Config:
                    "train.device": (t.device, ("auto", "cpu", "cuda")),
                    "parallel.recompute": (p.recompute, ("none", "selective", "full")),
                    "logging.wandb": (self.logging.wandb, ("online", "offline", "disabled"))}
-        for key, (value, valid) in choices.items():
-            if value not in valid:
-                raise ConfigError(f"{key} = {value!r}; valid values: {', '.join(valid)}")
+        check_choices(choices)
         from parallel.pp_schedules import SCHEDULES
         if p.pp_schedule not in SCHEDULES:
             raise ConfigError(f"parallel.pp_schedule = {p.pp_schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -143,6 +141,13 @@ class Config:
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must lie in [0, 1) (0 disables the EMA), got {t.ema_decay}")
         self.model_config()
+
+
+def check_choices(choices: dict[str, tuple]) -> None:
+    """{key: (value, valid values)}: a ConfigError naming the first key whose value is not valid."""
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{key} = {value!r}; valid values: {', '.join(valid)}")
 
 
 # -- typed loading ---------------------------------------------------------------------------------

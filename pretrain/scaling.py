@@ -762,6 +762,10 @@ def plot_isoflop(points: Sequence[dict], fit: IsoFlopFit, path: str | Path, titl
     ax.set_title(title or "IsoFLOP curves (stars: parabola minima M_opt)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -800,9 +804,4 @@ def plot_laws(fit: IsoFlopFit, path: str | Path, reference: ScalingLaws = DEEPSE
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title or "Compute-optimal allocation")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -74,24 +74,53 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def open_run(cfg, pp: int | None = None):
+    """What every training job does first: join the process group, create the run directory with the
+    resolved config, and build the mesh (pp overrides parallel.pp). Returns (device, run_dir, ckpt_dir, mesh)."""
+    p = cfg.parallel
+    device = init_distributed(cfg.train.device)
+    run_dir = Path(cfg.logging.run_dir)
+    ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    if _rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    try:
+        mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp if pp is None else pp, dp=p.dp, ep=p.ep, sp=p.sp,
+                                         node_size=p.node_size, zero=p.zero), device.type)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    return device, run_dir, ckpt_dir, mesh
+
+
+def micro_batch_losses(net, mesh, micro_batches, backward: bool) -> dict[str, float]:
+    """The loss terms of `net.loss(**kwargs)` over micro-batches (a list of kwargs), averaged over them
+    and over the dp ranks; with `backward`, the gradients of that mean (FSDP2 reduces once, after the
+    last micro-batch)."""
+    n = len(micro_batches)
+    sums: dict[str, torch.Tensor] = {}
+    for i, kwargs in enumerate(micro_batches):
+        out = net.loss(**kwargs)
+        if backward:
+            set_gradient_sync(net, i == n - 1)
+            (out["loss"] / n).backward()
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float() / n
+    if backward:
+        finish_grad_sync(net, mesh)
+    keys = sorted(sums)
+    vec = torch.stack([sums[k] for k in keys]).double()
+    comm.all_reduce(vec, mesh["dp"])
+    vec /= mesh.dims.dp
+    return dict(zip(keys, vec.tolist()))
+
+
 # -- the trainer -----------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        t, p = cfg.train, cfg.parallel
-        self.device = init_distributed(t.device)
+        t = cfg.train
+        self.device, self.run_dir, self.ckpt_dir, self.mesh = open_run(cfg)
         self.rank, self.world = _rank(), _world()
-        self.run_dir = Path(cfg.logging.run_dir)
-        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-
-        try:
-            self.mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sp,
-                                                  node_size=p.node_size, zero=p.zero), self.device.type)
-        except LayoutError as e:
-            raise ConfigError(str(e)) from None
         dims = self.mesh.dims
         self.dp_rank = dims.coords(self.mesh.rank)["dp"]
         try:  # the checks' messages name the keys; as ConfigErrors they print without a traceback
@@ -248,27 +277,10 @@ class Trainer:
         return self._micro_batches(tokens, labels, n_micro, backward=True)
 
     def _micro_batches(self, tokens, labels, n_micro: int, backward: bool) -> dict[str, float]:
-        """The loss terms averaged over micro-batches and dp ranks; with `backward`, the gradients of
-        that mean (FSDP2 reduces once, after the last micro-batch)."""
-        net, mbs = self.models[0], self.cfg.train.micro_batch_size
-        sums: dict[str, torch.Tensor] = {}
-        for i in range(n_micro):
-            out = net.loss(tokens[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs])
-            if backward:
-                set_gradient_sync(net, i == n_micro - 1)
-                (out["loss"] / n_micro).backward()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / n_micro
-        if backward:
-            finish_grad_sync(net, self.mesh)
-        return self._mean_over_dp(sums)
-
-    def _mean_over_dp(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-        keys = sorted(sums)
-        vec = torch.stack([sums[k].to(self.device) for k in keys]).double()
-        comm.all_reduce(vec, self.mesh["dp"])
-        vec /= self.mesh.dims.dp
-        return dict(zip(keys, vec.tolist()))
+        mbs = self.cfg.train.micro_batch_size
+        return micro_batch_losses(self.models[0], self.mesh, [
+            dict(tokens=tokens[i * mbs:(i + 1) * mbs], labels=labels[i * mbs:(i + 1) * mbs]) for i in range(n_micro)],
+            backward)
 
     def clip(self) -> float:
         clip = self.cfg.train.grad_clip

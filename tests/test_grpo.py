@@ -138,3 +138,36 @@ def test_collapse_guard(task_dir, tmp_path):
         guard(fake, 0.3, 10.0)
     guard(fake, 0.9, 10.0)          # recovered: the streak restarts
     assert fake.low_streak["entropy"] == 0
+
+
+def sft_rank(task_dir, run_dir, extra, out):
+    import torch.distributed as dist
+    import parallel
+    from posttrain.config import load_config
+    from posttrain.sft import SFTTrainer
+    cfg = load_config(None, [
+        "model.preset=tiny-deepseek-v3", "model.vocab_size=256", f"init.tokenizer={task_dir}/tok.model",
+        f"data.train_files=[{task_dir}/arithmetic_train.jsonl]", f"data.valid_files=[{task_dir}/arithmetic_heldout.jsonl]",
+        "data.template=chat", "data.seq_len=64", "train.steps=4", "train.lr=3e-3", "train.warmup_steps=1",
+        "train.micro_batch_size=4", "train.global_batch_size=8", "eval.every=4", "logging.wandb=disabled",
+        f"logging.run_dir={run_dir}", *extra])
+    tr = SFTTrainer(cfg)
+    tr.run()
+    if dist.get_rank() == 0:
+        torch.save({k: v.detach().clone() for k, v in parallel.full_state(tr.rt.policy, tr.rt.mesh).items()}, out)
+
+
+def test_sft_packed_rows_train_and_resume_exactly(task_dir, tmp_path):
+    """The SFT stage on packed, document-masked rows: the loss falls, validation is logged, and
+    2 steps + resume + 2 steps equal 4 steps (the iterator position is in the checkpoint)."""
+    run_ranks(1, sft_rank, str(task_dir), str(tmp_path / "a"), [], str(tmp_path / "a.pt"))
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert len(train) == 4 and train[-1]["loss"] < train[0]["loss"]
+    assert "val_lm_loss" in rows[0] and "val_lm_loss" in rows[-1] and rows[-1]["val_lm_loss"] < rows[0]["val_lm_loss"]
+    run_ranks(1, sft_rank, str(task_dir), str(tmp_path / "b"), ["train.steps=4", "train.exit_at_step=2"],
+              str(tmp_path / "b1.pt"))
+    run_ranks(1, sft_rank, str(task_dir), str(tmp_path / "b"), [], str(tmp_path / "b.pt"))
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
