@@ -73,8 +73,8 @@ class EvalSection:
 
 @dataclass
 class DPOSection:
-    beta: float = 0.1
-    label_smoothing: float = 0.0
+    beta: float = 0.1               # the KL strength of DPO's implicit reward beta * log(pi / pi_ref)
+    label_smoothing: float = 0.0    # > 0: conservative DPO (the labels are flipped with this probability)
 
 
 @dataclass
@@ -83,7 +83,12 @@ class RejectionSection:
     output: str = ""                # SFT jsonl to write
     max_response_tokens: int = 0    # drop longer responses; 0 = keep all
     min_language_consistency: float = 0.0   # drop mixed-language chains of thought below this fraction
+    language: str = "en"            # the target language of that check (a record's "language" overrides it)
     keep_per_prompt: int = 1        # verified-correct completions kept per prompt
+    batch_prompts: int = 8          # prompts per generation call (x samples rows); the seeds follow it, not dp
+    overwrite: bool = False         # replace existing output files (otherwise the run refuses to start)
+    pairs_output: str = ""          # DPO pairs jsonl (a kept correct vs an incorrect completion); "" = off
+    samples_output: str = ""        # every sample with its scores and verdict (pass@k analysis); "" = off
 
 
 @dataclass
@@ -116,11 +121,34 @@ class PosttrainConfig(Config):
         if self.parallel.pp != 1:
             raise ConfigError("post-training runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): rollouts decode "
                               "one token per step, which a pipeline would serialise; set parallel.pp=1")
+        self._check_stages()
         from .rewards import build_reward
         try:
             build_reward(self.reward.weights)
         except ValueError as e:
             raise ConfigError(f"reward.weights: {e}") from None
+
+    def _check_stages(self) -> None:
+        """The rejection and DPO sections (their own ranges; the stages check what needs the data)."""
+        r, d = self.rejection, self.dpo
+        for key in ("samples", "keep_per_prompt", "batch_prompts"):
+            if getattr(r, key) < 1:
+                raise ConfigError(f"rejection.{key} must be >= 1, got {getattr(r, key)}")
+        if r.max_response_tokens < 0:
+            raise ConfigError(f"rejection.max_response_tokens must be >= 0 (0 = no limit), got {r.max_response_tokens}")
+        if not 0.0 <= r.min_language_consistency <= 1.0:
+            raise ConfigError("rejection.min_language_consistency is a fraction of words and must lie in [0, 1] "
+                              f"(0 = off), got {r.min_language_consistency}")
+        from .rewards import language_fraction
+        try:
+            language_fraction("", r.language)
+        except ValueError as e:
+            raise ConfigError(f"rejection.language: {e}") from None
+        if not d.beta > 0:
+            raise ConfigError(f"dpo.beta must be > 0 (the implicit reward's scale), got {d.beta}")
+        if not 0.0 <= d.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must lie in [0, 0.5) (0.5 would make chosen and rejected "
+                              f"equal), got {d.label_smoothing}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PosttrainConfig:

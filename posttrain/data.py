@@ -6,6 +6,9 @@ Records, one JSON object per line (blank lines are skipped), in one of two shape
                                 "reasoning": str (assistant only, optional)}, ...], ...}
   prompt/answer  {"prompt": str, "answer": str | int | float (optional), "response": str (optional), ...}
 
+preference pair {"prompt": str | "messages": [... ending with the user's turn], "chosen": reply,
+                "rejected": reply, ...}   (DPO; a reply is a string or an assistant message object)
+
 "answer" is the reference a reward checks (the final answer, e.g. "77"; code tasks carry "tests"
 instead). "response" is the whole assistant reply an SFT stage trains on, in the template's format
 (e.g. "<think> 23*4=92, 92-15=77 </think> <answer> 77 </answer>" for r1_zero). SFT needs a target:
@@ -49,7 +52,7 @@ from pretrain.tokenizer import Tokenizer
 
 __all__ = ["DataError", "Example", "PackingStats", "PackedRows", "PackedIterator", "IGNORE_INDEX",
            "validate_record", "read_jsonl", "tokenize_conversation", "encode_prompt", "load_sft_examples",
-           "load_prompts", "pack_examples"]
+           "load_prompts", "pack_examples", "validate_pair", "load_preference_pairs", "pair_conversations"]
 
 _MAX_LISTED_ERRORS = 10
 
@@ -99,7 +102,37 @@ def validate_record(obj: Any, where: str = "record") -> dict:
     return obj
 
 
-def _read(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[tuple[str, dict]]:
+def validate_pair(obj: Any, where: str = "record") -> dict:
+    """Check one preference pair: a prompt (or a conversation ending with the user's turn) and two
+    different replies, "chosen" and "rejected"; raises DataError(f"{where}: problem")."""
+    validate_record(obj, where)
+
+    def bad(problem: str):
+        raise DataError(f"{where}: {problem}")
+
+    if "response" in obj:
+        bad('has "response"; a preference pair puts its two replies in "chosen" and "rejected"')
+    if "messages" in obj and obj["messages"][-1]["role"] != "user":
+        bad('"messages" must end with the user\'s turn; the replies go in "chosen" and "rejected"')
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            bad(f'missing "{key}": a preference pair needs "chosen" and "rejected" replies')
+        reply = obj[key]
+        if isinstance(reply, dict):
+            try:
+                as_messages([{"role": "user", "content": "x"}, {"role": "assistant", **reply}])
+            except ValueError as e:
+                bad(f'"{key}" is not an assistant message: {str(e).replace("messages[1]", key)}')
+        elif not isinstance(reply, str):
+            bad(f'"{key}" must be a string or an assistant message object, got {type(reply).__name__}')
+        elif not reply.strip():
+            bad(f'"{key}" is empty')
+    if obj["chosen"] == obj["rejected"]:
+        bad('"chosen" and "rejected" are the same reply; a pair must prefer one reply over another')
+    return obj
+
+
+def _read(paths: str | os.PathLike | Sequence[str | os.PathLike], validate=validate_record) -> list[tuple[str, dict]]:
     """(location "file:line", record) for every record of the files; all bad lines in one DataError."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -119,7 +152,7 @@ def _read(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[tuple[
                     errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
                     continue
                 try:
-                    out.append((where, validate_record(obj, where)))
+                    out.append((where, validate(obj, where)))
                 except DataError as e:
                     errors.append(str(e))
     if errors:
@@ -210,6 +243,20 @@ def load_sft_examples(paths, tokenizer: Tokenizer, template: Template | str, *,
 def load_prompts(paths) -> list[dict]:
     """Records for RL/generation (the sample dicts rewards receive), validated."""
     return read_jsonl(paths)
+
+
+def load_preference_pairs(paths) -> list[tuple[str, dict]]:
+    """(location "file:line", pair) for every preference pair of the files, validated (validate_pair)."""
+    return _read(paths, validate_pair)
+
+
+def pair_conversations(pair: dict) -> tuple[list[dict], list[dict]]:
+    """The chosen and the rejected conversation of a pair: the shared context, then each reply."""
+    context = as_messages({k: v for k, v in pair.items() if k in ("prompt", "messages")})
+
+    def reply(r):
+        return {"role": "assistant", **r} if isinstance(r, dict) else {"role": "assistant", "content": r}
+    return context + [reply(pair["chosen"])], context + [reply(pair["rejected"])]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ __all__ = ["RewardFn", "register_reward", "get_reward", "reward_names", "Reward"
            "extract_boxed", "extract_answer_tag", "extract_answer", "normalize_answer", "parse_number",
            "answers_match", "format_ok", "extract_think", "split_words", "language_fraction",
            "accuracy_reward", "format_reward", "language_reward", "code_reward", "countdown_reward",
-           "DEFAULT_EOS"]
+           "DEFAULT_EOS", "VERIFIERS", "verified"]
 
 RewardFn = Callable[..., float]
 _REGISTRY: dict[str, RewardFn] = {}
@@ -132,6 +132,19 @@ class Reward:
 
 def build_reward(config: Mapping[str, Any]) -> Reward:
     return Reward(config)
+
+
+VERIFIERS = ("accuracy", "countdown", "code")
+
+
+def verified(score: Mapping[str, float]) -> float:
+    """The verifier's verdict in a `Reward.score()` dict (1.0 = correct): the first of the accuracy,
+    countdown and code components it holds, else the whole reward (a custom reward that is its own
+    verifier). Rejection sampling (R1 §2.3.3) keeps the samples whose verdict is 1."""
+    for key in VERIFIERS:
+        if key in score:
+            return score[key]
+    return score["reward"]
 
 
 def _check_options(name: str, fn: RewardFn, options: dict) -> None:

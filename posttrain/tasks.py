@@ -124,8 +124,38 @@ def _operand(rng: random.Random, digits: int) -> int:
     return rng.randint(0, 9) if digits == 1 else rng.randint(10 ** (digits - 1), 10 ** digits - 1)
 
 
+def _columns(a: int, op: str, b: int) -> list[str]:
+    """Column steps of a + b or a - b (a, b >= 0), units first, with carries and borrows written out, then
+    the whole step: "47+38" -> 7+8=15, 4+3+1=8, 47+38=85. Each column is a one-digit fact, so a small model
+    can learn the method and apply it to numbers it has never seen (a left-to-right answer needs the carry
+    before it is computed). a < b subtracts the other way round: "30-51" -> 30-51=-(51-30), 1-0=1, 5-3=2."""
+    steps = []
+    if op == "-" and a < b:
+        steps.append(f"{a}-{b}=-({b}-{a})")
+        x, y = b, a
+    else:
+        x, y = a, b
+    n = max(len(str(x)), len(str(y)))
+    if n > 1:
+        carry = 0
+        for i in range(n):
+            dx, dy = x // 10 ** i % 10, y // 10 ** i % 10
+            if op == "+":
+                v = dx + dy + carry
+                steps.append(f"{dx}+{dy}" + (f"+{carry}" if carry else "") + f"={v}")
+                carry = v // 10
+            else:
+                top = dx - carry
+                borrow = 1 if top < dy else 0
+                steps.append((f"1{dx}" if borrow else f"{dx}") + (f"-{carry}" if carry else "") + f"-{dy}={top + 10 * borrow - dy}")
+                carry = borrow
+    v = a + b if op == "+" else a - b
+    return steps + [f"{a}{op}{b}={v}"]
+
+
 def _steps(tokens: list) -> list[str]:
-    """Worked steps of a flat + - * expression: products first, then left to right."""
+    """Worked steps of a flat + - * expression: products first, then left to right; + and - of
+    non-negative numbers in columns (_columns)."""
     tokens, steps = list(tokens), []
     while "*" in tokens:
         i = tokens.index("*")
@@ -135,7 +165,7 @@ def _steps(tokens: list) -> list[str]:
     while len(tokens) > 1:
         a, op, b = tokens[:3]
         v = a + b if op == "+" else a - b
-        steps.append(f"{a}{op}{b}={v}")
+        steps += _columns(a, op, b) if a >= 0 and b >= 0 else [f"{a}{op}{b}={v}"]
         tokens[:3] = [v]
     return steps
 
@@ -246,10 +276,32 @@ def split_tasks(task: str, n_train: int, n_heldout: int, *, seed: int = 0,
     return train, heldout
 
 
+def direct_response(task: dict) -> str:
+    """The reply that skips the work: the problem and its answer in one step, no worked solution."""
+    expr = task["prompt"].removeprefix("Compute ")
+    return _response(f"{expr}={task['answer']}", task["answer"])
+
+
 def write_task_splits(out_dir: str, task: str, n_train: int, n_heldout: int, *, seed: int = 0,
-                      difficulty: int | Iterable[int] = (1, 2, 3)) -> dict[str, str]:
-    """Write `{task}_train.jsonl` and `{task}_heldout.jsonl` under out_dir; returns their paths."""
+                      difficulty: int | Iterable[int] = (1, 2, 3), direct_fraction: float = 0.0) -> dict[str, str]:
+    """Write `{task}_train.jsonl` and `{task}_heldout.jsonl` under out_dir; returns their paths.
+
+    direct_fraction: the share of arithmetic training rows whose "response" states the answer without the
+    worked solution (`direct_response`, "style": "direct"; the others are "worked"). A model fine-tuned on
+    the mix sometimes reasons and sometimes guesses, as a base model does; outcome rewards then teach it
+    that the worked replies are the ones that score (R1-Zero's growing length, R1 §2.2.4)."""
+    if not 0.0 <= direct_fraction <= 1.0:
+        raise ValueError(f"direct_fraction must lie in [0, 1], got {direct_fraction}")
+    if direct_fraction and task != "arithmetic":
+        raise ValueError("direct_fraction applies to arithmetic tasks only")
     train, heldout = split_tasks(task, n_train, n_heldout, seed=seed, difficulty=difficulty)
+    if direct_fraction:
+        rng = random.Random(f"direct:{seed}")
+        for t in train:
+            direct = rng.random() < direct_fraction
+            t["style"] = "direct" if direct else "worked"
+            if direct:
+                t["response"] = direct_response(t)
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for name, rows in (("train", train), ("heldout", heldout)):
@@ -317,10 +369,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--heldout", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--difficulty", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--direct-fraction", type=float, default=0.0,
+                   help="share of arithmetic training rows answered without the worked solution")
     p.add_argument("--tokenizer", help="also train a task tokenizer at this .model path")
     args = p.parse_args(argv)
     paths = write_task_splits(args.out, args.task, args.train, args.heldout, seed=args.seed,
-                              difficulty=args.difficulty)
+                              difficulty=args.difficulty, direct_fraction=args.direct_fraction)
     for name, path in paths.items():
         print(f"{name}: {path}")
     if args.tokenizer:

@@ -1,0 +1,70 @@
+"""Distillation (R1 §2.4: SFT only, on a teacher's verified outputs, into a smaller dense student):
+`python -m posttrain.distill --teacher TEACHER.yaml --config STUDENT.yaml [key=value ...]`.
+
+The two stages it is made of, in one job: posttrain.rejection with the teacher's config writes its
+rejection.output, then posttrain.sft with the student's config trains on it. The student's
+data.train_files must include that file (empty: that file alone); the overrides apply to the
+student. An existing teacher output is reused rather than sampled again (sampling is the expensive
+half, and a failed student run can be rerun); rejection.overwrite=true in the teacher's config
+samples anew.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import torch.distributed as dist
+
+from pretrain.config import ConfigError
+from pretrain.train import init_distributed
+
+from .config import PosttrainConfig, load_config
+from .rejection import RejectionSampler
+from .runtime import StageError
+from .sft import SFTTrainer
+
+
+def distill(teacher: PosttrainConfig, student: PosttrainConfig) -> int:
+    out = teacher.rejection.output
+    if not out:
+        raise ConfigError("the teacher's rejection.output is empty: name the jsonl the student trains on")
+    files = [os.path.abspath(f) for f in student.data.train_files]
+    if not files:
+        student.data.train_files = [out]
+    elif os.path.abspath(out) not in files:
+        raise ConfigError(f"the student's data.train_files {student.data.train_files} do not include the teacher's "
+                          f"rejection.output {out}")
+    init_distributed(teacher.train.device)
+    exists = [os.path.exists(out) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(exists, src=0)      # every rank takes the same branch
+    if exists[0] and not teacher.rejection.overwrite:
+        if dist.get_rank() == 0:
+            print(f"distill: reusing the teacher's {out} (rejection.overwrite=true samples anew)", flush=True)
+    else:
+        sampler = RejectionSampler(teacher)
+        sampler.run()
+        del sampler                                 # the teacher's weights go before the student's arrive
+        gc.collect()
+    return SFTTrainer(student).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m posttrain.distill", description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", required=True, help="the teacher's rejection-sampling config (posttrain.rejection)")
+    ap.add_argument("--config", required=True, help="the student's SFT config (posttrain.sft)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of the student's config")
+    args = ap.parse_args(argv)
+    try:
+        return distill(load_config(args.teacher), load_config(args.config, args.overrides))
+    except (ConfigError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Direct preference optimisation: `python -m posttrain.dpo --config FILE [key=value ...]`. DeepSeek LLM
+(arXiv 2401.02954) §5 aligns its chat model with DPO; the loss is Rafailov et al. 2023, eq. 7.
+
+One step, top to bottom:
+    pairs  = this dp rank's share of train.global_batch_size preference pairs (seeded, resumable epochs)
+    logp   = log pi(reply | prompt) summed over the reply's tokens and its end-of-document (the prompt is
+             masked), chosen and rejected rows in one forward, under the policy and under a frozen
+             reference (init.checkpoint); under tp the logits stay split over the vocabulary
+    loss   = -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))) averaged over the global batch
+             (dpo.label_smoothing > 0: conservative DPO)
+    opt    = micro-batches accumulate, FSDP2 reduces after the last; clip, AdamW at the scheduled lr
+    log, validate on data.valid_files pairs, checkpoint (the iterator position goes into it)
+
+Every rank runs the same number of forwards (the same pairs per rank and micro-batches per step), which
+FSDP2's gathers and the MoE all-to-alls need. The reference is not checkpointed: it is init.checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from model.transformer import IGNORE_INDEX
+from parallel import finish_grad_sync, set_gradient_sync
+from pretrain.config import ConfigError
+
+from .config import PosttrainConfig
+from .data import (DataError, Example, PackedIterator, load_preference_pairs, pair_conversations,
+                   tokenize_conversation)
+from .objectives import dpo_loss
+from .runtime import Runtime, stage_main
+from .templates import get_template
+
+
+def encode_pairs(located: list[tuple[str, dict]], tokenizer, template: str, seq_len: int,
+                 overflow: str = "truncate") -> tuple[list[tuple[Example, Example]], dict[str, int]]:
+    """(chosen, rejected) token ids and loss masks (the reply and its EOD) of each pair, at most seq_len
+    tokens: a longer one is cut at seq_len (overflow="truncate"; dropped if its reply is cut away) or
+    dropped (overflow="drop"). A pair the template cannot render is an error naming file:line."""
+    template = get_template(template)
+    out, errors, stats = [], [], {"truncated": 0, "dropped": 0}
+    for where, pair in located:
+        try:
+            c, r = (Example(*tokenize_conversation(template, tokenizer, conv)) for conv in pair_conversations(pair))
+        except ValueError as e:
+            errors.append(f"{where}: {e}")
+            continue
+        too_long = max(len(c), len(r)) > seq_len
+        c, r = (Example(e.input_ids[:seq_len], e.loss_mask[:seq_len]) for e in (c, r))
+        if (too_long and overflow == "drop") or not (c.n_targets and r.n_targets):
+            stats["dropped"] += 1
+            continue
+        stats["truncated"] += too_long
+        out.append((c, r))
+    if errors:
+        raise DataError(f"{len(errors)} pair(s) cannot be used with the {template.name} template:\n  "
+                        + "\n  ".join(errors[:10]))
+    return out, stats
+
+
+def pair_rows(pairs: list[tuple[Example, Example]], multiple: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows [2n, L] (the n chosen, then the n rejected; L a multiple of `multiple`, the
+    token split under tp) and their targets: the next token where it is a reply token, else IGNORE_INDEX."""
+    examples = [c for c, _ in pairs] + [r for _, r in pairs]
+    L = -(-max(map(len, examples)) // multiple) * multiple
+    tokens = torch.full((len(examples), L), pad, dtype=torch.long)
+    targets = torch.full((len(examples), L), IGNORE_INDEX, dtype=torch.long)
+    for i, ex in enumerate(examples):
+        ids, mask = torch.tensor(ex.input_ids), torch.tensor(ex.loss_mask, dtype=torch.bool)
+        tokens[i, :len(ids)] = ids
+        targets[i, :len(ids) - 1] = torch.where(mask[1:], ids[1:], IGNORE_INDEX)
+    return tokens, targets
+
+
+class _PairSet:
+    """Pairs indexed like PackedRows, so PackedIterator's seeded, resumable epochs apply unchanged."""
+
+    def __init__(self, pairs: list):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, idx: torch.Tensor) -> dict:
+        return {"pairs": [self.pairs[i] for i in idx.tolist()]}
+
+
+class DPOTrainer:
+    """DPO against a frozen copy of the starting policy."""
+
+    def __init__(self, cfg: PosttrainConfig):
+        self.cfg = cfg
+        self.rt = rt = Runtime(cfg, "dpo")
+        d, t, dp = cfg.data, cfg.train, rt.dims.dp
+        if not d.train_files:
+            raise ConfigError('data.train_files is empty: name the jsonl files of preference pairs '
+                              '{"prompt", "chosen", "rejected"}')
+        if t.global_batch_size % (dp * t.micro_batch_size):
+            raise ConfigError(f"train.global_batch_size = {t.global_batch_size} (pairs) must be a multiple of "
+                              f"train.micro_batch_size ({t.micro_batch_size}) x the data-parallel size ({dp})")
+        if d.seq_len > rt.model_cfg.max_seq_len:
+            raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {rt.model_cfg.max_seq_len}")
+        self.multiple = rt.dims.tp if rt.dims.tp > 1 and (rt.model_cfg.is_moe or cfg.parallel.sp) else 1
+        try:
+            self.pairs, self.stats = self._load(d.train_files)
+            self.valid = self._load(d.valid_files)[0] if d.valid_files else []
+        except (OSError, DataError) as e:
+            raise ConfigError(f"data: {e}") from None
+        if rt.rank == 0 and (self.stats["truncated"] or self.stats["dropped"]):
+            print(f"dpo: {self.stats['truncated']} pairs truncated to data.seq_len = {d.seq_len}, "
+                  f"{self.stats['dropped']} dropped (data.overflow = {d.overflow}, or no reply token left)", flush=True)
+        if len(self.pairs) < t.global_batch_size:
+            raise ConfigError(f"data.train_files hold {len(self.pairs)} usable pairs, fewer than one global batch "
+                              f"(train.global_batch_size = {t.global_batch_size})")
+        self.it = PackedIterator(_PairSet(self.pairs), t.global_batch_size // dp, seed=t.seed, dp_rank=rt.dp_rank,
+                                 dp_size=dp)
+        self.steps = d.epochs * self.it.batches_per_epoch if d.epochs > 0 else t.steps
+        rt.total_steps = self.steps
+        self.last = min(t.exit_at_step or self.steps, self.steps)
+        self.ref = rt.build(trainable=False)
+        rt.resume()
+        if rt.extra_state:
+            self.it.load_state_dict(rt.extra_state["iterator"])
+
+    def _load(self, files):
+        d = self.cfg.data
+        return encode_pairs(load_preference_pairs(files), self.rt.tokenizer, d.template, d.seq_len, d.overflow)
+
+    def _terms(self, pairs: list, backward: bool) -> dict[str, float]:
+        """Loss and implicit rewards over this rank's pairs, averaged over all dp ranks' pairs; with
+        `backward`, the gradient of that mean loss (synchronised)."""
+        rt, dpo, mbs = self.rt, self.cfg.dpo, self.cfg.train.micro_batch_size
+        net, n_micro = rt.policy, len(pairs) // mbs
+        sums = torch.zeros(4, dtype=torch.float64, device=rt.device)   # loss, reward chosen, reward rejected, correct
+        tokens_seen = 0
+        for m in range(n_micro):
+            micro = pairs[m * mbs:(m + 1) * mbs]
+            tokens, targets = pair_rows(micro, self.multiple, rt.tokenizer.eod_id)
+            tokens, targets = tokens.to(rt.device), targets.to(rt.device)
+            with torch.no_grad():
+                ref = self.ref.token_logprobs(tokens, targets)["logprobs"].sum(-1)
+            logp = net.token_logprobs(tokens, targets)["logprobs"].sum(-1)
+            k = tokens.shape[0] // 2
+            loss, _ = dpo_loss(logp[:k], logp[k:], ref[:k], ref[k:], beta=dpo.beta, label_smoothing=dpo.label_smoothing)
+            if backward:
+                set_gradient_sync(net, m == n_micro - 1)
+                (loss.sum() / len(pairs)).backward()    # FSDP2 averages over dp: the global mean
+            with torch.no_grad():
+                rewards = dpo.beta * (logp.detach() - ref).double()
+                chosen, rejected = rewards[:k], rewards[k:]
+                sums += torch.stack([loss.detach().double().sum(), chosen.sum(), rejected.sum(),
+                                     (chosen > rejected).double().sum()])
+            tokens_seen += sum(len(c) + len(r) for c, r in micro)
+        if backward:
+            finish_grad_sync(net, rt.mesh)
+        loss, chosen, rejected, correct, tokens, n = rt.all_sum(sums.tolist() + [tokens_seen, len(pairs)])
+        return {"loss": loss / n, "reward_chosen": chosen / n, "reward_rejected": rejected / n,
+                "reward_margin": (chosen - rejected) / n, "reward_accuracy": correct / n, "tokens": tokens}
+
+    def train_step(self, pairs: list) -> dict[str, float]:
+        metrics = self._terms(pairs, backward=True)
+        metrics.update(self.rt.optimizer_step(metrics["loss"]))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and preference accuracy on the held-out pairs, split evenly over the dp ranks."""
+        rt, mbs = self.rt, self.cfg.train.micro_batch_size
+        n = len(self.valid) // (rt.dims.dp * mbs) * mbs
+        if n == 0:
+            return {}
+        rt.policy.eval()
+        out = self._terms(self.valid[rt.dp_rank * n:(rt.dp_rank + 1) * n], backward=False)
+        rt.policy.train()
+        return {f"val_{k}": out[k] for k in ("loss", "reward_accuracy", "reward_margin")}
+
+    def run(self) -> int:
+        cfg, rt = self.cfg, self.rt
+        try:
+            if cfg.eval.every and rt.step == 0:
+                rt.log(self.evaluate())
+            while rt.step < self.last:
+                t0 = time.perf_counter()
+                batch = next(self.it)
+                metrics = self.train_step(batch["pairs"])
+                rt.step += 1
+                dt = time.perf_counter() - t0
+                metrics.update(epoch=float(batch["epoch"]), step_time=dt, tokens_per_s=metrics.pop("tokens") / dt)
+                if cfg.eval.every and rt.step % cfg.eval.every == 0:
+                    metrics.update(self.evaluate())
+                if rt.step % cfg.logging.every == 0 or rt.step == self.last:
+                    rt.log(metrics)
+                if rt.step == self.last or (cfg.checkpoint.every and rt.step % cfg.checkpoint.every == 0):
+                    rt.save({"iterator": self.it.state_dict()})
+            return 0
+        finally:
+            rt.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(DPOTrainer, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
