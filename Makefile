@@ -35,8 +35,11 @@ DEMO_ARGS ?=
 demo: venv
 	PY=$(VENV)/bin/python launch/torchrun.sh 4 --config configs/pretrain/tiny_v3.yaml $(DEMO_ARGS)
 
+# Two pytest workers (pytest-xdist), one intra-op thread each: the tiny models are latency-bound, so
+# two tests side by side beat one test with two threads on CI's 2 cores.
+PYTEST_WORKERS ?= 2
 test: venv
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV)

@@ -29,7 +29,7 @@ from .config import PosttrainConfig
 from .data import DataError, encode_prompt, load_prompts
 from .generate import Generator, SamplingParams
 from .objectives import aggregate, group_advantages, grpo_token_terms
-from .rewards import build_reward
+from .rewards import build_reward, verified
 from .runtime import Runtime, StageError, stage_main
 
 
@@ -223,7 +223,7 @@ class GRPOTrainer:
         acc = fmt = 0.0
         for c, r in zip(outs, records):
             s = self.reward.score(c.text, r)
-            acc += s.get("accuracy", s.get("countdown", s["reward"]))
+            acc += verified(s)
             fmt += s.get("format", 0.0)
         acc, fmt = rt.all_sum([acc, fmt])
         return {"eval_accuracy": acc / n, "eval_format": fmt / n, "eval_prompts": float(n)}
