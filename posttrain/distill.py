@@ -22,7 +22,7 @@ from pretrain.train import init_distributed
 
 from .config import PosttrainConfig, load_config
 from .rejection import RejectionSampler
-from .runtime import StageError
+from .runtime import guarded
 from .sft import SFTTrainer
 
 
@@ -56,14 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="the student's SFT config (posttrain.sft)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of the student's config")
     args = ap.parse_args(argv)
-    try:
-        return distill(load_config(args.teacher), load_config(args.config, args.overrides))
-    except (ConfigError, StageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return guarded(lambda: distill(load_config(args.teacher), load_config(args.config, args.overrides)))
 
 
 if __name__ == "__main__":

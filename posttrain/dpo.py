@@ -187,12 +187,7 @@ class DPOTrainer:
                 rt.step += 1
                 dt = time.perf_counter() - t0
                 metrics.update(epoch=float(batch["epoch"]), step_time=dt, tokens_per_s=metrics.pop("tokens") / dt)
-                if cfg.eval.every and rt.step % cfg.eval.every == 0:
-                    metrics.update(self.evaluate())
-                if rt.step % cfg.logging.every == 0 or rt.step == self.last:
-                    rt.log(metrics)
-                if rt.step == self.last or (cfg.checkpoint.every and rt.step % cfg.checkpoint.every == 0):
-                    rt.save({"iterator": self.it.state_dict()})
+                rt.end_step(metrics, self.last, self.evaluate, {"iterator": self.it.state_dict()})
             return 0
         finally:
             rt.close()

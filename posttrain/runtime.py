@@ -36,7 +36,6 @@ class StageError(RuntimeError):
 def stage_main(stage, argv: list[str] | None = None) -> int:
     """`python -m posttrain.<stage> --config FILE [key=value ...]` for a stage class taking a config."""
     import argparse
-    import sys
 
     from .config import load_config
     name = stage.__module__.rsplit(".", 1)[-1]
@@ -44,8 +43,15 @@ def stage_main(stage, argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML config (sections of posttrain.config)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. grpo.beta=0.04")
     args = ap.parse_args(argv)
+    return guarded(lambda: stage(load_config(args.config, args.overrides)).run())
+
+
+def guarded(run) -> int:
+    """run()'s exit code; a bad config or a guard that fired prints one `error:` line and exits 2, and the
+    process group is torn down either way."""
+    import sys
     try:
-        return stage(load_config(args.config, args.overrides)).run()
+        return run()
     except (ConfigError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,6 +194,17 @@ class Runtime:
 
     def log(self, metrics: dict) -> None:
         self.logger.log(self.step, metrics)
+
+    def end_step(self, metrics: dict, last: int, evaluate, stage_state: dict) -> None:
+        """After a step of a stage that trains on a fixed data pass (SFT, DPO): evaluate every eval.every
+        steps, log every logging.every steps and at `last`, checkpoint every checkpoint.every and at `last`."""
+        c = self.cfg
+        if c.eval.every and self.step % c.eval.every == 0:
+            metrics.update(evaluate())
+        if self.step % c.logging.every == 0 or self.step == last:
+            self.log(metrics)
+        if self.step == last or (c.checkpoint.every and self.step % c.checkpoint.every == 0):
+            self.save(stage_state)
 
     def close(self) -> None:
         from parallel.checkpoint import finalize_pending

@@ -101,12 +101,7 @@ class SFTTrainer:
                 targets = rt.all_sum([float((batch["labels"] != -100).sum())])[0]
                 metrics.update(epoch=float(batch["epoch"]), step_time=dt, target_tokens_per_s=targets / dt,
                                tokens_per_s=cfg.train.global_batch_size * cfg.data.seq_len / dt)
-                if cfg.eval.every and rt.step % cfg.eval.every == 0:
-                    metrics.update(self.evaluate())
-                if rt.step % cfg.logging.every == 0 or rt.step == self.last:
-                    rt.log(metrics)
-                if rt.step == self.last or (cfg.checkpoint.every and rt.step % cfg.checkpoint.every == 0):
-                    rt.save({"iterator": self.it.state_dict()})
+                rt.end_step(metrics, self.last, self.evaluate, {"iterator": self.it.state_dict()})
             return 0
         finally:
             rt.close()
