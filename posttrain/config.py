@@ -67,7 +67,9 @@ class RewardSection:
 class EvalSection:
     every: int = 0                  # rollout batches (GRPO) or steps (SFT) between held-out evaluations; 0 = off
     prompts: int = 64               # held-out prompts per evaluation (from data.valid_files)
-    temperature: float = 0.0        # 0: greedy accuracy
+    temperature: float = 0.0        # 0: greedy accuracy; R1 reports pass@1 at 0.6 (top-p 0.95, k samples)
+    top_p: float = 1.0
+    samples: int = 1                # k samples per prompt (temperature > 0): accuracy is pass@1 averaged over k
     max_new_tokens: int = 0         # 0: rollout.max_new_tokens
 
 
@@ -121,6 +123,12 @@ class PosttrainConfig(Config):
         if self.parallel.pp != 1:
             raise ConfigError("post-training runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): rollouts decode "
                               "one token per step, which a pipeline would serialise; set parallel.pp=1")
+        e = self.eval
+        if e.samples < 1 or (e.samples > 1 and e.temperature <= 0):
+            raise ConfigError(f"eval.samples = {e.samples}: it must be >= 1, and more than one sample per prompt needs "
+                              f"eval.temperature > 0 (greedy samples are all the same; got {e.temperature})")
+        if not 0 < e.top_p <= 1:
+            raise ConfigError(f"eval.top_p must lie in (0, 1], got {e.top_p}")
         self._check_stages()
         from .rewards import build_reward
         try:

@@ -46,11 +46,26 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def gain_interval(p0: float, p1: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% interval of p1 - p0 for two proportions over n prompts each (Wald, unpaired). The same
-    prompts are scored before and after, so the true interval is narrower: this one is conservative."""
-    half = z * math.sqrt(p0 * (1 - p0) / n + p1 * (1 - p1) / n)
-    return p1 - p0 - half, p1 - p0 + half
+def paired_interval(before: list[float], after: list[float], z: float = 1.96) -> tuple[float, float]:
+    """95% interval of mean(after - before) over the same prompts scored twice (each score a 0/1 verdict or
+    a pass@1 over k samples). Pairing removes the prompts' own difficulty from the noise; for 0/1 scores
+    this is the textbook Wald interval for two dependent proportions (Agresti, Categorical Data Analysis,
+    §10.1: sqrt((b + c) - (b - c)^2 / n) / n with b, c the discordant counts)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired scores need the same, non-zero number of prompts; got {len(before)} and {len(after)}")
+    n = len(before)
+    d = [a - b for a, b in zip(after, before)]
+    mean = sum(d) / n
+    half = z * math.sqrt(max(sum(x * x for x in d) / n - mean * mean, 0.0) / n)
+    return mean - half, mean + half
+
+
+def _eval_scores(run_dir: Path, step: int) -> dict[int, float]:
+    path = run_dir / "eval" / f"step_{step:08d}.jsonl"
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: the per-prompt scores of the evaluation at step {step}")
+    with open(path) as f:
+        return {row["index"]: row["accuracy"] for row in map(json.loads, f)}
 
 
 def _env() -> dict:
@@ -106,16 +121,21 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def summarise(run_dir: Path) -> dict:
-    """Before/after held-out accuracy of one GRPO run, with intervals, and its curves."""
+    """Before/after held-out accuracy of one GRPO run (the same prompts), with intervals, and its curves."""
     rows = _metrics(run_dir)
-    evals = [(r["step"], r["eval_accuracy"], int(r["eval_prompts"])) for r in rows if "eval_accuracy" in r]
+    evals = [(r["step"], r["eval_accuracy"], int(r["eval_prompts"]), int(r.get("eval_samples", 1)))
+             for r in rows if "eval_accuracy" in r]
     if len(evals) < 2 or evals[0][0] != 0:
         raise RuntimeError(f"{run_dir}/metrics.jsonl has no evaluation at step 0 and after training")
-    (_, p0, n), (last, p1, _) = evals[0], evals[-1]
+    (_, p0, n, k), (last, p1, _, _) = evals[0], evals[-1]
+    before, after = _eval_scores(run_dir, 0), _eval_scores(run_dir, last)
+    if sorted(before) != sorted(after):
+        raise RuntimeError(f"{run_dir}/eval: the evaluations at steps 0 and {last} scored different prompts")
+    keys = sorted(before)
     train = [r for r in rows if "reward_mean" in r]
-    return {"run_dir": str(run_dir), "prompts": n, "steps": last,
+    return {"run_dir": str(run_dir), "prompts": n, "samples_per_prompt": k, "steps": last,
             "before": p0, "before_ci95": wilson(p0 * n, n), "after": p1, "after_ci95": wilson(p1 * n, n),
-            "gain": p1 - p0, "gain_ci95": gain_interval(p0, p1, n),
+            "gain": p1 - p0, "gain_ci95": paired_interval([before[i] for i in keys], [after[i] for i in keys]),
             "curves": {"step": [r["step"] for r in train], "reward_mean": [r["reward_mean"] for r in train],
                        "accuracy": [r["accuracy"] for r in train],
                        "response_length_mean": [r["response_length_mean"] for r in train],

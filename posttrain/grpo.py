@@ -15,7 +15,9 @@ FSDP2's gathers and the MoE all-to-alls need; dropped groups therefore keep thei
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
 
@@ -211,22 +213,49 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy (and format rate) over eval.prompts prompts, split over dp ranks."""
+        """Held-out accuracy and format rate over eval.prompts prompts, split over dp ranks: greedy, or pass@1
+        averaged over eval.samples samples per prompt (R1's protocol: temperature 0.6, top-p 0.95). Each
+        prompt's score goes to RUN_DIR/eval/step_NNNNNNNN.jsonl, so that two evaluations of the same
+        prompts can be compared prompt by prompt (posttrain.demo's paired interval)."""
         cfg, rt, e = self.cfg, self.rt, self.cfg.eval
         n = min(e.prompts, len(self.valid_records)) // rt.dims.dp * rt.dims.dp
         if n == 0:
             return {}
-        records = self._local_slice(self.valid_records[:n])
+        first = rt.dp_rank * (n // rt.dims.dp)
+        records = self.valid_records[first:first + n // rt.dims.dp]
+        k = e.samples
         params = SamplingParams(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
-                                temperature=e.temperature, top_p=cfg.rollout.top_p, stop=list(cfg.rollout.stop))
-        outs, _ = self.gen.generate([self.encode(r) for r in records], params, seed=cfg.train.seed + rt.dp_rank)
-        acc = fmt = 0.0
-        for c, r in zip(outs, records):
-            s = self.reward.score(c.text, r)
-            acc += verified(s)
-            fmt += s.get("format", 0.0)
-        acc, fmt = rt.all_sum([acc, fmt])
-        return {"eval_accuracy": acc / n, "eval_format": fmt / n, "eval_prompts": float(n)}
+                                temperature=e.temperature, top_p=e.top_p, stop=list(cfg.rollout.stop))
+        outs, _ = self.gen.generate([self.encode(r) for r in records for _ in range(k)], params,
+                                    seed=cfg.train.seed + rt.dp_rank)
+        rows = []
+        for i, r in enumerate(records):
+            scores = [self.reward.score(c.text, r) for c in outs[i * k:(i + 1) * k]]
+            rows.append({"index": first + i, "prompt": r.get("prompt"), "answer": r.get("answer"),
+                         "accuracy": sum(verified(s) for s in scores) / k,
+                         "format": sum(s.get("format", 0.0) for s in scores) / k, "response": outs[i * k].text})
+        self._write_eval(rows)
+        acc, fmt = rt.all_sum([sum(x["accuracy"] for x in rows), sum(x["format"] for x in rows)])
+        return {"eval_accuracy": acc / n, "eval_format": fmt / n, "eval_prompts": float(n), "eval_samples": float(k)}
+
+    def _write_eval(self, rows: list[dict]) -> None:
+        """Per-prompt evaluation rows, gathered over dp to rank 0 (tp ranks hold copies) and renamed into place."""
+        rt = self.rt
+        if rt.dims.coords(rt.rank)["tp"] != 0:
+            return
+        parts, group = [rows], rt.mesh["dp"].pg
+        if group is not None:
+            parts = [None] * rt.dims.dp if rt.rank == 0 else None
+            torch.distributed.gather_object(rows, parts, dst=0, group=group)
+        if rt.rank == 0:
+            path = rt.run_dir / "eval" / f"step_{rt.step:08d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                for part in parts:
+                    for row in part:
+                        f.write(json.dumps(row) + "\n")
+            os.replace(tmp, path)
 
     def guard(self, entropy: float, length: float) -> None:
         """Stop on entropy or length collapse (a floor crossed for grpo.collapse_patience batches in a row)."""

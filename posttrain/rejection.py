@@ -139,7 +139,7 @@ class RejectionSampler:
         self.outputs = {"sft": r.output, "pairs": r.pairs_output, "samples": r.samples_output}
         self._refuse_overwrite()
         cfg.checkpoint.resume = "none"      # sampling writes no checkpoint: resume() only opens the logger
-        self.rt = rt = Runtime(cfg, "rejection")
+        self.rt = rt = Runtime(cfg, "rejection", train=False)   # samples only: no optimizer, a frozen policy
         try:
             self.records = load_prompts(d.train_files)
         except (OSError, DataError) as e:

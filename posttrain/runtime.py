@@ -1,7 +1,9 @@
 """What every post-training stage shares, from pretraining's pieces: the process group and mesh, the
 policy (built on meta, parallelised, initialised, then loaded from `init.checkpoint`), frozen copies
 (the reference of GRPO and DPO), AdamW with clipping and the non-finite guard, the LR schedule,
-checkpoints with exact resume, and the metrics logger (metrics.jsonl + W&B).
+checkpoints with exact resume, and the metrics logger (metrics.jsonl + W&B). `parallel.recompute` and
+`train.fp8` apply as in pretraining; `Runtime(cfg, stage, train=False)` (a stage that only samples) builds
+no optimizer.
 
 Post-training runs with pp = 1: tp (+sp), ep and FSDP2 dp apply unchanged (the config check says why).
 """
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from model import build_model
-from parallel import clip_grad_norm_, init_parallel_weights, parallelize
+from parallel import apply_recompute, clip_grad_norm_, init_parallel_weights, parallelize
 from parallel import comm
 from parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sharded_state
 from pretrain.config import ConfigError
@@ -24,7 +26,7 @@ from pretrain.metrics import MetricsLogger
 from pretrain.optim import AdamW, param_groups
 from pretrain.schedules import check_lr_schedule, lr_at
 from pretrain.tokenizer import load_tokenizer
-from pretrain.train import DTYPES, NonFiniteError, open_run
+from pretrain.train import DTYPES, NonFiniteError, fp8_recipe, open_run
 
 from .config import PosttrainConfig
 
@@ -61,7 +63,9 @@ def guarded(run) -> int:
 
 
 class Runtime:
-    def __init__(self, cfg: PosttrainConfig, stage: str):
+    def __init__(self, cfg: PosttrainConfig, stage: str, *, train: bool = True):
+        """train=False: a stage that only samples (rejection sampling): the policy is frozen like a reference
+        and there is no optimizer (no AdamW moments), so optimizer_step and save refuse."""
         self.cfg, self.stage = cfg, stage
         t = cfg.train
         self.device, self.run_dir, self.ckpt_dir, self.mesh = open_run(cfg, pp=1)
@@ -84,13 +88,16 @@ class Runtime:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                               f"{self.model_cfg.vocab_size}; set model.vocab_size={self.tokenizer.vocab_size} (or more)")
         self.param_dtype = DTYPES[t.dtype]
-        self.policy = self.build(trainable=True)
-        self.opt = AdamW(param_groups(list(self.policy.named_parameters()), t.weight_decay), lr=t.lr,
-                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
-                         moment_dtype=torch.bfloat16 if t.moment_dtype == "bf16" else torch.float32)
-        # every parameter's moments exist from the start: a stage may never touch some (GRPO leaves the MTP
-        # modules alone), and a checkpoint must hold the same keys whenever it is written
-        self.opt.init_state()
+        self.fp8 = fp8_recipe(t, self.device)
+        self.policy = self.build(trainable=train)
+        self.opt: AdamW | None = None
+        if train:
+            self.opt = AdamW(param_groups(list(self.policy.named_parameters()), t.weight_decay), lr=t.lr,
+                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
+                             moment_dtype=torch.bfloat16 if t.moment_dtype == "bf16" else torch.float32)
+            # every parameter's moments exist from the start: a stage may never touch some (GRPO leaves the MTP
+            # modules alone), and a checkpoint must hold the same keys whenever it is written
+            self.opt.init_state()
         self.step, self.nonfinite_streak, self.skipped = 0, 0, 0
         self.total_steps = t.steps      # the stage may derive its own (SFT: data.epochs)
         self.extra_state: dict = {}
@@ -98,8 +105,13 @@ class Runtime:
 
     # -- models ------------------------------------------------------------------------------------
     def build(self, trainable: bool):
-        """A parallelised model with the starting weights (init.checkpoint, else the seeded init)."""
-        net = parallelize(build_model(self.model_cfg, device="meta").train(), self.mesh, param_dtype=self.param_dtype)
+        """A parallelised model with the starting weights (init.checkpoint, else the seeded init), on the FP8
+        backend when train.fp8 = blockwise; a trainable one recomputes as parallel.recompute says."""
+        meta = build_model(self.model_cfg, device="meta").train()
+        recompute = self.cfg.parallel.recompute
+        if trainable and recompute != "none":   # a frozen model never runs backward: recompute would only cost time
+            apply_recompute(meta, recompute)
+        net = parallelize(meta, self.mesh, param_dtype=self.param_dtype, fp8=self.fp8)
         init_parallel_weights(net, self.mesh, self.cfg.train.seed, self.device)
         if self.cfg.init.checkpoint:
             model_only = {k: v for k, v in sharded_state(net, self.mesh).items() if k.startswith("model/")}
@@ -126,9 +138,15 @@ class Runtime:
                      warmup_steps=t.warmup_steps, min_ratio=t.min_lr_ratio, milestones=t.lr_milestones,
                      factors=t.lr_factors)
 
+    def _need_optimizer(self, what: str) -> None:
+        if self.opt is None:
+            raise RuntimeError(f"{what} needs an optimizer, but the {self.stage} stage built its Runtime with "
+                               "train=False (sampling only); build it with train=True to train or checkpoint")
+
     def optimizer_step(self, loss_value: float) -> dict[str, float]:
         """Clip, then step unless the loss or the norm is non-finite (then skip; too many in a row stop
         the run). Gradients must already be synchronised (finish_grad_sync)."""
+        self._need_optimizer("Runtime.optimizer_step")
         lr = self.lr()
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -159,11 +177,16 @@ class Runtime:
 
     def resume(self, extra_models=()) -> None:
         """Load the latest checkpoint of this run (checkpoint.resume=auto) into the policy, the optimizer and
-        `extra_models` (e.g. GRPO's reference); sets self.step and self.extra_state (iterator positions)."""
+        `extra_models` (e.g. GRPO's reference); sets self.step and self.extra_state (iterator positions).
+        Opens the metrics logger either way (a train=False Runtime calls it for that alone)."""
         c = self.cfg.checkpoint
         if c.resume != "none":
             path = latest_checkpoint(self.ckpt_dir) if c.resume == "auto" else Path(c.resume)
             if path is not None:
+                if self.opt is None:   # sampling only: no run state to restore (init.checkpoint loads weights)
+                    raise ConfigError(f"checkpoint.resume = {c.resume} names {path}, but the {self.stage} stage does "
+                                      "not train and restores no run state; set checkpoint.resume=none and load "
+                                      "weights with init.checkpoint")
                 state = self._state([self.policy])
                 for i, m in enumerate(extra_models):
                     state.update({f"extra{i}/{k}": v for k, v in sharded_state(m, self.mesh).items()
@@ -181,6 +204,7 @@ class Runtime:
                                     resume_step=self.step if self.step else None, total_steps=self.total_steps)
 
     def save(self, stage_state: dict, extra_models=()) -> None:
+        self._need_optimizer("Runtime.save")
         t0 = time.perf_counter()
         state = self._state([self.policy])
         for i, m in enumerate(extra_models):

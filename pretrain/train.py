@@ -92,6 +92,17 @@ def open_run(cfg, pp: int | None = None):
     return device, run_dir, ckpt_dir, mesh
 
 
+def fp8_recipe(t, device: torch.device) -> Fp8Recipe | None:
+    """The FP8 recipe that train.fp8 asks for (V3 §3.3), its backend checked against this device up front."""
+    if t.fp8 != "blockwise":
+        return None
+    try:
+        get_backend(t.fp8_backend, device)
+    except Fp8Error as e:
+        raise ConfigError(f"train.fp8_backend = {t.fp8_backend}: {e}") from None
+    return Fp8Recipe(t.fp8_backend)
+
+
 def micro_batch_losses(net, mesh, micro_batches, backward: bool) -> dict[str, float]:
     """The loss terms of `net.loss(**kwargs)` over micro-batches (a list of kwargs), averaged over them
     and over the dp ranks; with `backward`, the gradients of that mean (FSDP2 reduces once, after the
@@ -139,12 +150,7 @@ class Trainer:
             raise ConfigError(f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size is "
                               f"{self.model_cfg.vocab_size}; set model.vocab_size={self.data.vocab_size} (or more)")
         self.param_dtype = DTYPES[t.dtype]
-        self.fp8 = Fp8Recipe(t.fp8_backend) if t.fp8 == "blockwise" else None
-        if self.fp8:
-            try:
-                get_backend(t.fp8_backend, self.device)
-            except Fp8Error as e:
-                raise ConfigError(f"train.fp8_backend = {t.fp8_backend}: {e}") from None
+        self.fp8 = fp8_recipe(t, self.device)
         try:
             self._build_model()
         except ValueError as e:  # layout and micro-batch constraints; their messages name the keys

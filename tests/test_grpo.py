@@ -128,6 +128,41 @@ def test_run_writes_metrics_and_resumes_exactly(task_dir, tmp_path):
         torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
 
 
+def eval_rank(task_dir, run_dir, extra):
+    tr = GRPOTrainer(_config(task_dir, run_dir, "eval.prompts=8", *extra))
+    try:
+        metrics = tr.evaluate()
+    finally:
+        tr.rt.close()
+    if tr.rt.rank == 0:
+        (tr.rt.run_dir / "metrics_eval.json").write_text(json.dumps(metrics))
+
+
+@pytest.mark.parametrize("layout", [[], ["parallel.ep=2"]])
+def test_evaluation_writes_every_prompts_score(task_dir, tmp_path, layout):
+    """pass@1 over k samples per prompt (R1's protocol), one row per held-out prompt in order, whatever the
+    data-parallel split; the rows' mean is the logged accuracy."""
+    world = 2 if layout else 1
+    run_ranks(world, eval_rank, str(task_dir), str(tmp_path / "r"),
+              ["eval.samples=3", "eval.temperature=0.6", "eval.top_p=0.95", *layout])
+    metrics = json.loads((tmp_path / "r" / "metrics_eval.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "r" / "eval" / "step_00000000.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(8)) and metrics["eval_samples"] == 3
+    held = [json.loads(x) for x in (task_dir / "arithmetic_heldout.jsonl").read_text().splitlines()][:8]
+    assert [r["prompt"] for r in rows] == [h["prompt"] for h in held]
+    assert all(r["accuracy"] in (0, 1 / 3, 2 / 3, 1) for r in rows)
+    assert metrics["eval_accuracy"] == pytest.approx(sum(r["accuracy"] for r in rows) / 8)
+    assert metrics["eval_format"] == pytest.approx(sum(r["format"] for r in rows) / 8)
+
+
+def test_eval_samples_need_a_temperature(task_dir, tmp_path):
+    from pretrain.config import ConfigError
+    with pytest.raises(ConfigError, match="eval.samples = 4.*eval.temperature > 0"):
+        _config(task_dir, tmp_path, "eval.samples=4")
+    with pytest.raises(ConfigError, match="eval.top_p"):
+        _config(task_dir, tmp_path, "eval.top_p=0")
+
+
 def test_collapse_guard(task_dir, tmp_path):
     cfg = _config(task_dir, tmp_path / "c", "grpo.entropy_floor=0.5", "grpo.collapse_patience=2")
     guard = GRPOTrainer.guard

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from posttrain.demo import gain_interval, summarise, wilson
+from posttrain.demo import paired_interval, summarise, wilson
 
 
 def test_wilson_interval_matches_the_textbook_values():
@@ -17,17 +17,36 @@ def test_wilson_interval_matches_the_textbook_values():
         wilson(1, 0)
 
 
-def test_gain_interval_and_summary_of_a_run(tmp_path):
-    lo, hi = gain_interval(0.2, 0.3, 500)
-    assert lo == pytest.approx(0.1 - 1.96 * (0.2 * 0.8 / 500 + 0.3 * 0.7 / 500) ** 0.5) and hi > lo
-    rows = [{"step": 0, "eval_accuracy": 0.25, "eval_format": 0.8, "eval_prompts": 512.0}]
+def test_paired_interval_matches_the_textbook_values():
+    # Agresti, Categorical Data Analysis (2002) §10.1.1: approval in two surveys of the same 1600 people,
+    # (approve, approve) 794, (approve, not) 150, (not, approve) 86, (not, not) 570: -0.04, CI (-0.06, -0.02)
+    before = [1] * 794 + [1] * 150 + [0] * 86 + [0] * 570
+    after = [1] * 794 + [0] * 150 + [1] * 86 + [0] * 570
+    lo, hi = paired_interval(before, after)
+    assert (lo + hi) / 2 == pytest.approx(-0.04) and hi - lo == pytest.approx(2 * 1.96 * 0.0095, abs=2e-4)
+    assert (lo, hi) == pytest.approx((-0.0587, -0.0213), abs=1e-4)
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        paired_interval([1, 0], [1])
+
+
+def test_summary_of_a_run(tmp_path):
+    rows = [{"step": 0, "eval_accuracy": 0.25, "eval_format": 0.8, "eval_prompts": 8.0, "eval_samples": 2.0}]
     rows += [{"step": s, "reward_mean": 0.1 * s, "accuracy": 0.01 * s, "response_length_mean": 30.0} for s in range(1, 11)]
-    rows += [{"step": 10, "eval_accuracy": 0.375, "eval_format": 0.9, "eval_prompts": 512.0}]
+    rows += [{"step": 10, "eval_accuracy": 0.5, "eval_format": 0.9, "eval_prompts": 8.0, "eval_samples": 2.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before, after = [0, 0.5, 0, 0.5, 0, 0, 1, 0], [0.5, 0.5, 0.5, 1, 0, 0.5, 1, 0]
+    (tmp_path / "eval" / "step_00000000.jsonl").parent.mkdir()
+    (tmp_path / "eval" / "step_00000000.jsonl").write_text("".join(json.dumps({"index": i, "accuracy": a}) + "\n"
+                                                              for i, a in enumerate(before)))
+    (tmp_path / "eval" / "step_00000010.jsonl").write_text("".join(json.dumps({"index": i, "accuracy": a}) + "\n"
+                                                              for i, a in reversed(list(enumerate(after)))))
     r = summarise(tmp_path)
-    assert (r["before"], r["after"], r["prompts"], r["steps"]) == (0.25, 0.375, 512, 10)
-    assert r["gain"] == pytest.approx(0.125) and r["gain_ci95"] == pytest.approx(gain_interval(0.25, 0.375, 512))
-    assert r["curves"]["step"] == list(range(1, 11)) and r["curves"]["eval_accuracy"] == [0.25, 0.375]
+    assert (r["before"], r["after"], r["prompts"], r["samples_per_prompt"], r["steps"]) == (0.25, 0.5, 8, 2, 10)
+    assert r["gain"] == pytest.approx(0.25) and r["gain_ci95"] == pytest.approx(paired_interval(before, after))
+    assert r["curves"]["step"] == list(range(1, 11)) and r["curves"]["eval_accuracy"] == [0.25, 0.5]
+    (tmp_path / "eval" / "step_00000010.jsonl").unlink()
+    with pytest.raises(RuntimeError, match="step_00000010.jsonl is missing"):
+        summarise(tmp_path)
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(RuntimeError, match="no evaluation at step 0"):
         summarise(tmp_path)
