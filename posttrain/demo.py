@@ -4,12 +4,12 @@
             prompt hash, worked column-by-column solutions, a task tokenizer (posttrain.tasks)
     sft     the tiny DeepSeek-V3 (MLA, shared + routed experts, MTP) learns the format and the
             column method from worked solutions and stops while only partly competent
-            (configs/posttrain/sft_tiny.yaml)
+            (configs/posttrain/sft_tiny.yaml: 48% held out)
     grpo    rule-based accuracy + format rewards only (configs/posttrain/r1_zero_tiny.yaml), once per
             seed in one process and once more under expert parallelism (parallel.ep=2, 2 gloo ranks)
-    report  greedy held-out accuracy before and after GRPO on the same N prompts with Wilson 95%
-            intervals, the gain with its 95% interval, and the reward / accuracy / response-length
-            curves as a PNG
+    report  held-out accuracy before and after GRPO on the same N prompts (greedy, or pass@1 over
+            eval.samples samples) with Wilson 95% intervals, the gain with its paired 95% interval, and
+            the reward / accuracy / response-length curves as a PNG
 
 Each stage is the real CLI (`python -m posttrain.sft`, `python -m posttrain.grpo`, torchrun for ep2)
 in a subprocess with one intra-op thread: the tiny model is latency-bound, and on 2 cores two runs
@@ -157,7 +157,7 @@ def plot(results: dict[str, dict], path: Path) -> Path:
         axes[1].plot(c["eval_step"], c["eval_accuracy"], marker="o", label=name)
         axes[2].plot(c["step"], smooth(c["response_length_mean"]), label=name)
     for ax, title in zip(axes, ("rollout reward (mean, 5-step average)",
-                                "held-out accuracy (greedy)", "response length (tokens, 5-step average)")):
+                                "held-out accuracy", "response length (tokens, 5-step average)")):
         ax.set_title(title)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
@@ -171,7 +171,9 @@ def plot(results: dict[str, dict], path: Path) -> Path:
 
 
 def run_demo(out: Path, seeds: list[int], ep: int = 2, parallel: int = 2, overrides: list[str] = (),
-             sft_overrides: list[str] = (), png: Path | None = None) -> dict:
+             sft_overrides: list[str] = (), png: Path | None = None, ep_seeds: list[int] | None = None) -> dict:
+    """SFT once, then GRPO once per seed in one process and once per ep_seeds seed (default: the first
+    seed) under parallel.ep=ep (0 or 1: none); returns the report that it also writes."""
     out = out.resolve()
     data = out / "data"
     tokenizer = data / "tokenizer.model"
@@ -191,7 +193,9 @@ def run_demo(out: Path, seeds: list[int], ep: int = 2, parallel: int = 2, overri
 
     grpo_cfg = load_config(GRPO_CONFIG, [*paths, *overrides])
     runs, jobs = {}, []
-    layouts = [(f"seed {s}", s, 1) for s in seeds] + ([(f"seed {seeds[0]}, ep{ep}", seeds[0], ep)] if ep > 1 else [])
+    ep_seeds = ([seeds[0]] if ep_seeds is None else list(ep_seeds)) if ep > 1 else []
+    # the ep runs first: two processes with a collective per MoE layer and decode step make them the slowest
+    layouts = [(f"seed {s}, ep{ep}", s, ep) for s in ep_seeds] + [(f"seed {s}", s, 1) for s in seeds]
     for name, seed, nproc in layouts:
         run_dir = out / (f"grpo_seed{seed}" + (f"_ep{nproc}" if nproc > 1 else ""))
         runs[name] = run_dir
@@ -219,14 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m posttrain.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/r1_zero_tiny", help="working directory (data, runs, logs, results)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--ep", type=int, default=2, help="also run the first seed under expert parallelism (0: skip)")
+    ap.add_argument("--ep", type=int, default=2, help="also run under expert parallelism of this size (0: skip)")
+    ap.add_argument("--ep-seeds", type=int, nargs="+", help="the seeds run under ep (default: the first seed)")
     ap.add_argument("--parallel", type=int, default=2, help="GRPO runs side by side")
     ap.add_argument("--png", help="curves PNG (default OUT/demo.png)")
     ap.add_argument("overrides", nargs="*", help="GRPO config overrides, e.g. train.steps=30")
     args = ap.parse_args(argv)
     try:
         run_demo(Path(args.out), args.seeds, args.ep, args.parallel, args.overrides,
-                 png=Path(args.png) if args.png else None)
+                 png=Path(args.png) if args.png else None, ep_seeds=args.ep_seeds)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
