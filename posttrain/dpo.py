@@ -17,7 +17,6 @@ FSDP2's gathers and the MoE all-to-alls need. The reference is not checkpointed:
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
@@ -175,22 +174,14 @@ class DPOTrainer:
         rt.policy.train()
         return {f"val_{k}": out[k] for k in ("loss", "reward_accuracy", "reward_margin")}
 
+    def step(self) -> tuple[dict, dict]:
+        batch = next(self.it)
+        metrics = self.train_step(batch["pairs"])
+        metrics["epoch"] = float(batch["epoch"])
+        return metrics, {"tokens_per_s": metrics.pop("tokens")}
+
     def run(self) -> int:
-        cfg, rt = self.cfg, self.rt
-        try:
-            if cfg.eval.every and rt.step == 0:
-                rt.log(self.evaluate())
-            while rt.step < self.last:
-                t0 = time.perf_counter()
-                batch = next(self.it)
-                metrics = self.train_step(batch["pairs"])
-                rt.step += 1
-                dt = time.perf_counter() - t0
-                metrics.update(epoch=float(batch["epoch"]), step_time=dt, tokens_per_s=metrics.pop("tokens") / dt)
-                rt.end_step(metrics, self.last, self.evaluate, {"iterator": self.it.state_dict()})
-            return 0
-        finally:
-            rt.close()
+        return self.rt.train_loop(self.last, self.step, self.evaluate, lambda: {"iterator": self.it.state_dict()})
 
 
 def main(argv: list[str] | None = None) -> int:

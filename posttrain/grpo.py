@@ -241,12 +241,7 @@ class GRPOTrainer:
     def _write_eval(self, rows: list[dict]) -> None:
         """Per-prompt evaluation rows, gathered over dp to rank 0 (tp ranks hold copies) and renamed into place."""
         rt = self.rt
-        if rt.dims.coords(rt.rank)["tp"] != 0:
-            return
-        parts, group = [rows], rt.mesh["dp"].pg
-        if group is not None:
-            parts = [None] * rt.dims.dp if rt.rank == 0 else None
-            torch.distributed.gather_object(rows, parts, dst=0, group=group)
+        parts = rt.gather_dp(rows)
         if rt.rank == 0:
             path = rt.run_dir / "eval" / f"step_{rt.step:08d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)

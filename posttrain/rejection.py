@@ -201,14 +201,8 @@ class RejectionSampler:
 
     def _gather(self, out: dict[str, list[dict]] | None, files: _Outputs | None) -> None:
         """One unit per dp rank to rank 0, appended in unit order (dp rank order). tp ranks hold copies."""
-        if self.rt.dims.coords(self.rt.rank)["tp"] != 0:
-            return
-        group = self.rt.mesh["dp"].pg
-        parts = [out]
-        if group is not None:
-            parts = [None] * self.rt.dims.dp if self.rt.rank == 0 else None
-            dist.gather_object(out, parts, dst=0, group=group)
-        if files is not None:
+        parts = self.rt.gather_dp(out)
+        if files is not None and parts is not None:
             for part in parts:
                 for key, records in (part or {}).items():
                     files.write(key, records)

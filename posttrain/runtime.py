@@ -171,6 +171,18 @@ class Runtime:
         comm.all_reduce(vec, self.mesh[group])
         return vec.tolist()
 
+    def gather_dp(self, obj) -> list | None:
+        """Every dp rank's `obj`, in dp-rank order, on global rank 0 (None elsewhere). tp ranks hold copies,
+        so only tp rank 0 of each dp group takes part."""
+        if self.dims.coords(self.rank)["tp"] != 0:
+            return None
+        group = self.mesh["dp"].pg
+        if group is None:
+            return [obj]
+        parts = [None] * self.dims.dp if self.rank == 0 else None
+        dist.gather_object(obj, parts, dst=0, group=group)
+        return parts
+
     # -- checkpoints and logging -------------------------------------------------------------------
     def _state(self, models) -> dict:
         return sharded_state(models, self.mesh, self.opt)
@@ -229,6 +241,24 @@ class Runtime:
             self.log(metrics)
         if self.step == last or (c.checkpoint.every and self.step % c.checkpoint.every == 0):
             self.save(stage_state)
+
+    def train_loop(self, last: int, step, evaluate, stage_state) -> int:
+        """The loop of a stage that trains on a fixed data pass (SFT, DPO), top to bottom: evaluate at step
+        0, then `step()` (one optimizer step; returns its metrics and per-step counts to turn into rates,
+        e.g. {"tokens_per_s": n}) and end_step until `last`; the logger and async saves close either way."""
+        try:
+            if self.cfg.eval.every and self.step == 0:
+                self.log(evaluate())
+            while self.step < last:
+                t0 = time.perf_counter()
+                metrics, counts = step()
+                self.step += 1
+                dt = time.perf_counter() - t0
+                metrics.update(step_time=dt, **{k: n / dt for k, n in counts.items()})
+                self.end_step(metrics, last, evaluate, stage_state())
+            return 0
+        finally:
+            self.close()
 
     def close(self) -> None:
         from parallel.checkpoint import finalize_pending

@@ -11,7 +11,6 @@ One step, top to bottom:
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
@@ -85,26 +84,17 @@ class SFTTrainer:
         rt.policy.train()
         return {f"val_{k}": v for k, v in out.items() if k in ("lm_loss", "mtp_loss")}
 
-    def run(self) -> int:
+    def step(self) -> tuple[dict, dict]:
         cfg, rt = self.cfg, self.rt
-        try:
-            if cfg.eval.every and rt.step == 0:
-                rt.log(self.evaluate())
-            while rt.step < self.last:
-                torch.manual_seed(cfg.train.seed * 1_000_003 + rt.step)
-                t0 = time.perf_counter()
-                batch = next(self.it)
-                metrics = self._micro_batches(batch, backward=True)
-                metrics.update(rt.optimizer_step(metrics["loss"]))
-                rt.step += 1
-                dt = time.perf_counter() - t0
-                targets = rt.all_sum([float((batch["labels"] != -100).sum())])[0]
-                metrics.update(epoch=float(batch["epoch"]), step_time=dt, target_tokens_per_s=targets / dt,
-                               tokens_per_s=cfg.train.global_batch_size * cfg.data.seq_len / dt)
-                rt.end_step(metrics, self.last, self.evaluate, {"iterator": self.it.state_dict()})
-            return 0
-        finally:
-            rt.close()
+        torch.manual_seed(cfg.train.seed * 1_000_003 + rt.step)
+        batch = next(self.it)
+        metrics = self._micro_batches(batch, backward=True)
+        metrics.update(rt.optimizer_step(metrics["loss"]), epoch=float(batch["epoch"]))
+        targets = rt.all_sum([float((batch["labels"] != -100).sum())])[0]
+        return metrics, {"target_tokens_per_s": targets, "tokens_per_s": cfg.train.global_batch_size * cfg.data.seq_len}
+
+    def run(self) -> int:
+        return self.rt.train_loop(self.last, self.step, self.evaluate, lambda: {"iterator": self.it.state_dict()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,16 @@ def corpus(tmp_path_factory):
     return cache
 
 
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """Graded arithmetic tasks (300 train, 32 held out, levels 1-2) and their tokenizer, built once per session."""
+    from posttrain.tasks import build_task_tokenizer, write_task_splits
+    d = tmp_path_factory.mktemp("tasks")
+    write_task_splits(str(d), "arithmetic", 300, 32, seed=0, difficulty=[1, 2])
+    build_task_tokenizer(str(d / "tok.model"), n_per_level=20)
+    return d
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: slow convergence/benchmark-style tests; still run in CI"

@@ -11,15 +11,6 @@ from posttrain.generate import Completion
 from posttrain.grpo import CollapseError, GRPOTrainer, training_rows
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    from posttrain.tasks import build_task_tokenizer, write_task_splits
-    d = tmp_path_factory.mktemp("tasks")
-    write_task_splits(str(d), "arithmetic", 300, 32, seed=0, difficulty=[1, 2])
-    build_task_tokenizer(str(d / "tok.model"), n_per_level=20)
-    return d
-
-
 def _config(task_dir, run_dir, *extra):
     from posttrain.config import load_config
     return load_config(None, [

@@ -18,15 +18,6 @@ VARIANTS = {"none": [], "full": ["parallel.recompute=full"], "selective": ["para
             "fp8": ["train.fp8=blockwise", "train.fp8_backend=emulate"]}
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    from posttrain.tasks import build_task_tokenizer, write_task_splits
-    d = tmp_path_factory.mktemp("tasks")
-    write_task_splits(str(d), "arithmetic", 300, 32, seed=0, difficulty=[1, 2])
-    build_task_tokenizer(str(d / "tok.model"), n_per_level=20)
-    return d
-
-
 def _modes(net):
     """(mode, wrapped) of every recompute unit: apply_recompute gives a unit an instance `forward`."""
     from parallel.recompute import is_recompute_unit, recompute_mode

@@ -9,6 +9,7 @@ tp2 and dp2 equal one process, exact resume. Distillation: a dense student train
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +31,11 @@ REWARD = f"{__name__}:parity_reward"
 
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    from posttrain.tasks import build_task_tokenizer, write_task_splits
-    d = tmp_path_factory.mktemp("tasks")
-    write_task_splits(str(d), "arithmetic", 300, 32, seed=0, difficulty=[1, 2])
-    build_task_tokenizer(str(d / "tok.model"), n_per_level=20)
+def task_dir(task_dir, tmp_path_factory):
+    """conftest's tasks and tokenizer, copied, plus the prompt files these stages read."""
+    d = tmp_path_factory.mktemp("stage_tasks")
+    for f in task_dir.iterdir():
+        shutil.copy(f, d / f.name)
     tasks = [json.loads(x) for x in (d / "arithmetic_train.jsonl").read_text().splitlines()]
     with open(d / "prompts.jsonl", "w") as f:       # 10 prompts; two as conversations, two asking for Chinese
         for i, t in enumerate(tasks[:10]):
