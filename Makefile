@@ -34,6 +34,8 @@ $(VENV)/.installed: pyproject.toml
 DEMO_ARGS ?=
 demo: venv
 	PY=$(VENV)/bin/python launch/torchrun.sh 4 --config configs/pretrain/tiny_v3.yaml $(DEMO_ARGS)
+	$(VENV)/bin/python -m posttrain.generate --checkpoint runs/tiny_v3 --prompt "def " --prompt "import " \
+		--num-samples 2 --max-new-tokens 48
 
 # Two pytest workers (pytest-xdist), one intra-op thread each: the tiny models are latency-bound, so
 # two tests side by side beat one test with two threads on CI's 2 cores.

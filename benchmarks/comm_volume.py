@@ -1,5 +1,5 @@
 """Bytes per training step per collective, measured by the accounting layer (`parallel.comm.STATS`)
-beside the analytic formulas of `parallel.cost`, for each layout; they must agree exactly.
+beside the analytic formulas of `plan.cost`, for each layout; they must agree exactly.
 
 One step = forward + backward of this rank's micro-batch, the gradient reductions FSDP does not
 do, global clipping and the expert-bias update. Runs gloo ranks on CPU:
@@ -51,8 +51,9 @@ def _rank(rank, world, port, name, layout, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import parallel
     from model import build_model, preset
-    from parallel import ParallelConfig, build_mesh, cost, parallelize
+    from parallel import ParallelConfig, build_mesh, parallelize
     from parallel.tensor_parallel import ParamLayout
+    from plan import cost
 
     cfg = preset(name)
     mesh = build_mesh(ParallelConfig(**layout))

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(here))
 sys.path.insert(0, here)
 
 from parallel.memory import PeakMemory  # noqa: E402
-from parallel.pp_schedules import SCHEDULES, build_schedule, n_stages, rank_stages  # noqa: E402
+from parallel.pp_schedules import SCHEDULES, build_schedule, chunks_per_rank, n_stages, rank_stages  # noqa: E402
 
 MiB = 1 << 20
 
@@ -169,61 +169,36 @@ class SyntheticStage(nn.Module):
 
 
 # -- closed forms ------------------------------------------------------------------------------------
+# The formulas are the schedule table's (parallel/pp_schedules.py, one row per schedule, as V3 Table 2);
+# these are the labels this benchmark's results carry for them.
+FORMULAS = {
+    "gpipe": "(p-1)(F+B) [GPipe; V3 Table 2, 1F1B]",
+    "1f1b": "(p-1)(F+B) [GPipe; V3 Table 2, 1F1B]",
+    "interleaved_1f1b": "(p-1)(F+B) beside v*m*(F+B) busy, i.e. fraction (p-1)/(v*m+p-1) [Megatron]",
+    "zb1p": "(p-1)(F+B-2W) [V3 Table 2, ZB1P]",
+    "dualpipev": "(p-1)(F&B+B-3W), F&B=F+B [V3 Table 2, DualPipe folded to p=PP/2 ranks]",
+    "zbv": "(p-1)max(F, F+B-3W) for F = I, m >= 2p [derived here from torch's ZBV order]",
+}
+
+
 def closed_form(name: str, pp: int, m: int, c: Costs, vpp: int = 2) -> dict:
     """Per-device busy time, bubble time and bubble fraction = bubble / (busy + bubble) of one step,
-    with F, B = I + W, W the costs of one chunk (stage) and one micro-batch."""
-    F, B, W = c.F, c.B, c.W
-    if name in ("gpipe", "1f1b"):
-        busy, bubble = m * (F + B), (pp - 1) * (F + B)
-        formula = "(p-1)(F+B) [GPipe; V3 Table 2, 1F1B]"
-    elif name == "interleaved_1f1b":
-        # Megatron (Narayanan et al. 2021): bubble (p-1)(F+B)/v of a rank's whole-model time per
-        # micro-batch; with v chunks each costing F, B that is (p-1)(F+B) beside v*m*(F+B) busy.
-        busy, bubble = vpp * m * (F + B), (pp - 1) * (F + B)
-        formula = "(p-1)(F+B) beside v*m*(F+B) busy, i.e. fraction (p-1)/(v*m+p-1) [Megatron]"
-    elif name == "zb1p":
-        # holds for W <= I (torch's order checked in the tests); ZB paper: (p-1)(F+I-W), I = B - W
-        busy, bubble = m * (F + B), (pp - 1) * (F + B - 2 * W)
-        formula = "(p-1)(F+B-2W) [V3 Table 2, ZB1P]"
-    elif name == "dualpipev":
-        # V3 Table 2, DualPipe on PP ranks: (PP/2-1)(F&B+B-3W). DualPipeV folds it onto p = PP/2
-        # ranks with 2 chunks each: (p-1)(F&B+B-3W) in chunk units; no overlap here, F&B = F+B.
-        # torch's order gives exactly this for F = I > W (see simulate(), pairs="torch"); for F != I
-        # it gives (p-1)(2F+I-W) where this counts (p-1)(F+2I-W).
-        busy, bubble = 2 * m * (F + B), (pp - 1) * (F + 2 * B - 3 * W)
-        formula = "(p-1)(F&B+B-3W), F&B=F+B [V3 Table 2, DualPipe folded to p=PP/2 ranks]"
-    elif name == "zbv":
-        # Derived here from torch's ScheduleZBVZeroBubble order (simulate()), for F = I and m >= 2p:
-        # no synchronous step beats (p-1)F (rank p-1 gets its first input after (p-1) forwards and
-        # every rank is equally busy); for W < I/2 the ZB-H1-like (p-1)(F+I-2W) = (p-1)(F+B-3W) is
-        # larger. The ZB paper's "zero bubble" for F = I = W counts on the next iteration's
-        # warm-up overlapping this one's tail (no optimizer synchronisation), which a step has not.
-        busy, bubble = 2 * m * (F + B), (pp - 1) * max(F, F + B - 3 * W)
-        formula = "(p-1)max(F, F+B-3W) for F = I, m >= 2p [derived here from torch's ZBV order]"
-    else:
+    with F, B = I + W, W the costs of one chunk (stage) and one micro-batch. A rank runs its chunks'
+    F and B for every micro-batch; no overlap here, so DualPipe's F&B is F + B."""
+    if name not in SCHEDULES:
         raise ValueError(name)
-    return {"busy_s": busy, "bubble_s": bubble, "fraction": bubble / (busy + bubble), "formula": formula}
+    F, B, W = c.F, c.B, c.W
+    busy = chunks_per_rank(name, vpp) * m * (F + B)
+    bubble = SCHEDULES[name].bubble(pp, F, B, W)  # no F&B: no overlap
+    return {"busy_s": busy, "bubble_s": bubble, "fraction": bubble / (busy + bubble), "formula": FORMULAS[name]}
 
 
 def closed_form_memory(name: str, pp: int, m: int, vpp: int = 2) -> list[int]:
     """Micro-batch-chunk activations in flight per rank, in units of one chunk's activation for one
-    micro-batch (a 1F1B stage is one chunk)."""
-    if name == "gpipe":
-        return [m] * pp
-    if name == "1f1b":      # V3 Table 2: PP (rank 0); rank r starts p - r forwards before its first B
-        return [min(m, pp - r) for r in range(pp)]
-    if name == "zb1p":      # V3 Table 2: PP on every device (rank r defers its W by r ops, keeping them)
-        return [min(m, pp)] * pp
-    if name == "interleaved_1f1b":
-        # Megatron's warm-up, (v-1)*round + 2(p-1-r) forwards, plus the one before the first backward;
-        # torch's round is m // max(1, m // p) micro-batches
-        rnd = m // max(1, m // pp)
-        return [min(vpp * m, (vpp - 1) * rnd + 2 * (pp - 1 - r) + 1) for r in range(pp)]
-    if name == "zbv":       # ZB paper §6: 1F1B's peak at equal model size, p stages = 2p chunks
-        return [2 * pp] * pp
-    if name == "dualpipev":  # V3 Table 2: PP+1 with PP = 2p chunks, on every device
-        return [2 * pp + 1] * pp
-    raise ValueError(name)
+    micro-batch (a 1F1B stage is one chunk): the schedule table's counts."""
+    if name not in SCHEDULES:
+        raise ValueError(name)
+    return [SCHEDULES[name].in_flight(pp, m, vpp, r) for r in range(pp)]
 
 
 # -- torch's own schedule, simulated -------------------------------------------------------------------

@@ -1,5 +1,4 @@
 """Launching: `torchrun` and Slurm scripts, scaling-law sweep submission (`python -m launch.sweep`)
 and the cluster planner (`python -m launch.plan`). These are thin command lines: the planner's model
-lives in `parallel/planner.py`, the sweeps' laws, fits and runner in `pretrain/scaling.py` and
-`pretrain/sweep.py`.
+lives in `plan/planner.py`, the sweeps' laws, fits and runner in `pretrain/scaling/`.
 """

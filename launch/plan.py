@@ -4,7 +4,8 @@
     python -m launch.plan --model deepseek-v3 --gpus 2048 --gpu h800 --global-batch 15360 --fp8 \\
         --layout pp=16,ep=64,tp=1 --schedule dualpipe --zero 1 --recompute selective --json
 
-The model and its constants are parallel/planner.py's; docs/planner.md explains every term.
+The model and its constants are plan/planner.py's (the GPU table plan/hardware.py's); docs/planner.md
+explains every term.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from parallel import planner as P
+    from plan import planner as P
 
     ap = argparse.ArgumentParser(prog="python -m launch.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,5 +1,5 @@
 """python -m launch.sweep: scaling-law sweeps (DeepSeek LLM §3). The logic lives in
-pretrain/scaling.py (laws, generation, collection, fits, plots) and pretrain/sweep.py (running).
+pretrain/scaling/ (laws, generation, running, collection, fits, plots).
 
     python -m launch.sweep generate --name micro --budgets 1e11,3e11,1e12      # -> configs/sweeps/micro/
     python -m launch.sweep status   configs/sweeps/micro
@@ -23,7 +23,8 @@ SBATCH_SCRIPT = Path(__file__).resolve().parent / "slurm" / "sweep.sbatch"
 def _generate(a) -> int:
     import yaml
 
-    from pretrain.scaling import SweepError, generate_sweep
+    from pretrain.scaling.laws import SweepError
+    from pretrain.scaling.sweep import generate_sweep
     base = None
     if a.base:
         if not Path(a.base).is_file():
@@ -47,7 +48,8 @@ def _generate(a) -> int:
 
 
 def _status(a) -> int:
-    from pretrain.scaling import load_sweep, point_state
+    from pretrain.scaling.results import point_state
+    from pretrain.scaling.sweep import load_sweep
     sw = load_sweep(a.sweep)
     n_done = 0
     for p in sw.points:
@@ -61,8 +63,8 @@ def _status(a) -> int:
 
 
 def _run(a) -> int:
-    from pretrain.scaling import load_sweep
-    from pretrain.sweep import run_local, submit_slurm
+    from pretrain.scaling.runner import run_local, submit_slurm
+    from pretrain.scaling.sweep import load_sweep
     sw = load_sweep(a.sweep)
     if a.slurm:
         submit_slurm(sw, a.script, runs_dir=a.runs_dir, overrides=a.set, nproc=a.nproc, max_parallel=a.max_parallel,
@@ -78,7 +80,8 @@ def _run(a) -> int:
 
 
 def _collect(a) -> int:
-    from pretrain.scaling import collect, load_sweep, write_results
+    from pretrain.scaling.results import collect, write_results
+    from pretrain.scaling.sweep import load_sweep
     sw = load_sweep(a.sweep)
     rows = collect(sw, a.runs_dir)
     out = Path(a.out) if a.out else Path(a.runs_dir or sw.runs_dir) / "results.json"
@@ -94,7 +97,9 @@ def _collect(a) -> int:
 
 
 def _fit(a) -> int:
-    from pretrain.scaling import DEEPSEEK_LLM, fit_isoflop, load_results
+    from pretrain.scaling.fit import fit_isoflop
+    from pretrain.scaling.laws import DEEPSEEK_LLM
+    from pretrain.scaling.results import load_results
     doc = load_results(a.results)
     fit = fit_isoflop(doc["points"], n_boot=a.boot, seed=a.seed)
     res = {"results": str(a.results), "sweep": doc.get("sweep"), "machine": doc.get("machine"),
@@ -113,7 +118,9 @@ def _fit(a) -> int:
 
 
 def _plot(a) -> int:
-    from pretrain.scaling import fit_isoflop, load_results, plot_isoflop, plot_laws
+    from pretrain.scaling.fit import fit_isoflop
+    from pretrain.scaling.plots import plot_isoflop, plot_laws
+    from pretrain.scaling.results import load_results
     doc = load_results(a.results)
     fit = fit_isoflop(doc["points"], n_boot=a.boot, seed=a.seed)
     out = Path(a.out_dir) if a.out_dir else Path(a.results).parent
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         f.set_defaults(func=fn)
 
     a = ap.parse_args(argv)
-    from pretrain.scaling import SweepError
+    from pretrain.scaling.laws import SweepError
     try:
         return a.func(a)
     except SweepError as e:

@@ -1,6 +1,9 @@
 """The DeepSeek model family in one process: DeepSeek LLM, DeepSeekMoE, V2, V3 (MLA, MoE, MTP)."""
-from .config import ModelConfig, preset, preset_names
-from .transformer import Transformer, build_model
+from .config import ModelConfig, preset, preset_names, set_param_counter
+from .transformer import Transformer, build_model, param_counts
+
+# config.param_counts() counts the built network; config.py cannot import it (the network imports config)
+set_param_counter(param_counts)
 
 
 def load_hf(path, **kwargs):

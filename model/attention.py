@@ -52,6 +52,7 @@ class Attention(nn.Module):
     """Multi-head / grouped-query attention with optional QKV bias (Qwen2) and half-rotated RoPE."""
 
     # tensor parallelism (applied by parallel/): heads split; KV heads replicated when tp exceeds them
+    # tp_plan styles and tp_divide: parallel/protocols.py
     tp_plan = {"": "region_input", "wq": "colwise", "wk": "colwise:n_kv_heads", "wv": "colwise:n_kv_heads",
                "wo": "rowwise"}
     tp_divide = ("n_heads", "n_kv_heads")
@@ -100,6 +101,7 @@ class MLA(nn.Module):
 
     # tensor parallelism: heads split; the down-projections and their norms replicated, and the
     # small latents (not the hidden states) enter the tensor-parallel region
+    # tp_plan styles and tp_divide: parallel/protocols.py
     tp_plan = {"wq_a": "region_output", "wq": ("colwise", "region_input"), "wq_b": "colwise",
                "wkv_a": "region_output", "wkv_b": "colwise", "wo": "rowwise",
                "q_norm": "partial_grad", "kv_norm": "partial_grad"}

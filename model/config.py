@@ -2,13 +2,24 @@
 
 Numbers come from ../shared/reference/deepseek-numbers.md and deepseek-inference-configs/; each preset
 cites its source. `param_counts()` builds the model on the meta device, so even the 671B preset
-allocates nothing.
+allocates nothing; the counting is model/transformer.py's, handed in by model/__init__.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from typing import Callable
+
+# The network imports this module, so this module does not import the network: model/__init__.py hands
+# its parameter counter (model.transformer.param_counts) in through set_param_counter.
+_param_counter: Callable[["ModelConfig", bool], dict[str, int]] | None = None
+
+
+def set_param_counter(counter: Callable[["ModelConfig", bool], dict[str, int]]) -> None:
+    """The function that ModelConfig.param_counts delegates to (set once, by model/__init__.py)."""
+    global _param_counter
+    _param_counter = counter
 
 
 @dataclass
@@ -155,20 +166,10 @@ class ModelConfig:
         head (once when tied); "active" counts the shared experts and n_activated_experts routed
         experts of every MoE layer; the MTP modules are excluded unless include_mtp.
         """
-        import torch
-
-        from .transformer import Transformer
-
-        cfg = self if include_mtp else dataclasses.replace(self, n_mtp=0)
-        with torch.device("meta"):
-            net = Transformer(cfg)
-        total = sum(p.numel() for p in net.parameters())
-        routed = sum(p.numel() for n, p in net.named_parameters() if ".experts." in n)
-        n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers)) + (cfg.n_mtp if cfg.is_moe else 0)
-        active = total - routed
-        if n_moe:
-            active += routed * cfg.n_activated_experts // cfg.n_routed_experts
-        return {"total": total, "active": active}
+        if _param_counter is None:
+            raise RuntimeError("ModelConfig.param_counts: no parameter counter is set; import the model package "
+                               "(`import model`), whose __init__ sets model.transformer.param_counts")
+        return _param_counter(self, include_mtp)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

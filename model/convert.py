@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .hf import (SafetensorsDir, ShardWriter, _key_error, _natural, _trim_mtp, as_dtype, atomic_dir,
-                 cast_for_export, config_from_hf, config_to_hf, iter_from_hf, iter_to_hf, read_hf_config)
+from .hf import (_key_error, _natural, _trim_mtp, cast_for_export, config_from_hf, config_to_hf, iter_from_hf,
+                 iter_to_hf, read_hf_config)
+from .safetensors_io import SafetensorsDir, ShardWriter, as_dtype, atomic_dir
 
 NATIVE_CONFIG = "whaletron_config.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30

@@ -11,7 +11,7 @@ from torch import nn
 from .config import ModelConfig, yarn_mscale
 
 
-def high(x: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """x in at least fp32: where the reference implementations compute in fp32 (norms, routing,
     rotary products, the loss); fp64 stays fp64 so that a float64 model is float64 throughout."""
     return x if x.dtype == torch.float64 else x.float()
@@ -55,7 +55,7 @@ class RMSNorm(nn.Module):
         if _apex_rms_norm is not None and x.is_cuda:
             return _apex_rms_norm(x, self.weight, self.weight.shape, self.eps)
         # fp32 normalisation, then the weight in the input dtype: transformers' DeepseekV3RMSNorm
-        return self.weight * F.rms_norm(high(x), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(at_least_fp32(x), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -119,9 +119,9 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor, interleave: bool) -> to
     """
     freqs_cis = freqs_cis[None, :, None, :]
     if interleave:
-        y = torch.view_as_complex(high(x).unflatten(-1, (-1, 2))) * freqs_cis
+        y = torch.view_as_complex(at_least_fp32(x).unflatten(-1, (-1, 2))) * freqs_cis
         return torch.view_as_real(y).flatten(-2).to(x.dtype)
-    x1, x2 = high(x).chunk(2, dim=-1)
+    x1, x2 = at_least_fp32(x).chunk(2, dim=-1)
     y = torch.complex(x1, x2) * freqs_cis
     return torch.cat([y.real, y.imag], dim=-1).to(x.dtype)
 
@@ -137,6 +137,7 @@ def softmax_scale(cfg: ModelConfig, qk_head_dim: int) -> float:
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
 
+    # tp_plan styles: parallel/protocols.py
     tp_plan = {"": "region_input", "w1": "colwise", "w3": "colwise", "w2": "rowwise"}
 
     def __init__(self, dim: int, inter_dim: int):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP, FP32Buffers, high
+from .layers import MLP, FP32Buffers, at_least_fp32
 
 
 def _limit_groups(scores: torch.Tensor, n_groups: int, keep: int, k_per_group: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ class Gate(FP32Buffers, nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [T, dim] -> gate weights [T, K], expert indices [T, K], affinities s [T, E] (fp32)."""
-        scores = F.linear(high(x), high(self.weight))
+        scores = F.linear(at_least_fp32(x), at_least_fp32(self.weight))
         scores = scores.softmax(dim=-1) if self.score_func == "softmax" else scores.sigmoid()
         select = scores if self.bias is None else scores + self.bias
         if self.n_groups > 1:
@@ -141,6 +141,7 @@ class Experts(nn.Module):
     wraps this module and calls it on the tokens it receives.
     """
 
+    # runtime hooks (ep_count, ep_params, grouped_gemm, forward): parallel/protocols.py
     ep_count, ep_params = "n_experts", ("w1", "w2", "w3")  # expert parallelism splits these on dim 0
     grouped_gemm = staticmethod(grouped_mm)  # a GEMM backend (FP8) may replace it from outside
 
@@ -184,6 +185,7 @@ class MoE(FP32Buffers, nn.Module):
     """
 
     fp32_buffers = ("tokens_per_expert",)
+    # runtime hooks (token_split, reduce_token_stats, tokens_per_expert): parallel/protocols.py
     tp_plan = {"": "token_split"}  # under tp each rank routes its share of the tokens
 
     def __init__(self, cfg: ModelConfig):

@@ -2,6 +2,7 @@
 and V3's multi-token prediction modules (V3 §2.2)."""
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from .attention import MLA, Attention, KVCache, attention_mask
 from .config import ModelConfig
-from .layers import MLP, RMSNorm, RotaryEmbedding, high
+from .layers import MLP, RMSNorm, RotaryEmbedding, at_least_fp32
 from .moe import MoE
 
 IGNORE_INDEX = -100
@@ -19,6 +20,7 @@ IGNORE_INDEX = -100
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
+    # runtime hooks (fsdp_unit, recompute_selective): parallel/protocols.py
     fsdp_unit = True  # FSDP2 gathers and frees parameters block by block
     # selective recomputation recomputes these in backward instead of keeping their outputs: every
     # RMSNorm and the MLA up-projections (V3 §3.2.3); names absent in a block (GQA, no q_lora) are skipped
@@ -61,6 +63,7 @@ class Transformer(nn.Module):
     LM, MTP and balance losses separately. Layers sit in a ModuleDict keyed by global index so that
     the parallel runtime can cut pipeline stages (and set embed/norm/head to None) from outside."""
 
+    # runtime hooks (tp_plan, fsdp_forward_methods, the Model protocol): parallel/protocols.py
     tp_plan = {"embed": "vocab_embed", "head": "vocab_head"}
     fsdp_forward_methods = ("loss", "hidden")  # entry points besides forward that FSDP2 must wrap
 
@@ -177,7 +180,7 @@ class Transformer(nn.Module):
         mask = self._mask(seq, 0, tokens.device, doc_ids, False)
         h = self.norm(self._blocks(self.embed(tokens) if h is None else h, rope, mask=mask))
         n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        out = {"lm_loss": self.cross_entropy(high(self.head(h)), labels) / n_tokens}
+        out = {"lm_loss": self.cross_entropy(at_least_fp32(self.head(h)), labels) / n_tokens}
         total = out["lm_loss"]
         if len(self.mtp):
             lam = self.mtp_lambda if mtp_lambda is None else mtp_lambda
@@ -195,7 +198,7 @@ class Transformer(nn.Module):
                 target[:, seq - k:] = IGNORE_INDEX
                 if doc_ids is not None:  # t_{i+k+1} from another document is no target for position i
                     target = target.masked_fill(doc_ids.roll(-k, dims=1) != doc_ids, IGNORE_INDEX)
-                mtp = mtp + self.cross_entropy(high(self.head(h)), target) / n_tokens   # eq. 24: 1/T
+                mtp = mtp + self.cross_entropy(at_least_fp32(self.head(h)), target) / n_tokens   # eq. 24: 1/T
             out["mtp_loss"] = lam / len(self.mtp) * mtp
             total = total + out["mtp_loss"]
         aux = self.balance_losses()
@@ -213,7 +216,7 @@ class Transformer(nn.Module):
         as the sampler did, so that ratios compare the distribution the samples came from. Under tensor
         parallelism the logits stay split over the vocabulary: both come from a few all-reduces of
         [tokens] values."""
-        logits = high(self(tokens, doc_ids=doc_ids))
+        logits = at_least_fp32(self(tokens, doc_ids=doc_ids))
         if temperature != 1.0:
             logits = logits / temperature
         out = {"logprobs": -self.cross_entropy(logits, targets, reduction="none").view_as(targets)}
@@ -307,3 +310,18 @@ def build_model(cfg: ModelConfig, device=None, dtype=None, seed: int | None = 0)
     if seed is not None and not any(p.is_meta for p in net.parameters()):
         net.init_weights(seed)
     return net
+
+
+def param_counts(cfg: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
+    """ModelConfig.param_counts (model/__init__.py hands it over): the network built on the meta device,
+    its parameters counted; "active" keeps n_activated_experts of the routed experts of each MoE layer."""
+    cfg = cfg if include_mtp else dataclasses.replace(cfg, n_mtp=0)
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    total = sum(p.numel() for p in net.parameters())
+    routed = sum(p.numel() for n, p in net.named_parameters() if ".experts." in n)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers)) + (cfg.n_mtp if cfg.is_moe else 0)
+    active = total - routed
+    if n_moe:
+        active += routed * cfg.n_activated_experts // cfg.n_routed_experts
+    return {"total": total, "active": active}

@@ -212,6 +212,7 @@ def _scalar(value, setter: Callable[[Any], None]) -> GlobalShard:
     return g
 
 
+# hooks read here (param_layouts): parallel/protocols.py
 def sharded_state(modules, mesh=None, optimizer=None, ema=None) -> dict[str, GlobalShard]:
     """This rank's checkpoint state: views of the live tensors (no copies), so a load writes in place.
 

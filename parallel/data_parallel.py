@@ -49,6 +49,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+# hooks read here (ep_count, fsdp_unit, fsdp_forward_methods, tokens_per_expert): parallel/protocols.py
 def apply_fsdp(model: nn.Module, mesh: Mesh, param_dtype=None,
                reduce_dtype=None, zero: int | None = None) -> None:
     """fully_shard every experts module (over edp), every module whose class sets `fsdp_unit`

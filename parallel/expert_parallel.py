@@ -61,6 +61,7 @@ class ExpertParallel:
         return x.new_zeros(t, y_s.shape[-1]).index_add(0, t_of, y_s.to(x.dtype))
 
 
+# hooks read here (ep_count, ep_params, the expert group's forward): parallel/protocols.py
 def check_ep_plan(model: nn.Module, ep: int) -> None:
     for path, module in model.named_modules():
         attr = getattr(type(module), "ep_count", None)

@@ -392,6 +392,7 @@ class Fp8Linear:
         return y if self.bias is None else y + self.bias
 
 
+# hooks read here (tp_plan, ep_params) and the seam swapped (grouped_gemm): parallel/protocols.py
 def apply_fp8(model: nn.Module, recipe: Fp8Recipe) -> list[str]:
     """Convert the model's linear layers and routed-expert GEMMs to FP8 in place; returns the paths
     converted. Kept high precision (V3 §3.3.1): the vocab head and embedding (tp styles

@@ -31,9 +31,12 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
 from . import comm
-from .data_parallel import _local, clip_grad_norm_, finish_grad_sync, reshard
+from .apply import parallelize
+from .data_parallel import _local, clip_grad_norm_, finish_grad_sync, reshard, sync_expert_load
 from .mesh import LayoutError, Mesh
 from .pp_schedules import build_schedule, n_stages, rank_stages, schedule_spec, stage_to_rank
+from .recompute import apply_recompute
+from .state import init_parallel_weights
 
 METRIC_KEYS = ("lm_loss", "mtp_loss", "balance_expert", "balance_device", "balance_comm")
 
@@ -53,6 +56,7 @@ class AttachAuxLoss(torch.autograd.Function):
         return grad, torch.full((), ctx.scale, dtype=dtype, device=device), None
 
 
+# hooks read here (loss, hidden, balance_losses, layers/embed/norm/head/mtp, cfg, stage_costs): parallel/protocols.py
 class StageModel:
     """Mixin swapped onto a stage's copy of the model (as FSDP2 swaps classes; names unchanged).
 
@@ -174,6 +178,8 @@ class Pipeline:
         pipe.init_weights(seed=0); attach_schedule(pipe, micro_batch_size=1, seq_len=4096)
         metrics = pipe.step(tokens, labels)        # forward + backward of every micro-batch
         pipe.clip_grad_norm_(1.0); opt.step(); pipe.update_expert_bias()
+
+    The interface of `engine.SingleStage` (pp = 1), so that a training loop serves both.
     """
 
     stages: list[nn.Module]            # this rank's stage models, by increasing stage index
@@ -188,6 +194,8 @@ class Pipeline:
     schedule: object = None
     hidden_shape: tuple = ()           # one micro-batch's activations between stages (attach_schedule)
     act_dtype: torch.dtype = torch.float32
+    seq_len: int = 0                   # as attach_schedule was given them, to rebuild the schedule
+    device: object = None
     _shared_group: object = None
 
     def parameters(self):
@@ -195,14 +203,18 @@ class Pipeline:
             yield from s.parameters()
 
     def init_weights(self, seed: int = 0, device=None) -> None:
-        from .state import init_parallel_weights
         for s in self.stages:
             init_parallel_weights(s, self.mesh, seed, device)
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Run the schedule on this data-parallel rank's batch; gradients end synchronised over tp,
-        dp, ep and the shared embedding. Returns the objective's terms (mean over micro-batches,
-        mean over dp) and each stage's, identical on every rank."""
+        dp, ep and the shared embedding, the expert load over the stage's ranks. Returns the
+        objective's terms (mean over micro-batches, mean over dp) and each stage's, identical on every
+        rank. A batch of another micro-batch count (a batch-size ramp) gets its schedule rebuilt."""
+        n_micro = tokens.shape[0] // self.hidden_shape[0]
+        if n_micro != self.n_microbatches:
+            self.n_microbatches = n_micro
+            attach_schedule(self, self.hidden_shape[0], self.seq_len, dtype=self.act_dtype, device=self.device)
         for s in self.stages:
             s.stage_metrics.clear()
             s.aux_scale = 1.0 / self.n_microbatches
@@ -213,6 +225,7 @@ class Pipeline:
             self.schedule.step(**kwargs)
         for s in self.stages:
             finish_grad_sync(s, self.mesh)
+            sync_expert_load(s, self.mesh)  # the step's global load, for the stats and the bias step
         self._sum_shared_grads()
         return self._metrics(self.n_microbatches)
 
@@ -295,9 +308,9 @@ class Pipeline:
 
     @torch.no_grad()
     def update_expert_bias(self, gamma: float | None = None) -> None:
-        from . import update_expert_bias
+        """The aux-loss-free bias step from the load `step` synchronised (identical on every rank)."""
         for s in self.stages:
-            update_expert_bias(s, self.mesh, gamma)
+            s.update_expert_bias(gamma)
 
 
 def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_microbatches: int = 0, *,
@@ -310,8 +323,6 @@ def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_micro
     layer_split: explicit layers per stage (global stage order); otherwise split by
     `model.stage_costs(seq_len)` so that the slowest stage is as fast as possible. recompute: one mode
     ("none" | "selective" | "full") or one per global stage. fp8: an `Fp8Recipe` for every stage."""
-    from . import parallelize
-
     dims = mesh.dims
     pp = dims.pp
     total = n_stages(schedule, pp, vpp)
@@ -338,7 +349,6 @@ def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_micro
         s = cut_stage(model, layer_split[sid], sid == 0, sid == total - 1, keep_embed)
         s.stage_index = sid
         if modes[sid] != "none":
-            from .recompute import apply_recompute
             apply_recompute(s, modes[sid])
         stages.append(parallelize(s, mesh, param_dtype=param_dtype, zero=zero, fp8=fp8))
     first_names = {n for n, _ in cut_stage(model, layer_split[0], True, False, keep_embed).named_parameters()}
@@ -388,7 +398,7 @@ def attach_schedule(pipe: Pipeline, micro_batch_size: int, seq_len: int, dtype: 
         raise LayoutError(f"sequence length {seq_len} is not divisible by tp={dims.tp} under sequence parallelism")
     hidden = (micro_batch_size, seq_len // dims.tp if dims.sp else seq_len, pipe.stages[0].cfg.dim)
     loss_dtype = torch.promote_types(dtype, torch.float32)
-    pipe.hidden_shape, pipe.act_dtype = hidden, dtype
+    pipe.hidden_shape, pipe.act_dtype, pipe.seq_len, pipe.device = hidden, dtype, seq_len, device
     n = pipe.n_microbatches
 
     def loss_fn(out, target):  # the objective: the mean over micro-batches

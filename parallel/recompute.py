@@ -61,6 +61,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 MODES = ("none", "full", "selective")
 
 
+# hooks read here (fsdp_unit, recompute_selective): parallel/protocols.py
 def is_recompute_unit(module: nn.Module) -> bool:
     return bool(getattr(type(module), "fsdp_unit", False))
 

@@ -31,6 +31,7 @@ def _local_value(name: str, layout: ParamLayout, mesh: Mesh, value_fn: ValueFn) 
     return value
 
 
+# hooks read here (param_layouts, init_value, init_buffers): parallel/protocols.py
 @torch.no_grad()
 def materialize(model: nn.Module, mesh: Mesh, value_fn: ValueFn, device=None) -> None:
     """Allocate a (possibly meta) parallel model on `device` and fill every local shard from the

@@ -205,6 +205,7 @@ def _styles(v) -> tuple[str, ...]:
     return (v,) if isinstance(v, str) else tuple(v)
 
 
+# hooks read here (tp_plan, tp_divide, ep_count) and seams set (cross_entropy, ...): parallel/protocols.py
 def check_tp_plan(model: nn.Module, tp: int) -> None:
     """Every divisibility the plan needs, checked before anything is built."""
     if tp == 1:

@@ -207,7 +207,7 @@ def run_demo(out: Path, seeds: list[int], ep: int = 2, parallel: int = 2, overri
     _run_all(jobs, parallel)
 
     results = {name: summarise(d) for name, d in runs.items()}
-    from pretrain.scaling import machine
+    from pretrain.scaling.results import machine
     report = {"machine": machine(), "data": DATA, "sft_config": str(SFT_CONFIG.relative_to(ROOT)),
               "grpo_config": str(GRPO_CONFIG.relative_to(ROOT)), "overrides": list(overrides), "runs": results}
     (out / "demo_results.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -18,11 +18,11 @@ import sys
 import torch.distributed as dist
 
 from pretrain.config import ConfigError
-from pretrain.train import init_distributed
+from pretrain.session import init_distributed
 
 from .config import PosttrainConfig, load_config
 from .rejection import RejectionSampler
-from .runtime import guarded
+from .stage import guarded
 from .sft import SFTTrainer
 
 

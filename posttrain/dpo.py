@@ -21,14 +21,14 @@ import sys
 import torch
 
 from model.transformer import IGNORE_INDEX
-from parallel import finish_grad_sync, set_gradient_sync
+from parallel import finish_grad_sync, sequence_multiple, set_gradient_sync
 from pretrain.config import ConfigError
 
 from .config import PosttrainConfig
 from .data import (DataError, Example, PackedIterator, load_preference_pairs, pair_conversations,
                    tokenize_conversation)
 from .objectives import dpo_loss
-from .runtime import Runtime, stage_main
+from .stage import StageSession, stage_main
 from .templates import get_template
 
 
@@ -90,53 +90,53 @@ class DPOTrainer:
 
     def __init__(self, cfg: PosttrainConfig):
         self.cfg = cfg
-        self.rt = rt = Runtime(cfg, "dpo")
-        d, t, dp = cfg.data, cfg.train, rt.dims.dp
+        self.session = sess = StageSession(cfg, "dpo")
+        d, t, dp = cfg.data, cfg.train, sess.dims.dp
         if not d.train_files:
             raise ConfigError('data.train_files is empty: name the jsonl files of preference pairs '
                               '{"prompt", "chosen", "rejected"}')
         if t.global_batch_size % (dp * t.micro_batch_size):
             raise ConfigError(f"train.global_batch_size = {t.global_batch_size} (pairs) must be a multiple of "
                               f"train.micro_batch_size ({t.micro_batch_size}) x the data-parallel size ({dp})")
-        if d.seq_len > rt.model_cfg.max_seq_len:
-            raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {rt.model_cfg.max_seq_len}")
-        self.multiple = rt.dims.tp if rt.dims.tp > 1 and (rt.model_cfg.is_moe or cfg.parallel.sp) else 1
+        if d.seq_len > sess.model_cfg.max_seq_len:
+            raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {sess.model_cfg.max_seq_len}")
+        self.multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
         try:
             self.pairs, self.stats = self._load(d.train_files)
             self.valid = self._load(d.valid_files)[0] if d.valid_files else []
         except (OSError, DataError) as e:
             raise ConfigError(f"data: {e}") from None
-        if rt.rank == 0 and (self.stats["truncated"] or self.stats["dropped"]):
+        if sess.rank == 0 and (self.stats["truncated"] or self.stats["dropped"]):
             print(f"dpo: {self.stats['truncated']} pairs truncated to data.seq_len = {d.seq_len}, "
                   f"{self.stats['dropped']} dropped (data.overflow = {d.overflow}, or no reply token left)", flush=True)
         if len(self.pairs) < t.global_batch_size:
             raise ConfigError(f"data.train_files hold {len(self.pairs)} usable pairs, fewer than one global batch "
                               f"(train.global_batch_size = {t.global_batch_size})")
-        self.it = PackedIterator(_PairSet(self.pairs), t.global_batch_size // dp, seed=t.seed, dp_rank=rt.dp_rank,
+        self.it = PackedIterator(_PairSet(self.pairs), t.global_batch_size // dp, seed=t.seed, dp_rank=sess.dp_rank,
                                  dp_size=dp)
         self.steps = d.epochs * self.it.batches_per_epoch if d.epochs > 0 else t.steps
-        rt.total_steps = self.steps
+        sess.total_steps = self.steps
         self.last = min(t.exit_at_step or self.steps, self.steps)
-        self.ref = rt.build(trainable=False)
-        rt.resume()
-        if rt.extra_state:
-            self.it.load_state_dict(rt.extra_state["iterator"])
+        self.ref = sess.build(trainable=False)
+        sess.resume()
+        if sess.stage_state:
+            self.it.load_state_dict(sess.stage_state["iterator"])
 
     def _load(self, files):
         d = self.cfg.data
-        return encode_pairs(load_preference_pairs(files), self.rt.tokenizer, d.template, d.seq_len, d.overflow)
+        return encode_pairs(load_preference_pairs(files), self.session.tokenizer, d.template, d.seq_len, d.overflow)
 
     def _terms(self, pairs: list, backward: bool) -> dict[str, float]:
         """Loss and implicit rewards over this rank's pairs, averaged over all dp ranks' pairs; with
         `backward`, the gradient of that mean loss (synchronised)."""
-        rt, dpo, mbs = self.rt, self.cfg.dpo, self.cfg.train.micro_batch_size
-        net, n_micro = rt.policy, len(pairs) // mbs
-        sums = torch.zeros(4, dtype=torch.float64, device=rt.device)   # loss, reward chosen, reward rejected, correct
+        sess, dpo, mbs = self.session, self.cfg.dpo, self.cfg.train.micro_batch_size
+        net, n_micro = sess.policy, len(pairs) // mbs
+        sums: dict[str, torch.Tensor] = {}
         tokens_seen = 0
         for m in range(n_micro):
             micro = pairs[m * mbs:(m + 1) * mbs]
-            tokens, targets = pair_rows(micro, self.multiple, rt.tokenizer.eod_id)
-            tokens, targets = tokens.to(rt.device), targets.to(rt.device)
+            tokens, targets = pair_rows(micro, self.multiple, sess.tokenizer.eod_id)
+            tokens, targets = tokens.to(sess.device), targets.to(sess.device)
             with torch.no_grad():
                 ref = self.ref.token_logprobs(tokens, targets)["logprobs"].sum(-1)
             logp = net.token_logprobs(tokens, targets)["logprobs"].sum(-1)
@@ -148,30 +148,34 @@ class DPOTrainer:
             with torch.no_grad():
                 rewards = dpo.beta * (logp.detach() - ref).double()
                 chosen, rejected = rewards[:k], rewards[k:]
-                sums += torch.stack([loss.detach().double().sum(), chosen.sum(), rejected.sum(),
-                                     (chosen > rejected).double().sum()])
+                terms = {"loss": loss.detach().double().sum(), "chosen": chosen.sum(), "rejected": rejected.sum(),
+                         "correct": (chosen > rejected).double().sum()}
+                for name, v in terms.items():
+                    sums[name] = sums.get(name, 0.0) + v
             tokens_seen += sum(len(c) + len(r) for c, r in micro)
         if backward:
-            finish_grad_sync(net, rt.mesh)
-        loss, chosen, rejected, correct, tokens, n = rt.all_sum(sums.tolist() + [tokens_seen, len(pairs)])
-        return {"loss": loss / n, "reward_chosen": chosen / n, "reward_rejected": rejected / n,
-                "reward_margin": (chosen - rejected) / n, "reward_accuracy": correct / n, "tokens": tokens}
+            finish_grad_sync(net, sess.mesh)
+        tot = sess.all_sum({**sums, "tokens": tokens_seen, "pairs": len(pairs)})
+        n = tot["pairs"]
+        return {"loss": tot["loss"] / n, "reward_chosen": tot["chosen"] / n, "reward_rejected": tot["rejected"] / n,
+                "reward_margin": (tot["chosen"] - tot["rejected"]) / n, "reward_accuracy": tot["correct"] / n,
+                "tokens": tot["tokens"]}
 
     def train_step(self, pairs: list) -> dict[str, float]:
         metrics = self._terms(pairs, backward=True)
-        metrics.update(self.rt.optimizer_step(metrics["loss"]))
+        metrics.update(self.session.optimizer_step(metrics["loss"]))
         return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss and preference accuracy on the held-out pairs, split evenly over the dp ranks."""
-        rt, mbs = self.rt, self.cfg.train.micro_batch_size
-        n = len(self.valid) // (rt.dims.dp * mbs) * mbs
+        sess, mbs = self.session, self.cfg.train.micro_batch_size
+        n = len(self.valid) // (sess.dims.dp * mbs) * mbs
         if n == 0:
             return {}
-        rt.policy.eval()
-        out = self._terms(self.valid[rt.dp_rank * n:(rt.dp_rank + 1) * n], backward=False)
-        rt.policy.train()
+        sess.policy.eval()
+        out = self._terms(self.valid[sess.dp_rank * n:(sess.dp_rank + 1) * n], backward=False)
+        sess.policy.train()
         return {f"val_{k}": out[k] for k in ("loss", "reward_accuracy", "reward_margin")}
 
     def step(self) -> tuple[dict, dict]:
@@ -181,7 +185,7 @@ class DPOTrainer:
         return metrics, {"tokens_per_s": metrics.pop("tokens")}
 
     def run(self) -> int:
-        return self.rt.train_loop(self.last, self.step, self.evaluate, lambda: {"iterator": self.it.state_dict()})
+        return self.session.train_loop(self.last, self.step, self.evaluate, lambda: {"iterator": self.it.state_dict()})
 
 
 def main(argv: list[str] | None = None) -> int:

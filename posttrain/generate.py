@@ -15,20 +15,35 @@ Transformer.token_logprobs) and every tp rank draws the same token from the same
 parallelism and FSDP2 the ranks of a group run collectives inside every forward, so all ranks take
 the same number of decode steps: each step all-reduces "is any sequence still running" over the whole
 job, and a rank whose sequences have finished keeps feeding padding until every rank is done.
-Pipeline parallelism is not handled here: the post-training stages regather the stages to pp = 1
-before rollouts (posttrain.runtime), because decoding one token per step through a pipeline keeps all
-but one stage idle.
+Pipeline parallelism is not handled here: decoding one token per step through a pipeline keeps all
+but one stage idle, so post-training runs at pp = 1 and loads pp-trained checkpoints through DCP
+resharding (parallel.checkpoint).
+
+The sampling command shows what a checkpoint learned, in one process (any saved layout loads):
+
+    python -m posttrain.generate --checkpoint runs/tiny_v3 --prompt "def " --num-samples 3
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
-__all__ = ["SamplingParams", "Completion", "Generator", "sample_tokens"]
+from model import ModelConfig, build_model
+from parallel.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
+                                 sharded_state)
+from pretrain.corpus import embedded_tokenizer_path
+from pretrain.tokenizer import load_tokenizer
+
+__all__ = ["SamplingParams", "Completion", "Generator", "sample_tokens", "load_for_sampling", "main"]
 
 
 @dataclass
@@ -84,6 +99,7 @@ def sample_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Gene
     return ids, logp.gather(-1, ids[:, None])[:, 0]
 
 
+# model hooks read here (cfg, new_cache, gather_logits): parallel/protocols.py
 class Generator:
     def __init__(self, model, tokenizer, *, pad_id: int | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -161,3 +177,210 @@ class Generator:
         n = sum(len(c.ids) for c in completions)
         net.train(was_training)
         return completions, {"tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9)}
+
+
+# -- the sampling command ------------------------------------------------------------------------------
+class SampleError(ValueError):
+    """Bad input to the sampling command: one line that names the problem and the fix."""
+
+
+def _locate(checkpoint) -> tuple[Path, Path | None]:
+    """(step directory, run directory or None) of --checkpoint: a run directory (config.yaml, its latest
+    checkpoint), a checkpoint root (its latest) or a step directory."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise SampleError(f"--checkpoint {path}: no such directory; give a pretraining run directory "
+                          "(e.g. runs/tiny_v3) or a checkpoint directory (RUN/checkpoints/step_N)")
+    if (path / "config.yaml").is_file():
+        root = path / "checkpoints"
+        try:   # checkpoint.dir, when the run set one
+            root = Path((yaml.safe_load((path / "config.yaml").read_text()) or {})["checkpoint"]["dir"] or root)
+        except (OSError, KeyError, TypeError, yaml.YAMLError):   # unreadable: the default layout RUN/checkpoints
+            pass
+        step = latest_checkpoint(root)
+        if step is None:
+            raise SampleError(f"--checkpoint {path}: the run has no complete checkpoint in {root}; train until "
+                              "one is saved (checkpoint.every, or the end of the run) or name a step directory")
+        return step, path
+    try:
+        step = resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise SampleError(f"--checkpoint {e}") from None
+    if not (step / "meta.json").is_file():
+        raise SampleError(f"--checkpoint {path} is neither a run directory (no config.yaml) nor a checkpoint "
+                          "(no meta.json); give RUN_DIR or RUN_DIR/checkpoints/step_N")
+    run = step.parent.parent   # RUN/checkpoints/step_N, the trainer's default layout
+    return step, run if (run / "config.yaml").is_file() else None
+
+
+def _training_config(meta: dict, run: Path | None) -> dict:
+    """The config the checkpoint was trained under: its meta.json copy, else the run's config.yaml."""
+    if isinstance(meta.get("config"), dict):
+        return meta["config"]
+    if run is not None:
+        return yaml.safe_load((run / "config.yaml").read_text()) or {}
+    return {}
+
+
+def _tokenizer_path(config: dict, run: Path | None) -> str:
+    """The tokenizer the run trained with: post-training's init.tokenizer, pretraining's data.tokenizer,
+    or the embedded corpus's (pretrain.corpus caches it under data.cache_dir). Relative paths were
+    relative to the training job's working directory: try this one, then the one the run directory implies."""
+    data = config.get("data") or {}
+    named = (config.get("init") or {}).get("tokenizer") or data.get("tokenizer") or ""
+    if not named and data.get("embedded") and not data.get("paths"):
+        named = embedded_tokenizer_path(data.get("cache_dir", ".cache/whaletron"), data.get("vocab_size", 4096),
+                                        data.get("corpus_bytes", 8_000_000))
+    if not named:
+        raise SampleError("the checkpoint's config names no tokenizer; "
+                          "pass --tokenizer FILE (.model or tokenizer.json)")
+    bases = [Path.cwd()]
+    logged = Path((config.get("logging") or {}).get("run_dir") or "")
+    if run is not None and logged.parts and not logged.is_absolute() \
+            and run.resolve().parts[-len(logged.parts):] == logged.parts:
+        bases.append(run.resolve().parents[len(logged.parts) - 1])   # RUN = <training cwd>/logging.run_dir
+    for base in bases:
+        if (base / named).exists():
+            return str(base / named)
+    raise SampleError(f"the run's tokenizer {named} is not there (looked under {', '.join(map(str, bases))}); "
+                      "pass --tokenizer FILE (.model or tokenizer.json)")
+
+
+class _Vocab:
+    """The tokenizer, decoding only ids it has: a model's vocabulary may be padded past the tokenizer's."""
+
+    def __init__(self, tok):
+        self.tok, self.vocab_size, self.eod_id = tok, tok.vocab_size, tok.eod_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids if i < self.vocab_size])
+
+
+def load_for_sampling(checkpoint, device="cpu", *, tokenizer: str | None = None, ema: bool = False):
+    """A one-process eval model with a checkpoint's weights (saved under any layout: DCP reshards) and
+    its tokenizer. Returns (model, tokenizer, info) with info: step_dir, step, tokenizer_path."""
+    step_dir, run = _locate(checkpoint)
+    try:
+        meta = read_meta(step_dir)
+    except CheckpointError as e:
+        raise SampleError(f"--checkpoint {e}") from None
+    if not isinstance(meta.get("model_config"), dict):
+        raise SampleError(f"--checkpoint {step_dir}: meta.json records no model_config; it was not written by "
+                          "python -m pretrain or a post-training stage")
+    try:
+        cfg = ModelConfig.from_dict(meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise SampleError(f"--checkpoint {step_dir}: its model_config does not fit this code ({e}); sample with "
+                          "the version that wrote it") from None
+    tok_path = tokenizer or _tokenizer_path(_training_config(meta, run), run)
+    try:
+        tok = load_tokenizer(tok_path)
+    except (OSError, ValueError) as e:
+        raise SampleError(f"--tokenizer {tok_path}: {e}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise SampleError(f"--tokenizer {tok_path} has {tok.vocab_size} tokens but the model's vocabulary has "
+                          f"{cfg.vocab_size}: it is not the tokenizer this model was trained with; pass that one")
+    net = build_model(cfg, device=device, seed=None)   # real buffers (rotary tables); the weights come next
+    state = {k: v for k, v in sharded_state(net).items() if k.startswith("model/")}
+    try:
+        load_checkpoint(step_dir, state, model_config=cfg.to_dict())
+        if ema:
+            if not any(k.startswith("ema/") for k in meta.get("keys", [])):
+                raise SampleError(f"--ema: {step_dir} holds no EMA weights (train.ema_decay was 0); drop --ema")
+            params = {n for n, _ in net.named_parameters()}
+            load_checkpoint(step_dir, {f"ema/{k[6:]}": v for k, v in state.items() if k[6:] in params})
+    except CheckpointError as e:
+        raise SampleError(f"--checkpoint {e}") from None
+    return net.eval(), _Vocab(tok), {"step_dir": step_dir, "step": meta.get("step"), "tokenizer_path": tok_path}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m posttrain.generate",
+        description="Sample continuations of prompts from a checkpoint, in one process (CPU or CUDA), whatever "
+                    "layout it was trained under. Prints each sample as prompt + continuation, followed by a "
+                    "line of dashes; what was loaded and the speed go to stderr.")
+    ap.add_argument("--checkpoint", required=True, metavar="DIR",
+                    help="a pretraining run directory (its latest checkpoint) or a checkpoint directory")
+    ap.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                    help="a prompt (repeatable); none or '': start a new document")
+    ap.add_argument("--prompt-file", metavar="FILE", help="more prompts, one per line")
+    ap.add_argument("--num-samples", type=int, default=3, metavar="N", help="samples per prompt (default 3)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default 64")
+    ap.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy (default 0.8)")
+    ap.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K likeliest tokens (0 = off)")
+    ap.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass in (0, 1] (1 = off)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the same seed, prompts and --num-samples give the same samples (default 0)")
+    ap.add_argument("--tokenizer", metavar="FILE", help="override the run's tokenizer (.model or tokenizer.json)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when visible")
+    ap.add_argument("--ema", action="store_true", help="sample from the EMA weights (train.ema_decay > 0)")
+    return ap
+
+
+def _params(a) -> SamplingParams:
+    """SamplingParams from the flags, each refusal naming its flag."""
+    checks = [(a.num_samples >= 1, f"--num-samples must be >= 1, got {a.num_samples}"),
+              (a.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {a.max_new_tokens}"),
+              (a.temperature >= 0 and math.isfinite(a.temperature),
+               f"--temperature must be >= 0 (0 = greedy), got {a.temperature}"),
+              (0 < a.top_p <= 1, f"--top-p must be in (0, 1] (1 = off), got {a.top_p}"),
+              (a.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {a.top_k}")]
+    for ok, msg in checks:
+        if not ok:
+            raise SampleError(msg)
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
+
+
+def _prompts(a) -> list[str]:
+    prompts = list(a.prompt)
+    if a.prompt_file:
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\r\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"--prompt-file {a.prompt_file}: {e}") from None
+    return prompts or [""]
+
+
+def _device(pref: str) -> torch.device:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise SampleError("--device cuda, but no CUDA device is visible; use --device cpu")
+    return torch.device("cuda" if pref != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        a = _parser().parse_args(argv)
+    except SystemExit as e:   # argparse has printed its usage and error; the code (2, or 0 for --help) stands
+        return int(e.code or 0)
+    try:
+        params, prompts, device = _params(a), _prompts(a), _device(a.device)
+        net, tok, info = load_for_sampling(a.checkpoint, device, tokenizer=a.tokenizer, ema=a.ema)
+        # an empty prompt starts a document: the end-of-document token every training document followed
+        ids = [tok.encode(p) or [tok.eod_id] for p in prompts]
+        longest = max(len(q) for q in ids)
+        if longest + params.max_new_tokens > net.cfg.max_seq_len:
+            raise SampleError(f"--max-new-tokens {params.max_new_tokens} + the longest prompt ({longest} tokens) "
+                              f"exceeds the model's max_seq_len {net.cfg.max_seq_len}; lower --max-new-tokens")
+    except SampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{info['step_dir']} (step {info['step']}{', EMA' if a.ema else ''}), tokenizer {info['tokenizer_path']}, "
+          f"{device}", file=sys.stderr)
+    batch = [q for q in ids for _ in range(a.num_samples)]
+    outs, stats = Generator(net, tok).generate(batch, params, seed=a.seed)
+    for q, c in zip(batch, outs):
+        # decode the whole sequence: a tokenizer may join the prompt's last piece to the continuation
+        print(tok.decode([t for t in q + c.ids if t != tok.eod_id]))
+        print("---------------")
+    print(f"{stats['tokens']} tokens in {stats['seconds']:.2f} s ({stats['tokens_per_s']:.0f} tokens/s)",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

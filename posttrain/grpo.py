@@ -24,7 +24,7 @@ import time
 import torch
 
 from model.transformer import IGNORE_INDEX
-from parallel import finish_grad_sync, set_gradient_sync
+from parallel import comm, finish_grad_sync, sequence_multiple, set_gradient_sync
 from pretrain.config import ConfigError
 
 from .config import PosttrainConfig
@@ -32,7 +32,7 @@ from .data import DataError, encode_prompt, load_prompts
 from .generate import Generator, SamplingParams
 from .objectives import aggregate, group_advantages, grpo_token_terms
 from .rewards import build_reward, verified
-from .runtime import Runtime, StageError, stage_main
+from .stage import StageError, StageSession, stage_main
 
 
 class CollapseError(StageError):
@@ -86,7 +86,7 @@ def training_rows(prompts: list[list[int]], completions, multiple: int, pad: int
 class GRPOTrainer:
     def __init__(self, cfg: PosttrainConfig):
         self.cfg = cfg
-        self.rt = rt = Runtime(cfg, "grpo")
+        self.session = sess = StageSession(cfg, "grpo")
         g, d = cfg.grpo, cfg.data
         if not d.train_files:
             raise ConfigError("data.train_files is empty: name the jsonl prompt files (prompt/answer records)")
@@ -95,42 +95,42 @@ class GRPOTrainer:
             self.valid_records = load_prompts(d.valid_files) if d.valid_files else []
         except (OSError, DataError) as e:
             raise ConfigError(f"data: {e}") from None
-        dp = rt.dims.dp
+        dp = sess.dims.dp
         if g.prompts_per_step % dp:
             raise ConfigError(f"grpo.prompts_per_step = {g.prompts_per_step} must be a multiple of the data-parallel "
                               f"size {dp}, so that every rank samples the same number of prompts")
         self.local_prompts = g.prompts_per_step // dp
         self.reward = build_reward(cfg.reward.weights)
         self.stream = PromptStream(self.train_records, cfg.train.seed)
-        self.ref = rt.build(trainable=False) if g.beta > 0 else None
-        self.gen = Generator(rt.policy, rt.tokenizer)
+        self.ref = sess.build(trainable=False) if g.beta > 0 else None
+        self.gen = Generator(sess.policy, sess.tokenizer)
         r = cfg.rollout
         self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                        top_k=r.top_k, stop=list(r.stop))
         self.prompt_ids = {}
         self.low_streak = {"entropy": 0, "length": 0}
-        rt.resume(extra_models=[self.ref] if self.ref is not None else [])
-        if rt.extra_state:
-            self.stream.load(rt.extra_state.get("prompts", {}))
-            self.low_streak.update(rt.extra_state.get("low_streak", {}))
+        sess.resume(extra_models=[self.ref] if self.ref is not None else [])
+        if sess.stage_state:
+            self.stream.load(sess.stage_state.get("prompts", {}))
+            self.low_streak.update(sess.stage_state.get("low_streak", {}))
 
     # -- pieces --------------------------------------------------------------------------------------
     def encode(self, record: dict) -> list[int]:
         key = id(record)
         if key not in self.prompt_ids:
-            self.prompt_ids[key] = encode_prompt(self.cfg.data.template, self.rt.tokenizer, record)
+            self.prompt_ids[key] = encode_prompt(self.cfg.data.template, self.session.tokenizer, record)
         return self.prompt_ids[key]
 
     def _local_slice(self, items: list) -> list:
-        n = len(items) // self.rt.dims.dp
-        return items[self.rt.dp_rank * n:(self.rt.dp_rank + 1) * n]
+        n = len(items) // self.session.dims.dp
+        return items[self.session.dp_rank * n:(self.session.dp_rank + 1) * n]
 
     def rollout(self):
         """This rank's prompts, G completions each, their rewards and advantages."""
-        cfg, rt, G = self.cfg, self.rt, self.cfg.grpo.group_size
+        cfg, sess, G = self.cfg, self.session, self.cfg.grpo.group_size
         records = self._local_slice(self.stream.take(cfg.grpo.prompts_per_step))
         prompts = [self.encode(r) for r in records for _ in range(G)]
-        seed = (cfg.train.seed * 1_000_003 + rt.step) * 4099 + rt.dp_rank    # tp ranks draw the same tokens
+        seed = (cfg.train.seed * 1_000_003 + sess.step) * 4099 + sess.dp_rank    # tp ranks draw the same tokens
         completions, gstats = self.gen.generate(prompts, self.sampling, seed=seed)
         scores = [self.reward.score(c.text, rec) for c, rec in zip(completions, (r for r in records for _ in range(G)))]
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float64).view(-1, G)
@@ -144,21 +144,21 @@ class GRPOTrainer:
         g = self.cfg.grpo
         tokens = sum(len(c.ids) * float(k) for c, k in zip(completions, keep))
         seqs = float(keep.sum())
-        tokens, seqs = self.rt.all_sum([tokens, seqs])
+        tot = self.session.all_sum({"tokens": tokens, "seqs": seqs})
         if g.loss_agg == "token_mean":
-            return tokens
+            return tot["tokens"]
         if g.loss_agg == "seq_mean":
-            return seqs
-        return seqs * self.cfg.rollout.max_new_tokens
+            return tot["seqs"]
+        return tot["seqs"] * self.cfg.rollout.max_new_tokens
 
     def update(self, prompts, completions, adv, keep) -> dict[str, float]:
         """grpo.inner_steps optimizer steps on this rollout batch."""
-        cfg, rt, g = self.cfg, self.rt, self.cfg.grpo
-        net, mbs = rt.policy, cfg.train.micro_batch_size
-        multiple = rt.dims.tp if (rt.dims.tp > 1 and (self.rt.model_cfg.is_moe or cfg.parallel.sp)) else 1
-        tokens, targets, old = training_rows(prompts, completions, multiple, rt.tokenizer.eod_id)
-        tokens, targets, old = tokens.to(rt.device), targets.to(rt.device), old.to(rt.device)
-        adv, keep = adv.float().to(rt.device), keep.float().to(rt.device)
+        cfg, sess, g = self.cfg, self.session, self.cfg.grpo
+        net, mbs = sess.policy, cfg.train.micro_batch_size
+        multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
+        tokens, targets, old = training_rows(prompts, completions, multiple, sess.tokenizer.eod_id)
+        tokens, targets, old = tokens.to(sess.device), targets.to(sess.device), old.to(sess.device)
+        adv, keep = adv.float().to(sess.device), keep.float().to(sess.device)
         mask = (targets != IGNORE_INDEX).float() * keep[:, None]
         norm = max(self.loss_normaliser(completions, keep), 1.0)
         n = tokens.shape[0]
@@ -177,7 +177,7 @@ class GRPOTrainer:
         stats: dict[str, float] = {}
         t0 = time.perf_counter()
         for inner in range(g.inner_steps):
-            sums = torch.zeros(6, dtype=torch.float64, device=rt.device)   # loss, clipped, kl, entropy, mismatch, ratio
+            sums: dict[str, torch.Tensor] = {}
             for m, i in enumerate(range(0, n, mbs)):
                 sl = slice(i, i + mbs)
                 out = net.token_logprobs(tokens[sl], targets[sl], entropy=True, temperature=temperature)
@@ -186,28 +186,29 @@ class GRPOTrainer:
                     logp, old[sl], adv[sl], eps_low=g.eps_low, eps_high=g.eps_high,
                     ref_logp=None if ref_logp is None else ref_logp[sl], beta=g.beta, kl_clamp=g.kl_clamp,
                     ratio_clamp=g.kl_clamp)
-                loss = aggregate(loss_tok, mask[sl], g.loss_agg, norm) * rt.dims.dp
+                loss = aggregate(loss_tok, mask[sl], g.loss_agg, norm) * sess.dims.dp
                 set_gradient_sync(net, m == n_micro - 1)
                 loss.backward()
                 mk = mask[sl]
                 with torch.no_grad():
-                    sums += torch.stack([
-                        loss.detach().double() / rt.dims.dp,
-                        (clipped.float() * mk).sum().double(),
-                        (kl * mk).sum().double() if kl is not None else torch.zeros((), dtype=torch.float64, device=rt.device),
-                        (out["entropy"] * mk).sum().double(),
-                        ((logp.detach() - old[sl]).abs() * mk).sum().double(),
-                        ((logp.detach() - old[sl]).exp() * mk).sum().double()])
-            finish_grad_sync(net, rt.mesh)
-            totals = rt.all_sum(sums.tolist() + [float(mask.sum())])
-            tok = max(totals[6], 1.0)
-            opt = rt.optimizer_step(totals[0])
+                    terms = {"loss": loss.detach().double() / sess.dims.dp,
+                             "clipped": (clipped.float() * mk).sum().double(),
+                             "kl": (kl * mk).sum().double() if kl is not None else 0.0,
+                             "entropy": (out["entropy"] * mk).sum().double(),
+                             "mismatch": ((logp.detach() - old[sl]).abs() * mk).sum().double(),
+                             "ratio": ((logp.detach() - old[sl]).exp() * mk).sum().double()}
+                    for name, v in terms.items():
+                        sums[name] = sums.get(name, 0.0) + v
+            finish_grad_sync(net, sess.mesh)
+            tot = sess.all_sum({**sums, "tokens": float(mask.sum())})
+            tok = max(tot["tokens"], 1.0)
+            opt = sess.optimizer_step(tot["loss"])
             if inner == 0:   # against the rollout's own log-probs, before any update: numerics only
-                stats.update(logprob_mismatch=totals[4] / tok, entropy=totals[3] / tok)
-            stats.update(loss=totals[0], clip_fraction=totals[1] / tok, kl=totals[2] / tok,
-                         ratio_mean=totals[5] / tok, **opt)
+                stats.update(logprob_mismatch=tot["mismatch"] / tok, entropy=tot["entropy"] / tok)
+            stats.update(loss=tot["loss"], clip_fraction=tot["clipped"] / tok, kl=tot["kl"] / tok,
+                         ratio_mean=tot["ratio"] / tok, **opt)
         dt = time.perf_counter() - t0
-        trained = rt.all_sum([float((targets != IGNORE_INDEX).sum()) * g.inner_steps])[0]
+        trained = sess.all_sum({"tokens": float((targets != IGNORE_INDEX).sum()) * g.inner_steps})["tokens"]
         stats["train_tokens_per_s"] = trained / max(dt, 1e-9)
         return stats
 
@@ -217,17 +218,17 @@ class GRPOTrainer:
         averaged over eval.samples samples per prompt (R1's protocol: temperature 0.6, top-p 0.95). Each
         prompt's score goes to RUN_DIR/eval/step_NNNNNNNN.jsonl, so that two evaluations of the same
         prompts can be compared prompt by prompt (posttrain.demo's paired interval)."""
-        cfg, rt, e = self.cfg, self.rt, self.cfg.eval
-        n = min(e.prompts, len(self.valid_records)) // rt.dims.dp * rt.dims.dp
+        cfg, sess, e = self.cfg, self.session, self.cfg.eval
+        n = min(e.prompts, len(self.valid_records)) // sess.dims.dp * sess.dims.dp
         if n == 0:
             return {}
-        first = rt.dp_rank * (n // rt.dims.dp)
-        records = self.valid_records[first:first + n // rt.dims.dp]
+        first = sess.dp_rank * (n // sess.dims.dp)
+        records = self.valid_records[first:first + n // sess.dims.dp]
         k = e.samples
         params = SamplingParams(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
                                 temperature=e.temperature, top_p=e.top_p, stop=list(cfg.rollout.stop))
         outs, _ = self.gen.generate([self.encode(r) for r in records for _ in range(k)], params,
-                                    seed=cfg.train.seed + rt.dp_rank)
+                                    seed=cfg.train.seed + sess.dp_rank)
         rows = []
         for i, r in enumerate(records):
             scores = [self.reward.score(c.text, r) for c in outs[i * k:(i + 1) * k]]
@@ -235,15 +236,16 @@ class GRPOTrainer:
                          "accuracy": sum(verified(s) for s in scores) / k,
                          "format": sum(s.get("format", 0.0) for s in scores) / k, "response": outs[i * k].text})
         self._write_eval(rows)
-        acc, fmt = rt.all_sum([sum(x["accuracy"] for x in rows), sum(x["format"] for x in rows)])
-        return {"eval_accuracy": acc / n, "eval_format": fmt / n, "eval_prompts": float(n), "eval_samples": float(k)}
+        tot = sess.all_sum({"accuracy": sum(x["accuracy"] for x in rows), "format": sum(x["format"] for x in rows)})
+        return {"eval_accuracy": tot["accuracy"] / n, "eval_format": tot["format"] / n, "eval_prompts": float(n),
+                "eval_samples": float(k)}
 
     def _write_eval(self, rows: list[dict]) -> None:
         """Per-prompt evaluation rows, gathered over dp to rank 0 (tp ranks hold copies) and renamed into place."""
-        rt = self.rt
-        parts = rt.gather_dp(rows)
-        if rt.rank == 0:
-            path = rt.run_dir / "eval" / f"step_{rt.step:08d}.jsonl"
+        sess = self.session
+        parts = sess.gather_dp(rows)
+        if sess.rank == 0:
+            path = sess.run_dir / "eval" / f"step_{sess.step:08d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             with open(tmp, "w") as f:
@@ -263,52 +265,51 @@ class GRPOTrainer:
                     f"{key} collapsed: {value:.4g} < {name} = {floor} for {self.low_streak[key]} rollout batches in a "
                     f"row. The policy has stopped exploring (entropy) or answers with almost nothing (length). Lower "
                     f"train.lr, raise rollout.temperature or grpo.eps_high (clip-higher), or add grpo.beta, then resume "
-                    f"from the last checkpoint in {self.rt.ckpt_dir}")
+                    f"from the last checkpoint in {self.session.ckpt_dir}")
 
     # -- the loop ------------------------------------------------------------------------------------
+    def rollout_stats(self, completions, scores, rewards, keep, gstats, t_roll: float) -> dict[str, float]:
+        """The rollout batch's rewards, accuracy, format rate, lengths and dropped groups over all dp ranks."""
+        lengths = [len(c.ids) for c in completions]
+        tot = self.session.all_sum({
+            "reward": float(rewards.sum()), "reward_sq": float((rewards ** 2).sum()), "n": float(rewards.numel()),
+            "accuracy": sum(s.get("accuracy", s.get("countdown", 0.0)) for s in scores),
+            "format": sum(s.get("format", 0.0) for s in scores), "length": float(sum(lengths)),
+            "dropped": float(keep.numel() - keep.sum()), "rollout_tokens": gstats["tokens"]})
+        n = tot["n"]
+        mean = tot["reward"] / n
+        return dict(reward_mean=mean, reward_std=math.sqrt(max(tot["reward_sq"] / n - mean ** 2, 0.0)),
+                    accuracy=tot["accuracy"] / n, format_rate=tot["format"] / n,
+                    response_length_mean=tot["length"] / n, response_length_max=self._max(float(max(lengths))),
+                    dropped_fraction=tot["dropped"] / n, rollout_tokens_per_s=tot["rollout_tokens"] / max(t_roll, 1e-9))
+
     def run(self) -> int:
-        cfg, rt = self.cfg, self.rt
+        cfg, sess = self.cfg, self.session
+        last = cfg.train.steps
+        refs = [self.ref] if self.ref is not None else []
         try:
-            if cfg.eval.every and rt.step == 0:
-                rt.log(self.evaluate())
-            while rt.step < cfg.train.steps:
+            if cfg.eval.every and sess.step == 0:
+                sess.log(self.evaluate())
+            while sess.step < last:
                 t0 = time.perf_counter()
                 prompts, completions, scores, rewards, adv, keep, gstats = self.rollout()
                 t_roll = time.perf_counter() - t0
                 metrics = self.update(prompts, completions, adv, keep)
-                rt.step += 1
-                lengths = [len(c.ids) for c in completions]
-                local = [float(rewards.sum()), float((rewards ** 2).sum()), float(rewards.numel()),
-                         sum(s.get("accuracy", s.get("countdown", 0.0)) for s in scores),
-                         sum(s.get("format", 0.0) for s in scores), float(sum(lengths)),
-                         float(keep.numel() - keep.sum()), gstats["tokens"], t_roll]
-                tot = rt.all_sum(local)
-                n = tot[2]
-                mean = tot[0] / n
-                metrics.update(
-                    reward_mean=mean, reward_std=math.sqrt(max(tot[1] / n - mean ** 2, 0.0)), accuracy=tot[3] / n,
-                    format_rate=tot[4] / n, response_length_mean=tot[5] / n,
-                    response_length_max=self._max(float(max(lengths))), dropped_fraction=tot[6] / n,
-                    rollout_tokens_per_s=tot[7] / max(t_roll, 1e-9))
-                if cfg.eval.every and rt.step % cfg.eval.every == 0:
-                    metrics.update(self.evaluate())
-                if cfg.grpo.ref_update_every and self.ref is not None and rt.step % cfg.grpo.ref_update_every == 0:
-                    rt.copy_weights(self.ref, rt.policy)       # R1-Zero: the reference follows the policy
+                sess.step += 1
+                metrics.update(self.rollout_stats(completions, scores, rewards, keep, gstats, t_roll))
+                if cfg.grpo.ref_update_every and self.ref is not None and sess.step % cfg.grpo.ref_update_every == 0:
+                    sess.copy_weights(self.ref, sess.policy)       # R1-Zero: the reference follows the policy
                     metrics["reference_updated"] = 1.0
-                if rt.step % cfg.logging.every == 0 or rt.step == cfg.train.steps:
-                    rt.log(metrics)
                 stage_state = {"prompts": self.stream.state(), "low_streak": dict(self.low_streak)}
-                if rt.step == cfg.train.steps or (cfg.checkpoint.every and rt.step % cfg.checkpoint.every == 0):
-                    rt.save(stage_state, [self.ref] if self.ref is not None else [])
+                sess.end_step(metrics, last, self.evaluate, stage_state, extra_models=refs)
                 self.guard(metrics["entropy"], metrics["response_length_mean"])
             return 0
         finally:
-            rt.close()
+            sess.close()
 
     def _max(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.rt.device)
-        from parallel import comm
-        comm.all_reduce(t, self.rt.mesh["dp"], op=torch.distributed.ReduceOp.MAX)
+        t = torch.tensor([value], dtype=torch.float64, device=self.session.device)
+        comm.all_reduce(t, self.session.mesh["dp"], op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
 
 

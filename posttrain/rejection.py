@@ -27,13 +27,13 @@ from collections import Counter
 import torch.distributed as dist
 
 from pretrain.config import ConfigError
-from pretrain.train import init_distributed
+from pretrain.session import init_distributed
 
 from .config import PosttrainConfig, RejectionSection
 from .data import DataError, encode_prompt, load_prompts
 from .generate import Generator, SamplingParams
 from .rewards import build_reward, extract_think, language_fraction, verified
-from .runtime import Runtime, StageError, stage_main
+from .stage import StageError, StageSession, stage_main
 from .templates import as_messages
 
 DROP_REASONS = ("incorrect", "empty", "unfinished", "too_long", "language", "duplicate", "excess")
@@ -139,23 +139,23 @@ class RejectionSampler:
         self.outputs = {"sft": r.output, "pairs": r.pairs_output, "samples": r.samples_output}
         self._refuse_overwrite()
         cfg.checkpoint.resume = "none"      # sampling writes no checkpoint: resume() only opens the logger
-        self.rt = rt = Runtime(cfg, "rejection", train=False)   # samples only: no optimizer, a frozen policy
+        self.session = sess = StageSession(cfg, "rejection", train=False)   # samples only: a frozen policy
         try:
             self.records = load_prompts(d.train_files)
         except (OSError, DataError) as e:
             raise ConfigError(f"data: {e}") from None
-        self.prompt_ids = [encode_prompt(d.template, rt.tokenizer, rec) for rec in self.records]
+        self.prompt_ids = [encode_prompt(d.template, sess.tokenizer, rec) for rec in self.records]
         ro = cfg.rollout
         longest = max(map(len, self.prompt_ids))
-        if longest + ro.max_new_tokens > rt.model_cfg.max_seq_len:
+        if longest + ro.max_new_tokens > sess.model_cfg.max_seq_len:
             raise ConfigError(f"the longest prompt ({longest} tokens) + rollout.max_new_tokens ({ro.max_new_tokens}) "
-                              f"exceeds model.max_seq_len = {rt.model_cfg.max_seq_len}")
+                              f"exceeds model.max_seq_len = {sess.model_cfg.max_seq_len}")
         self.sampling = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                                        top_k=ro.top_k, stop=list(ro.stop))
         self.reward = build_reward(cfg.reward.weights)
-        self.gen = Generator(rt.policy, rt.tokenizer)
-        rt.total_steps = 0                  # one pass, no optimizer steps
-        rt.resume()
+        self.gen = Generator(sess.policy, sess.tokenizer)
+        sess.total_steps = 0                  # one pass, no optimizer steps
+        sess.resume()
 
     def _refuse_overwrite(self) -> None:
         """Stop before any work when an output exists (rank 0 looks, every rank learns the answer)."""
@@ -201,7 +201,7 @@ class RejectionSampler:
 
     def _gather(self, out: dict[str, list[dict]] | None, files: _Outputs | None) -> None:
         """One unit per dp rank to rank 0, appended in unit order (dp rank order). tp ranks hold copies."""
-        parts = self.rt.gather_dp(out)
+        parts = self.session.gather_dp(out)
         if files is not None and parts is not None:
             for part in parts:
                 for key, records in (part or {}).items():
@@ -209,16 +209,16 @@ class RejectionSampler:
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> int:
-        rt, r = self.rt, self.cfg.rejection
+        sess, r = self.session, self.cfg.rejection
         files = None
         try:
-            if rt.rank == 0:
+            if sess.rank == 0:
                 files = _Outputs(self.outputs, r.overwrite)
             n_units = -(-len(self.records) // r.batch_prompts)
-            dp = rt.dims.dp
+            dp = sess.dims.dp
             counts, tokens, t0 = Counter(), 0, time.perf_counter()
             for t in range(-(-n_units // dp)):
-                u = t * dp + rt.dp_rank
+                u = t * dp + sess.dp_rank
                 if u < n_units:
                     out, c, n = self.sample_unit(u)
                     counts.update(c)
@@ -229,7 +229,7 @@ class RejectionSampler:
                 self._gather(out, files)
             seconds = time.perf_counter() - t0
             keys = ["correct", "kept", "kept_prompts", "pairs", *DROP_REASONS]
-            tot = dict(zip(keys + ["tokens"], rt.all_sum([float(counts[k]) for k in keys] + [float(tokens)])))
+            tot = sess.all_sum({**{k: float(counts[k]) for k in keys}, "tokens": float(tokens)})
             error = [None]
             if files is not None:
                 try:
@@ -247,7 +247,7 @@ class RejectionSampler:
                 files.abort()
             raise
         finally:
-            rt.close()
+            sess.close()
 
     def _report(self, tot: dict, seconds: float) -> None:
         r, n = self.cfg.rejection, len(self.records)
@@ -257,8 +257,8 @@ class RejectionSampler:
                    **{f"dropped_{k}": tot[k] for k in DROP_REASONS},
                    "response_tokens_mean": tot["tokens"] / samples, "generation_tokens_per_s": tot["tokens"] / seconds,
                    "seconds": seconds}
-        self.rt.log(metrics)
-        if self.rt.rank == 0:
+        self.session.log(metrics)
+        if self.session.rank == 0:
             dropped = ", ".join(f"{k} {int(tot[k])}" for k in DROP_REASONS if tot[k])
             pairs = f"; {int(tot['pairs'])} pairs -> {r.pairs_output}" if r.pairs_output else ""
             print(f"rejection: {n} prompts x {r.samples} samples, pass rate {metrics['pass_rate']:.1%}, kept "

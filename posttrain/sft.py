@@ -14,12 +14,12 @@ import sys
 
 import torch
 
+from parallel import sequence_multiple
 from pretrain.config import ConfigError
-from pretrain.train import micro_batch_losses
 
 from .config import PosttrainConfig
 from .data import DataError, PackedIterator, load_sft_examples, pack_examples
-from .runtime import Runtime, stage_main
+from .stage import StageSession, stage_main
 
 
 class SFTTrainer:
@@ -27,18 +27,18 @@ class SFTTrainer:
 
     def __init__(self, cfg: PosttrainConfig, stage: str = "sft"):
         self.cfg = cfg
-        self.rt = rt = Runtime(cfg, stage)
+        self.session = sess = StageSession(cfg, stage)
         d, t = cfg.data, cfg.train
         if not d.train_files:
             raise ConfigError("data.train_files is empty: name the jsonl files of conversations or prompt/response records")
-        dp = rt.dims.dp
+        dp = sess.dims.dp
         if t.global_batch_size % (dp * t.micro_batch_size):
             raise ConfigError(f"train.global_batch_size = {t.global_batch_size} must be a multiple of train.micro_batch_size "
                               f"({t.micro_batch_size}) x the data-parallel size ({dp})")
-        multiple = rt.dims.tp if rt.dims.tp > 1 and (rt.model_cfg.is_moe or cfg.parallel.sp) else 1
-        if d.seq_len % multiple or d.seq_len > rt.model_cfg.max_seq_len:
+        multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
+        if d.seq_len % multiple or d.seq_len > sess.model_cfg.max_seq_len:
             raise ConfigError(f"data.seq_len = {d.seq_len} must be a multiple of parallel.tp = {multiple} (the token split) "
-                              f"and at most model.max_seq_len = {rt.model_cfg.max_seq_len}")
+                              f"and at most model.max_seq_len = {sess.model_cfg.max_seq_len}")
         try:
             self.rows = self._pack(d.train_files)
             self.valid = self._pack(d.valid_files) if d.valid_files else None
@@ -46,55 +46,50 @@ class SFTTrainer:
             raise ConfigError(f"data: {e}") from None
         self.per_rank = t.global_batch_size // dp
         try:
-            self.it = PackedIterator(self.rows, self.per_rank, seed=t.seed, dp_rank=rt.dp_rank, dp_size=dp)
+            self.it = PackedIterator(self.rows, self.per_rank, seed=t.seed, dp_rank=sess.dp_rank, dp_size=dp)
         except ValueError as e:
             raise ConfigError(f"data: {e}") from None
         self.steps = d.epochs * self.it.batches_per_epoch if d.epochs > 0 else t.steps
-        rt.total_steps = self.steps
+        sess.total_steps = self.steps
         self.last = min(t.exit_at_step or self.steps, self.steps)   # save and stop there, same schedule
-        rt.resume()
-        if rt.extra_state:
-            self.it.load_state_dict(rt.extra_state["iterator"])
+        sess.resume()
+        if sess.stage_state:
+            self.it.load_state_dict(sess.stage_state["iterator"])
 
     def _pack(self, files):
-        examples = load_sft_examples(files, self.rt.tokenizer, self.cfg.data.template)
+        examples = load_sft_examples(files, self.session.tokenizer, self.cfg.data.template)
         return pack_examples(examples, self.cfg.data.seq_len, seed=self.cfg.train.seed, overflow=self.cfg.data.overflow,
-                             pad_id=self.rt.tokenizer.eod_id)
+                             pad_id=self.session.tokenizer.eod_id)
 
-    def _micro_batches(self, batch: dict, backward: bool) -> dict[str, float]:
-        """The loss terms averaged over micro-batches and dp ranks (with `backward`, their gradients)."""
-        rt, mbs = self.rt, self.cfg.train.micro_batch_size
-        n_micro = batch["input_ids"].shape[0] // mbs
-        return micro_batch_losses(rt.policy, rt.mesh, [
-            {"tokens": batch["input_ids"][m * mbs:(m + 1) * mbs].to(rt.device),
-             "labels": batch["labels"][m * mbs:(m + 1) * mbs].to(rt.device),
-             "doc_ids": batch["doc_ids"][m * mbs:(m + 1) * mbs].to(rt.device)} for m in range(n_micro)], backward)
+    def _rows(self, batch: dict) -> dict[str, torch.Tensor]:
+        """A batch of packed rows as the engine's step and evaluate take it (doc_ids mask the documents)."""
+        device = self.session.device
+        return {"tokens": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
+                "doc_ids": batch["doc_ids"].to(device)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if self.valid is None:
             return {}
-        rt = self.rt
-        n = len(self.valid) // (rt.dims.dp * self.cfg.train.micro_batch_size) * self.cfg.train.micro_batch_size
+        sess = self.session
+        n = len(self.valid) // (sess.dims.dp * self.cfg.train.micro_batch_size) * self.cfg.train.micro_batch_size
         if n == 0:
             return {}
-        rows = self.valid[torch.arange(rt.dp_rank * n, (rt.dp_rank + 1) * n)]
-        rt.policy.eval()
-        out = self._micro_batches(rows, backward=False)
-        rt.policy.train()
+        rows = self.valid[torch.arange(sess.dp_rank * n, (sess.dp_rank + 1) * n)]
+        out = sess.engine.evaluate(**self._rows(rows))
         return {f"val_{k}": v for k, v in out.items() if k in ("lm_loss", "mtp_loss")}
 
     def step(self) -> tuple[dict, dict]:
-        cfg, rt = self.cfg, self.rt
-        torch.manual_seed(cfg.train.seed * 1_000_003 + rt.step)
+        cfg, sess = self.cfg, self.session
+        torch.manual_seed(cfg.train.seed * 1_000_003 + sess.step)
         batch = next(self.it)
-        metrics = self._micro_batches(batch, backward=True)
-        metrics.update(rt.optimizer_step(metrics["loss"]), epoch=float(batch["epoch"]))
-        targets = rt.all_sum([float((batch["labels"] != -100).sum())])[0]
+        metrics = sess.engine.step(**self._rows(batch))
+        metrics.update(sess.optimizer_step(metrics["loss"]), epoch=float(batch["epoch"]))
+        targets = sess.all_sum({"targets": float((batch["labels"] != -100).sum())})["targets"]
         return metrics, {"target_tokens_per_s": targets, "tokens_per_s": cfg.train.global_batch_size * cfg.data.seq_len}
 
     def run(self) -> int:
-        return self.rt.train_loop(self.last, self.step, self.evaluate, lambda: {"iterator": self.it.state_dict()})
+        return self.session.train_loop(self.last, self.step, self.evaluate, lambda: {"iterator": self.it.state_dict()})
 
 
 def main(argv: list[str] | None = None) -> int:

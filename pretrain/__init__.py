@@ -1,5 +1,5 @@
 """Pretraining: tokenizers, data preprocessing and loading (Megatron indexed datasets),
 LR/batch schedules, the optimizer, the training loop, metrics (W&B, jsonl, MFU),
-and the `python -m pretrain` CLI (scaling-law fits and sweep generation arrive with the scaling
-issue). It contains no model math.
+the training session kit (session.py), the `python -m pretrain` CLI, and scaling-law sweeps, fits and
+plots (scaling/). It contains no model math.
 """

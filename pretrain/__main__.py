@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from .train import NonFiniteError, train
+    from .session import NonFiniteError
+    from .train import train
     try:
         return train(cfg)
     except (ConfigError, NonFiniteError) as e:

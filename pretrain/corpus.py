@@ -64,6 +64,11 @@ def _cache_key(vocab_size: int, max_bytes: int) -> str:
     return f"stdlib-{py}-v{vocab_size}-b{max_bytes}-f{_FORMAT}"
 
 
+def embedded_tokenizer_path(cache_dir: str, vocab_size: int = 4096, max_bytes: int = 8_000_000) -> str:
+    """Where ensure_embedded_corpus keeps the tokenizer of this corpus (built or not), under cache_dir as given."""
+    return os.path.join(cache_dir, "corpus", _cache_key(vocab_size, max_bytes), "tokenizer.model")
+
+
 def ensure_embedded_corpus(cache_dir: str, vocab_size: int = 4096, max_bytes: int = 8_000_000) -> tuple[str, str]:
     """Build (or find) the embedded corpus; returns (Megatron dataset prefix, tokenizer .model path)."""
     root = os.path.join(os.path.abspath(cache_dir), "corpus")

@@ -13,13 +13,9 @@ expert-load (MaxVio) and routing-bias statistics, a load heatmap.
 Only rank 0 writes anything; on every other rank the logger's methods do nothing. `wandb` is imported
 only when W&B is enabled (the import takes about a second), matplotlib only for the heatmap.
 
-W&B modes: "online" | "offline" | "disabled". "online" falls back to "offline", with one printed line,
-when there is no API key (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, or a ~/.netrc / $NETRC entry for
-the host of WANDB_BASE_URL, api.wandb.ai by default), when that host does not answer within a few
-seconds, or when wandb.init fails. WANDB_MODE=offline|disabled in the environment lowers the configured
-mode (never raises it). Offline runs are under RUN_DIR/wandb/offline-run-*; upload them with
-`wandb sync RUN_DIR/wandb/offline-run-*`. close() finishes the run and shuts wandb's service down, so
-that the run's files are complete when it returns (also in multiprocessing children).
+W&B modes ("online" | "offline" | "disabled"), their fallbacks, the run and reading an offline run back
+are in pretrain/wandb_run.py. close() finishes the W&B run and shuts wandb's service down, so that the
+run's files are complete when it returns (also in multiprocessing children).
 """
 from __future__ import annotations
 
@@ -27,28 +23,26 @@ import json
 import math
 import numbers
 import os
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
-from urllib.parse import urlparse
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 # PEAK_FLOPS: dense (no 2:4 sparsity) tensor-core FLOP/s per GPU and dtype, from NVIDIA's datasheets.
-# It is the cluster planner's GPU table (parallel/planner.py GPUS): one table for MFU and for planning.
-from parallel.planner import PEAK_FLOPS
+# It is the cluster planner's GPU table (plan/hardware.py GPUS): one table for MFU and for planning.
+from plan.hardware import PEAK_FLOPS
 
-WANDB_MODES = ("online", "offline", "disabled")
-_MODE_RANK = {"disabled": 0, "offline": 1, "online": 2}
+from .wandb_run import WandbRun, resolve_wandb_mode
+
 _GIB = float(1 << 30)
 
 
 # -- FLOPs and MFU ------------------------------------------------------------------------------------
 
+# model hook read here (stage_costs): parallel/protocols.py
 def train_flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token: 3 x the forward FLOPs of `model.stage_costs(seq_len)` (backward costs
     twice the forward: one GEMM for the input gradient, one for the weight gradient).
@@ -203,131 +197,6 @@ def load_heatmap(loads: Mapping[int, torch.Tensor]) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-# -- W&B mode resolution ------------------------------------------------------------------------------
-
-def _normalize_mode(mode) -> str:
-    if mode is None or mode is False or mode == "":
-        return "disabled"
-    if mode is True:
-        return "online"
-    mode = str(mode).lower()
-    mode = {"dryrun": "offline", "true": "online", "false": "disabled", "off": "disabled"}.get(mode, mode)
-    if mode not in WANDB_MODES:
-        raise ValueError(f"logging.wandb={mode!r} is not a W&B mode: use one of {', '.join(WANDB_MODES)}")
-    return mode
-
-
-def _wandb_host() -> tuple[str, int]:
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
-
-
-def wandb_credentials() -> str | None:
-    """Where wandb would find credentials for WANDB_BASE_URL's host, or None. Mirrors
-    wandb/sdk/lib/wbauth/authenticate.py (_use_system_auth): environment first, then .netrc ($NETRC or
-    ~/.netrc, ~/_netrc), without importing wandb."""
-    if os.environ.get("WANDB_API_KEY"):
-        return "WANDB_API_KEY"
-    if os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return "WANDB_IDENTITY_TOKEN_FILE"
-    import netrc
-    host = _wandb_host()[0]
-    paths = [os.environ["NETRC"]] if os.environ.get("NETRC") else \
-        [os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")]
-    for path in paths:
-        try:
-            if netrc.netrc(path).authenticators(host):
-                return path
-        except (OSError, netrc.NetrcParseError):
-            continue
-    return None
-
-
-def wandb_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to WANDB_BASE_URL's host opens within `timeout` seconds, name lookup
-    included (run in a thread: getaddrinfo has no timeout of its own)."""
-    host, port = _wandb_host()
-    ok = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(ok)
-
-
-def resolve_wandb_mode(mode, *, probe_timeout: float = 3.0) -> tuple[str, str | None]:
-    """(the mode to run W&B in, why it was lowered or None)."""
-    mode = _normalize_mode(mode)
-    env = os.environ.get("WANDB_MODE", "")
-    if env:
-        try:
-            env = _normalize_mode(env)
-        except ValueError:
-            env = ""
-    if env and _MODE_RANK[env] < _MODE_RANK[mode]:
-        return env, f"WANDB_MODE={os.environ['WANDB_MODE']} in the environment"
-    if mode == "online":
-        if wandb_credentials() is None:
-            return "offline", (f"no API key (WANDB_API_KEY, or a .netrc entry for {_wandb_host()[0]}; "
-                               f"`wandb login` writes one)")
-        if not wandb_reachable(probe_timeout):
-            return "offline", f"{':'.join(map(str, _wandb_host()))} is not reachable"
-    return mode, None
-
-
-# -- reading an offline run back ----------------------------------------------------------------------
-
-def read_wandb_records(path) -> Iterator[Any]:
-    """The protobuf records (wandb.proto.wandb_internal_pb2.Record) of a run-*.wandb file. The file is
-    a LevelDB log (github.com/google/leveldb doc/log_format.md: 32 KiB blocks of records with a 7-byte
-    header crc32/length/type) after a 7-byte W&B header (":W&B", magic 0xBEE1, version) — the format of
-    wandb/sdk/internal/datastore.py in wandb < 0.19, written by wandb-core's Go store since."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path} is not a W&B transaction log (no :W&B header)")
-    block, pos, buf = 32768, 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:                      # a block's tail too short for a header is zero padding
-            pos += left
-            continue
-        n, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        pos += 7
-        if kind == 0:                     # zero type: preallocated, unwritten space
-            pos += left - 7
-            continue
-        buf += data[pos:pos + n]
-        pos += n
-        if kind in (1, 4):                # FULL or LAST fragment
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            buf = b""
-            yield rec
-
-
-def read_wandb_history(run_dir) -> list[dict[str, Any]]:
-    """The history rows (one dict per wandb.log step, values JSON-decoded) of an offline run directory
-    RUN_DIR/wandb/offline-run-*/ (its run-*.wandb file)."""
-    files = sorted(Path(run_dir).glob("run-*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
-    rows = []
-    for rec in read_wandb_records(files[0]):
-        if rec.WhichOneof("record_type") == "history":
-            rows.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json)
-                         for it in rec.history.item})
-    return rows
-
-
 # -- the logger ---------------------------------------------------------------------------------------
 
 def _number(key: str, v) -> int | float:
@@ -380,7 +249,7 @@ class MetricsLogger:
         self.rank = rank
         self.total_steps = total_steps
         self.wandb_mode = "disabled"
-        self._run = None
+        self._wandb: WandbRun | None = None
         self._wandb_dir: Path | None = None
         self._file = None
         if rank != 0:
@@ -394,8 +263,10 @@ class MetricsLogger:
             print(f"wandb: {why}: logging {mode}" + (f" to {self.run_dir / 'wandb'}" if mode == "offline" else ""),
                   flush=True)
         if mode != "disabled":
-            self._init_wandb(mode, project=project, entity=entity, name=name, tags=list(tags or ()),
-                             config=config, resume_step=resume_step, extra=wandb_settings or {})
+            self._wandb = WandbRun(self.run_dir, mode, project=project, entity=entity, name=name, tags=tags,
+                                   config=config, resume_step=resume_step, settings=wandb_settings)
+            self.wandb_mode = self._wandb.mode
+            self._wandb_dir = self._wandb.dir
 
     # -- metrics.jsonl --
     def _prepare_jsonl(self, resume_step: int | None) -> None:
@@ -432,36 +303,6 @@ class MetricsLogger:
             raise
 
     # -- W&B --
-    def _init_wandb(self, mode: str, *, project, entity, name, tags, config, resume_step, extra) -> None:
-        import wandb
-
-        settings = dict(silent=True, console="off", init_timeout=30.0, disable_git=True,
-                        x_save_requirements=False, disable_code=True)
-        settings.update(extra)
-        id_file = self.run_dir / "wandb" / "whaletron-run-id"
-        run_id = id_file.read_text().strip() if resume_step is not None and id_file.exists() else None
-
-        def init(mode):
-            return wandb.init(dir=str(self.run_dir), mode=mode, project=project or None, entity=entity or None,
-                              name=name or None, tags=tags or None, config=config or {},
-                              id=run_id, resume="allow" if run_id else None,
-                              settings=wandb.Settings(**settings))
-        try:
-            self._run = init(mode)
-        except Exception as e:   # a server that fails or times out: keep training, log offline
-            if mode != "online":
-                raise
-            reason = (str(e).strip().splitlines() or [""])[0]
-            print(f"wandb: online init failed ({type(e).__name__}: {reason}): logging offline to "
-                  f"{self.run_dir / 'wandb'}", flush=True)
-            mode = "offline"
-            self._run = init(mode)
-        self.wandb_mode = mode
-        self._wandb = wandb
-        self._wandb_dir = Path(self._run.dir).parent
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(self._run.id + "\n")
-
     @property
     def wandb_dir(self) -> Path | None:
         """The W&B run directory (RUN_DIR/wandb/offline-run-* or run-*), or None without W&B."""
@@ -469,7 +310,7 @@ class MetricsLogger:
 
     @property
     def wandb_url(self) -> str | None:
-        return None if self._run is None or self.wandb_mode != "online" else self._run.url
+        return None if self._wandb is None else self._wandb.url
 
     # -- logging --
     def log(self, step: int, metrics: Mapping[str, Any], *, images: Mapping[str, np.ndarray] | None = None,
@@ -491,11 +332,8 @@ class MetricsLogger:
         if self._file is not None:
             self._file.write(json.dumps(row, allow_nan=False) + "\n")
             self._file.flush()
-        if self._run is not None:
-            data: dict[str, Any] = dict(values)
-            for k, img in (images or {}).items():
-                data[k] = self._wandb.Image(img)
-            self._run.log(data, step=int(step))
+        if self._wandb is not None:
+            self._wandb.log(step, values, images)
         if console:
             print(self.console_line(step, values), flush=True)
 
@@ -531,16 +369,9 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._run is not None:
-            self._run.finish(exit_code=exit_code)
-            self._run = None
-            # finish() can return before wandb-core has flushed the run's .wandb file (measured: only its
-            # 7-byte header on disk), and its atexit teardown does not run in multiprocessing children
-            # (they leave through os._exit): shut the service down here (wandb/sdk/wandb_setup.py teardown)
-            try:
-                self._wandb.teardown()
-            except SystemExit as e:   # teardown exits when the service failed; metrics must not end the job
-                print(f"wandb: service exited with code {e.code} at teardown", flush=True)
+        if self._wandb is not None:
+            run, self._wandb = self._wandb, None
+            run.finish(exit_code)
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -773,12 +773,12 @@ def test_trainer_fp8_backend_on_cpu(tmp_path, monkeypatch):
         for backend in ("emulate", "auto"):
             tr = T.Trainer(load_config(None, base + ["train.fp8=blockwise", f"train.fp8_backend={backend}",
                                                     f"logging.run_dir={tmp_path / backend}"]))
-            mods = {p: type(m).__name__ for p, m in tr.models[0].named_modules()}
+            mods = {p: type(m).__name__ for p, m in tr.engine.stages[0].named_modules()}
             assert "Fp8" in mods["layers.0.attn.wo"] and "Fp8" in mods["mtp.0.eh_proj"], mods
             assert "Fp8" not in mods["head"]
-            tr.logger.close()
+            tr.session.close()
         tr = T.Trainer(load_config(None, base + [f"logging.run_dir={tmp_path / 'none'}"]))
-        assert not any("Fp8" in type(m).__name__ for m in tr.models[0].modules())
+        assert not any("Fp8" in type(m).__name__ for m in tr.engine.stages[0].modules())
     finally:
         if not was_initialized and dist.is_initialized():
             dist.destroy_process_group()

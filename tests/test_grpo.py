@@ -56,17 +56,17 @@ def update_rank(task_dir, run_dir, layout, out):
     cfg = _config(task_dir, run_dir, *layout)
     tr = GRPOTrainer(cfg)
     prompts, comps, adv, keep = _fixed_batch(tr, 4, 4)
-    dp, r = tr.rt.dims.dp, tr.rt.dp_rank
+    dp, r = tr.session.dims.dp, tr.session.dp_rank
     n = len(prompts) // dp
     sl = slice(r * n, (r + 1) * n)
     grads = {}
-    step = tr.rt.optimizer_step
+    step = tr.session.optimizer_step
 
     def capture(loss):   # the synchronised gradients, before AdamW (whose first step is sign(g): in fp32 a
-        grads.update(parallel.full_state(tr.rt.policy, tr.rt.mesh, grads=True))   # last-bit g ~ 0 flips it)
+        grads.update(parallel.full_state(tr.session.policy, tr.session.mesh, grads=True))   # last-bit g ~ 0 flips it)
         return step(loss)
 
-    tr.rt.optimizer_step = capture
+    tr.session.optimizer_step = capture
     stats = tr.update(prompts[sl], comps[sl], adv[sl], keep[sl])
     if dist.get_rank() == 0:
         torch.save({"grads": {k: v.detach().clone() for k, v in grads.items() if v is not None}, "stats": stats}, out)
@@ -97,7 +97,7 @@ def run_rank(task_dir, run_dir, extra, out):
     import parallel
     tr = GRPOTrainer(_config(task_dir, run_dir, *extra))
     tr.run()
-    state = parallel.full_state(tr.rt.policy, tr.rt.mesh)
+    state = parallel.full_state(tr.session.policy, tr.session.mesh)
     if dist.get_rank() == 0:
         torch.save({k: v.detach().clone() for k, v in state.items()}, out)
 
@@ -124,9 +124,9 @@ def eval_rank(task_dir, run_dir, extra):
     try:
         metrics = tr.evaluate()
     finally:
-        tr.rt.close()
-    if tr.rt.rank == 0:
-        (tr.rt.run_dir / "metrics_eval.json").write_text(json.dumps(metrics))
+        tr.session.close()
+    if tr.session.rank == 0:
+        (tr.session.run_dir / "metrics_eval.json").write_text(json.dumps(metrics))
 
 
 @pytest.mark.parametrize("layout", [[], ["parallel.ep=2"]])
@@ -158,7 +158,7 @@ def test_collapse_guard(task_dir, tmp_path):
     cfg = _config(task_dir, tmp_path / "c", "grpo.entropy_floor=0.5", "grpo.collapse_patience=2")
     guard = GRPOTrainer.guard
     fake = type("T", (), {"cfg": cfg, "low_streak": {"entropy": 0, "length": 0},
-                          "rt": type("R", (), {"ckpt_dir": tmp_path})()})()
+                          "session": type("S", (), {"ckpt_dir": tmp_path})()})()
     guard(fake, 0.4, 10.0)
     with pytest.raises(CollapseError, match="entropy collapsed"):
         guard(fake, 0.3, 10.0)
@@ -180,7 +180,8 @@ def sft_rank(task_dir, run_dir, extra, out):
     tr = SFTTrainer(cfg)
     tr.run()
     if dist.get_rank() == 0:
-        torch.save({k: v.detach().clone() for k, v in parallel.full_state(tr.rt.policy, tr.rt.mesh).items()}, out)
+        state = parallel.full_state(tr.session.policy, tr.session.mesh)
+        torch.save({k: v.detach().clone() for k, v in state.items()}, out)
 
 
 def test_sft_packed_rows_train_and_resume_exactly(task_dir, tmp_path):

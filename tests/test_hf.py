@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from model import build_model, load_hf, preset, preset_names  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.convert import load_native, main as convert_main  # noqa: E402
-from parallel.fp8 import quantize  # noqa: E402
+from parallel.fp8 import dequantize, quantize  # noqa: E402
 from model.hf import (config_from_hf, config_to_hf, dequantize_fp8, from_hf_state_dict, save_hf,  # noqa: E402
                       to_hf_state_dict)
 
@@ -380,6 +380,20 @@ def test_dequantize_fp8_partial_blocks():
             assert torch.equal(deq[blk], q[blk].float() * s[i, j])
     with pytest.raises(ValueError, match=r"needs \(2, 3\)"):
         dequantize_fp8(q, s[:, :2], (128, 128))
+
+
+@pytest.mark.parametrize("shape, block", [((256, 384), (128, 128)), ((200, 300), (128, 128)), ((40, 64), (32, 32))])
+def test_dequantize_fp8_equals_the_training_recipe(shape, block):
+    # model/ dequantizes checkpoints without importing parallel/: it must equal parallel.fp8's bit for bit
+    g = torch.Generator().manual_seed(0)
+    grid = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+    w = torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[1])   # magnitudes differing per block
+    q, s = quantize_fp8(w, block)
+    assert torch.equal(dequantize_fp8(q, s, block), dequantize(q, s, block))
+    for dt in (torch.float8_e4m3fn, torch.float8_e5m2):                  # any codes, any scales
+        q = (torch.randn(shape, generator=g) * 64).to(dt)
+        s = torch.rand(grid, generator=g) * 10 ** torch.randint(-6, 3, grid, generator=g).float()
+        assert torch.equal(dequantize_fp8(q, s, block), dequantize(q, s, block))
 
 
 def _is_quantized(key: str, t: torch.Tensor) -> bool:

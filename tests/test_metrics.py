@@ -8,8 +8,8 @@ import torch
 
 from model import build_model, preset
 from pretrain.metrics import (MetricsLogger, bias_stats, device_peak_flops, expert_load_stats, expert_state,
-                              load_heatmap, memory_stats, mfu, read_wandb_history, resolve_wandb_mode,
-                              train_flops_per_token)
+                              load_heatmap, memory_stats, mfu, train_flops_per_token)
+from pretrain.wandb_run import read_wandb_history, resolve_wandb_mode
 
 REQUIRED = ("step", "loss", "lm_loss", "lr", "grad_norm", "tokens_per_s")
 

@@ -324,7 +324,7 @@ def test_fsdp_bf16_compute_fp32_master_weights():
     run_ranks(4, bf16_rank)
 
 
-# -- communication accounting = the analytic formulas of parallel.cost --------------------------------
+# -- communication accounting = the analytic formulas of plan.cost -----------------------------------
 @pytest.mark.parametrize("layout", ["tp2", "tp2_ep2_sp", "dp2_zero2", "gqa_tp4_sp_kv_replicated"])
 def test_comm_volume_matches_formulas(layout, tmp_path):
     import os

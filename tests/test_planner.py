@@ -1,9 +1,9 @@
-"""The cluster planner (parallel/planner.py, `python -m launch.plan`): the two Megatron-Bridge runs (NeMo
+"""The cluster planner (plan/planner.py, `python -m launch.plan`): the two Megatron-Bridge runs (NeMo
 DGX-H100 tables) its fitted constants come from (dense Llama-3 8B for NON_GEMM, DeepSeek-V3 on 1024 H100 for
 MOE_OVERHEAD), the out-of-sample run it is validated against (DeepSeek-V3 on 2048 H800, DeepSeek's own report),
 the FLOP count against Megatron's for a second MoE shape (Qwen3-30B-A3B), memory terms by hand, the bubbles and
 activation counts of V3 Table 2, ranking, the command line, and the communication formulas it shares with
-parallel/cost.py.
+plan/cost.py.
 No processes, no GPU: the models are built on the meta device."""
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 
 import model
 from model import ModelConfig, build_model, preset
-from parallel import cost
-from parallel import planner as P
+from plan import cost
+from plan import planner as P
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -250,7 +250,7 @@ def dataclass_replace(layout, **kw):
     return dataclasses.replace(layout, **kw)
 
 
-# -- communication: the formulas of parallel/cost.py -------------------------------------------------
+# -- communication: the formulas of plan/cost.py -------------------------------------------------------
 @pytest.mark.parametrize("name", ["deepseek-v3", "tiny-llama-3-8b", "tiny-deepseek-v2"])
 def test_tp_bytes_are_cost_tensor_parallel_step(name, v3):
     """The planner's tp traffic of all a model's parts (one stage) is cost.tensor_parallel_step, the

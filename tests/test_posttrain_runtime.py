@@ -47,28 +47,28 @@ def variants_rank(task_dir, run_dir, out):
     results = {}
     for name, extra in VARIANTS.items():
         tr = GRPOTrainer(_config(task_dir, f"{run_dir}/{name}", *extra))
-        rt = tr.rt
+        sess = tr.session
         prompts, comps, adv, keep = _fixed_batch(tr, 4, 4)
-        grads, step = {}, rt.optimizer_step
+        grads, step = {}, sess.optimizer_step
 
         def capture(loss):   # the gradients before AdamW, as test_grpo's update_rank
-            grads.update(parallel.full_state(rt.policy, rt.mesh, grads=True))
+            grads.update(parallel.full_state(sess.policy, sess.mesh, grads=True))
             return step(loss)
 
-        rt.optimizer_step = capture
-        norm_calls = _count_calls(rt.policy, "attn_norm")   # listed in recompute_selective: re-run by both modes
-        mlp_calls = _count_calls(rt.policy, "ffn")          # re-run by full only
+        sess.optimizer_step = capture
+        norm_calls = _count_calls(sess.policy, "attn_norm")   # listed in recompute_selective: re-run by both modes
+        mlp_calls = _count_calls(sess.policy, "ffn")          # re-run by full only
         stats = tr.update(prompts, comps, adv, keep)
         calls = (norm_calls[0], mlp_calls[0])              # before decoding adds its own
         # generation after the step: KV-cache decoding under no_grad, recompute wrappers in place
         outs, _ = tr.gen.generate(prompts[::4], SamplingParams(max_new_tokens=8, temperature=1.0), seed=3)
         results[name] = {
             "stats": stats, "grads": {k: v.detach().clone() for k, v in grads.items() if v is not None},
-            "policy_modes": _modes(rt.policy), "ref_modes": _modes(tr.ref), "calls": calls,
-            "fp8_policy": sum(isinstance(m, Fp8Linear) for m in rt.policy.modules()),
+            "policy_modes": _modes(sess.policy), "ref_modes": _modes(tr.ref), "calls": calls,
+            "fp8_policy": sum(isinstance(m, Fp8Linear) for m in sess.policy.modules()),
             "fp8_ref": sum(isinstance(m, Fp8Linear) for m in tr.ref.modules()),
             "generated": [(c.ids, c.logprobs, c.finish) for c in outs]}
-        rt.close()
+        sess.close()
     torch.save(results, out)
 
 
@@ -141,15 +141,15 @@ def rejection_rank(task_dir, out_dir):
         f"rejection.output={out_dir}/sft.jsonl", f"rejection.samples_output={out_dir}/samples.jsonl",
         "logging.wandb=disabled", f"logging.run_dir={out_dir}/run"])
     rs = RejectionSampler(cfg)
-    rt = rs.rt
-    assert rt.opt is None and not any(q.requires_grad for q in rt.policy.parameters())
-    for call in (lambda: rt.optimizer_step(0.0), lambda: rt.save({})):
+    sess = rs.session
+    assert sess.opt is None and not any(q.requires_grad for q in sess.policy.parameters())
+    for call in (lambda: sess.optimizer_step(0.0), lambda: sess.save({})):
         with pytest.raises(RuntimeError, match="train=False"):
             call()
-    rt.cfg.checkpoint.resume = f"{out_dir}/some_checkpoint"   # no run state to restore: said, not half-loaded
+    sess.cfg.checkpoint.resume = f"{out_dir}/some_checkpoint"   # no run state to restore: said, not half-loaded
     with pytest.raises(ConfigError, match="checkpoint.resume = .*set checkpoint.resume=none"):
-        rt.resume()
-    rt.cfg.checkpoint.resume = "none"
+        sess.resume()
+    sess.cfg.checkpoint.resume = "none"
     assert rs.run() == 0
 
 

@@ -204,15 +204,15 @@ def _dpo_args(task_dir, run_dir):
 def _capture_first_update(tr, into: dict):
     """The synchronised gradients and metrics of the first optimizer step (before AdamW moves anything)."""
     import parallel
-    step, rt = tr.rt.optimizer_step, tr.rt
+    step, sess = tr.session.optimizer_step, tr.session
 
     def capture(loss):
         if not into:
-            grads = parallel.full_state(rt.policy, rt.mesh, grads=True)
+            grads = parallel.full_state(sess.policy, sess.mesh, grads=True)
             into["grads"] = {k: v.detach().clone() for k, v in grads.items() if v is not None}
             into["loss"] = loss
         return step(loss)
-    rt.optimizer_step = capture
+    sess.optimizer_step = capture
 
 
 def dpo_rank(task_dir, run_dir, extra, out):
@@ -225,8 +225,8 @@ def dpo_rank(task_dir, run_dir, extra, out):
         _capture_first_update(tr, first)
         tr.run()
     if dist.get_rank() == 0:
-        torch.save({"params": {k: v.detach().clone() for k, v in parallel.full_state(tr.rt.policy, tr.rt.mesh).items()},
-                    **first}, out)
+        params = parallel.full_state(tr.session.policy, tr.session.mesh)
+        torch.save({"params": {k: v.detach().clone() for k, v in params.items()}, **first}, out)
 
 
 @pytest.fixture(scope="module")

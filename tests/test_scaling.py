@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from pretrain.config import load_config
-from pretrain.scaling import (DEEPSEEK_LLM, PowerLaw, ScalingLaws, SweepError, collect, dense_shape, fit_isoflop,
-                              fit_parabola, fit_power_law, generate_sweep, load_sweep, model_scale, parse_budgets,
-                              plot_isoflop, plot_laws, point_state, write_manifest)
-from pretrain.sweep import array_spec, run_local, submit_slurm
+from pretrain.scaling.fit import fit_isoflop, fit_parabola, fit_power_law
+from pretrain.scaling.laws import DEEPSEEK_LLM, PowerLaw, ScalingLaws, SweepError, model_scale, parse_budgets
+from pretrain.scaling.plots import plot_isoflop, plot_laws
+from pretrain.scaling.results import collect, point_state
+from pretrain.scaling.runner import array_spec, run_local, submit_slurm
+from pretrain.scaling.sweep import dense_shape, generate_sweep, load_sweep, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,8 @@
-"""Analytic communication volume of one training step: the formulas the byte accounting
-(`comm.STATS`) is checked against and the cluster planner (planner.py) uses. One place for all of them.
+"""Analytic communication volume of one training step: the formulas the runtime's byte accounting
+(`parallel.comm.STATS`) is checked against and the cluster planner (planner.py) uses. One place for
+all of them; they estimate, nothing here runs a collective.
 
-Conventions are comm.py's (per rank): all-reduce = the tensor, all-gather = the gathered
+Conventions are parallel/comm.py's (per rank): all-reduce = the tensor, all-gather = the gathered
 output, reduce-scatter = the full input, all-to-all = rows sent to other ranks.
 
 A tensor-parallel region costs, for an activation of `width` features over b x s tokens:
@@ -9,12 +10,14 @@ A tensor-parallel region costs, for an activation of `width` features over b x s
          reduce-scatter backward;
   exit:  without sp an all-reduce forward; with sp a reduce-scatter forward and an all-gather
          backward.
-The model description comes from a config with the field names of `model.ModelConfig`.
+The model description is a `model.ModelConfig`.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
+
+from model.config import ModelConfig
 
 
 def _add(out: Counter, op: str, group: str, nbytes: float) -> None:
@@ -33,7 +36,7 @@ def tp_exit(out: Counter, tokens: int, width: int, sp: bool, e: int) -> None:
     tp_enter(out, tokens, width, sp, e)  # the mirror image: same collectives, same sizes
 
 
-def tp_layer_step(out: Counter, cfg, layer: int, tp: int, sp: bool, batch: int, seq: int, e: int = 4,
+def tp_layer_step(out: Counter, cfg: ModelConfig, layer: int, tp: int, sp: bool, batch: int, seq: int, e: int = 4,
                   stats_bytes: int = 4, ep: int = 1) -> None:
     """Add the tp (and sp) collectives of one block (global index `layer`; MTP blocks follow the
     n_layers main ones) for one forward + backward on [batch, seq] to `out`."""
@@ -63,7 +66,8 @@ def tp_layer_step(out: Counter, cfg, layer: int, tp: int, sp: bool, batch: int, 
         tp_exit(out, t, D, sp, e)
 
 
-def tp_head_step(out: Counter, cfg, sp: bool, batch: int, seq: int, e: int = 4, loss_bytes: int = 4) -> None:
+def tp_head_step(out: Counter, cfg: ModelConfig, sp: bool, batch: int, seq: int, e: int = 4,
+                 loss_bytes: int = 4) -> None:
     """Add one embedding + output head + cross-entropy call (the main one, or one MTP depth's):
     vocab-parallel embedding, head input, and the loss's max, target logit and sum of exp."""
     t = batch * seq
@@ -72,7 +76,7 @@ def tp_head_step(out: Counter, cfg, sp: bool, batch: int, seq: int, e: int = 4, 
     _add(out, "all_reduce", "tp", 3 * t * loss_bytes)  # max, target logit, sum of exp
 
 
-def tensor_parallel_step(cfg, tp: int, sp: bool, batch: int, seq: int, e: int = 4,
+def tensor_parallel_step(cfg: ModelConfig, tp: int, sp: bool, batch: int, seq: int, e: int = 4,
                          loss_bytes: int = 4, stats_bytes: int = 4, ep: int = 1) -> Counter:
     """Bytes per rank of the tp (and sp) collectives of one forward + backward on [batch, seq]
     (this rank's micro-batch): attention and MLP regions, MoE token split and shared experts,

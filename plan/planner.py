@@ -10,13 +10,14 @@ how fast each would train: step time, tokens/s and TFLOP/s per GPU, MFU, GPU-hou
 `python -m launch.plan` is the command line. docs/planner.md gives every term with its formula and
 source, the constants, and the published runs the model is checked against.
 
-The model is read from outside, as the rest of parallel/ reads it: forward FLOPs per token of each
-layer from `model.stage_costs(seq_len)` (what pipeline stages are cut by and pretrain.metrics' MFU
-counts), parameter counts from the parameters (routed experts are the modules whose class declares
+The model is read from outside, as parallel/ reads it: forward FLOPs per token of each layer from
+`model.stage_costs(seq_len)` (what pipeline stages are cut by and pretrain.metrics' MFU counts),
+parameter counts from the parameters (routed experts are the modules whose class declares
 `ep_params`, as expert parallelism finds them), selectively recomputed submodules from the block
-class's `recompute_selective`, activation shapes from a config with ModelConfig's field names.
-Communication volumes come from parallel/cost.py, the formulas the runtime's byte accounting is
-tested against; bubbles and activations in flight from DeepSeek-V3 Table 2.
+class's `recompute_selective`, activation shapes from its ModelConfig. The GPU table is hardware.py's.
+Communication volumes come from cost.py, the formulas the runtime's byte accounting is tested
+against; bubbles and activations in flight from the schedule table's rows (parallel/pp_schedules.py,
+DeepSeek-V3 Table 2).
 """
 from __future__ import annotations
 
@@ -24,44 +25,16 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
+from model.config import ModelConfig
+from parallel.mesh import LayoutError, ParallelConfig, ParallelDims
+from parallel.pipeline import split_layers
+from parallel.pp_schedules import ALL_SCHEDULES, SCHEDULES, check_microbatches, chunks_per_rank, stage_to_rank
+
 from . import cost
-from .mesh import LayoutError, ParallelConfig, ParallelDims
-from .pipeline import split_layers
-from .pp_schedules import SCHEDULES, check_microbatches, chunks_per_rank, stage_to_rank
+from .hardware import GPU, GPUS, PEAK_FLOPS  # noqa: F401  (PEAK_FLOPS: handed on, one table)
 
 GB = 1e9
 
-
-# -- hardware ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GPU:
-    """One GPU kind. peak: dense tensor-core FLOP/s per dtype (datasheets quote the 2:4-sparse figure,
-    twice these; fp32 means TF32). hbm_gb: memory in GB (1e9 B) as the datasheet names it; hbm_tbps:
-    its bandwidth. nvlink_gbps / ib_gbps: default achievable bandwidth per GPU and direction, in GB/s,
-    inside a node (NVLink) and across nodes (one InfiniBand NIC per GPU)."""
-    name: str
-    peak: dict
-    hbm_gb: float
-    hbm_tbps: float
-    sms: int
-    nvlink_gbps: float
-    ib_gbps: float
-
-
-_HOPPER = {"bf16": 989.4e12, "fp8": 1978.9e12, "fp32": 494.7e12}   # H100 SXM5 datasheet, dense
-GPUS: dict[str, GPU] = {
-    # H100 SXM5: 80 GB HBM3 at 3.35 TB/s; NVLink 4: 900 GB/s both ways, 450 one way; the default 360
-    # is 0.8 x 450, the share V3's 160 GB/s is of H800's 200; IB: one 400 Gb/s NIC per GPU
-    "H100": GPU("H100", _HOPPER, 80, 3.35, 132, 360, 50),
-    # H800: H100's compute with NVLink cut to 400 GB/s both ways; V3 §3.2.2: 160 GB/s NVLink, 50 GB/s IB
-    "H800": GPU("H800", _HOPPER, 80, 3.35, 132, 160, 50),
-    # H200 SXM: H100's compute, 141 GB of HBM3e at 4.8 TB/s
-    "H200": GPU("H200", _HOPPER, 141, 4.8, 132, 360, 50),
-    # A100 SXM4 80GB: 312 TFLOP/s bf16, no FP8; 2.04 TB/s; NVLink 3: 600 GB/s both ways; 200 Gb/s NICs
-    "A100": GPU("A100", {"bf16": 312e12, "fp32": 156e12}, 80, 2.04, 108, 240, 25),
-}
-# The datasheet table MFU is computed against (pretrain.metrics imports it: one table, this one).
-PEAK_FLOPS: dict[str, dict[str, float]] = {name: dict(g.peak) for name, g in GPUS.items()}
 
 # -- efficiency constants: one set for every GPU, model and layout; docs/planner.md grounds each -----
 GEMM_EFF = {"bf16": 0.80, "fp8": 0.55}  # of the peak: measured on H100 (benchmarks/results/fp8_gemm_h100.json)
@@ -77,7 +50,7 @@ PRECISIONS = ("bf16", "fp8")
 RECOMPUTE = ("none", "selective", "full")
 ZERO = (1, 3)
 # every runtime schedule, plus DeepSeek's original two-copy DualPipe (V3 §3.2.1): planned, not runnable
-SCHEDULE_NAMES = tuple(SCHEDULES) + ("dualpipe",)
+SCHEDULE_NAMES = tuple(ALL_SCHEDULES)
 
 
 class PlanError(ValueError):
@@ -109,7 +82,7 @@ class Part:
 
 @dataclass
 class ModelShape:
-    cfg: object               # ModelConfig field names
+    cfg: ModelConfig
     seq_len: int
     pre: Part                 # on the first stage
     layers: list[Part]
@@ -125,6 +98,7 @@ def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
+# model hooks read here (ep_count, ep_params, recompute_selective, stage_costs, layers, ...): parallel/protocols.py
 def _expert_params(module) -> int:
     return sum(sum(getattr(m, n).numel() for n in type(m).ep_params)
                for m in module.modules() if getattr(type(m), "ep_count", None))
@@ -160,7 +134,7 @@ def _lin(fp8: bool) -> float:
     return FP8_BYTES if fp8 else 2.0
 
 
-def _attention_bytes(cfg, recompute: str, fp8: bool) -> float:
+def _attention_bytes(cfg: ModelConfig, recompute: str, fp8: bool) -> float:
     """One block's attention (Korthikanti et al. 2022's counting, for MLA and GQA): RMSNorm inputs,
     linear-layer inputs (FP8 under fp8, V3 §3.3.3), flash attention's q, k, v, output and log-sum-exp.
     selective recomputes every RMSNorm and MLA's up-projections (V3 §3.2.3): no norm outputs and no
@@ -180,7 +154,7 @@ def _attention_bytes(cfg, recompute: str, fp8: bool) -> float:
     return 2.0 * D + (0.0 if recompute == "selective" else _lin(fp8) * D) + qkv + out + lse
 
 
-def _ffn_bytes(cfg, moe: bool, recompute: str, fp8: bool) -> float:
+def _ffn_bytes(cfg: ModelConfig, moe: bool, recompute: str, fp8: bool) -> float:
     """One block's FFN. Dense SwiGLU: norm input and output, w1/w3 outputs, w2's input. MoE: the K
     dispatched copies of the token (w1/w3 input), per routed and shared expert the SwiGLU inputs and
     w2's input, router scores, and the K expert outputs the gate-weight gradient needs. fp8 follows V3
@@ -198,7 +172,7 @@ def _ffn_bytes(cfg, moe: bool, recompute: str, fp8: bool) -> float:
     return norm + router + 2.0 * (K * D + experts * 3 * inter + K * D)
 
 
-def part_activation_bytes(cfg, part: Part, recompute: str, fp8: bool) -> float:
+def part_activation_bytes(cfg: ModelConfig, part: Part, recompute: str, fp8: bool) -> float:
     """Bytes per token one micro-batch keeps for backward in `part`. Under full recomputation a block
     keeps only its input (its working set comes back one block at a time)."""
     D = cfg.dim
@@ -408,51 +382,27 @@ def _placement(shape: ModelShape, schedule: str, pp: int, vpp: int, peak: dict, 
 
 def in_flight(schedule: str, pp: int, m: int, vpp: int, rank: int) -> int:
     """Micro-batch chunk activations held at the peak on `rank`, in units of one chunk's activation
-    for one micro-batch: V3 Table 2 (1F1B PP on rank 0, ZB1P PP, DualPipe PP+1) and, for the others,
-    benchmarks/pp_schedules.py's closed_form_memory (checked against torch's real op order)."""
+    for one micro-batch: the schedule's row of parallel/pp_schedules.py (V3 Table 2 for 1F1B, ZB1P and
+    DualPipe; checked against torch's real op order by tests/test_pp_schedules.py)."""
     if pp == 1:
         return 1
-    if schedule == "gpipe":
-        return m
-    if schedule == "1f1b":
-        return min(m, pp - rank)
-    if schedule == "zb1p":
-        return min(m, pp)
-    if schedule == "interleaved_1f1b":     # Megatron's warm-up forwards, torch's round of micro-batches
-        rnd = m // max(1, m // pp)
-        return min(vpp * m, (vpp - 1) * rnd + 2 * (pp - 1 - rank) + 1)
-    if schedule == "zbv":
-        return 2 * pp
-    if schedule == "dualpipev":            # Table 2's PP+1 with PP = 2pp chunks of half a stage
-        return 2 * pp + 1
-    if schedule == "dualpipe":
-        return pp + 1
-    raise PlanError(f"unknown pipeline schedule {schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
+    if schedule not in ALL_SCHEDULES:
+        raise PlanError(f"unknown pipeline schedule {schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
+    return ALL_SCHEDULES[schedule].in_flight(pp, m, vpp, rank)
 
 
 def bubble(schedule: str, pp: int, F: float, B: float, W: float, FB: float) -> float:
     """Idle time per device and step from one chunk's forward F, full backward B, its weight-gradient
-    part W and an overlapped forward + backward pair F&B (a chunk: one micro-batch on one stage).
-    V3 Table 2 for 1F1B, ZB1P and DualPipe; interleaved chunks are 1/vpp of a rank's layers, which is
-    Megatron's (p-1)(F+B)/v of a rank's time; zbv from torch's order (benchmarks/pp_schedules.py)."""
+    part W and an overlapped forward + backward pair F&B (a chunk: one micro-batch on one stage): the
+    schedule's row of parallel/pp_schedules.py (V3 Table 2 for 1F1B, ZB1P and DualPipe), never negative."""
     if pp == 1:
         return 0.0
-    if schedule in ("gpipe", "1f1b", "interleaved_1f1b"):
-        b = (pp - 1) * (F + B)                     # V3 Table 2, 1F1B
-    elif schedule == "zb1p":
-        b = (pp - 1) * (F + B - 2 * W)             # V3 Table 2, ZB1P
-    elif schedule == "zbv":
-        b = (pp - 1) * max(F, F + B - 3 * W)
-    elif schedule == "dualpipev":
-        b = (pp - 1) * (FB + B - 3 * W)            # V3 Table 2, DualPipe folded onto PP/2 ranks of 2 chunks
-    elif schedule == "dualpipe":
-        b = (pp // 2 - 1) * (FB + B - 3 * W)       # V3 Table 2, DualPipe
-    else:
+    if schedule not in ALL_SCHEDULES:
         raise PlanError(f"unknown pipeline schedule {schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
-    return max(0.0, b)
+    return max(0.0, ALL_SCHEDULES[schedule].bubble(pp, F, B, W, FB))
 
 
-# -- communication, from parallel/cost.py ------------------------------------------------------------
+# -- communication, from cost.py ---------------------------------------------------------------------
 def tp_bytes(shape: ModelShape, parts: list[Part], tp: int, micro_batch: int, e: int = 2) -> Counter:
     """cost.py's tp collectives (sequence parallel) of `parts` for one micro-batch, forward + backward."""
     out: Counter = Counter()
@@ -466,7 +416,7 @@ def tp_bytes(shape: ModelShape, parts: list[Part], tp: int, micro_batch: int, e:
     return out
 
 
-def ep_bytes(cfg, tokens: float, ep: int, node_size: int, fp8: bool) -> dict[str, float]:
+def ep_bytes(cfg: ModelConfig, tokens: float, ep: int, node_size: int, fp8: bool) -> dict[str, float]:
     """Bytes one GPU sends over IB ("inter") and NVLink ("intra") for one MoE layer, forward + backward,
     for `tokens` of its own: cost.expected_dispatch_rows x cost.token_payload_bytes (FP8 dispatch and
     BF16 combine under fp8, V3 §3.3.3)."""

@@ -5,7 +5,7 @@
     submit_slurm(sweep, script, dry_run=True)
 
 A point is finished when its metrics.jsonl reaches the last step with the final validation loss
-(`scaling.point_state`); finished points are skipped and nothing of theirs is touched. A point that
+(`results.point_state`); finished points are skipped and nothing of theirs is touched. A point that
 started but did not finish is launched again with the same config: `checkpoint.resume=auto` (the
 generated default) continues from its latest checkpoint, and the trainer drops the metrics lines
 after that checkpoint. If it died before its first checkpoint, its metrics.jsonl is renamed
@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .scaling import Point, Sweep, SweepError, point_record, point_state, validate_points
+from .laws import SweepError
+from .results import point_record, point_state
+from .sweep import Point, Sweep, validate_points
 
 Launcher = Callable[[list, Path], int]
 _STOP = {"signal": 0}   # set when a signal reached the runner during a point: run no further points

@@ -1,0 +1,113 @@
+"""One interface for a rank's part of the model, whatever pp is: `SingleStage` (pp = 1: gradient
+accumulation over micro-batches) and `pipeline.Pipeline` (pp > 1: a schedule over stages) both offer
+
+    engine.stages                          this rank's models (one at pp = 1)
+    engine.init_weights(seed, device)      the seeded init, sharded (= build_model(cfg, seed=seed))
+    engine.step(tokens, labels)            forward + backward of this dp rank's batch, micro-batch by
+                                           micro-batch; gradients and the expert load end synchronised;
+                                           returns the loss terms (mean over micro-batches and dp)
+    engine.evaluate(tokens, labels)        the same terms, forward only, in eval mode
+    engine.clip_grad_norm_(max_norm)       the global gradient norm, clipped
+    engine.update_expert_bias(gamma)       the aux-loss-free bias step from the load `step` synchronised
+    engine.parameters()                    for the optimizer; `sharded_state(engine.stages, ...)` for checkpoints
+
+so that a training loop has no pipeline branches. `build_engine` returns the one the layout needs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import comm
+from .apply import parallelize
+from .data_parallel import clip_grad_norm_, finish_grad_sync, reshard, set_gradient_sync, sync_expert_load
+from .mesh import Mesh
+from .pipeline import Pipeline, attach_schedule, build_pipeline
+from .recompute import apply_recompute
+from .state import init_parallel_weights
+
+
+def all_sum(values: dict[str, float | torch.Tensor], mesh: Mesh, group: str = "dp") -> dict[str, float]:
+    """Each named number summed over a group of the mesh, in float64 (counts, totals, loss terms)."""
+    if not values:
+        return {}
+    vec = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=mesh.device_type) for v in values.values()])
+    comm.all_reduce(vec, mesh[group])
+    return dict(zip(values, vec.tolist()))
+
+
+# hooks read here (loss, update_expert_bias): parallel/protocols.py
+class SingleStage:
+    """The whole model on every rank of a pp = 1 layout (tp, ep and FSDP2 dp inside it). A step is
+    the mean of `model.loss()` over micro-batches of `micro_batch_size` rows, FSDP2 reducing once,
+    after the last; what one process computes with gradient accumulation over the same rows."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, micro_batch_size: int):
+        self.stages, self.mesh, self.micro_batch_size = [model], mesh, micro_batch_size
+
+    def parameters(self):
+        return self.stages[0].parameters()
+
+    def init_weights(self, seed: int = 0, device=None) -> None:
+        init_parallel_weights(self.stages[0], self.mesh, seed, device)
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
+        """Gradients of the mean micro-batch loss; `inputs` are more per-row tensors of `loss()`
+        (e.g. doc_ids), split like the tokens."""
+        out = self._losses(tokens, labels, inputs, backward=True)
+        sync_expert_load(self.stages[0], self.mesh)  # the step's global load, for the stats and the bias step
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
+        """Forward only, in eval mode (no balance losses, no load counting); the same terms as `step`."""
+        net = self.stages[0]
+        net.eval()
+        try:
+            return self._losses(tokens, labels, inputs, backward=False)
+        finally:
+            net.train()
+            reshard(net)  # a forward without backward leaves FSDP2's root gathered
+
+    def _losses(self, tokens, labels, inputs: dict, backward: bool) -> dict[str, float]:
+        net, mbs = self.stages[0], self.micro_batch_size
+        n = tokens.shape[0] // mbs
+        sums: dict[str, torch.Tensor] = {}
+        for i in range(n):
+            rows = slice(i * mbs, (i + 1) * mbs)
+            out = net.loss(tokens=tokens[rows], labels=labels[rows], **{k: v[rows] for k, v in inputs.items()})
+            if backward:
+                set_gradient_sync(net, i == n - 1)
+                (out["loss"] / n).backward()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / n
+        if backward:
+            finish_grad_sync(net, self.mesh)
+        dp = self.mesh.dims.dp
+        return {k: v / dp for k, v in all_sum({k: sums[k] for k in sorted(sums)}, self.mesh).items()}
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(self.stages[0], max_norm, self.mesh)
+
+    @torch.no_grad()
+    def update_expert_bias(self, gamma: float | None = None) -> None:
+        self.stages[0].update_expert_bias(gamma)
+
+
+def build_engine(model: nn.Module, mesh: Mesh, *, micro_batch_size: int, seq_len: int, seed: int = 0, device=None,
+                 param_dtype: torch.dtype | None = None, fp8=None, recompute: str = "none", schedule: str = "1f1b",
+                 n_microbatches: int = 1, vpp: int = 2, layer_split: list[list[int]] | None = None
+                 ) -> SingleStage | Pipeline:
+    """This rank's engine for `model` (best on the meta device) under the mesh's layout, parallelised
+    and initialised from `seed`: a `SingleStage` at pp = 1, else a `Pipeline` under `schedule` (n_microbatches
+    is its first count; `step` rebuilds the schedule when a batch brings another)."""
+    if mesh.dims.pp == 1:
+        if recompute != "none":
+            apply_recompute(model, recompute)
+        engine = SingleStage(parallelize(model, mesh, param_dtype=param_dtype, fp8=fp8), mesh, micro_batch_size)
+        engine.init_weights(seed, device)
+        return engine
+    pipe = build_pipeline(model, mesh, schedule, n_microbatches, vpp=vpp, layer_split=layer_split, seq_len=seq_len,
+                          recompute=recompute, param_dtype=param_dtype, fp8=fp8)
+    pipe.init_weights(seed, device)
+    return attach_schedule(pipe, micro_batch_size, seq_len, dtype=param_dtype, device=device)

@@ -1,0 +1,192 @@
+"""What every post-training stage shares: a `StageSession`, pretraining's `Session` (AdamW with clipping
+and the non-finite guard, checkpoints with exact resume, the metrics logger) around the stage's policy,
+plus the tokenizer, frozen copies (the reference of GRPO and DPO), the stage's LR schedule, the end of
+a step and the loop of a stage that trains on a fixed data pass. The policy is built as pretraining
+builds its model (meta, parallelised, initialised, then loaded from `init.checkpoint`);
+`parallel.recompute` and `train.fp8` apply as there. `StageSession(cfg, stage, train=False)` (a
+stage that only samples) builds no optimizer.
+
+Post-training runs with pp = 1: tp (+sp), ep and FSDP2 dp apply unchanged (the config check says why).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from model import build_model
+from parallel import all_sum, build_engine
+from parallel.checkpoint import load_checkpoint, sharded_state
+from pretrain.config import ConfigError
+from pretrain.schedules import check_lr_schedule, lr_at
+from pretrain.session import DTYPES, Run, Session, fp8_recipe, open_run
+from pretrain.tokenizer import load_tokenizer
+
+from .config import PosttrainConfig
+
+
+class StageError(RuntimeError):
+    """A stage stopped on purpose (a guard fired); the message says why and what to change."""
+
+
+def stage_main(stage, argv: list[str] | None = None) -> int:
+    """`python -m posttrain.<stage> --config FILE [key=value ...]` for a stage class taking a config."""
+    import argparse
+
+    from .config import load_config
+    name = stage.__module__.rsplit(".", 1)[-1]
+    ap = argparse.ArgumentParser(prog=f"python -m posttrain.{name}", description=(stage.__doc__ or "").split("\n")[0])
+    ap.add_argument("--config", required=True, help="YAML config (sections of posttrain.config)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. grpo.beta=0.04")
+    args = ap.parse_args(argv)
+    return guarded(lambda: stage(load_config(args.config, args.overrides)).run())
+
+
+def guarded(run) -> int:
+    """run()'s exit code; a bad config or a guard that fired prints one `error:` line and exits 2, and the
+    process group is torn down either way."""
+    import sys
+    try:
+        return run()
+    except (ConfigError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _build(cfg: PosttrainConfig, model_cfg, run: Run, trainable: bool):
+    """A SingleStage engine with the starting weights (init.checkpoint, else the seeded init), on the FP8
+    backend when train.fp8 = blockwise; a trainable one recomputes as parallel.recompute says, a frozen one
+    is in eval mode without gradients."""
+    t = cfg.train
+    # a frozen model never runs backward: recompute would only cost time
+    recompute = cfg.parallel.recompute if trainable else "none"
+    engine = build_engine(build_model(model_cfg, device="meta").train(), run.mesh,
+                          micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len, seed=t.seed,
+                          device=run.device, param_dtype=DTYPES[t.dtype], fp8=fp8_recipe(t, run.device),
+                          recompute=recompute)
+    net = engine.stages[0]
+    if cfg.init.checkpoint:
+        model_only = {k: v for k, v in sharded_state(net, run.mesh).items() if k.startswith("model/")}
+        try:
+            load_checkpoint(cfg.init.checkpoint, model_only, model_config=model_cfg.to_dict())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"init.checkpoint = {cfg.init.checkpoint}: {e}") from None
+    if not trainable:
+        net.eval()
+        for q in net.parameters():
+            q.requires_grad_(False)
+    return engine
+
+
+class StageSession(Session):
+    """A post-training stage's session: `policy` (the engine's model), `tokenizer`, `dims`, `dp_rank`;
+    `step`, `stage_state` (what the stage keeps across a resume) and the rest of `Session`."""
+
+    def __init__(self, cfg: PosttrainConfig, stage: str, *, train: bool = True):
+        """train=False: a stage that only samples (rejection sampling): the policy is frozen like a reference
+        and there is no optimizer (no AdamW moments), so optimizer_step and save refuse."""
+        t = cfg.train
+        self._run = run = open_run(cfg, pp=1)
+        try:
+            check_lr_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_milestones, t.lr_factors)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        model_cfg = cfg.model_config()
+        if not cfg.init.tokenizer:
+            raise ConfigError("init.tokenizer is empty: name the tokenizer file (.model or tokenizer.json) the "
+                              "model was trained with")
+        try:
+            self.tokenizer = load_tokenizer(cfg.init.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"init.tokenizer = {cfg.init.tokenizer}: {e}") from None
+        if self.tokenizer.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
+                              f"{model_cfg.vocab_size}; set model.vocab_size={self.tokenizer.vocab_size} (or more)")
+        super().__init__(cfg, run, _build(cfg, model_cfg, run, trainable=train), model_cfg, train=train, stage=stage)
+        self.policy = self.engine.stages[0]
+        self.dims = self.mesh.dims
+        self.dp_rank = self.dims.coords(self.mesh.rank)["dp"]
+        self.total_steps = t.steps      # the stage may derive its own (SFT: data.epochs)
+
+    # -- models ------------------------------------------------------------------------------------
+    def build(self, trainable: bool):
+        """Another copy of the starting model in the policy's layout (trainable=False: a frozen reference)."""
+        return _build(self.cfg, self.model_cfg, self._run, trainable).stages[0]
+
+    @torch.no_grad()
+    def copy_weights(self, dst, src) -> None:
+        """dst's parameters := src's (the same layout, so shard by shard)."""
+        for a, b in zip(dst.parameters(), src.parameters()):
+            a.copy_(b)
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def lr(self) -> float:
+        t = self.cfg.train
+        return lr_at(self.step, self.step / max(self.total_steps, 1), peak=t.lr, schedule=t.lr_schedule,
+                     warmup_steps=t.warmup_steps, min_ratio=t.min_lr_ratio, milestones=t.lr_milestones,
+                     factors=t.lr_factors)
+
+    def optimizer_step(self, loss_value: float) -> dict[str, float]:
+        """Clip, then step unless the loss or the norm is non-finite (then skip; too many in a row stop
+        the run). Gradients must already be synchronised (finish_grad_sync)."""
+        lr = self.lr()
+        norm, _ = self.guarded_step(lr, loss_value)
+        self.check_nonfinite()
+        return {"lr": lr, "grad_norm": norm, "skipped_steps": float(self.skipped)}
+
+    def all_sum(self, values: dict[str, float], group: str = "dp") -> dict[str, float]:
+        """Each named per-rank number summed over a group (counts, totals for normalisers and metrics)."""
+        return all_sum(values, self.mesh, group)
+
+    def gather_dp(self, obj) -> list | None:
+        """Every dp rank's `obj`, in dp-rank order, on global rank 0 (None elsewhere). tp ranks hold copies,
+        so only tp rank 0 of each dp group takes part."""
+        if self.dims.coords(self.rank)["tp"] != 0:
+            return None
+        group = self.mesh["dp"].pg
+        if group is None:
+            return [obj]
+        parts = [None] * self.dims.dp if self.rank == 0 else None
+        dist.gather_object(obj, parts, dst=0, group=group)
+        return parts
+
+    # -- checkpoints, logging and the loop ---------------------------------------------------------
+    def resume(self, extra_models=()) -> None:
+        """Load the latest checkpoint of this run (checkpoint.resume=auto) into the policy, the optimizer and
+        `extra_models` (e.g. GRPO's reference); sets step and stage_state (iterator positions). Opens the
+        metrics logger either way (a train=False session calls it for that alone)."""
+        super().resume(extra_models)
+        self.open_logger(self.total_steps)
+
+    def end_step(self, metrics: dict, last: int, evaluate, stage_state: dict, extra_models=()) -> None:
+        """After a step: evaluate every eval.every steps, log every logging.every steps and at `last`,
+        checkpoint (with `extra_models`) every checkpoint.every steps and at `last`."""
+        c = self.cfg
+        if c.eval.every and self.step % c.eval.every == 0:
+            metrics.update(evaluate())
+        if self.step % c.logging.every == 0 or self.step == last:
+            self.log(metrics)
+        if self.step == last or (c.checkpoint.every and self.step % c.checkpoint.every == 0):
+            self.save(stage_state, extra_models)
+
+    def train_loop(self, last: int, step, evaluate, stage_state) -> int:
+        """The loop of a stage that trains on a fixed data pass (SFT, DPO), top to bottom: evaluate at step
+        0, then `step()` (one optimizer step; returns its metrics and per-step counts to turn into rates,
+        e.g. {"tokens_per_s": n}) and end_step until `last`; the logger and async saves close either way."""
+        try:
+            if self.cfg.eval.every and self.step == 0:
+                self.log(evaluate())
+            while self.step < last:
+                t0 = time.perf_counter()
+                metrics, counts = step()
+                self.step += 1
+                dt = time.perf_counter() - t0
+                metrics.update(step_time=dt, **{k: n / dt for k, n in counts.items()})
+                self.end_step(metrics, last, evaluate, stage_state())
+            return 0
+        finally:
+            self.close()

@@ -1,0 +1,241 @@
+"""What every training job shares, pretraining and each post-training stage alike: joining the
+process group, the run directory and the mesh (`open_run`), the FP8 recipe, and a `Session`, the
+job's state around its engine (`parallel.engine`):
+
+    run = open_run(cfg)                              # process group, RUN_DIR/config.yaml, mesh
+    engine = build_engine(build_model(mcfg, device="meta"), run.mesh, ...)
+    session = Session(cfg, run, engine, mcfg)        # AdamW (+ the CPU EMA) over the engine's parameters
+    session.resume(); session.open_logger(total_steps)
+    while ...:
+        metrics = engine.step(tokens, labels)
+        norm, finite = session.guarded_step(lr, metrics["loss"])   # clip; AdamW, or skip a non-finite step
+        session.step += 1; session.log(metrics); session.check_nonfinite(); session.save()
+    session.close()
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from parallel import LayoutError, Mesh, ParallelConfig, build_mesh
+from parallel.checkpoint import finalize_pending, latest_checkpoint, load_checkpoint, save_checkpoint, sharded_state
+from parallel.fp8 import Fp8Error, Fp8Recipe, get_backend
+
+from .config import ConfigError, save_config
+from .metrics import MetricsLogger
+from .optim import EMA, AdamW, param_groups
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is kept."""
+
+
+# -- process setup ---------------------------------------------------------------------------------
+def init_distributed(device_pref: str = "auto") -> torch.device:
+    """Join the torchrun job when there is one (env RANK/WORLD_SIZE); NCCL on CUDA, gloo on CPU."""
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("train.device = cuda, but no CUDA device is visible; use train.device=cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ:
+            # torchrun's agent keeps one store across `--max-restarts` rounds; without a prefix per
+            # round a restarted rank reads the dead round's addresses and gloo's connect is refused
+            store, rank, world = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"whaletron/round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
+        else:  # a plain process is a world of one: the runtime (FSDP2's bf16 policy, DCP) runs unchanged
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return device
+
+
+@dataclass
+class Run:
+    """Where a job runs and what it writes to: RUN_DIR holds config.yaml and metrics.jsonl."""
+
+    device: torch.device
+    run_dir: Path
+    ckpt_dir: Path
+    mesh: Mesh
+
+
+def open_run(cfg, pp: int | None = None) -> Run:
+    """What every training job does first: join the process group, create the run directory with the
+    resolved config, and build the mesh (pp overrides parallel.pp)."""
+    p = cfg.parallel
+    device = init_distributed(cfg.train.device)
+    run_dir = Path(cfg.logging.run_dir)
+    ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    try:
+        mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp if pp is None else pp, dp=p.dp, ep=p.ep, sp=p.sp,
+                                         node_size=p.node_size, zero=p.zero), device.type)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    return Run(device, run_dir, ckpt_dir, mesh)
+
+
+def fp8_recipe(t, device: torch.device) -> Fp8Recipe | None:
+    """The FP8 recipe that train.fp8 asks for (V3 §3.3), its backend checked against this device up front."""
+    if t.fp8 != "blockwise":
+        return None
+    try:
+        get_backend(t.fp8_backend, device)
+    except Fp8Error as e:
+        raise ConfigError(f"train.fp8_backend = {t.fp8_backend}: {e}") from None
+    return Fp8Recipe(t.fp8_backend)
+
+
+def unique_parameters(models) -> list[tuple[str, torch.Tensor]]:
+    """Parameters by name, each once (the V layouts hold the embedding twice on one rank)."""
+    seen = {}
+    for m in models:
+        for n, q in m.named_parameters():
+            seen.setdefault(n, q)
+    return list(seen.items())
+
+
+# -- the session -----------------------------------------------------------------------------------
+class Session:
+    """A training job's state around its engine: AdamW over the engine's parameters (and the CPU EMA,
+    train.ema_decay > 0), the guarded optimizer step, the counters (step, consumed samples, skipped and
+    non-finite steps), checkpoints with exact resume, and the metrics logger.
+
+    train=False: a job that only samples; no optimizer, and guarded_step and save refuse. stage: a
+    post-training stage's name, written into its checkpoints beside its `stage_state`."""
+
+    def __init__(self, cfg, run: Run, engine, model_cfg, *, train: bool = True, stage: str | None = None):
+        self.cfg, self.engine, self.model_cfg, self.stage = cfg, engine, model_cfg, stage
+        self.device, self.run_dir, self.ckpt_dir, self.mesh = run.device, run.run_dir, run.ckpt_dir, run.mesh
+        self.rank = dist.get_rank()
+        t = cfg.train
+        self.opt: AdamW | None = None
+        self.ema: EMA | None = None
+        if train:
+            named = [(n, q) for m in engine.stages for n, q in m.named_parameters()]
+            self.opt = AdamW(param_groups(named, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                             eps=t.adam_eps, weight_decay=t.weight_decay,
+                             moment_dtype=torch.bfloat16 if t.moment_dtype == "bf16" else torch.float32)
+            # every parameter's moments exist from the start: a job may never touch some (GRPO leaves the
+            # MTP modules alone), and a checkpoint must hold the same keys whenever it is written
+            self.opt.init_state()
+            if t.ema_decay > 0:
+                self.ema = EMA(unique_parameters(engine.stages), t.ema_decay)
+        self.step, self.consumed, self.skipped, self.nonfinite_streak = 0, 0, 0, 0
+        self.stage_state: dict = {}     # what a stage keeps across a resume (iterator positions)
+        self.logger: MetricsLogger | None = None
+
+    def _who(self) -> str:
+        return f"the {self.stage} stage" if self.stage else "this job"
+
+    def _need_optimizer(self, what: str) -> None:
+        if self.opt is None:
+            raise RuntimeError(f"{what} needs an optimizer, but {self._who()} built its session with train=False "
+                               "(sampling only); build it with train=True to train or checkpoint")
+
+    # -- the step --------------------------------------------------------------------------------------
+    def guarded_step(self, lr: float, loss: float) -> tuple[float, bool]:
+        """Clip the (synchronised) gradients, then AdamW at `lr` unless the loss or the norm is
+        non-finite: then the step is skipped and counted. Gradients are zeroed either way.
+        Returns (gradient norm, finite)."""
+        self._need_optimizer("Session.guarded_step")
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        norm = float(self.engine.clip_grad_norm_(self.cfg.train.grad_clip))
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if finite:
+            self.opt.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.nonfinite_streak = 0
+        else:  # skip: no update
+            self.nonfinite_streak += 1
+            self.skipped += 1
+        self.opt.zero_grad(set_to_none=True)
+        return norm, finite
+
+    def check_nonfinite(self) -> None:
+        """Stop once more than train.max_nonfinite steps in a row were skipped (nothing is saved)."""
+        limit = self.cfg.train.max_nonfinite
+        if self.nonfinite_streak > limit:
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} non-finite steps in a row (train.max_nonfinite = {limit}); stopping "
+                f"without saving. The last good checkpoint is in {self.ckpt_dir}: lower train.lr or check the "
+                f"data, then resume from it")
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def state(self, extra_models=()) -> dict:
+        """This rank's checkpoint state: the engine's models, AdamW, the EMA, and the weights of
+        `extra_models` (e.g. GRPO's reference) under extra<i>/."""
+        state = sharded_state(self.engine.stages, self.mesh, self.opt, self.ema)
+        for i, m in enumerate(extra_models):
+            state.update({f"extra{i}/{k}": v for k, v in sharded_state(m, self.mesh).items() if k.startswith("model/")})
+        return state
+
+    def resume(self, extra_models=()) -> None:
+        """Load the checkpoint that checkpoint.resume names (auto: this run's latest, if any) into the
+        models, AdamW, the EMA and `extra_models`, with the counters and the stage's state."""
+        c = self.cfg.checkpoint
+        if c.resume == "none":
+            return
+        path = latest_checkpoint(self.ckpt_dir) if c.resume == "auto" else Path(c.resume)
+        if path is None:
+            return
+        if self.opt is None:  # sampling only: no run state to restore (init.checkpoint loads weights)
+            raise ConfigError(f"checkpoint.resume = {c.resume} names {path}, but {self._who()} does not train and "
+                              "restores no run state; set checkpoint.resume=none and load weights with init.checkpoint")
+        meta = load_checkpoint(path, self.state(extra_models), model_config=self.model_cfg.to_dict())
+        self.step, self.consumed = meta["step"], meta["consumed_samples"]
+        self.opt.step_count = meta["optimizer_steps"]
+        self.nonfinite_streak, self.skipped = meta.get("nonfinite_streak", 0), meta.get("skipped_steps", 0)
+        self.stage_state = meta.get("stage_state", {})
+        if self.rank == 0:
+            samples = f" ({self.consumed} samples)" if self.consumed else ""
+            print(f"resumed from {path} at step {self.step}{samples}", flush=True)
+
+    def save(self, stage_state: dict | None = None, extra_models=()) -> None:
+        self._need_optimizer("Session.save")
+        t0 = time.perf_counter()
+        c = self.cfg.checkpoint
+        meta = {"step": self.step, "consumed_samples": self.consumed, "optimizer_steps": self.opt.step_count,
+                "nonfinite_streak": self.nonfinite_streak, "skipped_steps": self.skipped}
+        if self.stage is not None:
+            meta.update(stage=self.stage, stage_state=stage_state or {})
+        meta.update(model_config=self.model_cfg.to_dict(), parallel=asdict(self.mesh.dims), config=self.cfg.to_dict())
+        path = save_checkpoint(self.ckpt_dir, self.step, self.state(extra_models), meta, keep=c.keep,
+                               async_save=c.async_save)
+        if self.rank == 0:
+            print(f"checkpoint step {self.step} -> {path} ({time.perf_counter() - t0:.2f} s)", flush=True)
+
+    # -- metrics ---------------------------------------------------------------------------------------
+    def open_logger(self, total_steps: int) -> None:
+        """metrics.jsonl (+ W&B), continued after a resume; a stage's runs are tagged with its name."""
+        lg = self.cfg.logging
+        tags = [self.stage, *lg.wandb_tags] if self.stage else lg.wandb_tags
+        self.logger = MetricsLogger(self.run_dir, rank=self.rank, wandb_mode=lg.wandb, project=lg.wandb_project,
+                                    entity=lg.wandb_entity, name=lg.wandb_name or self.run_dir.name, tags=tags,
+                                    config=self.cfg.to_dict(), resume_step=self.step if self.step else None,
+                                    total_steps=total_steps)
+
+    def log(self, metrics: dict, images: dict | None = None) -> None:
+        self.logger.log(self.step, metrics, images=images)
+
+    def close(self) -> None:
+        """Wait for asynchronous saves and the EMA's last update; close the logger."""
+        finalize_pending()
+        if self.ema is not None:
+            self.ema.close()
+        if self.logger is not None:
+            self.logger.close()
