@@ -40,7 +40,10 @@ demo: venv
 # Two pytest workers (pytest-xdist), one intra-op thread each: the tiny models are latency-bound, so
 # two tests side by side beat one test with two threads on CI's 2 cores.
 PYTEST_WORKERS ?= 2
+# ruff first (the project's [tool.ruff] settings: pyflakes errors and 120-column lines), so a lint
+# failure stops the target before the slower pytest run.
 test: venv
+	$(VENV)/bin/python -m ruff check .
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS) tests
 
 clean:

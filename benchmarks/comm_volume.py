@@ -52,7 +52,6 @@ def _rank(rank, world, port, name, layout, out_path):
     import parallel
     from model import build_model, preset
     from parallel import ParallelConfig, build_mesh, parallelize
-    from parallel.tensor_parallel import ParamLayout
     from plan import cost
 
     cfg = preset(name)

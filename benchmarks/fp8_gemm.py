@@ -131,8 +131,9 @@ def main() -> None:
     for k, n in ((7168, 2048), (2048, 7168)):
         r = grouped_case(args.tokens, args.experts, k, n)
         res["grouped"].append(r)
-        print(f"grouped E={args.experts} {k}x{n}: bf16 {r['grouped_bf16_tflops']:.1f} fp8 {r['grouped_fp8_tflops']:.1f} "
-              f"({r['speedup']:.2f}x) err vs emu {r['rel_err_vs_emulation']:.1e}", flush=True)
+        print(f"grouped E={args.experts} {k}x{n}: bf16 {r['grouped_bf16_tflops']:.1f} "
+              f"fp8 {r['grouped_fp8_tflops']:.1f} ({r['speedup']:.2f}x) "
+              f"err vs emu {r['rel_err_vs_emulation']:.1e}", flush=True)
     out = Path(args.out or Path(__file__).parent / "results" / f"fp8_gemm_{name.split()[1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))

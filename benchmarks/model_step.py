@@ -314,7 +314,8 @@ def run_config(name: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, s
                 sort = "self_cuda_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
                 profiles[n]["table"] = prof.key_averages().table(sort_by=sort, row_limit=15)
         result["profile"] = profiles
-    del net, theirs
+    # No `del net, theirs` here: the timing closures above capture `net`, and every local (the models
+    # included) is released when this frame returns, before the next config is built.
     return result
 
 

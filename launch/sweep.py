@@ -28,7 +28,8 @@ def _generate(a) -> int:
     base = None
     if a.base:
         if not Path(a.base).is_file():
-            raise SweepError(f"--base {a.base} does not exist; give a pretrain YAML (e.g. configs/pretrain/tiny_v3.yaml)")
+            raise SweepError(f"--base {a.base} does not exist; "
+                             "give a pretrain YAML (e.g. configs/pretrain/tiny_v3.yaml)")
         base = yaml.safe_load(Path(a.base).read_text()) or {}
         if not isinstance(base, dict):
             raise SweepError(f"--base {a.base}: the top level must be a mapping of sections (model, train, ...)")
@@ -37,7 +38,8 @@ def _generate(a) -> int:
                         aspect=a.aspect, min_dim=a.min_dim, base=base, sets=a.set, runs_dir=a.runs_dir,
                         warmup_fraction=a.warmup_fraction, eval_tokens=a.eval_tokens,
                         micro_batch_size=a.micro_batch_size, command=command, overwrite=a.force)
-    print(f"{'point':<22} {'L':>3} {'d':>5} {'heads':>5} {'M':>10} {'D (tokens)':>12} {'steps':>6} {'batch':>5} {'lr':>8}")
+    print(f"{'point':<22} {'L':>3} {'d':>5} {'heads':>5} {'M':>10} {'D (tokens)':>12} "
+          f"{'steps':>6} {'batch':>5} {'lr':>8}")
     for p in sw.points:
         print(f"{p.name:<22} {p.n_layers:>3} {p.dim:>5} {p.n_heads:>5} {p.m:>10.3g} {p.tokens:>12,} {p.steps:>6} "
               f"{p.global_batch_size:>5} {p.lr:>8.3g}")

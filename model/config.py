@@ -115,7 +115,8 @@ class ModelConfig:
 
         for f in fields(self):
             v = getattr(self, f.name)
-            want = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            type_name = f.type if isinstance(f.type, str) else f.type.__name__
+            want = {"int": int, "float": (int, float), "bool": bool, "str": str}[type_name]
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
                 bad(f.name, f"must be {f.type}, got {v!r}")
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "inter_dim"):
@@ -147,7 +148,8 @@ class ModelConfig:
             if not 0 < self.n_activated_experts <= self.n_routed_experts:
                 bad("n_activated_experts", f"must lie in [1, n_routed_experts={self.n_routed_experts}]")
             if self.n_routed_experts % self.n_expert_groups:
-                bad("n_expert_groups", f"({self.n_expert_groups}) must divide n_routed_experts ({self.n_routed_experts})")
+                bad("n_expert_groups",
+                    f"({self.n_expert_groups}) must divide n_routed_experts ({self.n_routed_experts})")
             if not 1 <= self.n_limited_groups <= self.n_expert_groups:
                 bad("n_limited_groups", f"must lie in [1, n_expert_groups={self.n_expert_groups}]")
             per_group = self.n_routed_experts // self.n_expert_groups

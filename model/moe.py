@@ -62,7 +62,8 @@ class Gate(FP32Buffers, nn.Module):
             raise ValueError(f"device-limited routing to {self.topk_devices} devices of {per_device} experts "
                              f"cannot select {self.topk} experts; raise topk_devices or use fewer devices")
         n_nodes = n_devices // devices_per_node
-        if self.topk_nodes and n_nodes > self.topk_nodes and self.topk_nodes * per_device * devices_per_node < self.topk:
+        if (self.topk_nodes and n_nodes > self.topk_nodes
+                and self.topk_nodes * per_device * devices_per_node < self.topk):
             raise ValueError(f"node-limited routing to {self.topk_nodes} nodes of {per_device * devices_per_node} "
                              f"experts cannot select {self.topk} experts; raise topk_nodes")
         self.n_devices, self.devices_per_node = n_devices, devices_per_node

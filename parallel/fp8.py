@@ -367,7 +367,8 @@ class _Fp8GroupedMM(torch.autograd.Function):
         return dx, dw.to(w_dtype), None, None, None
 
 
-def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+                   recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
     """The experts' grouped GEMM (x [T, K] sorted by expert, w [E, N, K]) under the FP8 recipe."""
     backend = get_backend(recipe.backend, x.device)
     if w.dtype != x.dtype:

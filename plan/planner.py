@@ -39,10 +39,12 @@ GB = 1e9
 # -- efficiency constants: one set for every GPU, model and layout; docs/planner.md grounds each -----
 GEMM_EFF = {"bf16": 0.80, "fp8": 0.55}  # of the peak: measured on H100 (benchmarks/results/fp8_gemm_h100.json)
 ATTN_EFF = 0.50          # flash attention forward + backward, of the bf16 peak (assumed)
-NON_GEMM = 0.25          # all else (norms, SwiGLU, RoPE, casts, launches) per GEMM+attention second: Megatron's dense H100 run
+# NON_GEMM: all else (norms, SwiGLU, RoPE, casts, launches) per GEMM+attention second: Megatron's dense H100 run
+NON_GEMM = 0.25
 MOE_OVERHEAD = 0.57      # extra in MoE blocks (router, permutes, grouped GEMMs, syncs): Megatron's DeepSeek-V3 H100 run
 COMM_SMS = 20            # SMs the all-to-all kernels hold while they overlap compute (V3 §3.2.2)
-BW_EFF = 1.0             # achieved / given bandwidth: the defaults are achieved rates (DeepEP: 153-158 of 160, 50-51 of 50)
+# BW_EFF: achieved / given bandwidth: the defaults are achieved rates (DeepEP: 153-158 of 160, 50-51 of 50)
+BW_EFF = 1.0
 FP8_BYTES = 1 + 4 / 128  # an FP8 element with its fp32 scale per 1x128 tile (V3 §3.3.2)
 E5M6_BYTES = 1.5         # V3 §3.3.3: the attention output (input of the output projection) is cached in E5M6
 
@@ -728,7 +730,8 @@ def plan(shape: ModelShape, cluster: Cluster, global_batch: int, *, precision: s
         lay = out[0].layout
         fixes = ["more GPUs", "larger pp or ep" if pin else "fewer pins"]
         fixes += ["--zero 3"] * (lay.zero != 3) + ["--recompute full"] * (lay.recompute != "full")
-        fixes += ["--micro-batch 1"] * (lay.micro_batch > 1) + ["--fp8"] * (lay.precision != "fp8" and "fp8" in cluster.spec.peak)
+        fixes += ["--micro-batch 1"] * (lay.micro_batch > 1)
+        fixes += ["--fp8"] * (lay.precision != "fp8" and "fp8" in cluster.spec.peak)
         raise PlanError(f"no layout fits in {cluster.spec.hbm_gb:g} GB per {cluster.gpu}: the smallest, {lay.label()}, "
                         f"needs {out[0].memory['total']:.1f} GB on pp rank {out[0].memory['rank']}. Try "
                         f"{', '.join(fixes)}, or a GPU with more memory (--gpu H200)")
@@ -772,7 +775,8 @@ def report(plans: list[Plan], shape: ModelShape, cluster: Cluster, global_batch:
              f"{len(plans)} layouts fit (each the best ZeRO/recompute variant of its tp, pp, ep, schedule); "
              f"the best {min(top, len(plans))}:", ""]
     width = max(len(p.layout.label()) for p in plans[:top])
-    head = f"{'#':>3}  {'layout':<{width}} {'tok/s/GPU':>9} {'TFLOP/s':>8} {'MFU':>6} {'GPU-h/1T tok':>12} {'mem GB':>7}"
+    head = (f"{'#':>3}  {'layout':<{width}} {'tok/s/GPU':>9} {'TFLOP/s':>8} {'MFU':>6} "
+            f"{'GPU-h/1T tok':>12} {'mem GB':>7}")
     lines += [head, "-" * len(head)]
     for i, p in enumerate(plans[:top], 1):
         lines.append(f"{i:>3}  {p.layout.label():<{width}} {p.tokens_per_s_per_gpu:>9.0f} {p.tflops_per_gpu:>8.1f} "
@@ -786,8 +790,8 @@ def report(plans: list[Plan], shape: ModelShape, cluster: Cluster, global_batch:
               f"  step {t['step']:.2f} s over {b.n_microbatches} micro-batches: compute {t['compute']:.2f}, exposed "
               f"communication {t['exposed_comm']:.2f}, bubble {t['bubble']:.2f}, optimizer {t['optimizer']:.3f} "
               f"(slowest pp rank {t['slowest_rank']})",
-              f"  traffic time per step (hidden or not): expert all-to-all {t['ep_comm']:.2f} s, tp {t['tp_comm']:.2f} s, "
-              f"data parallel {t['dp_comm']:.2f} s",
+              f"  traffic time per step (hidden or not): expert all-to-all {t['ep_comm']:.2f} s, "
+              f"tp {t['tp_comm']:.2f} s, data parallel {t['dp_comm']:.2f} s",
               f"  layers per stage: {b.layer_split}",
               ("  assumes the expert all-to-all overlaps compute (DualPipe, Megatron's EP overlap); "
                "--no-ep-overlap models a runtime without" if ep_overlap else

@@ -15,7 +15,8 @@ from pretrain.config import Config, ConfigError, check_choices, load_config as _
 
 @dataclass
 class InitSection:
-    checkpoint: str = ""            # whaletron checkpoint (root or step dir) with the starting weights; "" = random (train.seed)
+    # whaletron checkpoint (root or step dir) with the starting weights; "" = random (train.seed)
+    checkpoint: str = ""
     tokenizer: str = ""             # sentencepiece .model or HF tokenizer.json / directory
 
 
@@ -26,7 +27,8 @@ class PostData:
     template: str = "r1_zero"       # posttrain.templates: r1_zero | chat
     seq_len: int = 256              # packed SFT row length; GRPO: prompt + completion must fit max_seq_len
     overflow: str = "truncate"      # truncate | drop an SFT example longer than seq_len
-    epochs: int = 0                 # SFT: > 0 sets the steps to this many passes over the packed rows (else train.steps)
+    epochs: int = 0                 # SFT: > 0 sets the steps to this many passes over the packed rows
+                                    # (else train.steps)
 
 
 @dataclass
@@ -46,7 +48,8 @@ class GRPOSection:
     eps_low: float = 0.2            # clip 1 - eps_low
     eps_high: float = 0.2           # clip 1 + eps_high (DAPO's clip-higher: 0.28)
     beta: float = 0.0               # k3 KL coefficient (R1-Zero: 0.001, DeepSeekMath: 0.04); 0 builds no reference
-    ref_update_every: int = 0       # replace the reference by the policy every N rollout batches (R1-Zero: 400); 0 = never
+    ref_update_every: int = 0       # replace the reference by the policy every N rollout batches (R1-Zero: 400);
+                                    # 0 = never
     std_normalize: bool = True      # false: Dr. GRPO advantages (no division by the group std)
     loss_agg: str = "token_mean"    # token_mean | seq_mean | constant
     dynamic_sampling: bool = True   # drop groups whose rewards are all equal (zero advantage, zero signal)
@@ -112,17 +115,20 @@ class PosttrainConfig(Config):
                    "data.overflow": (self.data.overflow, ("truncate", "drop"))}
         check_choices(choices)
         if g.group_size < 2:
-            raise ConfigError(f"grpo.group_size must be >= 2 (advantages compare samples of one prompt), got {g.group_size}")
+            raise ConfigError("grpo.group_size must be >= 2 (advantages compare samples of one prompt), "
+                              f"got {g.group_size}")
         for key in ("prompts_per_step", "inner_steps"):
             if getattr(g, key) < 1:
                 raise ConfigError(f"grpo.{key} must be >= 1, got {getattr(g, key)}")
         if not (0 <= g.eps_low < 1 and g.eps_high >= 0):
-            raise ConfigError(f"grpo.eps_low must lie in [0, 1) and grpo.eps_high be >= 0; got {g.eps_low}, {g.eps_high}")
+            raise ConfigError("grpo.eps_low must lie in [0, 1) and grpo.eps_high be >= 0; "
+                              f"got {g.eps_low}, {g.eps_high}")
         if g.beta < 0:
             raise ConfigError(f"grpo.beta must be >= 0, got {g.beta}")
         if self.parallel.pp != 1:
-            raise ConfigError("post-training runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): rollouts decode "
-                              "one token per step, which a pipeline would serialise; set parallel.pp=1")
+            raise ConfigError("post-training runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): "
+                              "rollouts decode one token per step, which a pipeline would serialise; "
+                              "set parallel.pp=1")
         e = self.eval
         if e.samples < 1 or (e.samples > 1 and e.temperature <= 0):
             raise ConfigError(f"eval.samples = {e.samples}: it must be >= 1, and more than one sample per prompt needs "

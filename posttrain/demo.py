@@ -69,7 +69,8 @@ def _eval_scores(run_dir: Path, step: int) -> dict[int, float]:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def _command(module: str, config: Path, overrides: list[str], nproc: int = 1) -> list[str]:
@@ -93,7 +94,8 @@ def _run_all(jobs: list[tuple[str, list[str], Path]], parallel: int) -> None:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
             print(f"[demo] {name}: {shlex.join(cmd)}", flush=True)
-            running.append((name, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT), f, log))
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+            running.append((name, proc, f, log))
         time.sleep(0.5)
         for item in list(running):
             name, proc, f, log = item

@@ -264,8 +264,8 @@ class GRPOTrainer:
                 raise CollapseError(
                     f"{key} collapsed: {value:.4g} < {name} = {floor} for {self.low_streak[key]} rollout batches in a "
                     f"row. The policy has stopped exploring (entropy) or answers with almost nothing (length). Lower "
-                    f"train.lr, raise rollout.temperature or grpo.eps_high (clip-higher), or add grpo.beta, then resume "
-                    f"from the last checkpoint in {self.session.ckpt_dir}")
+                    f"train.lr, raise rollout.temperature or grpo.eps_high (clip-higher), or add grpo.beta, then "
+                    f"resume from the last checkpoint in {self.session.ckpt_dir}")
 
     # -- the loop ------------------------------------------------------------------------------------
     def rollout_stats(self, completions, scores, rewards, keep, gstats, t_roll: float) -> dict[str, float]:

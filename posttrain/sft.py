@@ -30,15 +30,16 @@ class SFTTrainer:
         self.session = sess = StageSession(cfg, stage)
         d, t = cfg.data, cfg.train
         if not d.train_files:
-            raise ConfigError("data.train_files is empty: name the jsonl files of conversations or prompt/response records")
+            raise ConfigError("data.train_files is empty: "
+                              "name the jsonl files of conversations or prompt/response records")
         dp = sess.dims.dp
         if t.global_batch_size % (dp * t.micro_batch_size):
-            raise ConfigError(f"train.global_batch_size = {t.global_batch_size} must be a multiple of train.micro_batch_size "
-                              f"({t.micro_batch_size}) x the data-parallel size ({dp})")
+            raise ConfigError(f"train.global_batch_size = {t.global_batch_size} must be a multiple of "
+                              f"train.micro_batch_size ({t.micro_batch_size}) x the data-parallel size ({dp})")
         multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
         if d.seq_len % multiple or d.seq_len > sess.model_cfg.max_seq_len:
-            raise ConfigError(f"data.seq_len = {d.seq_len} must be a multiple of parallel.tp = {multiple} (the token split) "
-                              f"and at most model.max_seq_len = {sess.model_cfg.max_seq_len}")
+            raise ConfigError(f"data.seq_len = {d.seq_len} must be a multiple of parallel.tp = {multiple} "
+                              f"(the token split) and at most model.max_seq_len = {sess.model_cfg.max_seq_len}")
         try:
             self.rows = self._pack(d.train_files)
             self.valid = self._pack(d.valid_files) if d.valid_files else None

@@ -147,7 +147,8 @@ def _columns(a: int, op: str, b: int) -> list[str]:
             else:
                 top = dx - carry
                 borrow = 1 if top < dy else 0
-                steps.append((f"1{dx}" if borrow else f"{dx}") + (f"-{carry}" if carry else "") + f"-{dy}={top + 10 * borrow - dy}")
+                steps.append((f"1{dx}" if borrow else f"{dx}") + (f"-{carry}" if carry else "")
+                             + f"-{dy}={top + 10 * borrow - dy}")
                 carry = borrow
     v = a + b if op == "+" else a - b
     return steps + [f"{a}{op}{b}={v}"]

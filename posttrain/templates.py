@@ -152,7 +152,8 @@ class R1ZeroTemplate(Template):
         if len(messages) == 2:
             reply = messages[1]
             if reply.get("reasoning") is not None:
-                body = f"{THINK_OPEN} {reply['reasoning']} {THINK_CLOSE} {ANSWER_OPEN} {reply['content']} {ANSWER_CLOSE}"
+                body = (f"{THINK_OPEN} {reply['reasoning']} {THINK_CLOSE} "
+                        f"{ANSWER_OPEN} {reply['content']} {ANSWER_CLOSE}")
             else:
                 body = reply["content"]
             segments += [(body if body[:1].isspace() else " " + body, True), (EOD, True)]

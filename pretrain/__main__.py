@@ -15,7 +15,8 @@ from .config import ConfigError, load_config
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML file (sections model, parallel, train, data, checkpoint, logging)")
+    ap.add_argument("--config", required=True,
+                    help="YAML file (sections model, parallel, train, data, checkpoint, logging)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 parallel.pp=2")
     args = ap.parse_args(argv)
     try:

@@ -199,7 +199,8 @@ def _set(cfg: Config, dotted: str, value, source: str) -> None:
     parts = dotted.split(".")
     sections = [f.name for f in fields(cfg)]
     if parts[0] not in sections:
-        raise ConfigError(f"{source}: unknown section {parts[0]!r} in {dotted!r}; valid sections: {', '.join(sections)}")
+        raise ConfigError(f"{source}: unknown section {parts[0]!r} in {dotted!r}; "
+                          f"valid sections: {', '.join(sections)}")
     if len(parts) != 2:
         raise ConfigError(f"{source}: {dotted!r} must be SECTION.KEY (e.g. train.lr)")
     section, key = parts
@@ -217,7 +218,8 @@ def _set_model(cfg: Config, key: str, value, source: str) -> None:
     model_fields = {f.name: f for f in fields(ModelConfig)}
     if key == "preset":
         if value not in _PRESETS:
-            raise ConfigError(f"{source}: model.preset = {value!r} is not a preset; valid: {', '.join(sorted(_PRESETS))}")
+            raise ConfigError(f"{source}: model.preset = {value!r} is not a preset; "
+                              f"valid: {', '.join(sorted(_PRESETS))}")
         cfg.model["preset"] = value
         return
     if key not in model_fields or key == "name":

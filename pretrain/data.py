@@ -235,7 +235,8 @@ def _import_megatron() -> dict:
             import megatron.core.datasets.helpers_cpp  # noqa: F401  (prebuilt in megatron-core's wheels)
         except ImportError as e:
             raise ImportError(f"megatron-core's compiled dataset helpers (helpers_cpp) cannot be imported ({e}); "
-                              "install a megatron-core 0.16 binary wheel: pip install 'megatron-core>=0.16,<0.17'") from e
+                              "install a megatron-core 0.16 binary wheel: "
+                              "pip install 'megatron-core>=0.16,<0.17'") from e
         from megatron.core.datasets.blended_dataset import BlendedDataset
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig

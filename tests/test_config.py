@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from pretrain.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config
+from pretrain.config import Config, ConfigError, config_from_dict, load_config, save_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

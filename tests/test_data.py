@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain import corpus, data, preprocess
+from pretrain import corpus, preprocess
 from pretrain.data import (DataConfig, PretrainData, check_batch_sizes, check_indexed_dataset,
                            global_batch_size_at, samples_for_steps)
 from pretrain.tokenizer import load_tokenizer, train_sentencepiece

@@ -15,7 +15,8 @@ def _config(task_dir, run_dir, *extra):
     from posttrain.config import load_config
     return load_config(None, [
         "model.preset=tiny-deepseek-v3", "model.vocab_size=256", f"init.tokenizer={task_dir}/tok.model",
-        f"data.train_files=[{task_dir}/arithmetic_train.jsonl]", f"data.valid_files=[{task_dir}/arithmetic_heldout.jsonl]",
+        f"data.train_files=[{task_dir}/arithmetic_train.jsonl]",
+        f"data.valid_files=[{task_dir}/arithmetic_heldout.jsonl]",
         "data.template=chat", "rollout.max_new_tokens=12", "rollout.stop=['</answer>']", "grpo.group_size=4",
         "grpo.prompts_per_step=4", "grpo.beta=0.04", "train.steps=2", "train.lr=1e-3", "train.lr_schedule=constant",
         "train.warmup_steps=0", "train.micro_batch_size=8", "reward.weights={accuracy: 1.0, format: 0.1}",
@@ -26,8 +27,8 @@ def test_training_rows_alignment():
     c = [Completion([5, 6], [7, 8, 2], "", [-0.1, -0.2, -0.3], "eod"), Completion([5], [9], "", [-0.5], "length")]
     tokens, targets, old = training_rows([[5, 6], [5]], c, multiple=4, pad=0)
     assert tokens.tolist() == [[5, 6, 7, 8, 2, 0, 0, 0], [5, 9, 0, 0, 0, 0, 0, 0]]
-    I = IGNORE_INDEX
-    assert targets.tolist() == [[I, 7, 8, 2, I, I, I, I], [9, I, I, I, I, I, I, I]]
+    ig = IGNORE_INDEX
+    assert targets.tolist() == [[ig, 7, 8, 2, ig, ig, ig, ig], [9, ig, ig, ig, ig, ig, ig, ig]]
     torch.testing.assert_close(old[0, 1:4], torch.tensor([-0.1, -0.2, -0.3]))
     assert old[1, 0] == -0.5 and old[1, 1:].abs().sum() == 0
 
@@ -173,7 +174,8 @@ def sft_rank(task_dir, run_dir, extra, out):
     from posttrain.sft import SFTTrainer
     cfg = load_config(None, [
         "model.preset=tiny-deepseek-v3", "model.vocab_size=256", f"init.tokenizer={task_dir}/tok.model",
-        f"data.train_files=[{task_dir}/arithmetic_train.jsonl]", f"data.valid_files=[{task_dir}/arithmetic_heldout.jsonl]",
+        f"data.train_files=[{task_dir}/arithmetic_train.jsonl]",
+        f"data.valid_files=[{task_dir}/arithmetic_heldout.jsonl]",
         "data.template=chat", "data.seq_len=64", "train.steps=4", "train.lr=3e-3", "train.warmup_steps=1",
         "train.micro_batch_size=4", "train.global_batch_size=8", "eval.every=4", "logging.wandb=disabled",
         f"logging.run_dir={run_dir}", *extra])

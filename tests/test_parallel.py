@@ -79,7 +79,7 @@ def _equivalence(name, mesh, dtype, steps, micro, meta_init, overrides):
         parallel.finish_grad_sync(net, mesh)
         if True:
             for key in rout:
-                got = sum(l[key] for l in losses) / micro
+                got = sum(mb[key] for mb in losses) / micro
                 dist.all_reduce(got)
                 _close(got / dims.world, rout[key].detach(), f"{key}", tol)
             grads = parallel.full_state(net, mesh, grads=True)

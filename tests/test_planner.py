@@ -170,7 +170,8 @@ def test_bubbles_and_activations_follow_v3_table2():
     assert P.bubble("zb1p", PP, F, B, W, FB) == pytest.approx((PP - 1) * (F + B - 2 * W))
     assert P.bubble("dualpipe", PP, F, B, W, FB) == pytest.approx((PP / 2 - 1) * (FB + B - 3 * W))
     # DualPipeV: DualPipe cut in half, PP/2 ranks of two half-size chunks
-    assert P.bubble("dualpipev", PP // 2, F / 2, B / 2, W / 2, FB / 2) == pytest.approx((PP / 2 - 1) * (FB + B - 3 * W) / 2)
+    assert P.bubble("dualpipev", PP // 2, F / 2, B / 2, W / 2, FB / 2) == pytest.approx(
+        (PP / 2 - 1) * (FB + B - 3 * W) / 2)
     m = 64
     assert P.in_flight("1f1b", PP, m, 1, 0) == PP
     assert P.in_flight("zb1p", PP, m, 1, 5) == PP
@@ -188,7 +189,8 @@ def test_closed_forms_agree_with_the_schedule_benchmark():
         for pp, m, vpp in ((4, 8, 2), (8, 32, 4)):
             want = bench.closed_form(name, pp, m, c, vpp)["bubble_s"]
             assert P.bubble(name, pp, c.F, c.B, c.W, c.F + c.B) == pytest.approx(want), name
-            assert [P.in_flight(name, pp, m, vpp, r) for r in range(pp)] == bench.closed_form_memory(name, pp, m, vpp), name
+            want_mem = bench.closed_form_memory(name, pp, m, vpp)
+            assert [P.in_flight(name, pp, m, vpp, r) for r in range(pp)] == want_mem, name
 
 
 def test_dualpipe_keeps_two_copies_dualpipev_one(v3):
@@ -216,7 +218,8 @@ def test_v_layout_balances_ranks_not_stages(v3):
     def worst(edges):
         load = [0.0] * 16
         for s in range(32):
-            load[ranks[s]] += sum(costs[1][edges[s]:edges[s + 1]]) + (costs[0] if s == 0 else 0) + (costs[2] if s == 31 else 0)
+            load[ranks[s]] += (sum(costs[1][edges[s]:edges[s + 1]]) + (costs[0] if s == 0 else 0)
+                               + (costs[2] if s == 31 else 0))
         return max(load)
 
     runtime = [0]
@@ -319,7 +322,8 @@ def cli(monkeypatch, v3_net, capsys):
     return run
 
 
-V3_ARGS = ("--model", "deepseek-v3", "--gpus", 2048, "--gpu", "h800", "--global-batch", 15360, "--seq-len", 4096, "--fp8")
+V3_ARGS = ("--model", "deepseek-v3", "--gpus", 2048, "--gpu", "h800", "--global-batch", 15360, "--seq-len", 4096,
+           "--fp8")
 
 
 def test_cli_json_pinned_layout(cli):

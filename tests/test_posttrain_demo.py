@@ -30,7 +30,8 @@ def test_paired_interval_matches_the_textbook_values():
 
 def test_summary_of_a_run(tmp_path):
     rows = [{"step": 0, "eval_accuracy": 0.25, "eval_format": 0.8, "eval_prompts": 8.0, "eval_samples": 2.0}]
-    rows += [{"step": s, "reward_mean": 0.1 * s, "accuracy": 0.01 * s, "response_length_mean": 30.0} for s in range(1, 11)]
+    rows += [{"step": s, "reward_mean": 0.1 * s, "accuracy": 0.01 * s, "response_length_mean": 30.0}
+             for s in range(1, 11)]
     rows += [{"step": 10, "eval_accuracy": 0.5, "eval_format": 0.9, "eval_prompts": 8.0, "eval_samples": 2.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     before, after = [0, 0.5, 0, 0.5, 0, 0, 1, 0], [0.5, 0.5, 0.5, 1, 0, 0.5, 1, 0]

@@ -46,7 +46,8 @@ def test_register_custom_and_module_path(tmp_path, monkeypatch):
     finally:
         rewards._REGISTRY.pop("test_length", None)
 
-    (tmp_path / "my_rewards.py").write_text("def brevity(completion, sample):\n    return 1.0 / (1 + len(completion))\n")
+    (tmp_path / "my_rewards.py").write_text("def brevity(completion, sample):\n"
+                                            "    return 1.0 / (1 + len(completion))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert build_reward({"my_rewards:brevity": 2.0})("a", {}) == 1.0
 
