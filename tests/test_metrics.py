@@ -1,6 +1,7 @@
 """Pretraining metrics: metrics.jsonl (and its truncation on resume), W&B offline/online-fallback/disabled
 read back from the run's own .wandb file, MaxVio, training FLOPs per token, MFU, heatmap, console line."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -110,10 +111,18 @@ def test_wandb_offline_run_has_the_logged_keys(tmp_path, no_wandb_net, capsys, m
     with MetricsLogger(tmp_path, rank=0, wandb_mode="offline", resume_step=1) as log2:
         for step in range(2, 302):
             log2.log(step, _metrics(step), console=False)
-    assert log2.wandb_dir != run and log2.wandb_dir.name.split("-")[-1] == run.name.split("-")[-1]
+    assert log2.wandb_dir != run and _run_id(log2.wandb_dir) == _run_id(run)
     assert next(log2.wandb_dir.glob("run-*.wandb")).stat().st_size > 3 * 32768
     hist = _history(log2.wandb_dir)
     assert sorted(hist) == list(range(2, 302)) and hist[301]["loss"] == pytest.approx(3.0 / 301)
+
+
+def _run_id(run_dir) -> str:
+    """The W&B run id in an offline run directory's name: offline-run-<YYYYMMDD_HHMMSS>-<id>, with W&B's
+    "-<n>" suffix when a run of the same id starts within the same second (a resume in a fast test)."""
+    m = re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(?:-\d+)?", run_dir.name)
+    assert m, run_dir.name
+    return m.group(1)
 
 
 def test_online_falls_back_when_the_server_does_not_answer(tmp_path, no_wandb_net, monkeypatch):
