@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = preset(args.model)
         if args.seq_len < 1:
             raise P.PlanError(f"--seq-len must be >= 1, got {args.seq_len}")
+        if args.top < 1:
+            raise P.PlanError(f"--top must be >= 1 (rows of the table), got {args.top}")
         cluster = P.Cluster(args.gpu, args.gpus, args.gpus_per_node, args.nvlink_gbps, args.ib_gbps)
         pin = P.parse_layout(args.layout)
         for key, value in (("schedule", args.schedule), ("zero", args.zero), ("recompute", args.recompute),

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .hf import (_key_error, _natural, _trim_mtp, cast_for_export, config_from_hf, config_to_hf, iter_from_hf,
-                 iter_to_hf, read_hf_config)
+from .hf import (_key_error, _natural, _trim_mtp, cast_for_export, check_float, config_from_hf, config_to_hf,
+                 iter_from_hf, iter_to_hf, read_hf_config)
 from .safetensors_io import SafetensorsDir, ShardWriter, as_dtype, atomic_dir
 
 NATIVE_CONFIG = "whaletron_config.json"
@@ -45,7 +45,7 @@ def hf_to_native(hf_dir, out_dir, dtype=None, max_shard_bytes: int = DEFAULT_SHA
     """Convert a Hugging Face checkpoint directory to the native format; returns its ModelConfig."""
     dtype = as_dtype(dtype)
     d = read_hf_config(hf_dir)
-    cfg = config_from_hf(d)
+    cfg = config_from_hf(d, str(Path(hf_dir) / "config.json"))
     with SafetensorsDir(hf_dir) as reader:
         keys = reader.keys()
         cfg = _trim_mtp(cfg, keys)
@@ -82,7 +82,13 @@ def native_to_hf(in_dir, hf_dir, dtype=None, max_shard_bytes: int = DEFAULT_SHAR
         if present != expected:
             raise _key_error(f"native checkpoint {in_dir}", list(expected - present), list(present - expected),
                              f"(whaletron_config.json: {cfg.n_layers} layers, {cfg.n_mtp} MTP modules)")
-        return _write_hf(cfg, hf_cfg, reader.get, hf_dir, dtype, max_shard_bytes, overwrite, rope_interleave)
+
+        def get(key, index=None):
+            t = reader.get(key, index)
+            check_float(key, t)
+            return t
+
+        return _write_hf(cfg, hf_cfg, get, hf_dir, dtype, max_shard_bytes, overwrite, rope_interleave)
 
 
 def _write_hf(cfg: ModelConfig, hf_cfg: dict, get, hf_dir, dtype, max_shard_bytes: int, overwrite: bool,
@@ -138,6 +144,7 @@ def load_native(path, dtype=torch.float32, device="cpu"):
         with torch.no_grad():
             for k in sorted(present, key=_natural):
                 t = reader.get(k)
+                check_float(k, t)
                 if t.shape != dest[k].shape:
                     raise ValueError(f"{k} has shape {tuple(t.shape)}, the config implies {tuple(dest[k].shape)}")
                 dest[k].copy_(t)

@@ -63,6 +63,78 @@ def hf_architecture(d: dict) -> str:
         f"{', '.join(ARCHITECTURES)} (model_type {', '.join(_ARCH_OF_TYPE)})")
 
 
+# config.json fields read as numbers or flags (absent or null: the default applies); checked before use so
+# that a string or a fraction is an error naming the field, not a traceback or a silent int("64") / int(64.5)
+_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "original_max_position_embeddings",
+               "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+               "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
+               "first_k_dense_replace", "n_group", "topk_group", "moe_layer_freq", "num_nextn_predict_layers",
+               "num_mtp_layers")
+_FLOAT_FIELDS = ("rms_norm_eps", "initializer_range", "rope_theta", "routed_scaling_factor", "aux_loss_alpha",
+                 "partial_rotary_factor")
+_BOOL_FIELDS = ("tie_word_embeddings", "seq_aux", "norm_topk_prob", "rope_interleave", "attention_bias", "mlp_bias",
+                "use_sliding_window")
+_ROPE_FLOAT_FIELDS = ("rope_theta", "factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                      "partial_rotary_factor")
+_ROPE_INT_FIELDS = ("original_max_position_embeddings",)
+
+
+def _is_int(v) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_field_types(d, source: str) -> None:
+    """Raise a one-line ValueError naming `source` and the field when a config.json value has the wrong type."""
+    if not isinstance(d, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(d), "null" if d is None else type(d).__name__)
+        raise ValueError(f"{source} holds {kind}, not a JSON object; a Hugging Face "
+                         "config.json is an object of fields ({\"architectures\": [...], \"hidden_size\": ...})")
+
+    def bad(key: str, v, kind: str) -> ValueError:
+        return ValueError(f"{source}: {key}={v!r} is not {kind}; correct that field")
+
+    def check(obj: dict, prefix: str, ints, floats, bools=()) -> None:
+        for key in ints:
+            if obj.get(key) is not None and not _is_int(obj[key]):
+                raise bad(prefix + key, obj[key], "an integer")
+        for key in floats:
+            if obj.get(key) is not None and not _is_number(obj[key]):
+                raise bad(prefix + key, obj[key], "a number")
+        for key in bools:
+            if obj.get(key) is not None and not (isinstance(obj[key], int) and obj[key] in (0, 1)):
+                raise bad(prefix + key, obj[key], "true or false")
+
+    check(d, "", _INT_FIELDS, _FLOAT_FIELDS, _BOOL_FIELDS)
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = d.get(key)
+        if rp is not None and not isinstance(rp, dict):
+            raise bad(key, rp, "a JSON object")
+        if rp:
+            check(rp, key + ".", _ROPE_INT_FIELDS, _ROPE_FLOAT_FIELDS)
+    q = d.get("quantization_config")
+    if q is not None and not isinstance(q, dict):
+        raise bad("quantization_config", q, "a JSON object")
+    block = (q or {}).get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2
+                                  and all(_is_int(b) and b > 0 for b in block)):
+        raise bad("quantization_config.weight_block_size", block, "a list of two positive integers")
+    extra = d.get("whaletron")
+    if extra is not None and not isinstance(extra, dict):
+        raise bad("whaletron", extra, "a JSON object")
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(ModelConfig) if f.name in _EXTRA_FIELDS}
+    for key, v in (extra or {}).items():
+        kind = kinds.get(key)
+        if (kind is int and not _is_int(v)) or (kind is float and not _is_number(v)) \
+                or (kind is str and not isinstance(v, str)):
+            raise bad(f"whaletron.{key}", v, {int: "an integer", float: "a number", str: "a string"}[kind])
+
+
 def _need(d: dict, key: str, arch: str):
     if d.get(key) is None:
         raise ValueError(f"{arch} config.json lacks {key!r}, which whaletron needs to build the model")
@@ -72,7 +144,7 @@ def _need(d: dict, key: str, arch: str):
 def _rope_from_hf(d: dict, arch: str, mla: bool) -> dict:
     """rope_parameters (transformers 5) or rope_scaling + rope_theta (older config.json files)."""
     rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if not isinstance(rp, dict):
+    if not isinstance(rp, dict):  # (_check_field_types has said so already)
         raise ValueError(f"rope_parameters/rope_scaling must be a JSON object, got {rp!r}")
     theta = float(rp.get("rope_theta") or d.get("rope_theta") or 10000.0)
     rtype = rp.get("rope_type") or rp.get("type") or "default"
@@ -116,8 +188,11 @@ def _rope_from_hf(d: dict, arch: str, mla: bool) -> dict:
     return out
 
 
-def config_from_hf(d: dict) -> ModelConfig:
-    """ModelConfig for a Hugging Face config.json dict (transformers 5 or DeepSeek remote-code form)."""
+def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    """ModelConfig for a Hugging Face config.json dict (transformers 5 or DeepSeek remote-code form).
+
+    `source` (the file's path) names the file in the errors."""
+    _check_field_types(d, source)
     arch = hf_architecture(d)
     name = _ARCH_OF_TYPE[arch]
     mla = arch in ("deepseek_v3", "deepseek_v2")
@@ -543,17 +618,28 @@ def iter_from_hf(cfg: ModelConfig, keys: Iterable[str], get: Getter, hf_config: 
         if t.dtype in FP8_DTYPES:
             if hf + "_scale_inv" not in keys:
                 raise ValueError(f"{hf} is stored as {t.dtype} but {hf}_scale_inv is missing")
-            t = dequantize_fp8(t, get(hf + "_scale_inv"), block, hf).to(fp8_dtype)
+            scale_inv = get(hf + "_scale_inv")
+            check_float(hf + "_scale_inv", scale_inv)
+            t = dequantize_fp8(t, scale_inv, block, hf).to(fp8_dtype)
         if permute and rope:
             t = _permute_rope(t, rope, cfg, to_interleaved=_ours_interleaved(cfg))
         return t
 
     def check(hf: str, t: torch.Tensor, shape) -> None:
+        check_float(hf, t)
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{hf} has shape {tuple(t.shape)} but the config implies {tuple(shape)}; "
                              "does config.json belong to these weights?")
 
     return _import_gen(_table_groups(table), fused, shapes, read, check, get)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Every weight, norm, bias and scale of these models is floating point: an integer (or bool, complex)
+    tensor would be cast silently by copy_, so it is an error naming the tensor."""
+    if not t.is_floating_point():
+        raise ValueError(f"{name} is stored as {t.dtype}, but it is a floating-point weight; the checkpoint is "
+                         "damaged or was written by another program (export it again in fp32/bf16/fp16)")
 
 
 def _table_groups(table: list[_Entry]) -> dict[str, list[_Entry]]:
@@ -654,9 +740,12 @@ def read_hf_config(path) -> dict:
         raise FileNotFoundError(f"{path} has no config.json; a Hugging Face checkpoint directory holds config.json "
                                 "plus model.safetensors or model.safetensors.index.json and its shards")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
+        d = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        _check_field_types(d, str(cfg_file))
+    return d
 
 
 def mtp_present(n_layers: int, keys: Iterable[str]) -> int:
@@ -697,7 +786,7 @@ def load_hf(path, dtype=torch.float32, device="cpu"):
     dequantized) as an eval-mode Transformer, filled one tensor at a time."""
     path = Path(path)
     d = read_hf_config(path)
-    cfg = config_from_hf(d)
+    cfg = config_from_hf(d, str(path / "config.json"))
     dtype = as_dtype(dtype) or torch.float32
     with SafetensorsDir(path) as reader:
         keys = reader.keys()

@@ -24,6 +24,17 @@ global metadata are on disk does rank 0 write meta.json, rename the directory an
 `latest` pointer. Loading never unpickles arbitrary objects: DCP's `.metadata` file is a pickle,
 read here by an unpickler that admits only the classes DCP metadata consists of.
 
+Integrity: every rank checksums the files it wrote (inside DCP's write step, so also in the
+background thread of an asynchronous save) into `manifest.rank<i>.json`; DCP gathers every rank's
+write results before rank 0 completes the save, so rank 0 then finds every part, merges them with
+`.metadata` and meta.json into `manifest.json` (the parts are deleted), all before the rename that
+publishes the directory. Loading verifies sizes and checksums first, the files split over the ranks.
+`latest_checkpoint` returns the newest complete checkpoint that verifies, saying once what was wrong
+with any newer one (local by default; collective=True splits the reading over the ranks that all call
+it); a step directory named explicitly that fails is an error. Checkpoints saved before manifests
+existed load unverified (said once). A failed save (a full disk: ENOSPC) names the error and the
+path, removes its partial directory and leaves the previous checkpoint the latest.
+
     state = sharded_state(pipe.stages, mesh, optimizer=opt, ema=ema)    # views of the live tensors
     save_checkpoint(run_dir / "checkpoints", step, state, meta)         # every rank
     path = latest_checkpoint(run_dir / "checkpoints")
@@ -31,14 +42,17 @@ read here by an unpickler that admits only the classes DCP metadata consists of.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import pickle
 import re
 import shutil
+import sys
 import threading
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +63,7 @@ from torch import nn
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"  # {"checksum": "crc32", "files": {name: {"size": bytes, "crc32": "8 hex"}}}
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -278,6 +293,139 @@ def sharded_state(modules, mesh=None, optimizer=None, ema=None) -> dict[str, Glo
     return out
 
 
+# -- integrity: checksums recorded at save, verified at load ----------------------------------------------
+# CRC-32 (zlib, in the standard library): the threat is corruption (flipped bits on disk or in transit,
+# truncated or lost files), not an adversary forging a checkpoint, so a cryptographic hash buys nothing.
+# CRC-32 catches every burst of up to 32 flipped bits and misses random damage with probability 2^-32 per
+# file, and on this machine it runs at 2.3 GB/s against 1.7 for sha256 and 0.8 for blake2b.
+_CHECKSUM = "crc32"
+_PART = "manifest.rank{}.json"  # one rank's {file: entry}, merged into MANIFEST_FILE by rank 0
+_READ_CHUNK = 8 << 20
+_VERIFIED: dict[tuple, str | None] = {}  # (file, stat, expected entry) -> problem or None: each file read once
+_SAID: set[str] = set()
+
+
+def _checksum(path: Path) -> dict:
+    """{"size", "crc32"} of a file, read in 8 MiB chunks."""
+    buf = bytearray(_READ_CHUNK)
+    view, crc, size = memoryview(buf), 0, 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc, size = zlib.crc32(view[:n], crc), size + n
+    return {"size": size, _CHECKSUM: f"{crc:08x}"}
+
+
+def _say_once(msg: str) -> None:
+    """Print to stderr once per process (rank 0 only when torch.distributed is initialised)."""
+    if msg in _SAID:
+        return
+    _SAID.add(msg)
+    if not _dist() or dist.get_rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _checksumming_writer(path: Path):
+    """DCP's file writer that also records the size and CRC-32 of each file this rank wrote, in
+    manifest.rank<i>.json, inside DCP's write step: DCP gathers every rank's write results before rank 0
+    finishes the save, so every part is on disk when rank 0 merges them (`_write_manifest`)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class ChecksummingWriter(FileSystemWriter):
+        def write_data(self, plan, planner):
+            fut = super().write_data(plan, planner)  # already complete: DCP's writer is synchronous
+            names = sorted({r.storage_data.relative_path for r in fut.wait()})
+            files = {n: _checksum(path / n) for n in names}  # just written: read back from the page cache
+            rank = plan.storage_data.prefix.strip("_")  # DCP's file prefix of this rank: "__<i>_"
+            _write_atomic(path / _PART.format(rank), json.dumps({"checksum": _CHECKSUM, "files": files}) + "\n")
+            return fut
+
+    return ChecksummingWriter(path)
+
+
+def _merge_parts(partial: Path, metadata) -> dict:
+    """Rank 0: every rank's recorded files, checked to cover every data file DCP's metadata names."""
+    files: dict = {}
+    parts = sorted(partial.glob(_PART.format("*")))
+    for f in parts:
+        files.update(json.loads(f.read_text())["files"])
+    needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
+    missing = sorted(needed - set(files))
+    if missing:
+        raise CheckpointError(f"{partial}: no checksum was recorded for {missing[:3]} (a rank's "
+                              f"{_PART.format('<i>')} is missing)")
+    for f in parts:
+        f.unlink()
+    return files
+
+
+def _manifest_entries(d: Path) -> tuple[dict | None, str | None]:
+    """(the manifest's {file: entry}, None), (None, what is wrong), or (None, None) for a checkpoint
+    saved before manifests existed (or one whose meta.json is unreadable: read_meta reports that)."""
+    f = d / MANIFEST_FILE
+    if not f.is_file():
+        try:
+            recorded = json.loads((d / META_FILE).read_text()).get("manifest")
+        except (OSError, ValueError, AttributeError):
+            return None, None
+        if recorded:
+            return None, f"{f} is missing (expected: meta.json records that the save wrote it)"
+        return None, None
+    try:
+        man = json.loads(f.read_text())
+        files = man["files"]
+        if man.get("checksum") != _CHECKSUM or not isinstance(files, dict):
+            raise ValueError(f"checksum {man.get('checksum')!r}, expected {_CHECKSUM!r}")
+        for name, e in files.items():
+            if name != os.path.basename(name) or name in ("", ".", "..") or not isinstance(e, dict) \
+                    or not isinstance(e.get("size"), int) or not isinstance(e.get(_CHECKSUM), str):
+                raise ValueError(f"bad entry {name!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"{f} is corrupt ({type(e).__name__}: {e})"
+    return files, None
+
+
+def _check_file(d: Path, name: str, want: dict) -> str | None:
+    f = d / name
+    try:
+        st = f.stat()
+    except FileNotFoundError:
+        return f"{f} is missing (expected {want['size']} bytes)"
+    if st.st_size != want["size"]:
+        how = "truncated" if st.st_size < want["size"] else "grown"
+        return f"{f} is {how}: expected {want['size']} bytes, found {st.st_size}"
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, want[_CHECKSUM])
+    if key not in _VERIFIED:
+        got = _checksum(f)[_CHECKSUM]
+        _VERIFIED[key] = None if got == want[_CHECKSUM] else \
+            f"{f} is corrupt: {_CHECKSUM} expected {want[_CHECKSUM]}, found {got}"
+    return _VERIFIED[key]
+
+
+def _problem(d: Path, collective: bool) -> str | None:
+    """What is wrong with checkpoint directory `d` (a missing, truncated or changed file, a missing or corrupt
+    manifest), or None when it verifies. A checkpoint without a manifest (saved before them) passes unverified,
+    said once; one without meta.json passes too (read_meta refuses it). Collective when torch.distributed is
+    initialised and `collective`: the files are split over the ranks and every rank returns the same answer."""
+    files, problem = _manifest_entries(d)
+    spread = collective and _dist()
+    if problem is None and files is not None:
+        names = sorted(files, key=lambda n: (-files[n]["size"], n))
+        if spread:  # biggest first, dealt round-robin: each rank reads about 1/world of the checkpoint
+            names = names[dist.get_rank()::dist.get_world_size()]
+        for n in names:
+            problem = _check_file(d, n, files[n])
+            if problem:
+                break
+    elif problem is None and (d / META_FILE).is_file():
+        _say_once(f"note: {d} has no {MANIFEST_FILE} (saved before checkpoints recorded checksums): "
+                  "loading it without verification")
+    if spread:
+        found: list = [None] * dist.get_world_size()
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p), None)
+    return problem
+
+
 # -- directory layout ----------------------------------------------------------------------------------
 def _step_name(step: int) -> str:
     return f"step_{step:08d}"
@@ -296,17 +444,54 @@ def _complete_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: int(_STEP_DIR.fullmatch(d.name).group(1)))
 
 
-def latest_checkpoint(root) -> Path | None:
-    """The checkpoint `root/latest` names; if that is missing or incomplete, the complete `step_*`
-    directory with the highest step; None when there is none (`*.partial` directories never count)."""
-    root = Path(root)
+def _step_of(d: Path) -> int:
+    return int(_STEP_DIR.fullmatch(d.name).group(1))
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Complete checkpoints, newest first: the one `root/latest` names, then those of lower steps (a run
+    resumed from an older step points `latest` below abandoned later ones); without a valid pointer, all of
+    them by step."""
+    dirs = _complete_dirs(root)[::-1]
     pointer = root / LATEST_FILE
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if _STEP_DIR.fullmatch(name) and _is_complete(root / name):
-            return root / name
-    dirs = _complete_dirs(root)
-    return dirs[-1] if dirs else None
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    if _STEP_DIR.fullmatch(name) and _is_complete(root / name):
+        return [root / name] + [d for d in dirs if _step_of(d) < _step_of(root / name)]
+    return dirs
+
+
+def latest_checkpoint(root, *, verify: bool = True, collective: bool = False) -> Path | None:
+    """The newest complete checkpoint that verifies: the one `root/latest` names if it is complete and its
+    files match its manifest, else the next older complete one that does (without a valid pointer: the highest
+    step that does). `*.partial` directories never count. A newer checkpoint passed over is named once on
+    stderr with what was wrong (file, expected vs found) and which checkpoint is used instead. None when there
+    is no complete checkpoint; CheckpointError when there are some and none verifies (starting afresh would
+    overwrite the run).
+
+    Verification reads every file of a candidate once per process (later calls, load_checkpoint's included,
+    reuse the result while the files are unchanged). collective=True, when every rank calls it under
+    torch.distributed (a resume): the files are split over the ranks, each reads about 1/world of them, and all
+    agree on the answer. The default is local, safe to call on one rank alone. verify=False: the newest
+    complete one, nothing read."""
+    root = Path(root)
+    found = _candidates(root)
+    if not verify or not found:
+        return found[0] if found else None
+    return _newest_verified(root, found, collective)
+
+
+def _newest_verified(root: Path, found: list[Path], collective: bool) -> Path:
+    bad = []
+    for d in found:
+        problem = _problem(d, collective)
+        if problem is None:
+            if bad:
+                _say_once(f"checkpoint {'; '.join(bad)}; using {d.name} instead, the newest complete checkpoint "
+                          f"in {root} that verifies")
+            return d
+        bad.append(f"{d.name} failed verification ({problem})")
+    raise CheckpointError(f"no checkpoint in {root} verifies: {'; '.join(bad)}; restore the files or move the "
+                          "directories aside to start afresh")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -324,11 +509,15 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave the temporary file behind
+        raise
     _fsync_dir(path.parent)
 
 
@@ -341,11 +530,57 @@ def _remove_dir(d: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _finalize(root: Path, partial: Path, final: Path, meta: dict, keys: list[str], keep: int | None) -> None:
-    """Rank 0, after every rank's data and DCP's global metadata are written."""
-    _write_atomic(partial / META_FILE, json.dumps({**meta, "format_version": FORMAT_VERSION,
-                                                   "keys": sorted(keys)}, indent=1) + "\n")
+def _save_error(e: BaseException, step_dir: Path, partial: Path, coordinator: bool) -> CheckpointError:
+    """A one-line error for a failed save, naming the OS error (ENOSPC: the disk is full) and its path; the
+    coordinator removes the partial directory (never published: the previous checkpoint stays the latest)."""
+    cause, seen = e, set()
+    while id(cause) not in seen:  # DCP wraps each rank's exception in a CheckpointException (a BaseException)
+        seen.add(id(cause))
+        failures = getattr(cause, "failures", None)
+        if isinstance(failures, dict) and failures:  # {rank: (exception, traceback)}: an OS error first
+            errs = [f[0] for f in failures.values()]
+            cause = next((x for x in errs if isinstance(x, OSError)), errs[0])
+        elif isinstance(cause, CheckpointError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        else:
+            break
+    if isinstance(cause, OSError) and cause.errno is not None:
+        name = errno.errorcode.get(cause.errno, str(cause.errno))
+        what = f"[{name}] {cause.strerror}: {cause.filename or partial}"
+        if cause.errno == errno.ENOSPC:
+            what += f" (the disk holding {partial.parent} is full: free space there or lower checkpoint.keep)"
+    else:
+        what = f"{type(cause).__name__}: {cause}"
+    if coordinator:
+        try:
+            _remove_dir(partial)
+        except OSError:
+            pass
+    prev = _candidates(partial.parent)
+    return CheckpointError(f"saving {step_dir.name} failed: {what}; the partial save {partial.name} was removed "
+                           f"and {prev[0] if prev else 'no checkpoint'} remains the latest")
+
+
+def _write_manifest(partial: Path, meta: dict, metadata) -> None:
+    """Rank 0, after every rank's data and DCP's global metadata are written: meta.json, then manifest.json
+    covering every file (each rank's data files, .metadata, meta.json), inside the partial directory."""
+    files = _merge_parts(partial, metadata)
+    _write_atomic(partial / META_FILE, json.dumps({**meta, "format_version": FORMAT_VERSION, "manifest": MANIFEST_FILE,
+                                                   "keys": sorted(metadata.state_dict_metadata)}, indent=1) + "\n")
+    for name in (".metadata", META_FILE):
+        files[name] = _checksum(partial / name)
+    rows = ",\n".join(f" {json.dumps(name)}: {json.dumps(entry)}" for name, entry in sorted(files.items()))
+    _write_atomic(partial / MANIFEST_FILE, f'{{"checksum": "{_CHECKSUM}", "files": {{\n{rows}\n}}}}\n')
     _fsync_dir(partial)
+
+
+def _finalize(root: Path, partial: Path, final: Path, meta: dict, metadata, keep: int | None) -> None:
+    """Rank 0, after every rank's data and DCP's global metadata are written. Old checkpoints are pruned only
+    after the new one is published."""
+    try:
+        _write_manifest(partial, meta, metadata)
+    except Exception as e:  # noqa: BLE001 (a full disk, most likely: said, and the partial save removed)
+        raise _save_error(e, final, partial, True) from e
     old = None
     if final.exists():  # the same step saved again (e.g. a resumed run reaching it once more)
         old = final.with_name(f".{final.name}.deleting-{os.getpid()}")
@@ -354,7 +589,12 @@ def _finalize(root: Path, partial: Path, final: Path, meta: dict, keys: list[str
     _fsync_dir(root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    _write_atomic(root / LATEST_FILE, final.name + "\n")
+    try:
+        _write_atomic(root / LATEST_FILE, final.name + "\n")
+    except OSError as e:
+        raise CheckpointError(f"{final} was saved, but {root / LATEST_FILE} could not point at it "
+                              f"([{errno.errorcode.get(e.errno, e.errno)}] {e.strerror}); the checkpoint it names "
+                              "remains the latest") from e
     if keep:
         for d in _complete_dirs(root)[:-keep]:
             if d != final:
@@ -436,10 +676,12 @@ class AsyncCheckpoint:
             if not self._finished:
                 try:
                     fut = getattr(self._future, "upload_completion", self._future)
-                    metadata = fut.result()
+                    try:
+                        metadata = fut.result()
+                    except BaseException as e:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
+                        raise _save_error(e, self.path, self._partial, self._coordinator) from e
                     if self._coordinator:
-                        _finalize(self._root, self._partial, self.path, self._meta,
-                                  list(metadata.state_dict_metadata), self._keep)
+                        _finalize(self._root, self._partial, self.path, self._meta, metadata, self._keep)
                 except BaseException as e:  # noqa: BLE001 (re-raised on every wait)
                     self._error = e
                 finally:
@@ -447,8 +689,7 @@ class AsyncCheckpoint:
                     if self in _PENDING:
                         _PENDING.remove(self)
             if self._error is not None:
-                raise CheckpointError(f"asynchronous save of {self.path.name} failed: {self._error}") \
-                    from self._error
+                raise CheckpointError(f"asynchronous save: {self._error}") from self._error
         return self.path
 
 
@@ -479,16 +720,20 @@ def save_checkpoint(root, step: int, state: dict, meta: dict, *, keep: int | Non
                     async_save: bool = False, process_group=None):
     """Write `state` (from `sharded_state`) as root/step_XXXXXXXX, atomically; every rank calls it.
 
-    DCP writes into step_XXXXXXXX.partial (a stale one of the same step is removed first); then rank 0
-    writes meta.json (`meta` plus "format_version" and the saved "keys"), renames the directory, points
-    root/latest at it and deletes complete checkpoints older than the newest `keep` (None or 0: keep all).
-    A crash at any point leaves the previous checkpoints and `latest` as they were.
+    DCP writes into step_XXXXXXXX.partial (a stale one of the same step is removed first), each rank
+    recording its files' sizes and CRC-32s; then rank 0 writes meta.json (`meta` plus "format_version",
+    "manifest" and the saved "keys") and manifest.json (every file's size and CRC-32), renames the directory,
+    points root/latest at it and only then deletes complete checkpoints older than the newest `keep` (None or
+    0: keep all). A crash at any point leaves the previous checkpoints and `latest` as they were; a failed
+    save (ENOSPC: a full disk) raises a CheckpointError naming the error and the path, and removes its
+    partial directory.
 
     Synchronous: returns the final path once the checkpoint is complete on every rank. async_save=True:
     copies the state to CPU, returns an `AsyncCheckpoint` at once and writes in a background thread (over
     a separate gloo group); the checkpoint becomes complete in its `wait()`, which the next
     save_checkpoint and `finalize_pending()` call."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     finalize_pending()
     root = Path(root)
@@ -507,15 +752,18 @@ def save_checkpoint(root, step: int, state: dict, meta: dict, *, keep: int | Non
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
                                                       "uninitialized, assuming the intent is to save")
         pg = _async_group(process_group) if use_dist else None
-        future = dcp.async_save(staged, storage_writer=dcp.FileSystemWriter(partial), process_group=pg,
+        future = dcp.async_save(staged, storage_writer=_checksumming_writer(partial), process_group=pg,
                                 async_stager=_NoStaging(), no_dist=not use_dist)
         handle = AsyncCheckpoint(future, coordinator, root, partial, final, meta, keep)
         _PENDING.append(handle)
         return handle
-    with _quiet_single_process():
-        metadata = dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), process_group=process_group,
-                            no_dist=not use_dist)
-    _on_coordinator(lambda: _finalize(root, partial, final, meta, list(metadata.state_dict_metadata), keep),
+    try:
+        with _quiet_single_process():
+            metadata = dcp.save(state, storage_writer=_checksumming_writer(partial), process_group=process_group,
+                                no_dist=not use_dist)
+    except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException) on every rank
+        raise _save_error(e, final, partial, coordinator) from e
+    _on_coordinator(lambda: _finalize(root, partial, final, meta, metadata, keep),
                     coordinator, process_group, f"completing {final}")
     return final
 
@@ -615,7 +863,12 @@ def _safe_planner():
 
 
 def resolve_checkpoint(path) -> Path:
-    """A step directory as it is; a checkpoint root (holding `latest` or step_* directories): its latest."""
+    """A step directory as it is; a checkpoint root (holding `latest` or step_* directories): its newest complete
+    checkpoint that verifies (`latest_checkpoint`, local)."""
+    return _resolve(path, collective=False)
+
+
+def _resolve(path, collective: bool) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -623,11 +876,19 @@ def resolve_checkpoint(path) -> Path:
         raise CheckpointError(f"{path} is not a directory")
     if not (path / META_FILE).exists() and not path.name.endswith(".partial") and \
             ((path / LATEST_FILE).exists() or any(_STEP_DIR.fullmatch(d.name) for d in path.iterdir())):
-        found = latest_checkpoint(path)
-        if found is None:
+        found = _candidates(path)
+        if not found:
             raise CheckpointError(f"{path} holds no complete checkpoint (only interrupted *.partial saves)")
-        return found
+        return _newest_verified(path, found, collective)
     return path
+
+
+def _corrupt(path: Path, problem: str) -> CheckpointError:
+    """The error for a step directory named explicitly that fails verification (a root resolves to one that
+    passed): it is not replaced by an older checkpoint behind the user's back."""
+    return CheckpointError(f"{problem}; {path} was named explicitly, so no older checkpoint replaces it: name "
+                           f"another step directory, or the checkpoint root {path.parent} to load the newest one "
+                           "that verifies")
 
 
 def read_meta(path) -> dict:
@@ -669,19 +930,31 @@ def load_checkpoint(path, state: dict, *, model_config: dict | None = None, stri
 
     path: a step directory, or a checkpoint root (then its latest). Every rank calls it when torch.distributed
     is initialised (a rank whose check fails raises, the others raise too). Before any tensor is read:
-    meta.json and DCP's metadata are read (the latter without unpickling anything but DCP's own classes),
-    `model_config` (if given) must equal the saved one (else CheckpointMismatch naming each field), and every
-    key of `state` must be in the checkpoint with its global shape (strict_keys=False skips absent keys)."""
+    meta.json and DCP's metadata are read (the latter without unpickling anything but DCP's own classes), every
+    file is checked against the checkpoint's manifest (sizes and CRC-32s, the files split over the ranks; a root
+    resolves to its newest checkpoint that verifies, an explicitly named step directory that fails is a
+    CheckpointError naming the file, expected vs found), `model_config` (if given) must equal the saved one
+    (else CheckpointMismatch naming each field), and every key of `state` must be in the checkpoint with its
+    global shape (strict_keys=False skips absent keys)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     error, todo, meta = None, {}, {}
     try:
-        path = resolve_checkpoint(path)
+        path = _resolve(path, collective=True)  # a root: its newest verified checkpoint, the files split over ranks
+    except CheckpointError as e:
+        error = e
+    _agree(error is None, None, f"loading {path}")
+    if error is not None:
+        raise error
+    problem = _problem(path, collective=True)  # every rank gets the same answer
+    try:
         meta = read_meta(path)
+        md = _read_dcp_metadata(path)  # first: a tampered .metadata is refused as such, nothing unpickled
+        if problem is not None:
+            raise _corrupt(path, problem)
         if model_config is not None:
             check_model_config(meta, model_config, path)
-        md = _read_dcp_metadata(path)
         saved = md.state_dict_metadata
         missing = sorted(k for k in state if k not in saved)
         if missing and strict_keys:
@@ -716,9 +989,12 @@ def read_full_model_state(path) -> tuple[dict[str, torch.Tensor], dict]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    path = resolve_checkpoint(path)
+    path = _resolve(path, collective=False)
     meta = read_meta(path)
     md = _read_dcp_metadata(path)
+    problem = _problem(path, collective=False)
+    if problem is not None:
+        raise _corrupt(path, problem)
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
              if k.startswith("model/") and isinstance(m, TensorStorageMetadata)}
     if not state:

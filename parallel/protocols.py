@@ -365,6 +365,7 @@ NOT_HOOKS: dict[str, str] = {
     "init_state": "the optimizer's (parallel/checkpoint.py sharded_state)",
     "set_requires_gradient_sync": "FSDP2's FSDPModule method (parallel/data_parallel.py set_gradient_sync)",
     "read1": "a file stream (posttrain/sandbox.py)",
+    "numpy": "megatron-core's dataset modules, given a pickle-free numpy (pretrain/data.py _import_megatron)",
     "group": "RowParallelLinear's own attribute, read by the Fp8Linear mixin",
     "sp": "RowParallelLinear's own attribute, read by the Fp8Linear mixin",
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, check_choices, load_config as _load_config
+from pretrain.config import Config, ConfigError, check_choices, load_config as _load_config, user_errors as _user_errors
 
 
 @dataclass
@@ -125,6 +125,9 @@ class PosttrainConfig(Config):
                               f"got {g.eps_low}, {g.eps_high}")
         if g.beta < 0:
             raise ConfigError(f"grpo.beta must be >= 0, got {g.beta}")
+        for key, value in (("grpo.ref_update_every", g.ref_update_every), ("eval.every", self.eval.every)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0 (every N steps; 0: never), got {value}")
         if self.parallel.pp != 1:
             raise ConfigError("post-training runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): "
                               "rollouts decode one token per step, which a pipeline would serialise; "
@@ -141,6 +144,11 @@ class PosttrainConfig(Config):
             build_reward(self.reward.weights)
         except ValueError as e:
             raise ConfigError(f"reward.weights: {e}") from None
+
+    def _check_data(self, model_cfg) -> None:
+        """data.seq_len alone: the stages that pack rows (SFT, DPO) check it against model.max_seq_len."""
+        if self.data.seq_len < 1:
+            raise ConfigError(f"data.seq_len must be >= 1 (tokens per packed row), got {self.data.seq_len}")
 
     def _check_stages(self) -> None:
         """The rejection and DPO sections (their own ranges; the stages check what needs the data)."""
@@ -167,3 +175,9 @@ class PosttrainConfig(Config):
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PosttrainConfig:
     return _load_config(path, overrides, cls=PosttrainConfig)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """pretrain.config.user_errors() plus a malformed post-training data file; posttrain.stage adds StageError."""
+    from .data import DataError
+    return (*_user_errors(), DataError)

@@ -9,6 +9,9 @@ Records, one JSON object per line (blank lines are skipped), in one of two shape
 preference pair {"prompt": str | "messages": [... ending with the user's turn], "chosen": reply,
                 "rejected": reply, ...}   (DPO; a reply is a string or an assistant message object)
 
+A file must hold at least one record: an empty one (or one of blank lines only) is a DataError
+`FILE: no records`, never an empty data set that a stage would loop on or silently skip.
+
 "answer" is the reference a reward checks (the final answer, e.g. "77"; code tasks carry "tests"
 instead). "response" is the whole assistant reply an SFT stage trains on, in the template's format
 (e.g. "<think> 23*4=92, 92-15=77 </think> <answer> 77 </answer>" for r1_zero). SFT needs a target:
@@ -52,7 +55,8 @@ from pretrain.tokenizer import Tokenizer
 
 __all__ = ["DataError", "Example", "PackingStats", "PackedRows", "PackedIterator", "IGNORE_INDEX",
            "validate_record", "read_jsonl", "tokenize_conversation", "encode_prompt", "load_sft_examples",
-           "load_prompts", "pack_examples", "validate_pair", "load_preference_pairs", "pair_conversations"]
+           "load_prompts", "load_located_prompts", "check_prompt_fit", "read_sft_records", "tokenize_sft_records",
+           "pack_examples", "validate_pair", "load_preference_pairs", "pair_conversations"]
 
 _MAX_LISTED_ERRORS = 10
 
@@ -132,8 +136,15 @@ def validate_pair(obj: Any, where: str = "record") -> dict:
     return obj
 
 
-def _read(paths: str | os.PathLike | Sequence[str | os.PathLike], validate=validate_record) -> list[tuple[str, dict]]:
-    """(location "file:line", record) for every record of the files; all bad lines in one DataError."""
+_PROMPTS = 'prompt records ({"prompt": ...} or {"messages": [...]})'
+_SFT = 'SFT records ({"prompt": ..., "response": ...} or {"messages": [...]} with an assistant turn)'
+_PAIRS = 'preference pairs ({"prompt": ..., "chosen": ..., "rejected": ...})'
+
+
+def _read(paths: str | os.PathLike | Sequence[str | os.PathLike], validate=validate_record,
+          what: str = _PROMPTS) -> list[tuple[str, dict]]:
+    """(location "file:line", record) for every record of the files; all bad lines in one DataError, a file
+    without a record (empty, or blank lines only) a one-line DataError `FILE: no records` saying `what` it needs."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out, errors = [], []
@@ -141,10 +152,12 @@ def _read(paths: str | os.PathLike | Sequence[str | os.PathLike], validate=valid
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
+        lines = 0
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                lines += 1
                 where = f"{path}:{lineno}"
                 try:
                     obj = json.loads(line)
@@ -155,6 +168,9 @@ def _read(paths: str | os.PathLike | Sequence[str | os.PathLike], validate=valid
                     out.append((where, validate(obj, where)))
                 except DataError as e:
                     errors.append(str(e))
+        if not lines:
+            raise DataError(f"{path}: no records (the file is empty or holds only blank lines); write {what} into "
+                            "it, one JSON object per line, or take it out of the file list")
     if errors:
         listed = "\n  ".join(errors[:_MAX_LISTED_ERRORS])
         more = f"\n  ... and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
@@ -217,12 +233,19 @@ class Example:
         return sum(self.loss_mask[1:])
 
 
-def load_sft_examples(paths, tokenizer: Tokenizer, template: Template | str, *,
-                      add_bos: bool = False) -> list[Example]:
-    """Tokenized SFT examples; a record without an assistant target is an error naming file:line."""
+def read_sft_records(paths) -> list[tuple[str, dict]]:
+    """(location "file:line", record) of SFT files, validated; no tokenizer needed (a stage reads its data
+    before it builds the model, so that bad data stops it at once)."""
+    return _read(paths, what=_SFT)
+
+
+def tokenize_sft_records(located: list[tuple[str, dict]], tokenizer: Tokenizer, template: Template | str, *,
+                         add_bos: bool = False) -> list[Example]:
+    """Tokenized SFT examples of read_sft_records' output; a record without an assistant target is an error
+    naming file:line."""
     template = get_template(template)
     out, errors = [], []
-    for where, record in _read(paths):
+    for where, record in located:
         try:
             messages = as_messages(record)
             if not any(m["role"] == "assistant" for m in messages):
@@ -240,14 +263,44 @@ def load_sft_examples(paths, tokenizer: Tokenizer, template: Template | str, *,
     return out
 
 
+def load_sft_examples(paths, tokenizer: Tokenizer, template: Template | str, *,
+                      add_bos: bool = False) -> list[Example]:
+    """Tokenized SFT examples; a record without an assistant target is an error naming file:line."""
+    return tokenize_sft_records(read_sft_records(paths), tokenizer, template, add_bos=add_bos)
+
+
 def load_prompts(paths) -> list[dict]:
     """Records for RL/generation (the sample dicts rewards receive), validated."""
-    return read_jsonl(paths)
+    return [r for _, r in load_located_prompts(paths)]
+
+
+def load_located_prompts(paths) -> list[tuple[str, dict]]:
+    """(location "file:line", record) of prompt files, validated: the location names a prompt in errors."""
+    return _read(paths, what=_PROMPTS)
+
+
+def check_prompt_fit(located: Sequence[tuple[str, Sequence[int]]], max_new_tokens: int, max_seq_len: int, *,
+                     budget: str = "rollout.max_new_tokens", template: str = "") -> None:
+    """Every prompt's ids (encoded as the generator receives them) plus `max_new_tokens` must fit in
+    `max_seq_len` (the KV cache the generator allocates); otherwise a one-line DataError naming the longest
+    prompt's file:line, the numbers and the fixes. `budget` is the config key that set max_new_tokens."""
+    over = [(len(ids), where) for where, ids in located if len(ids) + max_new_tokens > max_seq_len]
+    if not over:
+        return
+    n, where = max(over, key=lambda x: x[0])      # the first of the longest
+    fixes = [f"raise model.max_seq_len to {n + max_new_tokens}"]
+    if max_seq_len - n >= 1:
+        fixes.append(f"lower {budget} to {max_seq_len - n}")
+    fixes.append(f"drop or shorten the prompts longer than {max(max_seq_len - max_new_tokens, 0)} tokens")
+    tmpl = f" with the {template} template" if template else ""
+    raise DataError(f"{where}: this prompt is {n} tokens{tmpl}, and {n} + {budget} ({max_new_tokens}) = "
+                    f"{n + max_new_tokens} exceeds model.max_seq_len = {max_seq_len} ({len(over)} of {len(located)} "
+                    f"prompts do not fit); {', '.join(fixes[:-1])}, or {fixes[-1]}")
 
 
 def load_preference_pairs(paths) -> list[tuple[str, dict]]:
     """(location "file:line", pair) for every preference pair of the files, validated (validate_pair)."""
-    return _read(paths, validate_pair)
+    return _read(paths, validate_pair, _PAIRS)
 
 
 def pair_conversations(pair: dict) -> tuple[list[dict], list[dict]]:

@@ -22,7 +22,7 @@ from pretrain.session import init_distributed
 
 from .config import PosttrainConfig, load_config
 from .rejection import RejectionSampler
-from .stage import guarded
+from .stage import StageError, guarded
 from .sft import SFTTrainer
 
 
@@ -47,7 +47,20 @@ def distill(teacher: PosttrainConfig, student: PosttrainConfig) -> int:
         sampler.run()
         del sampler                                 # the teacher's weights go before the student's arrive
         gc.collect()
+    empty = [_no_records(out) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(empty, src=0)
+    if empty[0]:
+        raise StageError(f"{out}: no records: the teacher's rejection sampling kept no verified reply ("
+                         f"{teacher.logging.run_dir}/metrics.jsonl counts the drops); raise rejection.samples, loosen "
+                         "rejection.max_response_tokens / min_language_consistency or use a stronger teacher, and "
+                         "sample again with rejection.overwrite=true in the teacher's config")
     return SFTTrainer(student).run()
+
+
+def _no_records(path: str) -> bool:
+    """Whether a jsonl file holds no record (empty, or blank lines only)."""
+    with open(path, encoding="utf-8") as f:
+        return not any(line.strip() for line in f)
 
 
 def main(argv: list[str] | None = None) -> int:

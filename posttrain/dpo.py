@@ -85,16 +85,28 @@ class _PairSet:
         return {"pairs": [self.pairs[i] for i in idx.tolist()]}
 
 
+def _read(key: str, files: list[str]) -> list[tuple[str, dict]]:
+    """The validated pairs of one config key's files; a bad or empty file is a ConfigError naming both."""
+    try:
+        return load_preference_pairs(files)
+    except (OSError, DataError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 class DPOTrainer:
     """DPO against a frozen copy of the starting policy."""
 
     def __init__(self, cfg: PosttrainConfig):
         self.cfg = cfg
-        self.session = sess = StageSession(cfg, "dpo")
-        d, t, dp = cfg.data, cfg.train, sess.dims.dp
+        d, t = cfg.data, cfg.train
         if not d.train_files:
             raise ConfigError('data.train_files is empty: name the jsonl files of preference pairs '
                               '{"prompt", "chosen", "rejected"}')
+        # the data first: a bad or empty file stops the run before the model is built or loaded
+        train = _read("data.train_files", d.train_files)
+        valid = _read("data.valid_files", d.valid_files) if d.valid_files else []
+        self.session = sess = StageSession(cfg, "dpo")
+        dp = sess.dims.dp
         if t.global_batch_size % (dp * t.micro_batch_size):
             raise ConfigError(f"train.global_batch_size = {t.global_batch_size} (pairs) must be a multiple of "
                               f"train.micro_batch_size ({t.micro_batch_size}) x the data-parallel size ({dp})")
@@ -102,9 +114,9 @@ class DPOTrainer:
             raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {sess.model_cfg.max_seq_len}")
         self.multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
         try:
-            self.pairs, self.stats = self._load(d.train_files)
-            self.valid = self._load(d.valid_files)[0] if d.valid_files else []
-        except (OSError, DataError) as e:
+            self.pairs, self.stats = self._encode(train)
+            self.valid = self._encode(valid)[0] if valid else []
+        except DataError as e:
             raise ConfigError(f"data: {e}") from None
         if sess.rank == 0 and (self.stats["truncated"] or self.stats["dropped"]):
             print(f"dpo: {self.stats['truncated']} pairs truncated to data.seq_len = {d.seq_len}, "
@@ -122,9 +134,9 @@ class DPOTrainer:
         if sess.stage_state:
             self.it.load_state_dict(sess.stage_state["iterator"])
 
-    def _load(self, files):
+    def _encode(self, located):
         d = self.cfg.data
-        return encode_pairs(load_preference_pairs(files), self.session.tokenizer, d.template, d.seq_len, d.overflow)
+        return encode_pairs(located, self.session.tokenizer, d.template, d.seq_len, d.overflow)
 
     def _terms(self, pairs: list, backward: bool) -> dict[str, float]:
         """Loss and implicit rewards over this rank's pairs, averaged over all dp ranks' pairs; with

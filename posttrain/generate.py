@@ -196,7 +196,10 @@ def _locate(checkpoint) -> tuple[Path, Path | None]:
             root = Path((yaml.safe_load((path / "config.yaml").read_text()) or {})["checkpoint"]["dir"] or root)
         except (OSError, KeyError, TypeError, yaml.YAMLError):   # unreadable: the default layout RUN/checkpoints
             pass
-        step = latest_checkpoint(root)
+        try:
+            step = latest_checkpoint(root)
+        except CheckpointError as e:   # complete checkpoints exist, but none verifies
+            raise SampleError(f"--checkpoint {path}: {e}") from None
         if step is None:
             raise SampleError(f"--checkpoint {path}: the run has no complete checkpoint in {root}; train until "
                               "one is saved (checkpoint.every, or the end of the run) or name a step directory")

@@ -9,6 +9,11 @@ One rollout batch, top to bottom:
     guard     = NaN-free k3 and ratios (clamped log-ratios); stop when entropy or length collapses
     log, evaluate held-out accuracy, replace the reference every grpo.ref_update_every, checkpoint
 
+At load, before the model is built, every prompt file must hold records; then every prompt that can be
+drawn (encoded with the template, as the generator receives it) plus rollout.max_new_tokens (eval's
+budget for the held-out prompts an evaluation scores) must fit model.max_seq_len: otherwise one error
+line names the file:line and the fix, rather than a hang or a crash at the batch that draws it.
+
 Log-probs come from Transformer.token_logprobs: under tp the logits stay split over the vocabulary.
 Every rank runs the same number of forwards (same prompts per rank, same micro-batch count), which
 FSDP2's gathers and the MoE all-to-alls need; dropped groups therefore keep their rows at weight 0.
@@ -28,11 +33,19 @@ from parallel import comm, finish_grad_sync, sequence_multiple, set_gradient_syn
 from pretrain.config import ConfigError
 
 from .config import PosttrainConfig
-from .data import DataError, encode_prompt, load_prompts
+from .data import DataError, check_prompt_fit, encode_prompt, load_located_prompts
 from .generate import Generator, SamplingParams
 from .objectives import aggregate, group_advantages, grpo_token_terms
 from .rewards import build_reward, verified
 from .stage import StageError, StageSession, stage_main
+
+
+def _load_prompts(key: str, files: list[str]) -> list[tuple[str, dict]]:
+    """The validated prompt records of one config key's files; a bad or empty file is a ConfigError naming both."""
+    try:
+        return load_located_prompts(files)
+    except (OSError, DataError) as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 class CollapseError(StageError):
@@ -43,6 +56,8 @@ class PromptStream:
     """Seeded passes over the prompt records: each epoch a fresh permutation; state (epoch, index)."""
 
     def __init__(self, records: list[dict], seed: int):
+        if not records:     # take() would draw from an empty permutation forever
+            raise ValueError("PromptStream needs at least one prompt record")
         self.records, self.seed, self.epoch, self.index = records, seed, 0, 0
 
     def take(self, n: int) -> list[dict]:
@@ -86,20 +101,34 @@ def training_rows(prompts: list[list[int]], completions, multiple: int, pad: int
 class GRPOTrainer:
     def __init__(self, cfg: PosttrainConfig):
         self.cfg = cfg
-        self.session = sess = StageSession(cfg, "grpo")
-        g, d = cfg.grpo, cfg.data
+        g, d, e = cfg.grpo, cfg.data, cfg.eval
         if not d.train_files:
             raise ConfigError("data.train_files is empty: name the jsonl prompt files (prompt/answer records)")
-        try:
-            self.train_records = load_prompts(d.train_files)
-            self.valid_records = load_prompts(d.valid_files) if d.valid_files else []
-        except (OSError, DataError) as e:
-            raise ConfigError(f"data: {e}") from None
+        if e.every > 0 and not d.valid_files:
+            raise ConfigError(f"eval.every = {e.every} but data.valid_files is empty: name the held-out prompt files "
+                              "the evaluation scores, or set eval.every=0")
+        # the data first: a bad or empty file stops the run before the model is built or loaded
+        train = _load_prompts("data.train_files", d.train_files)
+        valid = _load_prompts("data.valid_files", d.valid_files) if d.valid_files else []
+        self.train_records = [r for _, r in train]
+        self.valid_records = [r for _, r in valid]
+        self.session = sess = StageSession(cfg, "grpo")
         dp = sess.dims.dp
         if g.prompts_per_step % dp:
             raise ConfigError(f"grpo.prompts_per_step = {g.prompts_per_step} must be a multiple of the data-parallel "
                               f"size {dp}, so that every rank samples the same number of prompts")
         self.local_prompts = g.prompts_per_step // dp
+        self.prompt_ids = {}
+        # every prompt that can be drawn, encoded as the generator receives it, must fit with its reply
+        self._check_fit(train, cfg.rollout.max_new_tokens, "rollout.max_new_tokens", "data.train_files")
+        if e.every > 0:
+            n = self._eval_count()
+            if n == 0:
+                raise ConfigError(f"eval.prompts = {e.prompts} with {len(valid)} held-out prompts in data.valid_files "
+                                  f"leaves no prompt for each of the {dp} data-parallel ranks; set eval.prompts (and "
+                                  f"hold out at least that many prompts) to >= {dp}, or set eval.every=0")
+            budget = "eval.max_new_tokens" if e.max_new_tokens else "rollout.max_new_tokens"
+            self._check_fit(valid[:n], e.max_new_tokens or cfg.rollout.max_new_tokens, budget, "data.valid_files")
         self.reward = build_reward(cfg.reward.weights)
         self.stream = PromptStream(self.train_records, cfg.train.seed)
         self.ref = sess.build(trainable=False) if g.beta > 0 else None
@@ -107,7 +136,6 @@ class GRPOTrainer:
         r = cfg.rollout
         self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                        top_k=r.top_k, stop=list(r.stop))
-        self.prompt_ids = {}
         self.low_streak = {"entropy": 0, "length": 0}
         sess.resume(extra_models=[self.ref] if self.ref is not None else [])
         if sess.stage_state:
@@ -120,6 +148,26 @@ class GRPOTrainer:
         if key not in self.prompt_ids:
             self.prompt_ids[key] = encode_prompt(self.cfg.data.template, self.session.tokenizer, record)
         return self.prompt_ids[key]
+
+    def _check_fit(self, located: list[tuple[str, dict]], max_new_tokens: int, budget: str, key: str) -> None:
+        """Stop at load when a prompt + max_new_tokens exceeds model.max_seq_len (the generator would fail on
+        the batch that first draws it), naming the longest prompt's file:line."""
+        encoded = []
+        for where, record in located:
+            try:
+                encoded.append((where, self.encode(record)))
+            except ValueError as err:     # the template cannot render it (e.g. r1_zero and a system message)
+                raise ConfigError(f"{key}: {where}: {err}") from None
+        try:
+            check_prompt_fit(encoded, max_new_tokens, self.session.model_cfg.max_seq_len, budget=budget,
+                             template=self.cfg.data.template)
+        except DataError as err:
+            raise ConfigError(f"{key}: {err}") from None
+
+    def _eval_count(self) -> int:
+        """Held-out prompts per evaluation: eval.prompts (at most all of them), a multiple of the dp size."""
+        dp = self.session.dims.dp
+        return min(self.cfg.eval.prompts, len(self.valid_records)) // dp * dp
 
     def _local_slice(self, items: list) -> list:
         n = len(items) // self.session.dims.dp
@@ -219,7 +267,7 @@ class GRPOTrainer:
         prompt's score goes to RUN_DIR/eval/step_NNNNNNNN.jsonl, so that two evaluations of the same
         prompts can be compared prompt by prompt (posttrain.demo's paired interval)."""
         cfg, sess, e = self.cfg, self.session, self.cfg.eval
-        n = min(e.prompts, len(self.valid_records)) // sess.dims.dp * sess.dims.dp
+        n = self._eval_count()
         if n == 0:
             return {}
         first = sess.dp_rank * (n // sess.dims.dp)

@@ -30,7 +30,7 @@ from pretrain.config import ConfigError
 from pretrain.session import init_distributed
 
 from .config import PosttrainConfig, RejectionSection
-from .data import DataError, encode_prompt, load_prompts
+from .data import DataError, check_prompt_fit, encode_prompt, load_located_prompts
 from .generate import Generator, SamplingParams
 from .rewards import build_reward, extract_think, language_fraction, verified
 from .stage import StageError, StageSession, stage_main
@@ -138,18 +138,25 @@ class RejectionSampler:
             raise ConfigError("data.train_files is empty: name the jsonl prompt files (prompt/answer records)")
         self.outputs = {"sft": r.output, "pairs": r.pairs_output, "samples": r.samples_output}
         self._refuse_overwrite()
+        try:     # the data before the model: a bad or empty file stops the run before any weights load
+            located = load_located_prompts(d.train_files)
+        except (OSError, DataError) as e:
+            raise ConfigError(f"data.train_files: {e}") from None
+        self.records = [rec for _, rec in located]
         cfg.checkpoint.resume = "none"      # sampling writes no checkpoint: resume() only opens the logger
         self.session = sess = StageSession(cfg, "rejection", train=False)   # samples only: a frozen policy
-        try:
-            self.records = load_prompts(d.train_files)
-        except (OSError, DataError) as e:
-            raise ConfigError(f"data: {e}") from None
-        self.prompt_ids = [encode_prompt(d.template, sess.tokenizer, rec) for rec in self.records]
+        self.prompt_ids = []
+        for where, rec in located:
+            try:
+                self.prompt_ids.append(encode_prompt(d.template, sess.tokenizer, rec))
+            except ValueError as e:       # the template cannot render it (e.g. r1_zero and a system message)
+                raise ConfigError(f"data.train_files: {where}: {e}") from None
         ro = cfg.rollout
-        longest = max(map(len, self.prompt_ids))
-        if longest + ro.max_new_tokens > sess.model_cfg.max_seq_len:
-            raise ConfigError(f"the longest prompt ({longest} tokens) + rollout.max_new_tokens ({ro.max_new_tokens}) "
-                              f"exceeds model.max_seq_len = {sess.model_cfg.max_seq_len}")
+        try:     # every prompt, as the generator receives it, and its reply must fit the KV cache
+            check_prompt_fit([(where, ids) for (where, _), ids in zip(located, self.prompt_ids)], ro.max_new_tokens,
+                             sess.model_cfg.max_seq_len, template=d.template)
+        except DataError as e:
+            raise ConfigError(f"data.train_files: {e}") from None
         self.sampling = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                                        top_k=ro.top_k, stop=list(ro.stop))
         self.reward = build_reward(cfg.reward.weights)

@@ -18,8 +18,16 @@ from parallel import sequence_multiple
 from pretrain.config import ConfigError
 
 from .config import PosttrainConfig
-from .data import DataError, PackedIterator, load_sft_examples, pack_examples
+from .data import DataError, PackedIterator, pack_examples, read_sft_records, tokenize_sft_records
 from .stage import StageSession, stage_main
+
+
+def _read(key: str, files: list[str]) -> list[tuple[str, dict]]:
+    """The validated records of one config key's files; a bad or empty file is a ConfigError naming both."""
+    try:
+        return read_sft_records(files)
+    except (OSError, DataError) as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 class SFTTrainer:
@@ -27,11 +35,14 @@ class SFTTrainer:
 
     def __init__(self, cfg: PosttrainConfig, stage: str = "sft"):
         self.cfg = cfg
-        self.session = sess = StageSession(cfg, stage)
         d, t = cfg.data, cfg.train
         if not d.train_files:
             raise ConfigError("data.train_files is empty: "
                               "name the jsonl files of conversations or prompt/response records")
+        # the data first: a bad or empty file stops the run before the model is built or loaded
+        train = _read("data.train_files", d.train_files)
+        valid = _read("data.valid_files", d.valid_files) if d.valid_files else None
+        self.session = sess = StageSession(cfg, stage)
         dp = sess.dims.dp
         if t.global_batch_size % (dp * t.micro_batch_size):
             raise ConfigError(f"train.global_batch_size = {t.global_batch_size} must be a multiple of "
@@ -41,9 +52,9 @@ class SFTTrainer:
             raise ConfigError(f"data.seq_len = {d.seq_len} must be a multiple of parallel.tp = {multiple} "
                               f"(the token split) and at most model.max_seq_len = {sess.model_cfg.max_seq_len}")
         try:
-            self.rows = self._pack(d.train_files)
-            self.valid = self._pack(d.valid_files) if d.valid_files else None
-        except (OSError, DataError, ValueError) as e:
+            self.rows = self._pack(train)
+            self.valid = self._pack(valid) if valid is not None else None
+        except (DataError, ValueError) as e:
             raise ConfigError(f"data: {e}") from None
         self.per_rank = t.global_batch_size // dp
         try:
@@ -57,8 +68,8 @@ class SFTTrainer:
         if sess.stage_state:
             self.it.load_state_dict(sess.stage_state["iterator"])
 
-    def _pack(self, files):
-        examples = load_sft_examples(files, self.session.tokenizer, self.cfg.data.template)
+    def _pack(self, located):
+        examples = tokenize_sft_records(located, self.session.tokenizer, self.cfg.data.template)
         return pack_examples(examples, self.cfg.data.seq_len, seed=self.cfg.train.seed, overflow=self.cfg.data.overflow,
                              pad_id=self.session.tokenizer.eod_id)
 

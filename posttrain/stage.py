@@ -44,13 +44,16 @@ def stage_main(stage, argv: list[str] | None = None) -> int:
 
 
 def guarded(run) -> int:
-    """run()'s exit code; a bad config or a guard that fired prints one `error:` line and exits 2, and the
-    process group is torn down either way."""
-    import sys
+    """run()'s exit code; a user's mistake (posttrain.config.user_errors(): config, data, checkpoint and path
+    errors) or a guard that fired prints one `error:` line, on rank 0 only, and exits 2; the process group is
+    torn down either way."""
+    from pretrain.config import print_error
+
+    from .config import user_errors
     try:
         return run()
-    except (ConfigError, StageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (*user_errors(), StageError) as e:
+        print_error(e)
         return 2
     finally:
         if dist.is_initialized():
@@ -90,7 +93,7 @@ class StageSession(Session):
         """train=False: a stage that only samples (rejection sampling): the policy is frozen like a reference
         and there is no optimizer (no AdamW moments), so optimizer_step and save refuse."""
         t = cfg.train
-        self._run = run = open_run(cfg, pp=1)
+        self._run = run = open_run(cfg, pp=1, train=train)   # train=False writes no checkpoints: none checked
         try:
             check_lr_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_milestones, t.lr_factors)
         except ValueError as e:

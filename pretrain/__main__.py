@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, print_error, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0 done, 2 a user's mistake (one `error:` line, no traceback), 3 stopped on non-finite
+    losses. A mistake in the config, a data file, a tokenizer or a checkpoint is reported once, by rank 0."""
     ap = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True,
@@ -22,16 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     from .session import NonFiniteError
     from .train import train
     try:
         return train(cfg)
-    except (ConfigError, NonFiniteError) as e:
-        if os.environ.get("RANK", "0") == "0":  # the same on every rank: say it once
-            print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 3
+    except NonFiniteError as e:
+        print_error(e)
+        return 3
+    except user_errors() as e:
+        print_error(e)
+        return 2
 
 
 if __name__ == "__main__":

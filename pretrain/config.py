@@ -12,6 +12,9 @@ that ModelConfig field (checked against ModelConfig's own fields and types).
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,11 +24,32 @@ import yaml
 from model import ModelConfig, preset
 from model.config import _PRESETS
 
-from .data import DataConfig
+from .data import DataConfig, DataError, check_split
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
+
+
+# The OSErrors of a path the user gave (a data file, a tokenizer, the run or checkpoint directory): the fix is
+# theirs, and the message names the path. Other OSErrors (a dropped connection, a full disk) keep their traceback.
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user's input causes, each with a message that names the key, file or value and the fix:
+    `python -m pretrain` and the post-training stages print them as one `error:` line (exit 2), not a
+    traceback. Only the project's own classes (a config, a data file, a checkpoint) and PATH_ERRORS, never
+    ValueError as such (that would hide bugs). A function, so that loading a config does not import the
+    parallel runtime."""
+    from parallel.checkpoint import CheckpointError
+    return (ConfigError, DataError, CheckpointError, *PATH_ERRORS)
+
+
+def print_error(e: BaseException) -> None:
+    """`error: <message>` on stderr, once: on rank 0 under torchrun (every rank meets the same error)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -82,6 +106,7 @@ class CheckpointSection:
     keep: int = 3
     async_save: bool = False
     resume: str = "auto"            # auto (latest in dir, if any) | none | PATH of a checkpoint
+    overwrite: bool = False         # resume=none where checkpoints exist: true replaces that run (else refused)
 
 
 @dataclass
@@ -140,7 +165,47 @@ class Config:
             raise ConfigError(f"checkpoint.keep must be >= 1, got {self.checkpoint.keep}")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must lie in [0, 1) (0 disables the EMA), got {t.ema_decay}")
-        self.model_config()
+        self._check_optimizer()
+        for key, value, zero in (("train.eval_every", t.eval_every, "no periodic validation"),
+                                 ("checkpoint.every", self.checkpoint.every,
+                                  "save only at train.exit_at_step, on a signal and at the end")):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0 (every N steps; 0: {zero}), got {value}")
+        if self.logging.every < 1:
+            raise ConfigError(f"logging.every must be >= 1 (log every N steps), got {self.logging.every}")
+        self._check_data(self.model_config())
+
+    def _check_optimizer(self) -> None:
+        """AdamW's and clipping's numbers (NaN fails every comparison, so it is refused too)."""
+        t = self.train
+        if not (t.lr >= 0 and math.isfinite(t.lr)):
+            raise ConfigError(f"train.lr must be a finite number >= 0 (the peak learning rate, e.g. 3e-4), got {t.lr}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(t, key) < 1.0:
+                raise ConfigError(f"train.{key} must lie in [0, 1) (DeepSeek: beta1 = 0.9, beta2 = 0.95), "
+                                  f"got {getattr(t, key)}")
+        if not (t.adam_eps > 0 and math.isfinite(t.adam_eps)):
+            raise ConfigError(f"train.adam_eps must be a finite number > 0 (e.g. 1e-8), got {t.adam_eps}")
+        if not (t.weight_decay >= 0 and math.isfinite(t.weight_decay)):
+            raise ConfigError(f"train.weight_decay must be a finite number >= 0 (0: none; DeepSeek: 0.1), "
+                              f"got {t.weight_decay}")
+        if not t.grad_clip > 0:
+            raise ConfigError(f"train.grad_clip must be > 0 (the bound on the global gradient norm, e.g. 1.0); "
+                              f"there is no off value: a very large bound such as 1e9 never clips; got {t.grad_clip}")
+
+    def _check_data(self, model_cfg: ModelConfig) -> None:
+        """A sample's length against the model's context, and data.split (no file is opened)."""
+        d = self.data
+        if d.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2 (tokens per training sample), got {d.seq_len}")
+        if d.seq_len > model_cfg.max_seq_len:
+            raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {model_cfg.max_seq_len} "
+                              f"(model.preset {self.model['preset']}): lower data.seq_len, or set "
+                              f"model.max_seq_len={d.seq_len}")
+        try:
+            check_split(d.split)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_choices(choices: dict[str, tuple]) -> None:
@@ -255,17 +320,61 @@ def parse_override(arg: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def read_yaml(path: Path):
+    """The YAML document in `path` (None when empty); a missing file, a directory, unreadable text, bad YAML
+    and a key given twice in one mapping (PyYAML would keep the last silently) are ConfigErrors."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))
+        hint = f"; it holds {', '.join(found[:6])}{', ...' if len(found) > 6 else ''}" if found else ""
+        raise ConfigError(f"config file {path} is a directory: give a YAML file{hint}")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read as text: {e}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, path)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node, path: Path, prefix: str = "", seen: set | None = None) -> None:
+    """A ConfigError naming the dotted key and both lines when a mapping in the tree holds a key twice."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, prefix, seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue  # a `<<:` merge may be overridden by the keys beside it; that is what it is for
+        key, line = prefix + key_node.value, key_node.start_mark.line + 1
+        if key in first:
+            raise ConfigError(f"{path}:{line}: duplicate key {key!r} (first at line {first[key]}); YAML would keep "
+                              f"only the last one: merge the two into one")
+        first[key] = line
+        _refuse_duplicate_keys(value_node, path, key + ".", seen)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Config:
     """`cls`: the root dataclass (Config, or a subclass with more sections, as posttrain's)."""
     cfg = cls()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         for key, value in _flatten(data, str(path), cls=cls):

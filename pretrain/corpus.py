@@ -24,6 +24,8 @@ import sysconfig
 import tempfile
 import time
 
+from model.safetensors_io import honour_umask
+
 __all__ = ["stdlib_documents", "ensure_embedded_corpus"]
 
 _FORMAT = 1  # bump when the corpus recipe changes, to invalidate old caches
@@ -103,6 +105,7 @@ def ensure_embedded_corpus(cache_dir: str, vocab_size: int = 4096, max_bytes: in
                         build_seconds=round(time.time() - t0, 2), files=[name for name, _ in docs])
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
+        honour_umask(tmp)  # mkdtemp makes it 0o700; data.cache_dir may be shared
         try:
             os.rename(tmp, final)  # atomic; fails if another process got there first
         except OSError:

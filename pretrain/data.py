@@ -18,6 +18,14 @@ must construct PretrainData). The cache directory must be shared by all nodes, a
 
 The blend and sample indices use megatron-core's C++ `helpers_cpp` extension; its wheels ship
 it prebuilt (there is no Makefile or pybind11 in an installed wheel to compile it again).
+
+Nothing read from disk is trusted: megatron-core loads its index caches with
+`numpy.load(..., allow_pickle=True)`, which unpickles (runs) any pickle found under that name on the
+shared cache directory, so its dataset modules get a `numpy` whose `load` accepts plain integer .npy
+arrays only and never unpickles, and every rank checks the cache files before building (so all ranks
+refuse together rather than some waiting at megatron's barrier). Token ids are checked against the
+tokenizer's vocabulary: the whole .bin when it is opened (files up to `_SCAN_LIMIT_BYTES`), and every
+batch as it is built.
 """
 from __future__ import annotations
 
@@ -38,9 +46,16 @@ import torch
 from pretrain.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["DataConfig", "PretrainData", "global_batch_size_at", "ramp_batch_sizes", "check_batch_sizes",
-           "samples_for_steps", "check_indexed_dataset", "check_split", "IndexedDatasetInfo"]
+           "samples_for_steps", "check_indexed_dataset", "check_split", "check_index_cache_file", "IndexedDatasetInfo",
+           "DataError"]
 
 IGNORE_INDEX = -100  # model.transformer.IGNORE_INDEX: label positions that carry no loss
+_SCAN_LIMIT_BYTES = 1 << 30  # .bin files up to this size have all their token ids checked when opened
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given: a data.* setting, a .bin/.idx pair, token ids the tokenizer does not
+    have, a megatron-core index cache file. The message names the key or file and the fix."""
 
 
 @dataclass
@@ -154,7 +169,7 @@ def _fix_hint(prefix: str) -> str:
 def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     """Validate PREFIX.idx (magic, version, dtype, counts, size) and PREFIX.bin (size) and describe them."""
     if prefix.endswith((".bin", ".idx")):
-        raise ValueError(f"data path {prefix!r} names a file: give the prefix without .bin/.idx ({prefix[:-4]!r})")
+        raise DataError(f"data path {prefix!r} names a file: give the prefix without .bin/.idx ({prefix[:-4]!r})")
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     missing = [p for p in (idx_path, bin_path) if not os.path.isfile(p)]
     if missing:
@@ -165,8 +180,8 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     with open(idx_path, "rb") as f:
         head = f.read(_IDX_HEADER)
 
-    def bad(what: str) -> ValueError:
-        return ValueError(f"corrupted index {idx_path}: {what}; {_fix_hint(prefix)}")
+    def bad(what: str) -> DataError:
+        return DataError(f"corrupted index {idx_path}: {what}; {_fix_hint(prefix)}")
 
     if len(head) < 9 or head[:9] != _IDX_MAGIC:
         raise bad(f"bad header magic {head[:9]!r}, expected {_IDX_MAGIC!r} (not a Megatron .idx file)")
@@ -191,10 +206,92 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     dtype = _IDX_DTYPES[code]
     need = int(lengths.sum(dtype=np.int64)) * np.dtype(dtype).itemsize
     if bin_size != need:
-        raise ValueError(f"data file {bin_path} has {bin_size} bytes but its index {idx_path} describes {need} "
-                         f"({lengths.sum(dtype=np.int64)} tokens of {np.dtype(dtype).name}): the pair does not match "
-                         f"(truncated copy, or .bin and .idx from different runs); {_fix_hint(prefix)}")
+        raise DataError(f"data file {bin_path} has {bin_size} bytes but its index {idx_path} describes {need} "
+                        f"({lengths.sum(dtype=np.int64)} tokens of {np.dtype(dtype).name}): the pair does not match "
+                        f"(truncated copy, or .bin and .idx from different runs); {_fix_hint(prefix)}")
     return IndexedDatasetInfo(prefix, dtype, lengths, n_doc - 1)
+
+
+def check_token_ids(info: IndexedDatasetInfo, vocab_size: int, tokenizer: str = "the tokenizer") -> None:
+    """Every token id of PREFIX.bin lies in [0, vocab_size); else a DataError naming the file, the ids
+    it holds and the first document out of range. Reads the whole file: a min and a max per 64 Mi tokens
+    (0.04 s for 512 MiB of uint16 in the page cache; the embedded corpus, 2.8 M tokens, under 4 ms)."""
+    bin_path = info.prefix + ".bin"
+    tokens = np.memmap(bin_path, dtype=info.dtype, mode="r", shape=(info.n_tokens,))
+    step, lo, hi, first = 1 << 26, None, None, None
+    for start in range(0, len(tokens), step):
+        chunk = tokens[start:start + step]
+        c_lo, c_hi = int(chunk.min()), int(chunk.max())
+        lo, hi = (c_lo, c_hi) if lo is None else (min(lo, c_lo), max(hi, c_hi))
+        if first is None and (c_lo < 0 or c_hi >= vocab_size):
+            first = start + int(np.argmax((chunk < 0) | (chunk >= vocab_size)))
+    if first is None:
+        return
+    doc = int(np.searchsorted(np.cumsum(info.sequence_lengths, dtype=np.int64), first, side="right"))
+    raise DataError(f"{bin_path} holds token ids {lo}..{hi} but {tokenizer} has {vocab_size} tokens "
+                    f"(ids 0..{vocab_size - 1}); the first id out of range is at token {first} (document {doc}): "
+                    f"the data was preprocessed with another tokenizer (set data.tokenizer to that one) or the file "
+                    f"is damaged; {_fix_hint(info.prefix)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron-core's index caches (.npy under data.cache_dir, a shared file system): read, never unpickled.
+
+
+def check_index_cache_file(path: str) -> None:
+    """PATH is a .npy file holding a plain integer array whose size matches its header; else a DataError.
+
+    megatron-core writes its document/sample/shuffle and blend indices as such files and reads them back
+    with numpy.load(allow_pickle=True): a pickle (or an object array) planted under one of their names
+    would run code in the trainer. The header is parsed by numpy.lib.format (a literal, never executed)."""
+    fmt = np.lib.format
+
+    def refuse(why: str) -> DataError:
+        return DataError(f"megatron-core index cache file {path} is not a plain integer .npy array ({why}): a "
+                         f"damaged or planted file; delete it, or the directory {os.path.dirname(path)}, to rebuild "
+                         f"the indices (or set data.cache_dir to a fresh directory that only you can write)")
+
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise refuse(f".npy format version {version[0]}.{version[1]}")
+            offset = f.tell()
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise refuse(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "iu":
+        raise refuse(f"dtype {dtype.str}, not an integer type")
+    need = offset + math.prod(shape) * dtype.itemsize
+    if os.path.getsize(path) != need:
+        raise refuse(f"{os.path.getsize(path)} bytes, its header describes {need}: truncated or overwritten")
+
+
+def _check_index_cache_dir(cache: str) -> None:
+    """Every .npy megatron-core could load from `cache` is a plain integer array (see check_index_cache_file)."""
+    if not os.path.isdir(cache):
+        return
+    for entry in sorted(os.scandir(cache), key=lambda e: e.name):
+        if entry.name.endswith(".npy"):
+            check_index_cache_file(entry.path)
+
+
+class _PickleFreeNumpy:
+    """numpy as megatron-core's dataset modules see it, except that `load` checks the file is a plain
+    integer .npy array (check_index_cache_file) and never unpickles, whatever allow_pickle it is given."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def load(file, mmap_mode=None, allow_pickle=False, **kwargs):  # allow_pickle is ignored: never unpickle
+        check_index_cache_file(os.fspath(file))
+        return np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,10 +304,10 @@ _SPLIT_NAMES = ("train", "valid", "test")
 def check_split(split: str) -> None:
     """A split string is up to three non-negative numbers, train first and positive ("98,2,0")."""
     if not isinstance(split, str) or not _SPLIT_RE.match(split):
-        raise ValueError(f"data.split={split!r} is malformed: give up to three non-negative numbers "
-                         f"'train,valid,test', e.g. '98,2,0'")
+        raise DataError(f"data.split={split!r} is malformed: give up to three non-negative numbers "
+                        f"'train,valid,test', e.g. '98,2,0'")
     if float(split.split(",")[0]) <= 0:
-        raise ValueError(f"data.split={split!r} gives the train part no documents; e.g. '98,2,0'")
+        raise DataError(f"data.split={split!r} gives the train part no documents; e.g. '98,2,0'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,9 +334,13 @@ def _import_megatron() -> dict:
             raise ImportError(f"megatron-core's compiled dataset helpers (helpers_cpp) cannot be imported ({e}); "
                               "install a megatron-core 0.16 binary wheel: "
                               "pip install 'megatron-core>=0.16,<0.17'") from e
+        from megatron.core.datasets import blended_dataset, gpt_dataset
         from megatron.core.datasets.blended_dataset import BlendedDataset
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    for module in (gpt_dataset, blended_dataset):  # their index caches: numpy.load(..., allow_pickle=True)
+        if not isinstance(module.numpy, _PickleFreeNumpy):
+            module.numpy = _PickleFreeNumpy()
 
     class Builder(BlendedMegatronDatasetBuilder):
         @staticmethod
@@ -320,7 +421,7 @@ class PretrainData:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if cfg.seq_len < 2:
-            raise ValueError(f"data.seq_len={cfg.seq_len} must be at least 2")
+            raise DataError(f"data.seq_len={cfg.seq_len} must be at least 2")
         if train_samples <= 0 or valid_samples < 0:
             raise ValueError(f"train_samples={train_samples} must be positive and valid_samples={valid_samples} >= 0")
         self.cfg, self.seed, self.dp_rank, self.dp_size = cfg, seed, dp_rank, dp_size
@@ -329,10 +430,10 @@ class PretrainData:
         paths, tokenizer = self._resolve_sources(cfg)
         weights = [float(w) for w in cfg.weights]
         if weights and len(weights) != len(paths):
-            raise ValueError(f"data.weights has {len(weights)} entries but data.paths has {len(paths)}; "
-                             f"give one weight per path, or none (proportional to size)")
+            raise DataError(f"data.weights has {len(weights)} entries but data.paths has {len(paths)}; "
+                            f"give one weight per path, or none (proportional to size)")
         if any(not (w > 0 and math.isfinite(w)) for w in weights):
-            raise ValueError(f"data.weights={cfg.weights} must all be positive")
+            raise DataError(f"data.weights={cfg.weights} must all be positive")
 
         self.tokenizer = load_tokenizer(tokenizer)
         self.vocab_size = self.tokenizer.vocab_size
@@ -349,10 +450,23 @@ class PretrainData:
             reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
         for info in infos:
             self._check_dataset(info, config.split_matrix)
+            if os.path.getsize(info.prefix + ".bin") <= _SCAN_LIMIT_BYTES:  # larger ones: every batch (_rows)
+                check_token_ids(info, self.vocab_size, f"the tokenizer {self.tokenizer.path}")
         builder = mc["Builder"](mc["GPTDataset"], [train_samples, valid_samples, 0], lambda: True, config)
+        distributed = torch.distributed.is_initialized()
         try:
             with _file_lock(os.path.join(cache, ".lock")) if _rank() == 0 else contextlib.nullcontext():
+                # Every rank checks the cache files megatron-core may load (the loader checks them again), while
+                # rank 0 holds the lock that every writer of the cache takes: so no rank sees a file half-written,
+                # and all ranks refuse a bad one together instead of the others waiting at megatron's barrier.
+                if distributed:
+                    torch.distributed.barrier()
+                _check_index_cache_dir(cache)
+                if distributed:
+                    torch.distributed.barrier()
                 self.train, self.valid, _ = builder.build()
+        except DataError:
+            raise
         except Exception as e:
             e.add_note(f"(while building or reading megatron-core's index cache {cache}: if a killed run left it "
                        f"damaged, delete that directory to rebuild it)")
@@ -365,15 +479,15 @@ class PretrainData:
         """(dataset prefixes, tokenizer path); builds the embedded corpus on rank 0 when asked for."""
         if cfg.paths:
             if not cfg.tokenizer:
-                raise ValueError("data.paths is set but data.tokenizer is empty: give the tokenizer the data was "
-                                 "preprocessed with (a .model, a tokenizer.json, or its directory)")
+                raise DataError("data.paths is set but data.tokenizer is empty: give the tokenizer the data was "
+                                "preprocessed with (a .model, a tokenizer.json, or its directory)")
             return list(cfg.paths), cfg.tokenizer
         if not cfg.embedded:
-            raise ValueError("no data: set data.paths (Megatron .bin/.idx prefixes from python -m pretrain.preprocess) "
-                             "or data.embedded=true for the built-in corpus")
+            raise DataError("no data: set data.paths (Megatron .bin/.idx prefixes from python -m pretrain.preprocess) "
+                            "or data.embedded=true for the built-in corpus")
         if cfg.tokenizer:
-            raise ValueError("data.tokenizer is set but the embedded corpus brings its own tokenizer; "
-                             "leave data.tokenizer empty, or set data.paths")
+            raise DataError("data.tokenizer is set but the embedded corpus brings its own tokenizer; "
+                            "leave data.tokenizer empty, or set data.paths")
         from pretrain.corpus import ensure_embedded_corpus
 
         distributed = torch.distributed.is_initialized()
@@ -390,11 +504,11 @@ class PretrainData:
 
         Without this, megatron-core's GPTDataset loops forever on an empty part."""
         if not np.issubdtype(info.dtype, np.integer):
-            raise ValueError(f"{info.prefix} stores {np.dtype(info.dtype).name} values, not token ids")
+            raise DataError(f"{info.prefix} stores {np.dtype(info.dtype).name} values, not token ids")
         if np.dtype(info.dtype).itemsize < 4 and self.vocab_size > np.iinfo(info.dtype).max + 1:
-            raise ValueError(f"{info.prefix} stores {np.dtype(info.dtype).name} token ids but the tokenizer "
-                             f"{self.tokenizer.path} has {self.vocab_size} tokens: it was preprocessed with another "
-                             f"tokenizer; set data.tokenizer to that one")
+            raise DataError(f"{info.prefix} stores {np.dtype(info.dtype).name} token ids but the tokenizer "
+                            f"{self.tokenizer.path} has {self.vocab_size} tokens: it was preprocessed with another "
+                            f"tokenizer; set data.tokenizer to that one")
         n = len(info.sequence_lengths)
         for name, part in zip(_SPLIT_NAMES, split_matrix):
             if part is None:
@@ -402,7 +516,7 @@ class PretrainData:
             lo, hi = int(round(part[0] * n)), int(round(part[1] * n))  # as megatron-core's builder
             tokens = int(info.sequence_lengths[lo:hi].sum(dtype=np.int64))
             if tokens < self.cfg.seq_len + 1:
-                raise ValueError(
+                raise DataError(
                     f"data.split={self.cfg.split!r} leaves the {name} part of {info.prefix} {hi - lo} documents with "
                     f"{tokens} tokens, less than one sample of data.seq_len={self.cfg.seq_len} (+1) tokens; lower "
                     f"data.seq_len, give that part a larger share of data.split (0 drops it), or add data")
@@ -421,8 +535,23 @@ class PretrainData:
         items = [dataset[i] for i in range(first, first + n)]
         tokens = torch.stack([it["tokens"] for it in items])
         labels = torch.stack([it["labels"] for it in items]).clone()
+        ids = torch.cat([tokens, labels[:, -1:]], 1)  # every token of the samples (labels: tokens shifted by one)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            self._bad_ids(items, first, what)
         labels[torch.stack([it["loss_mask"] for it in items]) == 0] = IGNORE_INDEX
         return tokens, labels
+
+    def _bad_ids(self, items: list[dict], first: int, what: str) -> None:
+        for i, it in enumerate(items):
+            ids = torch.cat([it["tokens"], it["labels"][-1:]])
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+            if len(bad):
+                path = self.paths[int(it.get("dataset_id", 0))] + ".bin"
+                raise DataError(f"{path} holds token id {int(bad[0])} ({what} sample {first + i}), outside the "
+                                f"{self.vocab_size} tokens of the tokenizer {self.tokenizer.path}: the data was "
+                                f"preprocessed with another tokenizer (set data.tokenizer to that one) or the file is "
+                                f"damaged; {_fix_hint(self.paths[int(it.get('dataset_id', 0))])}")
+        raise AssertionError("an id out of range, but in no sample")
 
     def global_batch(self, consumed_samples: int, global_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This dp rank's rows of the global batch after `consumed_samples`: (tokens, labels), int64 [n, seq_len]."""
@@ -431,7 +560,7 @@ class PretrainData:
     def valid_batches(self, n_batches: int, global_batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The first `n_batches` validation batches (this rank's rows), the same at every evaluation."""
         if self.valid is None:
-            raise ValueError(f"data.split={self.cfg.split!r} has no validation part; give it one, e.g. '98,2,0'")
+            raise DataError(f"data.split={self.cfg.split!r} has no validation part; give it one, e.g. '98,2,0'")
         if n_batches * global_batch_size > len(self.valid):
             raise IndexError(f"{n_batches} validation batches of {global_batch_size} need "
                              f"{n_batches * global_batch_size} samples but PretrainData was built with "

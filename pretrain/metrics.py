@@ -33,6 +33,7 @@ import torch
 
 # PEAK_FLOPS: dense (no 2:4 sparsity) tensor-core FLOP/s per GPU and dtype, from NVIDIA's datasheets.
 # It is the cluster planner's GPU table (plan/hardware.py GPUS): one table for MFU and for planning.
+from model.safetensors_io import honour_umask
 from plan.hardware import PEAK_FLOPS
 
 from .wandb_run import WandbRun, resolve_wandb_mode
@@ -297,6 +298,7 @@ class MetricsLogger:
                 f.writelines(keep)
                 f.flush()
                 os.fsync(f.fileno())
+            honour_umask(tmp)  # mkstemp creates 0o600; metrics.jsonl keeps a plain file's mode
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

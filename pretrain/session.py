@@ -2,7 +2,7 @@
 process group, the run directory and the mesh (`open_run`), the FP8 recipe, and a `Session`, the
 job's state around its engine (`parallel.engine`):
 
-    run = open_run(cfg)                              # process group, RUN_DIR/config.yaml, mesh
+    run = open_run(cfg)                              # process group, storage checks, RUN_DIR/config.yaml, mesh
     engine = build_engine(build_model(mcfg, device="meta"), run.mesh, ...)
     session = Session(cfg, run, engine, mcfg)        # AdamW (+ the CPU EMA) over the engine's parameters
     session.resume(); session.open_logger(total_steps)
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from parallel import LayoutError, Mesh, ParallelConfig, build_mesh
-from parallel.checkpoint import finalize_pending, latest_checkpoint, load_checkpoint, save_checkpoint, sharded_state
+from parallel.checkpoint import (LATEST_FILE, CheckpointError, finalize_pending, latest_checkpoint, load_checkpoint,
+                                 read_meta, save_checkpoint, sharded_state)
 from parallel.fp8 import Fp8Error, Fp8Recipe, get_backend
 
 from .config import ConfigError, save_config
@@ -69,22 +72,141 @@ class Run:
     mesh: Mesh
 
 
-def open_run(cfg, pp: int | None = None) -> Run:
-    """What every training job does first: join the process group, create the run directory with the
-    resolved config, and build the mesh (pp overrides parallel.pp)."""
+def open_run(cfg, pp: int | None = None, *, train: bool = True) -> Run:
+    """What every training job does first: join the process group, check its storage (`check_storage`,
+    rank 0 decides and every rank raises the same ConfigError), create the run directory with the
+    resolved config, and build the mesh (pp overrides parallel.pp). train=False: a job that writes no
+    checkpoints (sampling only), whose checkpoint directory is neither checked nor created."""
     p = cfg.parallel
     device = init_distributed(cfg.train.device)
     run_dir = Path(cfg.logging.run_dir)
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    verdict: list = [None]
+    failure = None
     if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        try:  # everything rank 0 writes before the mesh, so that any failure is one agreed answer
+            verdict[0] = check_storage(cfg, run_dir, ckpt_dir, train=train)
+            if verdict[0] is None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, run_dir / "config.yaml")
+        except ConfigError as e:
+            verdict[0] = str(e)
+        except Exception as e:  # raised below, after every rank has heard of it (no hang in a collective)
+            verdict[0], failure = f"rank 0 failed preparing {run_dir}: {type(e).__name__}: {e}", e
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            # a process that exits right after a gloo collective can abort (SIGABRT) while gloo's worker thread
+            # still frees that collective's tensors; waiting in a barrier (the GIL released) lets it finish
+            dist.barrier()
+    if failure is not None:
+        raise failure
+    if verdict[0] is not None:
+        raise ConfigError(verdict[0])
     try:
         mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp if pp is None else pp, dp=p.dp, ep=p.ep, sp=p.sp,
                                          node_size=p.node_size, zero=p.zero), device.type)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
     return Run(device, run_dir, ckpt_dir, mesh)
+
+
+# -- storage, checked before anything is built -----------------------------------------------------------
+_CKPT_ENTRY = re.compile(r"step_\d+(\.partial)?")
+
+
+def checkpoint_bytes(cfg, model_cfg) -> tuple[int, str]:
+    """About what one checkpoint of this job holds, and how that is counted: every parameter (MTP included)
+    as fp32 weights, AdamW's two moments (fp32 or bf16, train.moment_dtype) and the EMA's fp32 copy."""
+    t = cfg.train
+    n = model_cfg.param_counts(include_mtp=True)["total"]
+    moments = 2 * (2 if t.moment_dtype == "bf16" else 4)
+    per = 4 + moments + (4 if t.ema_decay > 0 else 0)
+    how = f"{n:,} parameters x {per} bytes (fp32 weights, {t.moment_dtype} AdamW moments" + \
+        (", fp32 EMA)" if t.ema_decay > 0 else ")")
+    return n * per, how
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:,.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:,.1f} {unit}"
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _writable(d: Path, key: str, way_out: str) -> str | None:
+    """None when `d` can be created and written (a probe file is written and removed); else why not."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-probe-{os.getpid()}"
+        with open(probe, "wb") as f:  # no fsync: on a busy filesystem it can take many seconds
+            f.write(b"whaletron")
+        probe.unlink()
+    except OSError as e:
+        return f"{key} = {d} is not writable ({e.strerror or e}{': ' + e.filename if e.filename else ''}); {way_out}"
+    return None
+
+
+def check_storage(cfg, run_dir: Path, ckpt_dir: Path, *, train: bool = True) -> str | None:
+    """Rank 0's checks before a job writes anything; the reason to refuse it (one line naming the path and
+    the way out), or None to go on. A job that trains (writes checkpoints):
+    - a fresh start (checkpoint.resume=none) where checkpoints of a run already are is refused: keep-K
+      pruning would delete them at the first save and metrics.jsonl would mix two runs. With
+      checkpoint.overwrite=true that run's checkpoints and metrics.jsonl are removed (and said so, once);
+    - the checkpoint directory must be writable, and hold one more checkpoint (`checkpoint_bytes`) where
+      shutil.disk_usage can tell.
+    Every job: the run directory must be writable."""
+    c = cfg.checkpoint
+    where = "checkpoint.dir" if c.dir else "logging.run_dir"
+    err = _writable(run_dir, "logging.run_dir", "choose a writable logging.run_dir")
+    if err or not train:
+        return err
+    # only whether a run exists: reading every file would cost a checkpoint's size on rank 0 alone
+    old = latest_checkpoint(ckpt_dir, verify=False) if c.resume == "none" else None
+    if old is not None and not c.overwrite:
+        return (f"{ckpt_dir} already holds the checkpoints of a run (latest {old.name}) and checkpoint.resume=none "
+                f"would start a new one over them; set checkpoint.resume=auto to continue that run, a new {where} "
+                f"to start elsewhere, or checkpoint.overwrite=true to replace it")
+    err = _writable(ckpt_dir, "checkpoint.dir", f"point {where} at a writable directory")
+    if err:
+        return err
+    doomed = sorted(d for d in ckpt_dir.iterdir() if _CKPT_ENTRY.fullmatch(d.name)) if old is not None else []
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        free = None  # the filesystem cannot tell: go on
+    if free is not None:
+        need, how = checkpoint_bytes(cfg, cfg.model_config())
+        freed = sum(_tree_bytes(d) for d in doomed)
+        if need > free + freed:
+            also = f" (+{_size(freed)} of the run it replaces)" if freed else ""
+            return (f"{ckpt_dir}: a checkpoint of this run needs about {_size(need)} ({how}) but only {_size(free)}"
+                    f"{also} is free there; free space, or point {where} at a larger volume")
+    if old is not None:  # checkpoint.overwrite=true: replace that run, and say what goes
+        print(f"checkpoint.overwrite=true: replacing the run in {ckpt_dir}: removing its {len(doomed)} checkpoint "
+              f"director{'y' if len(doomed) == 1 else 'ies'} (latest {old.name}) and {run_dir / 'metrics.jsonl'}",
+              flush=True)
+        (ckpt_dir / LATEST_FILE).unlink(missing_ok=True)
+        for d in doomed:  # renamed first: a crash midway never leaves a damaged directory that looks complete
+            gone = d.with_name(f".{d.name}.replaced-{os.getpid()}")
+            os.replace(d, gone)
+            shutil.rmtree(gone)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return None
 
 
 def fp8_recipe(t, device: torch.device) -> Fp8Recipe | None:
@@ -134,6 +256,7 @@ class Session:
             if t.ema_decay > 0:
                 self.ema = EMA(unique_parameters(engine.stages), t.ema_decay)
         self.step, self.consumed, self.skipped, self.nonfinite_streak = 0, 0, 0, 0
+        self.total_steps = t.steps      # the run's last step (a stage may derive its own: SFT's data.epochs)
         self.stage_state: dict = {}     # what a stage keeps across a resume (iterator positions)
         self.logger: MetricsLogger | None = None
 
@@ -190,12 +313,14 @@ class Session:
         c = self.cfg.checkpoint
         if c.resume == "none":
             return
-        path = latest_checkpoint(self.ckpt_dir) if c.resume == "auto" else Path(c.resume)
+        # every rank verifies 1/world of the files (collective), then all agree on the newest that verifies
+        path = latest_checkpoint(self.ckpt_dir, collective=True) if c.resume == "auto" else Path(c.resume)
         if path is None:
             return
         if self.opt is None:  # sampling only: no run state to restore (init.checkpoint loads weights)
             raise ConfigError(f"checkpoint.resume = {c.resume} names {path}, but {self._who()} does not train and "
                               "restores no run state; set checkpoint.resume=none and load weights with init.checkpoint")
+        self._check_not_past_the_end(path)
         meta = load_checkpoint(path, self.state(extra_models), model_config=self.model_cfg.to_dict())
         self.step, self.consumed = meta["step"], meta["consumed_samples"]
         self.opt.step_count = meta["optimizer_steps"]
@@ -204,6 +329,19 @@ class Session:
         if self.rank == 0:
             samples = f" ({self.consumed} samples)" if self.consumed else ""
             print(f"resumed from {path} at step {self.step}{samples}", flush=True)
+
+    def _check_not_past_the_end(self, path) -> None:
+        """A checkpoint past this run's last step would silently do nothing: say so before loading it. Every
+        rank reads the same meta.json; an unreadable one is left to load_checkpoint (which agrees on it)."""
+        try:
+            saved = int(read_meta(path)["step"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            return
+        if saved > self.total_steps:
+            key = "train.steps" if self.total_steps == self.cfg.train.steps else "data.epochs"
+            raise ConfigError(f"checkpoint.resume = {self.cfg.checkpoint.resume}: {path} is at step {saved}, past "
+                              f"this run's last step {self.total_steps} ({key}); raise {key} to reach at least step "
+                              f"{saved}, or resume from an earlier checkpoint with checkpoint.resume=PATH")
 
     def save(self, stage_state: dict | None = None, extra_models=()) -> None:
         self._need_optimizer("Session.save")

@@ -7,11 +7,13 @@ One step, top to bottom:
     norm   = global gradient norm, clipped; a non-finite loss or norm skips the step (pretrain.session)
     opt    = AdamW at the scheduled lr; the routing bias moves by the scheduled gamma (V3 §2.1.2)
     ema    = the CPU EMA takes the new parameters in the background (V3 §3.2.3)
-    log, validate, checkpoint; a signal (SIGTERM / SIGUSR1) saves and exits cleanly
+    log, validate, checkpoint; a signal (SIGTERM / SIGUSR1 / SIGINT) saves and exits cleanly
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 
 import torch
@@ -27,6 +29,10 @@ from .metrics import (bias_stats, device_peak_flops, expert_load_stats, expert_s
                       train_flops_per_token)
 from .schedules import check_lr_schedule, check_piecewise, lr_at, piecewise
 from .session import DTYPES, Session, fp8_recipe, open_run
+
+# the step in flight finishes, a checkpoint is written and the run exits 0: a scheduler's preemption
+# (SIGTERM, Slurm's --signal=USR1) or Ctrl-C (a second Ctrl-C stops at once, without saving)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -67,6 +73,10 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(build_model(self.model_cfg, device="meta"), cfg.data.seq_len)
         self.peak = cfg.logging.peak_tflops * 1e12 or device_peak_flops(self.device, t.dtype)
         self.session.resume()
+        if t.exit_at_step and self.session.step > t.exit_at_step:
+            raise ConfigError(f"train.exit_at_step = {t.exit_at_step} lies before step {self.session.step}, where this "
+                              f"run resumes ({self.ckpt_dir}); raise train.exit_at_step or set it to 0, or resume "
+                              f"from an earlier checkpoint with checkpoint.resume=PATH")
         self.session.open_logger(t.steps)
         self.stop_signal = 0
         self.last_step = t.exit_at_step or t.steps
@@ -200,7 +210,15 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without saving
         self.stop_signal = signum
+        if signum == signal.SIGINT and self.rank == 0:
+            try:  # os.write: a print here could re-enter one in progress
+                os.write(sys.stderr.fileno(), b"\nCtrl-C: finishing this step, then saving and stopping "
+                                              b"(Ctrl-C again stops at once, without saving)\n")
+            except (OSError, ValueError, AttributeError):
+                pass
 
     def _stop_requested(self) -> bool:
         """Every rank must agree (a signal may reach only some of them)."""
@@ -210,9 +228,16 @@ class Trainer:
         return bool(flag.item())
 
     def run(self) -> int:
+        # the caller's handlers come back when the run ends (a library caller's Ctrl-C, say)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def _run(self) -> int:
         cfg, t, c, s = self.cfg, self.cfg.train, self.cfg.checkpoint, self.session
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
         last = self.last_step
         if self.rank == 0:
             counts = self.model_cfg.param_counts()
@@ -234,8 +259,9 @@ class Trainer:
                 if self._stop_requested():
                     s.save()
                     if self.rank == 0:
-                        print(f"stopped by signal {self.stop_signal or 'on another rank'} at step {s.step}; "
-                              f"resume with checkpoint.resume=auto", flush=True)
+                        how = signal.Signals(self.stop_signal).name if self.stop_signal else "on another rank"
+                        print(f"stopped by signal {how} at step {s.step}; resume with checkpoint.resume=auto",
+                              flush=True)
                     return 0
                 if s.step == last or (c.every and s.step % c.every == 0):
                     s.save()

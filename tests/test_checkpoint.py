@@ -6,8 +6,11 @@ Resharding is checked against the global values the saving ranks gather (`parall
 layout, or in one process, must equal them exactly."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -431,3 +434,164 @@ def test_fsdp_save_sync_and_async_to_one_process(tmp_path):
     for step in (1, 2):
         meta = _load_one_process(tmp_path / f"s{step}", 2, with_ema=False)
         assert meta["step"] == step
+
+
+# -- integrity and full disks ------------------------------------------------------------------------------
+def _damage(path: Path, how: str) -> str:
+    """Damage a checkpoint step directory; returns the file named in the expected message."""
+    shard = path / "__0_0.distcp"
+    if how == "flip":  # one flipped bit in the middle of the tensor data
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        shard.write_bytes(bytes(data))
+    elif how == "truncate":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    elif how == "delete":
+        shard.unlink()
+    elif how == "manifest":  # the manifest alone lost: not mistaken for a checkpoint saved before manifests
+        (path / "manifest.json").unlink()
+        return "manifest.json"
+    return "__0_0.distcp"
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete", "manifest"])
+def test_corrupt_latest_falls_back_to_the_newest_verified_one(tmp_path, capsys, how):
+    cfg = preset("tiny-deepseek-v3", n_layers=1)
+    net = build_model(cfg, seed=0)
+    root = tmp_path / "ckpt"
+    for step in (1, 2):
+        with torch.no_grad():
+            net.embed.weight.fill_(step)
+        save_checkpoint(root, step, sharded_state(net), _meta(cfg, step), keep=None)
+    manifest = (root / "step_00000002" / "manifest.json").read_text()
+    assert all(f'"{f}"' in manifest for f in ("__0_0.distcp", ".metadata", "meta.json"))
+    capsys.readouterr()
+    name = _damage(root / "step_00000002", how)
+    wanted = {"flip": r"crc32 expected [0-9a-f]{8}, found [0-9a-f]{8}",
+              "truncate": r"truncated: expected \d+ bytes, found \d+", "delete": r"missing \(expected \d+ bytes\)",
+              "manifest": r"missing \(expected: meta.json records"}[how]
+
+    assert latest_checkpoint(root) == root / "step_00000001"
+    err = capsys.readouterr().err
+    assert f"step_00000002/{name}" in err and re.search(wanted, err), err
+    assert "using step_00000001 instead" in err and err.count("\n") == 1
+    assert latest_checkpoint(root) == root / "step_00000001" and capsys.readouterr().err == ""  # said once
+    net2 = build_model(cfg, seed=1)
+    assert load_checkpoint(root, sharded_state(net2))["step"] == 1  # the root: its newest verified checkpoint
+    assert torch.all(net2.embed.weight == 1)
+    for fn in (lambda: load_checkpoint(root / "step_00000002", sharded_state(net2)),
+               lambda: read_full_model_state(root / "step_00000002")):
+        with pytest.raises(CheckpointError, match=rf"step_00000002/{re.escape(name)} .*{wanted}.*named explicitly"):
+            fn()
+    _damage(root / "step_00000001", "flip")  # nothing verifies: an error, never a silent fresh start
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies: step_00000002 .* step_00000001"):
+        latest_checkpoint(root)
+
+
+def test_checkpoint_saved_before_manifests_loads_unverified(tmp_path, capsys):
+    cfg = preset("tiny-deepseek-v3", n_layers=1)
+    net = build_model(cfg, seed=0)
+    path = save_checkpoint(tmp_path, 1, sharded_state(net), _meta(cfg, 1))
+    (path / "manifest.json").unlink(missing_ok=True)  # what an older save_checkpoint wrote: no manifest, ...
+    meta = json.loads((path / "meta.json").read_text())
+    meta.pop("manifest", None)  # ... and no record of one
+    (path / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert latest_checkpoint(tmp_path) == path
+    assert load_checkpoint(path, sharded_state(build_model(cfg, seed=1)))["step"] == 1
+    assert read_full_model_state(tmp_path)[1] == cfg.to_dict()
+    err = capsys.readouterr().err
+    assert err.count("has no manifest.json (saved before checkpoints recorded checksums): loading it without "
+                     "verification") == 1, err
+
+
+def manifest_rank(root: str):
+    """Each of 2 ranks writes its own shard file; the manifest covers both. A flipped byte in rank 1's file
+    of the newest checkpoint: every rank falls back to the previous one (collectively they agree, although
+    only one rank reads that file), and naming it explicitly fails on every rank."""
+    from parallel.checkpoint import GlobalShard
+    root = Path(root)
+    rank = dist.get_rank()
+    local = torch.full((1, 300), float(rank))
+    state = {"w": GlobalShard(local, (2, 300), (rank, 0))}
+    save_checkpoint(root, 1, state, {"step": 1}, keep=None)
+    local.add_(10)
+    save_checkpoint(root, 2, state, {"step": 2}, keep=None, async_save=True).wait()
+    local.add_(10)
+    save_checkpoint(root, 3, state, {"step": 3}, keep=None)
+    dist.barrier()
+    if rank == 0:
+        shard = root / "step_00000003" / "__1_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[-40] ^= 0x01
+        shard.write_bytes(bytes(data))
+    dist.barrier()
+    assert latest_checkpoint(root, collective=True) == root / "step_00000002"  # only rank 1 read the bad file
+    assert latest_checkpoint(root) == root / "step_00000002"  # local: safe on one rank, each reads every file
+    local.zero_()
+    assert load_checkpoint(root, state)["step"] == 2 and torch.all(local == rank + 10)
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp is corrupt: crc32 expected .* named explicitly"):
+        load_checkpoint(root / "step_00000003", state)
+
+
+def test_multi_rank_manifest_covers_every_rank(tmp_path):
+    run_ranks(2, manifest_rank, str(tmp_path))
+    for step in (1, 2, 3):  # sync, async, sync
+        d = tmp_path / f"step_{step:08d}"
+        files = json.loads((d / "manifest.json").read_text())["files"]
+        assert sorted(files) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"], files
+        assert sorted(p.name for p in d.iterdir()) == sorted([*files, "manifest.json"])  # parts merged, removed
+
+
+@pytest.mark.parametrize("where", ["data", "async", "meta"])
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    """ENOSPC while DCP writes a shard (synchronous or asynchronous save), or while meta.json is written:
+    one error naming ENOSPC and the path; the partial directory is removed, nothing is pruned (keep=1), and
+    the previous checkpoint stays the latest and loads."""
+    from contextlib import contextmanager
+
+    import parallel.checkpoint as ckpt
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    cfg = preset("tiny-deepseek-v3", n_layers=1)
+    net = build_model(cfg, seed=0)
+    state = sharded_state(net)
+    first = save_checkpoint(tmp_path, 1, state, _meta(cfg, 1), keep=1)
+    partial = tmp_path / "step_00000002.partial"
+
+    def no_space(path):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if where == "meta":
+        real_write = ckpt._write_atomic
+
+        def write(path, text):
+            if path.name == "meta.json":
+                raise no_space(path.with_name(".meta.json.tmp"))
+            real_write(path, text)
+        monkeypatch.setattr(ckpt, "_write_atomic", write)
+    else:
+        real_stream = FileSystem.create_stream
+
+        @contextmanager
+        def full_disk(self, path, mode):
+            with real_stream(self, path, mode) as stream:
+                if "w" in mode and str(path).endswith(".distcp"):
+                    stream.write(b"\0" * 100)  # the disk fills up midway through the shard
+                    raise no_space(path)
+                yield stream
+        monkeypatch.setattr(FileSystem, "create_stream", full_disk)
+
+    with pytest.raises(CheckpointError) as e:
+        out = save_checkpoint(tmp_path, 2, state, _meta(cfg, 2), keep=1, async_save=where == "async")
+        if where == "async":
+            out.wait()
+    msg = str(e.value)
+    assert "ENOSPC" in msg and "No space left on device" in msg and str(partial) in msg, msg
+    assert str(first) in msg and "\n" not in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]  # no partial, no temp
+    assert latest_checkpoint(tmp_path) == first and load_checkpoint(tmp_path, state)["step"] == 1
+    monkeypatch.undo()  # space again: the next save works and only then prunes
+    assert save_checkpoint(tmp_path, 2, state, _meta(cfg, 2), keep=1) == tmp_path / "step_00000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002"]

@@ -285,3 +285,76 @@ def _copy(cfg, **kw):
     from dataclasses import replace
 
     return replace(cfg, **kw)
+
+
+# -- untrusted files: megatron-core's index caches, token ids beyond the vocabulary --------------
+
+
+class _Plant:
+    """Unpickling this creates the marker file: what a planted cache file could do in the trainer."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_index_cache_is_never_unpickled(work, tmp_path):
+    import pickle
+
+    cfg = _cfg(work, cache_dir=str(tmp_path / "cache"))
+    ref = PretrainData(cfg, seed=0, train_samples=16, valid_samples=8).global_batch(0, 8)[0]
+    files = sorted(str(p) for p in (tmp_path / "cache").rglob("*-GPTDataset-train-shuffle_index.npy"))
+    assert len(files) == 1
+    good, marker = open(files[0], "rb").read(), tmp_path / "pwned"
+    plants = {"a pickle": pickle.dumps(_Plant(marker)),
+              "an object array": None,
+              "a truncated array": good[:-3],
+              "a float array": None}
+    for what, content in plants.items():
+        if what == "an object array":
+            np.save(files[0], np.array([_Plant(marker)] * 3, dtype=object), allow_pickle=True)
+        elif what == "a float array":
+            np.save(files[0], np.zeros(4, dtype=np.float32))
+        else:
+            open(files[0], "wb").write(content)
+        with pytest.raises(ValueError, match=r"index cache file .*shuffle_index\.npy .*delete") as e:
+            PretrainData(cfg, seed=0, train_samples=16, valid_samples=8)
+        assert files[0] in str(e.value) and "\n" not in str(e.value), what
+        assert not marker.exists(), f"{what} was unpickled"
+    open(files[0], "wb").write(good)  # the real cache file still loads
+    assert torch.equal(PretrainData(cfg, seed=0, train_samples=16, valid_samples=8).global_batch(0, 8)[0], ref)
+    # the blended dataset's cache (read when torch.distributed is up) goes through the same loader
+    from megatron.core.datasets import blended_dataset, gpt_dataset
+
+    open(files[0], "wb").write(pickle.dumps(_Plant(marker)))
+    for module in (gpt_dataset, blended_dataset):
+        with pytest.raises(ValueError, match="index cache file"):
+            module.numpy.load(files[0], allow_pickle=True, mmap_mode="r")
+    assert not marker.exists()
+
+
+def test_token_ids_beyond_the_vocabulary(work, tmp_path):
+    import pretrain.data as data
+
+    rng = np.random.default_rng(0)
+    eod, vocab = work["tok"].eod_id, work["tok"].vocab_size  # 400
+    docs = [list(rng.integers(10, 100, 50)) + [eod] for _ in range(40)]
+    docs[7][3] = 417  # preprocessed with a larger tokenizer
+    prefix = str(tmp_path / "big")
+    preprocess.write_indexed_dataset(docs, prefix, 1000)
+    with pytest.raises(ValueError, match=rf"big\.bin holds token ids 2\.\.417 .* {vocab} tokens .*document 7"):
+        PretrainData(_cfg(work, paths=[prefix]), seed=0, train_samples=16, valid_samples=0)
+
+    # files too large to scan when opened are checked batch by batch
+    docs = [list(rng.integers(10, 100, 50)) + [450, eod] for _ in range(40)]
+    preprocess.write_indexed_dataset(docs, prefix, 1000)
+    old, data._SCAN_LIMIT_BYTES = data._SCAN_LIMIT_BYTES, 0
+    try:
+        d = PretrainData(_cfg(work, paths=[work["a"], prefix], weights=[0.5, 0.5]), seed=0, train_samples=64,
+                         valid_samples=0)
+        with pytest.raises(ValueError, match=rf"big\.bin holds token id 450 .* {vocab} tokens"):
+            d.global_batch(0, 16)
+    finally:
+        data._SCAN_LIMIT_BYTES = old

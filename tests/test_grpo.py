@@ -1,6 +1,10 @@
 """The GRPO stage: one update under tp2 and ep2 (dp2) against one process, the metrics a run writes,
 exact resume, rows alignment, and the collapse guard."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +17,18 @@ from posttrain.grpo import CollapseError, GRPOTrainer, training_rows
 
 def _config(task_dir, run_dir, *extra):
     from posttrain.config import load_config
-    return load_config(None, [
+    return load_config(None, _args(task_dir, run_dir, *extra))
+
+
+def _args(task_dir, run_dir, *extra):
+    return [
         "model.preset=tiny-deepseek-v3", "model.vocab_size=256", f"init.tokenizer={task_dir}/tok.model",
         f"data.train_files=[{task_dir}/arithmetic_train.jsonl]",
         f"data.valid_files=[{task_dir}/arithmetic_heldout.jsonl]",
         "data.template=chat", "rollout.max_new_tokens=12", "rollout.stop=['</answer>']", "grpo.group_size=4",
         "grpo.prompts_per_step=4", "grpo.beta=0.04", "train.steps=2", "train.lr=1e-3", "train.lr_schedule=constant",
         "train.warmup_steps=0", "train.micro_batch_size=8", "reward.weights={accuracy: 1.0, format: 0.1}",
-        "eval.every=2", "eval.prompts=8", "logging.wandb=disabled", f"logging.run_dir={run_dir}", *extra])
+        "eval.every=2", "eval.prompts=8", "logging.wandb=disabled", f"logging.run_dir={run_dir}", *extra]
 
 
 def test_training_rows_alignment():
@@ -200,3 +208,93 @@ def test_sft_packed_rows_train_and_resume_exactly(task_dir, tmp_path):
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
+
+
+# -- bad data stops the run at load, in one line ------------------------------------------------------
+def _main(tmp_path, task_dir, *extra) -> int:
+    from posttrain.grpo import main
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    return main(["--config", str(tmp_path / "empty.yaml"), *_args(task_dir, tmp_path / "run", *extra)])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_prompt_stream_refuses_no_records():
+    from posttrain.grpo import PromptStream
+    with pytest.raises(ValueError, match="at least one prompt record"):
+        PromptStream([], seed=0)
+
+
+def test_empty_prompt_file_stops_at_load(task_dir, tmp_path):
+    """It used to spin forever at 100% CPU (PromptStream.take on no records): run in a process with a timeout."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    args = _args(task_dir, tmp_path / "run", f"data.train_files=[{empty}]", "eval.every=0")
+    proc = subprocess.run([sys.executable, "-m", "posttrain.grpo", "--config", str(tmp_path / "empty.yaml"), *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"error: data.train_files: {empty}: no records (the file is empty or holds only "
+                                   "blank lines); write prompt records ({\"prompt\": ...} or {\"messages\": [...]}) "
+                                   "into it, one JSON object per line, or take it out of the file list")
+
+
+def test_empty_validation_file_stops_at_load(task_dir, tmp_path, capsys):
+    """It used to be silent: evaluate() returned {} and no eval_accuracy was ever logged."""
+    empty = tmp_path / "heldout.jsonl"
+    empty.write_text("")
+    assert _main(tmp_path, task_dir, f"data.valid_files=[{empty}]", "train.steps=1") == 2
+    assert _one_error_line(capsys).startswith(f"error: data.valid_files: {empty}: no records")
+    assert not (tmp_path / "run").exists()          # stopped before the run directory or the model
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["data.valid_files=[]"], ["eval.every = 2 but data.valid_files is empty", "eval.every=0"]),
+    (["eval.prompts=0"], ["eval.prompts = 0 with 32 held-out prompts", "eval.every=0"]),
+])
+def test_evaluation_that_would_score_nothing_stops_at_load(task_dir, tmp_path, capsys, extra, words):
+    assert _main(tmp_path, task_dir, "train.steps=1", *extra) == 2
+    err = _one_error_line(capsys)
+    for w in words:
+        assert w in err, (w, err)
+
+
+LONG = {"prompt": "Compute " + " + ".join(["12"] * 16) + ".", "answer": "192"}
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_a_prompt_too_long_for_its_reply_is_named_at_load(task_dir, tmp_path, capsys, split):
+    """The longest prompt (encoded with the template, as the generator receives it) + the reply budget must fit
+    model.max_seq_len; it used to crash (ValueError in generate) on the batch that first drew it."""
+    from posttrain.data import encode_prompt
+    from pretrain.tokenizer import load_tokenizer
+    n = len(encode_prompt("chat", load_tokenizer(str(task_dir / "tok.model")), LONG))
+    lines = (task_dir / f"arithmetic_{'train' if split == 'train' else 'heldout'}.jsonl").read_text().splitlines()
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(lines[:2] + [json.dumps(LONG)] + lines[2:4]) + "\n")
+    key = "data.train_files" if split == "train" else "data.valid_files"
+    budget = ["rollout.max_new_tokens=12"] if split == "train" else ["eval.max_new_tokens=20"]
+    name = "rollout.max_new_tokens (12)" if split == "train" else "eval.max_new_tokens (20)"
+    new = 12 if split == "train" else 20
+    common = [f"{key}=[{f}]", "train.steps=1", "eval.every=0" if split == "train" else "eval.every=1", *budget]
+    assert _main(tmp_path, task_dir, *common, f"model.max_seq_len={n + new - 1}") == 2
+    err = _one_error_line(capsys)
+    assert err.startswith(f"error: {key}: {f}:3: this prompt is {n} tokens with the chat template, and {n} + {name} = "
+                          f"{n + new} exceeds model.max_seq_len = {n + new - 1}"), err
+    assert f"raise model.max_seq_len to {n + new}" in err and f"lower {name.split()[0]} to {new - 1}" in err
+    # one token more and it fits: the check counts exactly what the generator allocates
+    tr = GRPOTrainer(_config(task_dir, tmp_path / "fits", *common, f"model.max_seq_len={n + new}"))
+    try:
+        params = tr.sampling if split == "train" else None
+        if params is None:
+            from posttrain.generate import SamplingParams
+            params = SamplingParams(max_new_tokens=new, temperature=0.0)
+        out, _ = tr.gen.generate([tr.encode(LONG)], params)
+        assert len(out[0].ids) <= new
+    finally:
+        tr.session.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import warnings
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from model import build_model, load_hf, preset, preset_names  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.convert import load_native, main as convert_main  # noqa: E402
+from model.convert import load_native, main as convert_main, native_to_hf  # noqa: E402
 from parallel.fp8 import dequantize, quantize  # noqa: E402
 from model.hf import (config_from_hf, config_to_hf, dequantize_fp8, from_hf_state_dict, save_hf,  # noqa: E402
                       to_hf_state_dict)
@@ -658,3 +659,114 @@ def test_config_roundtrip(name):
     config_cls = getattr(transformers, d["architectures"][0].replace("ForCausalLM", "Config"))
     hf = config_cls(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
     assert hf.num_hidden_layers == cfg.n_layers
+
+
+# --------------------------------------------------------------------------------------------
+# untrusted checkpoint files
+# --------------------------------------------------------------------------------------------
+def test_index_names_files_outside_the_checkpoint(tmp_path):
+    _small_hf_dir(tmp_path / "ok")
+    keys = list(load_file(tmp_path / "ok" / "model.safetensors"))
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "ok" / "model.safetensors", tmp_path / "elsewhere" / "weights.safetensors")
+    for entry in ("../elsewhere/weights.safetensors", str(tmp_path / "elsewhere" / "weights.safetensors")):
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        bad.mkdir()
+        shutil.copy(tmp_path / "ok" / "config.json", bad)
+        weight_map = {k: entry for k in keys}
+        (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(ValueError, match=r"model.safetensors.index.json names a file outside the checkpoint "
+                                             r"directory: .*" + entry.split("/")[-2]):
+            load_hf(bad)
+    (bad / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json has no weight_map"):
+        load_hf(bad)
+
+
+def test_corrupt_safetensors_names_the_file(tmp_path, capsys):
+    _small_hf_dir(tmp_path / "ok")
+    good = (tmp_path / "ok" / "model.safetensors").read_bytes()
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "ok", bad)
+    for what, content in (("truncated", good[: len(good) // 2]), ("garbage", b"\xff" * 64), ("empty", b"")):
+        (bad / "model.safetensors").write_bytes(content)
+        with pytest.raises(ValueError, match=r"bad/model.safetensors is not a readable safetensors file") as e:
+            load_hf(bad)
+        assert "\n" not in str(e.value), what
+    assert convert_main(["hf-to-native", str(bad), str(tmp_path / "out")]) == 2
+    assert "model.safetensors is not a readable safetensors file" in capsys.readouterr().err
+    # a shard that is damaged is named when it is opened (lazily, in a sharded checkpoint)
+    net = build_model(preset("tiny-qwen2.5-1.5b"), seed=7)
+    save_hf(net, tmp_path / "sharded", max_shard_bytes=100_000)
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].write_bytes(shards[1].read_bytes()[:-10])
+    with pytest.raises(ValueError, match=rf"{shards[1].name} is not a readable safetensors file"):
+        load_hf(tmp_path / "sharded")
+
+
+def test_config_json_types(tmp_path):
+    _small_hf_dir(tmp_path / "ok")
+    d = json.loads((tmp_path / "ok" / "config.json").read_text())
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "ok", bad)
+    for text in ("[1, 2]", '"a string"', "null"):
+        (bad / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=r"bad/config.json holds .*, not a JSON object"):
+            load_hf(bad)
+    for key, value, kind in (("hidden_size", "sixty-four", "an integer"), ("hidden_size", "64", "an integer"),
+                             ("hidden_size", 64.5, "an integer"), ("num_hidden_layers", True, "an integer"),
+                             ("vocab_size", [256], "an integer"), ("rms_norm_eps", "1e-6", "a number"),
+                             ("max_position_embeddings", float("inf"), "an integer"),
+                             ("tie_word_embeddings", "false", "true or false")):
+        (bad / "config.json").write_text(json.dumps(dict(d, **{key: value})))
+        with pytest.raises(ValueError, match=rf"bad/config.json: {key}=.* is not {kind}") as e:
+            load_hf(bad)
+        assert "\n" not in str(e.value)
+    (bad / "config.json").write_text(json.dumps(dict(d, rope_parameters={"rope_type": "default",
+                                                                         "rope_theta": "1e6"})))
+    with pytest.raises(ValueError, match=r"config.json: rope_parameters.rope_theta='1e6' is not a number"):
+        load_hf(bad)
+    assert config_from_hf(dict(d, hidden_size=64.0)) == config_from_hf(d)  # integral floats are integers
+    with pytest.raises(ValueError, match=r"config.json: hidden_size='64' is not an integer"):
+        config_from_hf(dict(d, hidden_size="64"))
+    with pytest.raises(ValueError, match=r"config.json: whaletron.topk_devices='2' is not an integer"):
+        config_from_hf(dict(d, whaletron=dict(d["whaletron"], topk_devices="2")))
+    with pytest.raises(ValueError, match=r"quantization_config.weight_block_size=\[128\] is not a list of two"):
+        config_from_hf(dict(d, quantization_config={"quant_method": "fp8", "weight_block_size": [128]}))
+
+
+def test_integer_tensor_where_a_float_weight_belongs(tmp_path):
+    _small_hf_dir(tmp_path / "ok")
+    sd = load_file(tmp_path / "ok" / "model.safetensors")
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "ok", bad)
+    sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"].to(torch.int32)
+    save_file(sd, bad / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight is stored as torch.int32"):
+        load_hf(bad)
+    # native checkpoints too
+    assert convert_main(["hf-to-native", str(tmp_path / "ok"), str(tmp_path / "native")]) == 0
+    sd = load_file(tmp_path / "native" / "model.safetensors")
+    sd["layers.0.ffn.w3.weight"] = sd["layers.0.ffn.w3.weight"].to(torch.int16)
+    save_file(sd, tmp_path / "native" / "model.safetensors")
+    for load in (load_native, lambda p: native_to_hf(p, tmp_path / "back")):
+        with pytest.raises(ValueError, match=r"layers.0.ffn.w3.weight is stored as torch.int16"):
+            load(tmp_path / "native")
+    assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exports_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        net = _small_hf_dir(tmp_path / "hf")
+        save_hf(net, tmp_path / "sharded", max_shard_bytes=100_000)
+        assert convert_main(["hf-to-native", str(tmp_path / "hf"), str(tmp_path / "native")]) == 0
+    finally:
+        os.umask(old)
+    for d in ("hf", "sharded", "native"):
+        assert (tmp_path / d).stat().st_mode & 0o777 == 0o777 & ~umask, d
+        files = list((tmp_path / d).iterdir())
+        assert len(files) >= 2 and {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}, d

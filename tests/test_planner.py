@@ -360,6 +360,8 @@ def test_cli_table(cli):
     (("--model", "deepseek-v3", "--gpus", 64, "--gpu", "h100", "--global-batch", 1024, "--layout", "pp=1,tp=1,ep=64"),
      "no layout fits in 80 GB per H100"),
     (("--model", "deepseek-v3", "--gpus", 64, "--gpu", "a100", "--global-batch", 1024, "--fp8"), "A100 has no fp8"),
+    (V3_ARGS + ("--top", 0), "--top must be >= 1 (rows of the table), got 0"),
+    (V3_ARGS + ("--top", -3), "--top must be >= 1 (rows of the table), got -3"),
 ])
 def test_cli_bad_input_is_a_clean_error(cli, argv, message):
     rc, out, err = cli(*argv)

@@ -159,6 +159,43 @@ def test_sft_needs_a_target_and_a_fitting_template(tmp_path):
         read_jsonl(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize("content", ["", "\n", "\n  \n\t\n"])
+def test_a_file_without_records_is_an_error_naming_it(tmp_path, content):
+    """An empty file (or blank lines only) is `FILE: no records` from every loader, in one line, even beside a
+    good file; never an empty data set that a stage loops on (GRPO) or silently skips (evaluation)."""
+    from posttrain.data import load_located_prompts, load_preference_pairs, read_sft_records
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    good = write_lines(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r", "chosen": "a", "rejected": "b"}])
+    loaders = [read_jsonl, load_prompts, load_located_prompts, read_sft_records, load_preference_pairs,
+               lambda f: load_sft_examples(f, TOK, "chat")]
+    for load in loaders:
+        for files in (str(empty), [good, str(empty)]):
+            with pytest.raises(DataError) as err:
+                load(files)
+            msg = str(err.value)
+            assert msg.startswith(f"{empty}: no records") and "\n" not in msg, msg
+    assert "preference pairs" in str(pytest.raises(DataError, load_preference_pairs, empty).value)
+
+
+def test_prompt_fit_names_the_longest_prompt_and_the_fixes():
+    from posttrain.data import check_prompt_fit
+    located = [("a.jsonl:1", [1] * 10), ("a.jsonl:3", [1] * 30), ("b.jsonl:2", [1] * 40), ("b.jsonl:5", [1] * 40)]
+    check_prompt_fit(located, 24, 64)                       # 40 + 24 = 64 fits
+    with pytest.raises(DataError) as err:
+        check_prompt_fit(located, 25, 64, template="chat")
+    msg = str(err.value)
+    assert msg.startswith("b.jsonl:2: this prompt is 40 tokens with the chat template, and 40 + "
+                          "rollout.max_new_tokens (25) = 65 exceeds model.max_seq_len = 64 (2 of 4 prompts"), msg
+    for fix in ("raise model.max_seq_len to 65", "lower rollout.max_new_tokens to 24",
+                "drop or shorten the prompts longer than 39 tokens"):
+        assert fix in msg, fix
+    with pytest.raises(DataError) as err:                   # no reply budget could help: that fix is not offered
+        check_prompt_fit(located, 8, 40, budget="eval.max_new_tokens")
+    assert "eval.max_new_tokens (8)" in str(err.value) and "lower eval" not in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenization and loss masks
 # ----------------------------------------------------------------------------------------------

@@ -400,3 +400,85 @@ def test_bad_stage_keys_are_named(arg, words):
         _load([arg])
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+# -- bad data stops every stage at load, in one line -------------------------------------------------
+def _run_main(module, tmp_path, args) -> int:
+    import importlib
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    return importlib.import_module(f"posttrain.{module}").main(["--config", str(tmp_path / "empty.yaml"), *args])
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def _sft_args(task_dir, run_dir):
+    return ["model.preset=tiny-deepseek-v3", "model.vocab_size=256", f"init.tokenizer={task_dir}/tok.model",
+            f"data.train_files=[{task_dir}/arithmetic_train.jsonl]",
+            f"data.valid_files=[{task_dir}/arithmetic_heldout.jsonl]", "data.template=chat", "data.seq_len=64",
+            "train.steps=1", "train.warmup_steps=0", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "eval.every=1", "logging.wandb=disabled", f"logging.run_dir={run_dir}"]
+
+
+STAGE_ARGS = {"sft": _sft_args, "dpo": _dpo_args,
+              "rejection": lambda task_dir, out_dir: _rejection_args(task_dir, out_dir) + ["rejection.samples=2"]}
+
+
+@pytest.mark.parametrize("stage, key, what", [
+    ("sft", "data.train_files", "SFT records"), ("sft", "data.valid_files", "SFT records"),
+    ("dpo", "data.train_files", "preference pairs"), ("dpo", "data.valid_files", "preference pairs"),
+    ("rejection", "data.train_files", "prompt records"),
+])
+def test_an_empty_data_file_stops_the_stage_at_load(task_dir, tmp_path, capsys, stage, key, what):
+    """`FILE: no records`, one line, exit 2, before the model is built. It used to be "0 packed rows" (SFT
+    train), "0 usable pairs" (DPO train), a traceback from max() (rejection), or silence (SFT's and DPO's
+    evaluation skipped)."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n \n")
+    assert _run_main(stage, tmp_path, STAGE_ARGS[stage](task_dir, tmp_path / "out") + [f"{key}=[{empty}]"]) == 2
+    err = _error_line(capsys)
+    assert err.startswith(f"error: {key}: {empty}: no records (the file is empty or holds only blank lines); "
+                          f"write {what}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_rejection_names_a_prompt_too_long_for_its_reply(task_dir, tmp_path, capsys):
+    """The longest prompt, encoded with the template as the generator receives it, + rollout.max_new_tokens must
+    fit model.max_seq_len: named by file:line with the numbers and the fixes (it used to say neither)."""
+    from posttrain.data import encode_prompt
+    from pretrain.tokenizer import load_tokenizer
+    long = {"prompt": "Compute " + " + ".join(["12"] * 16) + ".", "answer": "192"}
+    n = len(encode_prompt("chat", load_tokenizer(str(task_dir / "tok.model")), long))
+    lines = (task_dir / "prompts.jsonl").read_text().splitlines()
+    f = tmp_path / "long.jsonl"
+    f.write_text("\n".join(lines[:1] + [json.dumps(long)] + lines[1:3]) + "\n")
+    args = STAGE_ARGS["rejection"](task_dir, tmp_path / "out") + [f"data.train_files=[{f}]",
+                                                                  f"model.max_seq_len={n + 9}"]
+    assert _run_main("rejection", tmp_path, args) == 2          # rollout.max_new_tokens = 10
+    err = _error_line(capsys)
+    assert err.startswith(f"error: data.train_files: {f}:2: this prompt is {n} tokens with the chat template, and "
+                          f"{n} + rollout.max_new_tokens (10) = {n + 10} exceeds model.max_seq_len = {n + 9}"), err
+    for fix in (f"raise model.max_seq_len to {n + 10}", "lower rollout.max_new_tokens to 9", "drop or shorten"):
+        assert fix in err, fix
+    assert not (tmp_path / "out" / "sft.jsonl").exists()
+
+
+def test_distill_says_the_teacher_kept_nothing(task_dir, tmp_path, capsys):
+    """An empty teacher output (rejection sampling kept no reply) is named as such, not as "0 packed rows"."""
+    from posttrain.distill import main
+    from pretrain.config import save_config
+    (tmp_path / "sft.jsonl").write_text("")             # the teacher's output, reused (rejection.overwrite false)
+    save_config(_load(_rejection_args(task_dir, tmp_path) + ["rejection.pairs_output=", "rejection.samples_output=",
+                                                            f"logging.run_dir={tmp_path}/teacher"]),
+                tmp_path / "teacher.yaml")
+    student = str(ROOT / "configs/posttrain/distill_tiny.yaml")
+    assert main(["--teacher", str(tmp_path / "teacher.yaml"), "--config", student,
+                 f"init.tokenizer={task_dir}/tok.model", "data.train_files=[]", "data.valid_files=[]",
+                 "eval.every=0", f"logging.run_dir={tmp_path}/student"]) == 2
+    err = _error_line(capsys)
+    assert err.startswith(f"error: {tmp_path}/sft.jsonl: no records: the teacher's rejection sampling kept no "
+                          "verified reply"), err
+    assert "rejection.overwrite=true" in err
