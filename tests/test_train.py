@@ -162,10 +162,10 @@ def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000005"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_signal_saves_a_loadable_checkpoint(corpus, tmp_path, sig):
-    """SIGTERM or SIGUSR1 (Slurm's preemption warning) mid-run: the step finishes, a checkpoint is
-    written, the process exits 0; resuming continues."""
+    """SIGTERM, SIGUSR1 (Slurm's preemption warning) or Ctrl-C (SIGINT) mid-run: the step finishes, a
+    checkpoint is written, the process exits 0 naming the signal; resuming continues."""
     args = base_overrides(corpus, tmp_path, **{"train.steps": 100000})
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "-m", "pretrain", "--config", str(ROOT / "configs/pretrain/tiny_v3.yaml"),
@@ -180,6 +180,7 @@ def test_signal_saves_a_loadable_checkpoint(corpus, tmp_path, sig):
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0, out
     assert "stopped by signal" in out
+    assert f"stopped by signal {signal.Signals(sig).name}" in out and "Traceback" not in out, out
     from parallel.checkpoint import latest_checkpoint
     step = latest_checkpoint(tmp_path / "checkpoints")
     meta = json.loads((step / "meta.json").read_text())
