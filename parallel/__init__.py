@@ -17,9 +17,9 @@ for the runtime, and who reads it: `protocols.py`. This module only hands names 
 from __future__ import annotations
 
 from .apply import parallelize, sequence_multiple, update_expert_bias
-from .comm import STATS, Group
+from .comm import STATS, Group, all_sum
 from .data_parallel import clip_grad_norm_, finish_grad_sync, set_gradient_sync, sync_expert_load
-from .engine import SingleStage, all_sum, build_engine
+from .engine import SingleStage, build_engine
 from .fp8 import Fp8Recipe, apply_fp8
 from .mesh import LayoutError, Mesh, ParallelConfig, ParallelDims, build_mesh
 from .pipeline import Pipeline, attach_schedule, build_pipeline

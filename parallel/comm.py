@@ -75,6 +75,16 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 # -- plain collectives (recorded) ------------------------------------------------------------------
+def all_sum(values: dict, group: Group, device="cpu") -> dict[str, float]:
+    """Each named number (float or 0-d tensor) summed over `group` in float64, in one all-reduce: counts,
+    totals and loss terms reduced by name rather than by position."""
+    if not values:
+        return {}
+    vec = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values.values()])
+    all_reduce(vec, group)
+    return dict(zip(values, vec.tolist()))
+
+
 def all_reduce(t: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group.size > 1:
         STATS.add("all_reduce", group, _nbytes(t))

@@ -27,15 +27,6 @@ from .recompute import apply_recompute
 from .state import init_parallel_weights
 
 
-def all_sum(values: dict[str, float | torch.Tensor], mesh: Mesh, group: str = "dp") -> dict[str, float]:
-    """Each named number summed over a group of the mesh, in float64 (counts, totals, loss terms)."""
-    if not values:
-        return {}
-    vec = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=mesh.device_type) for v in values.values()])
-    comm.all_reduce(vec, mesh[group])
-    return dict(zip(values, vec.tolist()))
-
-
 # hooks read here (loss, update_expert_bias): parallel/protocols.py
 class SingleStage:
     """The whole model on every rank of a pp = 1 layout (tp, ep and FSDP2 dp inside it). A step is
@@ -83,8 +74,8 @@ class SingleStage:
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / n
         if backward:
             finish_grad_sync(net, self.mesh)
-        dp = self.mesh.dims.dp
-        return {k: v / dp for k, v in all_sum({k: sums[k] for k in sorted(sums)}, self.mesh).items()}
+        total = comm.all_sum({k: sums[k] for k in sorted(sums)}, self.mesh["dp"], self.mesh.device_type)
+        return {k: v / self.mesh.dims.dp for k, v in total.items()}
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(self.stages[0], max_norm, self.mesh)

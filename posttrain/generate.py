@@ -248,19 +248,6 @@ def _tokenizer_path(config: dict, run: Path | None) -> str:
                       "pass --tokenizer FILE (.model or tokenizer.json)")
 
 
-class _Vocab:
-    """The tokenizer, decoding only ids it has: a model's vocabulary may be padded past the tokenizer's."""
-
-    def __init__(self, tok):
-        self.tok, self.vocab_size, self.eod_id = tok, tok.vocab_size, tok.eod_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
-
-    def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids if i < self.vocab_size])
-
-
 def load_for_sampling(checkpoint, device="cpu", *, tokenizer: str | None = None, ema: bool = False):
     """A one-process eval model with a checkpoint's weights (saved under any layout: DCP reshards) and
     its tokenizer. Returns (model, tokenizer, info) with info: step_dir, step, tokenizer_path."""
@@ -296,7 +283,7 @@ def load_for_sampling(checkpoint, device="cpu", *, tokenizer: str | None = None,
             load_checkpoint(step_dir, {f"ema/{k[6:]}": v for k, v in state.items() if k[6:] in params})
     except CheckpointError as e:
         raise SampleError(f"--checkpoint {e}") from None
-    return net.eval(), _Vocab(tok), {"step_dir": step_dir, "step": meta.get("step"), "tokenizer_path": tok_path}
+    return net.eval(), tok, {"step_dir": step_dir, "step": meta.get("step"), "tokenizer_path": tok_path}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from collections import Counter
 import torch.distributed as dist
 
 from pretrain.config import ConfigError
-from pretrain.session import init_distributed
+from pretrain.session import decided_on_rank0, init_distributed
 
 from .config import PosttrainConfig, RejectionSection
 from .data import DataError, check_prompt_fit, encode_prompt, load_located_prompts
@@ -167,10 +167,10 @@ class RejectionSampler:
     def _refuse_overwrite(self) -> None:
         """Stop before any work when an output exists (rank 0 looks, every rank learns the answer)."""
         init_distributed(self.cfg.train.device)
-        found = [[p for p in self.outputs.values() if p and os.path.exists(p)] if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(found, src=0)
-        if found[0] and not self.cfg.rejection.overwrite:
-            raise ConfigError(f"{', '.join(found[0])} already exists; choose another rejection.output / pairs_output / "
+        found = decided_on_rank0(lambda: [p for p in self.outputs.values() if p and os.path.exists(p)],
+                                 "looking for the outputs")
+        if found and not self.cfg.rejection.overwrite:
+            raise ConfigError(f"{', '.join(found)} already exists; choose another rejection.output / pairs_output / "
                               "samples_output, or set rejection.overwrite=true to replace it")
 
     # -- one unit of prompts -------------------------------------------------------------------------

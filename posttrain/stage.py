@@ -143,7 +143,7 @@ class StageSession(Session):
 
     def all_sum(self, values: dict[str, float], group: str = "dp") -> dict[str, float]:
         """Each named per-rank number summed over a group (counts, totals for normalisers and metrics)."""
-        return all_sum(values, self.mesh, group)
+        return all_sum(values, self.mesh[group], self.mesh.device_type)
 
     def gather_dp(self, obj) -> list | None:
         """Every dp rank's `obj`, in dp-rank order, on global rank 0 (None elsewhere). tp ranks hold copies,

@@ -72,6 +72,33 @@ class Run:
     mesh: Mesh
 
 
+def decided_on_rank0(decide, what: str):
+    """decide()'s value, computed on rank 0 alone and the same on every rank (one broadcast): for checks
+    that read shared storage once and that every rank must act on alike. A ConfigError on rank 0 is raised on
+    every rank; any other exception is re-raised on rank 0 and named in a ConfigError on the others, so no
+    rank is left waiting in a collective."""
+    box, failure = [None], None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, decide())
+        except ConfigError as e:
+            box[0] = (False, str(e))
+        except Exception as e:
+            box[0], failure = (False, f"rank 0 failed {what}: {type(e).__name__}: {e}"), e
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+        if not box[0][0]:
+            # a process that exits right after a gloo collective can abort (SIGABRT) while gloo's worker thread
+            # still frees that collective's tensors; waiting in a barrier (the GIL released) lets it finish
+            dist.barrier()
+    if failure is not None:
+        raise failure
+    ok, value = box[0]
+    if not ok:
+        raise ConfigError(value)
+    return value
+
+
 def open_run(cfg, pp: int | None = None, *, train: bool = True) -> Run:
     """What every training job does first: join the process group, check its storage (`check_storage`,
     rank 0 decides and every rank raises the same ConfigError), create the run directory with the
@@ -81,28 +108,15 @@ def open_run(cfg, pp: int | None = None, *, train: bool = True) -> Run:
     device = init_distributed(cfg.train.device)
     run_dir = Path(cfg.logging.run_dir)
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
-    verdict: list = [None]
-    failure = None
-    if dist.get_rank() == 0:
-        try:  # everything rank 0 writes before the mesh, so that any failure is one agreed answer
-            verdict[0] = check_storage(cfg, run_dir, ckpt_dir, train=train)
-            if verdict[0] is None:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, run_dir / "config.yaml")
-        except ConfigError as e:
-            verdict[0] = str(e)
-        except Exception as e:  # raised below, after every rank has heard of it (no hang in a collective)
-            verdict[0], failure = f"rank 0 failed preparing {run_dir}: {type(e).__name__}: {e}", e
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0] is not None:
-            # a process that exits right after a gloo collective can abort (SIGABRT) while gloo's worker thread
-            # still frees that collective's tensors; waiting in a barrier (the GIL released) lets it finish
-            dist.barrier()
-    if failure is not None:
-        raise failure
-    if verdict[0] is not None:
-        raise ConfigError(verdict[0])
+
+    def prepare() -> None:  # everything rank 0 writes before the mesh, so that any failure is one agreed answer
+        problem = check_storage(cfg, run_dir, ckpt_dir, train=train)
+        if problem is not None:
+            raise ConfigError(problem)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    decided_on_rank0(prepare, f"preparing {run_dir}")
     try:
         mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp if pp is None else pp, dp=p.dp, ep=p.ep, sp=p.sp,
                                          node_size=p.node_size, zero=p.zero), device.type)

@@ -59,7 +59,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        # ids past the tokenizer's are a padded model vocabulary's (vocab_size rounded up): no text
+        return self.sp.decode([int(i) for i in ids if int(i) < self.vocab_size])
 
 
 # Names of end/begin-of-document tokens in common tokenizer.json files, DeepSeek's first.
@@ -119,7 +120,8 @@ class HFTokenizer(Tokenizer):
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+        # ids past the tokenizer's are a padded model vocabulary's (vocab_size rounded up): no text
+        return self.tk.decode([int(i) for i in ids if int(i) < self.vocab_size], skip_special_tokens=False)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -54,6 +54,9 @@ def test_sentencepiece_train_load_roundtrip(work):
     for text in DOCS[:4] + ["never seen: Ωμέγα ∮ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢\n\n\t  x"]:  # byte fallback: unseen text
         ids = tok.encode(text)
         assert tok.eod_id not in ids and tok.decode(ids) == text
+    # a model vocabulary padded past the tokenizer's may sample the padding ids: they decode to nothing
+    ids = tok.encode(DOCS[0])
+    assert tok.decode(ids[:3] + [tok.vocab_size, tok.vocab_size + 7] + ids[3:]) == DOCS[0]
 
 
 def test_hf_tokenizer_json_roundtrip(tmp_path):
@@ -73,6 +76,7 @@ def test_hf_tokenizer_json_roundtrip(tmp_path):
         assert tok.vocab_size == hf.get_vocab_size()
         for text in DOCS[:4]:
             assert tok.decode(tok.encode(text)) == text
+        assert tok.decode(tok.encode(DOCS[0]) + [tok.vocab_size + 3]) == DOCS[0]   # a padded vocabulary's id
     # tokenizer_config.json's eos_token wins over the built-in names
     (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": bos}}))
     assert load_tokenizer(str(tmp_path / "hf")).eod_id == hf.token_to_id(bos)
