@@ -180,4 +180,5 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Posttrain
 def user_errors() -> tuple[type[Exception], ...]:
     """pretrain.config.user_errors() plus a malformed post-training data file; posttrain.stage adds StageError."""
     from .data import DataError
-    return (*_user_errors(), DataError)
+    from .sandbox import SandboxUnavailable
+    return (*_user_errors(), DataError, SandboxUnavailable)

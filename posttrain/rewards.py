@@ -105,6 +105,8 @@ class Reward:
                 raise ValueError(f"reward {name!r}: weight must be a finite number, got {weight!r}")
             fn = get_reward(name)
             _check_options(name, fn, options)
+            if hasattr(fn, "check"):  # a reward that needs the machine's help checks it now, not mid-run
+                fn.check(**options)
             self.terms.append((name, float(weight), fn, options))
 
     def components(self, completion: str, sample: Mapping) -> dict[str, float]:
@@ -483,9 +485,10 @@ def language_reward(completion: str, sample: Mapping, *, language: str = "en") -
 
 @register_reward("code")
 def code_reward(completion: str, sample: Mapping, *, all_pass: bool = False, timeout_s: float = 5.0,
-                memory_mb: int = 1024) -> float:
+                memory_mb: int = 1024, unsafe_local: bool = False) -> float:
     """The fraction of sample["tests"] the completion's last ```python block passes in the sandbox
-    (all_pass: 1.0 only when every test passes). No code block: 0.0."""
+    (all_pass: 1.0 only when every test passes). No code block: 0.0. unsafe_local: run candidate code
+    without kernel isolation where the kernel refuses it (warned on every call; see posttrain.sandbox)."""
     from posttrain.sandbox import extract_code_block, run_python
 
     if "tests" not in sample:
@@ -493,8 +496,18 @@ def code_reward(completion: str, sample: Mapping, *, all_pass: bool = False, tim
     code = extract_code_block(completion)
     if code is None:
         return 0.0
-    result = run_python(code, sample["tests"], timeout_s=sample.get("timeout_s", timeout_s), memory_mb=memory_mb)
+    result = run_python(code, sample["tests"], timeout_s=sample.get("timeout_s", timeout_s), memory_mb=memory_mb,
+                        unsafe_local=unsafe_local)
     return float(result.all_passed) if all_pass else result.fraction
+
+
+def _check_code_sandbox(*, unsafe_local: bool = False, **_) -> None:
+    """Fail closed at build time: SandboxUnavailable names the fix when the kernel refuses isolation."""
+    from posttrain.sandbox import check_isolation
+    check_isolation(bool(unsafe_local))
+
+
+code_reward.check = _check_code_sandbox
 
 
 @register_reward("countdown")

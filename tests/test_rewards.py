@@ -1,10 +1,6 @@
 """Rewards: the registry and composition, answer extraction and equivalence (with and without
 math_verify), format, language consistency, Countdown, and the code sandbox's limits."""
-import socket
 import sys
-import textwrap
-import threading
-import time
 import types
 
 import pytest
@@ -13,7 +9,7 @@ from posttrain import rewards
 from posttrain.rewards import (answers_match, build_reward, extract_answer, extract_boxed, extract_think,
                                format_ok, get_reward, language_fraction, parse_number, register_reward,
                                reward_names, split_words)
-from posttrain.sandbox import SandboxConfig, extract_code_block, run_python
+from posttrain.sandbox import extract_code_block
 
 # ----------------------------------------------------------------------------------------------
 # Registry and composition
@@ -254,14 +250,6 @@ def test_extract_code_block():
     assert extract_code_block("no code") is None
 
 
-def test_sandbox_correct_solution_passes():
-    r = run_python(ADD, TESTS, timeout_s=2)
-    assert r.passed == [True, True, True] and r.fraction == 1.0 and r.all_passed and not r.timed_out
-    r = run_python("def add(a, b):\n    return a - b\n", TESTS, timeout_s=2)
-    assert r.passed == [False, True, False] and r.fraction == pytest.approx(1 / 3) and not r.all_passed
-    assert "AssertionError" in r.errors[0]
-
-
 def test_code_reward_fraction_and_all_pass():
     code = get_reward("code")
     wrong = "```python\ndef add(a, b):\n    return a - b\n```"
@@ -269,103 +257,3 @@ def test_code_reward_fraction_and_all_pass():
     assert code(wrong, {"tests": TESTS}, timeout_s=2) == pytest.approx(1 / 3)
     assert code(wrong, {"tests": TESTS}, all_pass=True, timeout_s=2) == 0.0
     assert code("no code here", {"tests": TESTS}) == 0.0
-
-
-def test_sandbox_infinite_loop_times_out():
-    start = time.monotonic()
-    r = run_python("while True:\n    pass\n", ["assert True"], timeout_s=1)
-    assert r.timed_out and r.passed == [False] and "timed out" in r.errors[0]
-    assert time.monotonic() - start < 5
-
-
-def test_sandbox_memory_limit():
-    r = run_python("x = bytearray(8 * 1024 ** 3)\n", ["assert 'x' not in dir()"], timeout_s=2, memory_mb=256)
-    assert r.solution_error.startswith("MemoryError")
-    r = run_python("x = [0] * (10 ** 10)\n", [], timeout_s=2, memory_mb=256)
-    assert r.solution_error.startswith("MemoryError")
-
-
-def test_sandbox_processes_signals_and_files_are_blocked(tmp_path):
-    for code in ("import os\nwhile True:\n    os.fork()\n", "import os\nos.system('echo hi')\n",
-                 "import subprocess\nsubprocess.run(['true'])\n", "import ctypes\n",
-                 "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
-                 f"open({str(tmp_path / 'evil')!r}, 'w').write('x')\n",
-                 "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n"):
-        r = run_python(code, ["assert True"], timeout_s=2)
-        assert r.solution_error and r.solution_error.startswith("PermissionError: sandbox"), (code, r)
-        assert r.passed == [True]  # the harness itself kept going
-    assert not (tmp_path / "evil").exists()
-    # the working directory is empty, private and writable; the environment is scrubbed
-    r = run_python("import os\nopen('f', 'w').write('x')\nfiles = os.listdir('.')\nenv = dict(os.environ)\n",
-                   ["assert files == ['f']", "assert set(env) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'LC_ALL'}"],
-                   timeout_s=2)
-    assert r.passed == [True, True], r
-
-
-def test_sandbox_results_cannot_be_faked_and_output_is_truncated():
-    for code in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n", "print('passed')\nraise SystemExit\n"):
-        r = run_python(code, ["assert False"], timeout_s=2)
-        assert r.passed == [False], code
-    r = run_python("print('x' * 10 ** 6)\n", [], timeout_s=2, max_output_bytes=100)
-    assert len(r.stdout) == 100
-
-
-@pytest.fixture
-def server():
-    """A TCP server on the host's loopback that records whatever reaches it."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    srv.settimeout(0.2)
-    received = []
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(1)
-                try:
-                    received.append(conn.recv(100))
-                except OSError:
-                    received.append(b"")
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1], received
-    stop.set()
-    t.join()
-    srv.close()
-
-
-CONNECT = "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'leak')\n"
-
-
-def test_sandbox_network_is_blocked(server):
-    port, received = server
-    code = CONNECT.format(port=port)
-    # without any layer the connection works: the check below is meaningful
-    open_ = run_python(code, [], timeout_s=3, netns=False, audit=False)
-    assert open_.solution_error is None and open_.network == "none"
-    r = run_python(code, [], timeout_s=3)  # default: both layers
-    assert r.solution_error and r.audit
-    audit_only = run_python(code, [], timeout_s=3, netns=False)
-    assert audit_only.solution_error.startswith("PermissionError: sandbox: socket.__new__")
-    netns_only = run_python(code, [], timeout_s=3, audit=False)
-    if netns_only.network == "none":
-        pytest.skip("network namespaces are not permitted here; the audit hook is the only network layer")
-    assert netns_only.solution_error.startswith("OSError")  # Network is unreachable
-    time.sleep(0.3)
-    assert received == [b"leak"]  # only the unprotected run got through
-
-
-def test_sandbox_config_object():
-    cfg = SandboxConfig(timeout_s=2, memory_mb=256)
-    r = run_python(textwrap.dedent("""
-        import resource
-        limit = resource.getrlimit(resource.RLIMIT_AS)
-    """), ["assert limit == (256 * 2 ** 20, 256 * 2 ** 20)"], cfg)
-    assert r.passed == [True], r
