@@ -119,6 +119,23 @@ class LoggingSection:
     wandb_name: str = ""
     wandb_tags: list[str] = field(default_factory=list)
     peak_tflops: float = 0.0        # per device, for MFU; 0: from the device (CUDA table, CPU measured)
+    # operating a long run (docs/operating.md, "Operating a long run"; pretrain/operate.py)
+    profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch profiler trace of steps a..b per rank
+    memory_history_steps: int = 0   # CUDA: allocator history of the first K steps, snapshot after them (0: off)
+    flight_recorder: int = 2000     # collectives kept by the flight recorder, dumped on a timeout (0: off)
+
+
+@dataclass
+class WatchdogSection:
+    """Hang and straggler detection (pretrain/watchdog.py): a step that runs longer than
+    max(min_seconds, factor x the median of the last `window` steps), or than `timeout`, dumps every
+    rank's Python stacks and the collectives in flight to RUN_DIR/watchdog/."""
+    factor: float = 0.0             # x the running median step time; 0: no relative limit
+    window: int = 100               # steps in the running median
+    warmup_steps: int = 3           # a process's first steps are not measured (warm-up, allocator growth)
+    min_seconds: float = 10.0       # the relative limit is never below this (short steps jitter)
+    timeout: float = 0.0            # seconds any step may take, also before a median exists; 0: no absolute limit
+    exit: bool = False              # after the dump, exit with code 4 (torchrun --max-restarts then resumes)
 
 
 @dataclass
@@ -129,6 +146,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
 
     def model_config(self) -> ModelConfig:
         """The preset with the model.* overrides; types checked by ModelConfig itself."""
@@ -173,6 +191,7 @@ class Config:
                 raise ConfigError(f"{key} must be >= 0 (every N steps; 0: {zero}), got {value}")
         if self.logging.every < 1:
             raise ConfigError(f"logging.every must be >= 1 (log every N steps), got {self.logging.every}")
+        self._check_operating()
         self._check_data(self.model_config())
 
     def _check_optimizer(self) -> None:
@@ -192,6 +211,31 @@ class Config:
         if not t.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be > 0 (the bound on the global gradient norm, e.g. 1.0); "
                               f"there is no off value: a very large bound such as 1e9 never clips; got {t.grad_clip}")
+
+    def _check_operating(self) -> None:
+        """The tools for operating a long run: the profiler window, the memory history, the flight recorder
+        and the watchdog (docs/operating.md, "Operating a long run")."""
+        lg, w, steps = self.logging, self.watchdog, self.train.steps
+        window = lg.profile_steps
+        if window and (len(window) != 2 or not 1 <= window[0] <= window[1] <= steps):
+            raise ConfigError(f"logging.profile_steps = {window} must be [first, last] with 1 <= first <= last <= "
+                              f"train.steps = {steps} (e.g. [10, 12]; [] profiles nothing)")
+        for key in ("memory_history_steps", "flight_recorder"):
+            if getattr(lg, key) < 0:
+                raise ConfigError(f"logging.{key} must be >= 0 (0: off), got {getattr(lg, key)}")
+        if not (w.factor == 0 or w.factor > 1) or not math.isfinite(w.factor):
+            raise ConfigError(f"watchdog.factor must be 0 (off) or a number > 1 (a step slower than factor x the "
+                              f"median step is reported; e.g. 5), got {w.factor}")
+        if w.window < 1 or w.warmup_steps < 0:
+            raise ConfigError(f"watchdog.window must be >= 1 and watchdog.warmup_steps >= 0, got {w.window} and "
+                              f"{w.warmup_steps}")
+        for key in ("min_seconds", "timeout"):
+            if not (getattr(w, key) >= 0 and math.isfinite(getattr(w, key))):
+                raise ConfigError(f"watchdog.{key} must be a finite number of seconds >= 0, got {getattr(w, key)}")
+        if w.exit and not (w.factor or w.timeout):
+            raise ConfigError("watchdog.exit = true but the watchdog is off (watchdog.factor = 0 and "
+                              "watchdog.timeout = 0): set watchdog.factor (e.g. 5) or watchdog.timeout (seconds), "
+                              "or drop watchdog.exit")
 
     def _check_data(self, model_cfg: ModelConfig) -> None:
         """A sample's length against the model's context, and data.split (no file is opened)."""

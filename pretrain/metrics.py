@@ -23,10 +23,11 @@ import json
 import math
 import numbers
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -110,6 +111,28 @@ def memory_stats(device: torch.device | str = "cpu") -> dict[str, float]:
         return {"memory/allocated_gib": kib("VmRSS"), "memory/peak_gib": kib("VmHWM")}
     except (OSError, KeyError, ValueError):   # not Linux
         return {}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB (resource.getrusage's ru_maxrss: KiB on Linux, bytes on
+    macOS). On CUDA it is the host side (data, pinned buffers, the CPU EMA)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024) / _GIB
+
+
+def rss_by_rank(peaks: Sequence[float], per_rank_up_to: int = 64) -> dict[str, float]:
+    """Every rank's peak resident memory (GiB, `peaks[r]` of rank r): memory/rss_peak_gib/rank<r> for each
+    rank of a world of at most `per_rank_up_to` ranks, and at any size memory/rss_peak_gib_max with its rank
+    (memory/rss_peak_max_rank) and memory/rss_peak_gib_min."""
+    if not peaks:
+        return {}
+    top = max(range(len(peaks)), key=lambda r: peaks[r])
+    out = {"memory/rss_peak_gib_max": float(peaks[top]), "memory/rss_peak_max_rank": top,
+           "memory/rss_peak_gib_min": float(min(peaks))}
+    if len(peaks) <= per_rank_up_to:
+        out.update({f"memory/rss_peak_gib/rank{r}": float(v) for r, v in enumerate(peaks)})
+    return out
 
 
 # -- expert load and routing bias ---------------------------------------------------------------------

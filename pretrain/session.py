@@ -32,6 +32,7 @@ from parallel.fp8 import Fp8Error, Fp8Recipe, get_backend
 
 from .config import ConfigError, save_config
 from .metrics import MetricsLogger
+from .operate import FR_DIR, flight_recorder_env
 from .optim import EMA, AdamW, param_groups
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -42,8 +43,15 @@ class NonFiniteError(RuntimeError):
 
 
 # -- process setup ---------------------------------------------------------------------------------
-def init_distributed(device_pref: str = "auto") -> torch.device:
-    """Join the torchrun job when there is one (env RANK/WORLD_SIZE); NCCL on CUDA, gloo on CPU."""
+def init_distributed(device_pref: str = "auto", env: dict[str, str | None] | None = None) -> torch.device:
+    """Join the torchrun job when there is one (env RANK/WORLD_SIZE); NCCL on CUDA, gloo on CPU. `env`: set
+    into os.environ first (None: unset), since torch reads it when the process group is created (the flight
+    recorder's settings, pretrain.operate.flight_recorder_env)."""
+    for key, value in (env or {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("train.device = cuda, but no CUDA device is visible; use train.device=cpu")
@@ -105,9 +113,9 @@ def open_run(cfg, pp: int | None = None, *, train: bool = True) -> Run:
     resolved config, and build the mesh (pp overrides parallel.pp). train=False: a job that writes no
     checkpoints (sampling only), whose checkpoint directory is neither checked nor created."""
     p = cfg.parallel
-    device = init_distributed(cfg.train.device)
     run_dir = Path(cfg.logging.run_dir)
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    device = init_distributed(cfg.train.device, env=flight_recorder_env(cfg.logging.flight_recorder, run_dir))
 
     def prepare() -> None:  # everything rank 0 writes before the mesh, so that any failure is one agreed answer
         problem = check_storage(cfg, run_dir, ckpt_dir, train=train)
@@ -117,6 +125,8 @@ def open_run(cfg, pp: int | None = None, *, train: bool = True) -> Run:
         save_config(cfg, run_dir / "config.yaml")
 
     decided_on_rank0(prepare, f"preparing {run_dir}")
+    if cfg.logging.flight_recorder and device.type == "cuda":  # where NCCL dumps on a collective timeout
+        (run_dir / FR_DIR).mkdir(parents=True, exist_ok=True)
     try:
         mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp if pp is None else pp, dp=p.dp, ep=p.ep, sp=p.sp,
                                          node_size=p.node_size, zero=p.zero), device.type)
@@ -131,13 +141,15 @@ _CKPT_ENTRY = re.compile(r"step_\d+(\.partial)?")
 
 def checkpoint_bytes(cfg, model_cfg) -> tuple[int, str]:
     """About what one checkpoint of this job holds, and how that is counted: every parameter (MTP included)
-    as fp32 weights, AdamW's two moments (fp32 or bf16, train.moment_dtype) and the EMA's fp32 copy."""
+    as fp32 weights, AdamW's two moments (fp32 or bf16, train.moment_dtype), the EMA's fp32 copy and, for
+    GRPO with a KL term (grpo.beta > 0), the frozen reference's weights."""
     t = cfg.train
     n = model_cfg.param_counts(include_mtp=True)["total"]
     moments = 2 * (2 if t.moment_dtype == "bf16" else 4)
-    per = 4 + moments + (4 if t.ema_decay > 0 else 0)
+    reference = getattr(getattr(cfg, "grpo", None), "beta", 0) > 0  # GRPO saves its KL reference beside the policy
+    per = 4 + moments + (4 if t.ema_decay > 0 else 0) + (4 if reference else 0)
     how = f"{n:,} parameters x {per} bytes (fp32 weights, {t.moment_dtype} AdamW moments" + \
-        (", fp32 EMA)" if t.ema_decay > 0 else ")")
+        (", fp32 EMA" if t.ema_decay > 0 else "") + (", the GRPO reference's fp32 weights" if reference else "") + ")"
     return n * per, how
 
 
@@ -356,6 +368,11 @@ class Session:
             raise ConfigError(f"checkpoint.resume = {self.cfg.checkpoint.resume}: {path} is at step {saved}, past "
                               f"this run's last step {self.total_steps} ({key}); raise {key} to reach at least step "
                               f"{saved}, or resume from an earlier checkpoint with checkpoint.resume=PATH")
+        stop = getattr(self.cfg.train, "exit_at_step", 0)
+        if stop and saved > stop:  # every stage: it would save "at exit_at_step" having passed it
+            raise ConfigError(f"train.exit_at_step = {stop} lies before step {saved}, where this run resumes ({path}); "
+                              f"raise train.exit_at_step or set it to 0, or resume from an earlier checkpoint with "
+                              f"checkpoint.resume=PATH")
 
     def save(self, stage_state: dict | None = None, extra_models=()) -> None:
         self._need_optimizer("Session.save")

@@ -8,6 +8,9 @@ One step, top to bottom:
     opt    = AdamW at the scheduled lr; the routing bias moves by the scheduled gamma (V3 §2.1.2)
     ema    = the CPU EMA takes the new parameters in the background (V3 §3.2.3)
     log, validate, checkpoint; a signal (SIGTERM / SIGUSR1 / SIGINT) saves and exits cleanly
+
+Each step runs inside `self.tools.step(k)` (pretrain.operate): the hang and straggler watchdog, the profiler
+window and the CUDA memory history hook in there and nowhere else (docs/operating.md).
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from parallel.pp_schedules import check_microbatches
 from .config import Config, ConfigError
 from .data import PretrainData, check_batch_sizes, global_batch_size_at, ramp_batch_sizes, samples_for_steps
 from .metrics import (bias_stats, device_peak_flops, expert_load_stats, expert_state, load_heatmap, memory_stats, mfu,
-                      train_flops_per_token)
+                      peak_rss_gib, rss_by_rank, train_flops_per_token)
+from .operate import RunTools
 from .schedules import check_lr_schedule, check_piecewise, lr_at, piecewise
 from .session import DTYPES, Session, fp8_recipe, open_run
 
@@ -73,13 +77,10 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(build_model(self.model_cfg, device="meta"), cfg.data.seq_len)
         self.peak = cfg.logging.peak_tflops * 1e12 or device_peak_flops(self.device, t.dtype)
         self.session.resume()
-        if t.exit_at_step and self.session.step > t.exit_at_step:
-            raise ConfigError(f"train.exit_at_step = {t.exit_at_step} lies before step {self.session.step}, where this "
-                              f"run resumes ({self.ckpt_dir}); raise train.exit_at_step or set it to 0, or resume "
-                              f"from an earlier checkpoint with checkpoint.resume=PATH")
         self.session.open_logger(t.steps)
         self.stop_signal = 0
         self.last_step = t.exit_at_step or t.steps
+        self.tools = RunTools(cfg, self.run_dir, rank=self.rank, world=self.world, device=self.device)
 
     # -- setup -------------------------------------------------------------------------------------
     def _build_data(self) -> PretrainData:
@@ -185,6 +186,8 @@ class Trainer:
                        global_batch_size=gbs, consumed_samples=s.consumed,
                        skipped_steps=s.skipped)
         metrics.update(memory_stats(self.device))
+        if logged:
+            metrics.update(self.peak_rss_by_rank())
         if self.model_cfg.n_mtp:
             metrics["mtp_lambda"] = lam
         if loads:
@@ -196,6 +199,13 @@ class Trainer:
         if not finite:
             metrics["skipped"] = 1.0
         return metrics
+
+    def peak_rss_by_rank(self) -> dict[str, float]:
+        """Every rank's peak resident memory (one all-reduce of a number per rank, at logged steps)."""
+        every = torch.zeros(self.world, dtype=torch.float64, device=self.device)
+        every[self.rank] = peak_rss_gib()
+        dist.all_reduce(every)
+        return rss_by_rank(every.tolist())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -247,7 +257,8 @@ class Trainer:
             if t.eval_every and s.step == 0:
                 s.log(self.evaluate())
             while s.step < last:
-                metrics = self.train_step()
+                with self.tools.step(s.step + 1):  # watchdog, profiler window, memory history (pretrain.operate)
+                    metrics = self.train_step()
                 if t.eval_every and s.step % t.eval_every == 0:
                     metrics.update(self.evaluate())
                 if s.step % cfg.logging.every == 0 or s.step == last or "skipped" in metrics:
@@ -267,6 +278,7 @@ class Trainer:
                     s.save()
             return 0
         finally:
+            self.tools.close()
             s.close()
             if self.rank == 0:
                 print(f"metrics: {self.run_dir / 'metrics.jsonl'}; checkpoints: {self.ckpt_dir}"

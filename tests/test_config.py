@@ -118,11 +118,13 @@ def test_both_clis_share_the_user_errors():
     from parallel.checkpoint import CheckpointError
     from posttrain.config import user_errors as post_errors
     from posttrain.data import DataError as PostDataError
+    from posttrain.sandbox import SandboxUnavailable
     from pretrain.config import user_errors
     from pretrain.data import DataError
     assert {ConfigError, DataError, CheckpointError, FileNotFoundError} <= set(user_errors())
     assert ValueError not in user_errors() and OSError not in user_errors()
-    assert set(post_errors()) == set(user_errors()) | {PostDataError}
+    # post-training adds its data errors and a code sandbox the kernel will not isolate (fail closed)
+    assert set(post_errors()) == set(user_errors()) | {PostDataError, SandboxUnavailable}
 
 
 def test_duplicate_yaml_keys_are_refused(tmp_path):

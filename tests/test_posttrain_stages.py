@@ -253,6 +253,23 @@ def test_dpo_resumes_exactly(task_dir, dpo_run, tmp_path):
     a, b = torch.load(dpo_run / "a.pt")["params"], torch.load(tmp_path / "b.pt")["params"]
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
+    # the finished run (step 6) resumed with an exit step behind it: refused, not silently past it
+    run_ranks(1, dpo_refused_rank, str(task_dir), str(tmp_path / "run"), ["train.exit_at_step=3"],
+              str(tmp_path / "refused.txt"))
+    msg = (tmp_path / "refused.txt").read_text()
+    assert msg.startswith("train.exit_at_step = 3 lies before step 6") and "checkpoint.resume=PATH" in msg, msg
+
+
+def dpo_refused_rank(task_dir, run_dir, extra, out):
+    from posttrain.dpo import DPOTrainer
+    from pretrain.config import ConfigError
+    try:
+        DPOTrainer(_load(_dpo_args(task_dir, run_dir) + extra))
+        message = "not refused"
+    except ConfigError as e:
+        message = str(e)
+    with open(out, "w") as f:
+        f.write(message)
 
 
 def dpo_update_rank(task_dir, run_dir, layout, out):

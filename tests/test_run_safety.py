@@ -202,6 +202,11 @@ def test_checkpoint_that_does_not_fit_is_refused(corpus, done_run, tmp_path, mon
     for extra, per in (({"train.ema_decay": 0.9}, 4 + 8 + 4), ({"train.moment_dtype": "bf16"}, 4 + 4)):
         other = load_config(None, base_overrides(corpus, tmp_path / "run", **extra))
         assert checkpoint_bytes(other, other.model_config())[0] == n * per, extra
+    from posttrain.config import load_config as load_post
+    for beta, per in ((0.0, 12), (0.04, 16)):  # GRPO's checkpoint holds its KL reference too
+        grpo = load_post(None, [f"grpo.beta={beta}"])
+        assert checkpoint_bytes(grpo, grpo.model_config())[0] == grpo.model_config().param_counts(
+            include_mtp=True)["total"] * per, beta
 
     usage = collections.namedtuple("usage", "total used free")
     free = [need]
