@@ -19,7 +19,7 @@ from __future__ import annotations
 from .apply import parallelize, sequence_multiple, update_expert_bias
 from .comm import STATS, Group, all_sum
 from .data_parallel import clip_grad_norm_, finish_grad_sync, set_gradient_sync, sync_expert_load
-from .engine import SingleStage, build_engine
+from .engine import SingleStage, build_engine, parallel_engine
 from .fp8 import Fp8Recipe, apply_fp8
 from .mesh import LayoutError, Mesh, ParallelConfig, ParallelDims, build_mesh
 from .pipeline import Pipeline, attach_schedule, build_pipeline
@@ -30,4 +30,4 @@ __all__ = ["STATS", "Group", "LayoutError", "Mesh", "ParallelConfig", "ParallelD
            "parallelize", "init_parallel_weights", "load_full_state_dict", "materialize", "full_state",
            "full_tensor", "finish_grad_sync", "clip_grad_norm_", "set_gradient_sync", "sync_expert_load",
            "update_expert_bias", "Fp8Recipe", "apply_fp8", "Pipeline", "build_pipeline", "attach_schedule",
-           "apply_recompute", "SingleStage", "build_engine", "all_sum", "sequence_multiple"]
+           "apply_recompute", "SingleStage", "build_engine", "parallel_engine", "all_sum", "sequence_multiple"]

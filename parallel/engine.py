@@ -85,20 +85,32 @@ class SingleStage:
         self.stages[0].update_expert_bias(gamma)
 
 
+def parallel_engine(model: nn.Module, mesh: Mesh, *, micro_batch_size: int, seq_len: int,
+                    param_dtype: torch.dtype | None = None, fp8=None, recompute: str = "none", schedule: str = "1f1b",
+                    n_microbatches: int = 1, vpp: int = 2, layer_split: list[list[int]] | None = None
+                    ) -> SingleStage | Pipeline:
+    """This rank's engine for `model` under the mesh's layout, parallelised (recompute, tp, ep, FP8, FSDP2,
+    the pipeline cut) but not initialised: on a meta-device model nothing is allocated. `build_engine`
+    runs it first; `launch.check` stops here, so what it reports is what a run builds."""
+    if mesh.dims.pp == 1:
+        if recompute != "none":
+            apply_recompute(model, recompute)
+        return SingleStage(parallelize(model, mesh, param_dtype=param_dtype, fp8=fp8), mesh, micro_batch_size)
+    return build_pipeline(model, mesh, schedule, n_microbatches, vpp=vpp, layer_split=layer_split, seq_len=seq_len,
+                          recompute=recompute, param_dtype=param_dtype, fp8=fp8)
+
+
 def build_engine(model: nn.Module, mesh: Mesh, *, micro_batch_size: int, seq_len: int, seed: int = 0, device=None,
                  param_dtype: torch.dtype | None = None, fp8=None, recompute: str = "none", schedule: str = "1f1b",
                  n_microbatches: int = 1, vpp: int = 2, layer_split: list[list[int]] | None = None
                  ) -> SingleStage | Pipeline:
     """This rank's engine for `model` (best on the meta device) under the mesh's layout, parallelised
-    and initialised from `seed`: a `SingleStage` at pp = 1, else a `Pipeline` under `schedule` (n_microbatches
-    is its first count; `step` rebuilds the schedule when a batch brings another)."""
+    (`parallel_engine`) and initialised from `seed`: a `SingleStage` at pp = 1, else a `Pipeline` under
+    `schedule` (n_microbatches is its first count; `step` rebuilds the schedule when a batch brings another)."""
+    engine = parallel_engine(model, mesh, micro_batch_size=micro_batch_size, seq_len=seq_len, param_dtype=param_dtype,
+                             fp8=fp8, recompute=recompute, schedule=schedule, n_microbatches=n_microbatches, vpp=vpp,
+                             layer_split=layer_split)
+    engine.init_weights(seed, device)
     if mesh.dims.pp == 1:
-        if recompute != "none":
-            apply_recompute(model, recompute)
-        engine = SingleStage(parallelize(model, mesh, param_dtype=param_dtype, fp8=fp8), mesh, micro_batch_size)
-        engine.init_weights(seed, device)
         return engine
-    pipe = build_pipeline(model, mesh, schedule, n_microbatches, vpp=vpp, layer_split=layer_split, seq_len=seq_len,
-                          recompute=recompute, param_dtype=param_dtype, fp8=fp8)
-    pipe.init_weights(seed, device)
-    return attach_schedule(pipe, micro_batch_size, seq_len, dtype=param_dtype, device=device)
+    return attach_schedule(engine, micro_batch_size, seq_len, dtype=param_dtype, device=device)

@@ -31,6 +31,7 @@ from parallel.pipeline import split_layers
 from parallel.pp_schedules import ALL_SCHEDULES, SCHEDULES, check_microbatches, chunks_per_rank, stage_to_rank
 
 from . import cost
+from .memory import MOMENT_BYTES, state_bytes
 from .hardware import GPU, GPUS, PEAK_FLOPS  # noqa: F401  (PEAK_FLOPS: handed on, one table)
 
 GB = 1e9
@@ -520,7 +521,8 @@ def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: 
     p2p = cost.pipeline_p2p_bytes(tok, cfg.dim, tp, tp > 1, 2) / _link(cluster, dp * tp, 2) if pp > 1 else 0.0
     t_bubble = bubble(lay.schedule, pp, F, B, W, FB) + 2 * (pp - 1) * p2p   # + the fill's and drain's sends
     t_dp = dp_seconds(slow, 1) if lay.zero == 1 else 0.0
-    moments = 2 + 2 if fp8 else 4 + 4                  # V3 §3.3.3: BF16 AdamW moments in its FP8 recipe
+    moment_dtype = "bf16" if fp8 else "fp32"           # V3 §3.3.3: BF16 AdamW moments in its FP8 recipe
+    moments = 2 * MOMENT_BYTES[moment_dtype]
     shard = dense[slow] / dp + experts[slow] / edp
     # AdamW reads gradient, master weight, moments, writes master, moments and the bf16 weight
     t_opt = shard * (4 + 4 + moments + 4 + moments + 2) / (gpu.hbm_tbps * 1e12)
@@ -529,12 +531,14 @@ def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: 
     mem = []
     for r, parts in enumerate(pl.slot_parts):
         shard_r = dense[r] / dp + experts[r] / edp
-        opt = shard_r * (4 + moments)                    # fp32 master weights and the two moments
-        if lay.zero == 3:   # + the gathered unit being used and the prefetched next one
+        # the fp32 shard, its gradient and AdamW's moments: memory.state_bytes, launch.check's function
+        st = state_bytes(shard_r, moment_dtype)
+        if lay.zero == 3:   # FSDP2 as the runtime runs it, + the gathered bf16 unit in use and the prefetched
             unit = max(((p.params - p.expert_params) / tp + p.expert_params / ep for p in parts), default=0)
-            weights, grads = 2 * shard_r + 2 * 2 * unit, 4 * shard_r + 4 * unit
-        else:               # bf16 weights, fp32 gradients (V3 §3.3.3), both whole on every dp rank
-            weights, grads = 2 * (dense[r] + experts[r]), 4 * (dense[r] + experts[r])
+            weights, grads, opt = st["weights"] + 2 * 2 * unit, st["grads"] + 4 * unit, st["optimizer"]
+        else:               # bf16 weights, fp32 gradients (V3 §3.3.3), both whole on every dp rank; the fp32
+            whole = state_bytes(dense[r] + experts[r], moment_dtype, param_bytes=2)   # master sharded with the moments
+            weights, grads, opt = whole["weights"], whole["grads"], st["weights"] + st["optimizer"]
         per_tok = sum(_cached(cache, ("act", id(p), lay.recompute, fp8),
                               lambda p=p: part_activation_bytes(cfg, p, lay.recompute, fp8)) for p in parts)
         act = in_flight(lay.schedule, pp, m, lay.vpp, r) * per_tok / pl.stages_per_rank * tok / tp

@@ -18,7 +18,7 @@ import sys
 import torch.distributed as dist
 
 from pretrain.config import ConfigError
-from pretrain.session import init_distributed
+from pretrain.session import join_job
 
 from .config import PosttrainConfig, load_config
 from .rejection import RejectionSampler
@@ -36,7 +36,7 @@ def distill(teacher: PosttrainConfig, student: PosttrainConfig) -> int:
     elif os.path.abspath(out) not in files:
         raise ConfigError(f"the student's data.train_files {student.data.train_files} do not include the teacher's "
                           f"rejection.output {out}")
-    init_distributed(teacher.train.device)
+    join_job(teacher)
     exists = [os.path.exists(out) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(exists, src=0)      # every rank takes the same branch
     if exists[0] and not teacher.rejection.overwrite:

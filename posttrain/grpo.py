@@ -336,13 +336,15 @@ class GRPOTrainer:
         last = cfg.train.steps
         refs = [self.ref] if self.ref is not None else []
         try:
+            tools = sess.open_tools()
             if cfg.eval.every and sess.step == 0:
                 sess.log(self.evaluate())
             while sess.step < last:
                 t0 = time.perf_counter()
-                prompts, completions, scores, rewards, adv, keep, gstats = self.rollout()
-                t_roll = time.perf_counter() - t0
-                metrics = self.update(prompts, completions, adv, keep)
+                with tools.step(sess.step + 1):  # watchdog, profiler window, memory history (pretrain.operate)
+                    prompts, completions, scores, rewards, adv, keep, gstats = self.rollout()
+                    t_roll = time.perf_counter() - t0
+                    metrics = self.update(prompts, completions, adv, keep)
                 sess.step += 1
                 metrics.update(self.rollout_stats(completions, scores, rewards, keep, gstats, t_roll))
                 if cfg.grpo.ref_update_every and self.ref is not None and sess.step % cfg.grpo.ref_update_every == 0:

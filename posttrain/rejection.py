@@ -27,7 +27,7 @@ from collections import Counter
 import torch.distributed as dist
 
 from pretrain.config import ConfigError
-from pretrain.session import decided_on_rank0, init_distributed
+from pretrain.session import decided_on_rank0, join_job
 
 from .config import PosttrainConfig, RejectionSection
 from .data import DataError, check_prompt_fit, encode_prompt, load_located_prompts
@@ -166,7 +166,7 @@ class RejectionSampler:
 
     def _refuse_overwrite(self) -> None:
         """Stop before any work when an output exists (rank 0 looks, every rank learns the answer)."""
-        init_distributed(self.cfg.train.device)
+        join_job(self.cfg)
         found = decided_on_rank0(lambda: [p for p in self.outputs.values() if p and os.path.exists(p)],
                                  "looking for the outputs")
         if found and not self.cfg.rejection.overwrite:

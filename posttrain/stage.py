@@ -181,11 +181,13 @@ class StageSession(Session):
         0, then `step()` (one optimizer step; returns its metrics and per-step counts to turn into rates,
         e.g. {"tokens_per_s": n}) and end_step until `last`; the logger and async saves close either way."""
         try:
+            tools = self.open_tools()
             if self.cfg.eval.every and self.step == 0:
                 self.log(evaluate())
             while self.step < last:
                 t0 = time.perf_counter()
-                metrics, counts = step()
+                with tools.step(self.step + 1):  # watchdog, profiler window, memory history (pretrain.operate)
+                    metrics, counts = step()
                 self.step += 1
                 dt = time.perf_counter() - t0
                 metrics.update(step_time=dt, **{k: n / dt for k, n in counts.items()})

@@ -435,7 +435,11 @@ class PretrainData:
         if any(not (w > 0 and math.isfinite(w)) for w in weights):
             raise DataError(f"data.weights={cfg.weights} must all be positive")
 
-        self.tokenizer = load_tokenizer(tokenizer)
+        try:
+            self.tokenizer = load_tokenizer(tokenizer)
+        except FileNotFoundError as e:  # name the key: a recipe's placeholder path lands here first
+            raise FileNotFoundError(f"data.tokenizer = {tokenizer!r}: {e}; point data.tokenizer at the tokenizer "
+                                    f"the data was preprocessed with") from None
         self.vocab_size = self.tokenizer.vocab_size
         infos = [check_indexed_dataset(p) for p in paths]
         if len(paths) > 1 and not weights:  # proportional to each dataset's tokens

@@ -26,13 +26,13 @@ import torch
 import torch.distributed as dist
 
 from parallel import LayoutError, Mesh, ParallelConfig, build_mesh
-from parallel.checkpoint import (LATEST_FILE, CheckpointError, finalize_pending, latest_checkpoint, load_checkpoint,
-                                 read_meta, save_checkpoint, sharded_state)
+from parallel.checkpoint import (LATEST_FILE, AsyncCheckpoint, CheckpointError, finalize_pending, latest_checkpoint,
+                                 load_checkpoint, read_meta, save_checkpoint, sharded_state)
 from parallel.fp8 import Fp8Error, Fp8Recipe, get_backend
 
 from .config import ConfigError, save_config
 from .metrics import MetricsLogger
-from .operate import FR_DIR, flight_recorder_env
+from .operate import FR_DIR, RunTools, flight_recorder_env
 from .optim import EMA, AdamW, param_groups
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -107,6 +107,13 @@ def decided_on_rank0(decide, what: str):
     return value
 
 
+def join_job(cfg) -> torch.device:
+    """init_distributed for a config: its device, and the flight recorder's settings (logging.flight_recorder)
+    in place before the process group exists. Every entry point joins the job through here."""
+    return init_distributed(cfg.train.device,
+                            env=flight_recorder_env(cfg.logging.flight_recorder, Path(cfg.logging.run_dir)))
+
+
 def open_run(cfg, pp: int | None = None, *, train: bool = True) -> Run:
     """What every training job does first: join the process group, check its storage (`check_storage`,
     rank 0 decides and every rank raises the same ConfigError), create the run directory with the
@@ -115,7 +122,7 @@ def open_run(cfg, pp: int | None = None, *, train: bool = True) -> Run:
     p = cfg.parallel
     run_dir = Path(cfg.logging.run_dir)
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
-    device = init_distributed(cfg.train.device, env=flight_recorder_env(cfg.logging.flight_recorder, run_dir))
+    device = join_job(cfg)
 
     def prepare() -> None:  # everything rank 0 writes before the mesh, so that any failure is one agreed answer
         problem = check_storage(cfg, run_dir, ckpt_dir, train=train)
@@ -285,6 +292,15 @@ class Session:
         self.total_steps = t.steps      # the run's last step (a stage may derive its own: SFT's data.epochs)
         self.stage_state: dict = {}     # what a stage keeps across a resume (iterator positions)
         self.logger: MetricsLogger | None = None
+        self.tools: RunTools | None = None
+
+    def open_tools(self) -> RunTools:
+        """The operating tools around each step (pretrain.operate: watchdog, profiler window, memory
+        history), opened when the loop starts so that a failing setup leaves no thread behind; close()
+        closes them."""
+        self.tools = RunTools(self.cfg, self.run_dir, rank=self.rank, world=dist.get_world_size(),
+                              device=self.device)
+        return self.tools
 
     def _who(self) -> str:
         return f"the {self.stage} stage" if self.stage else "this job"
@@ -383,10 +399,12 @@ class Session:
         if self.stage is not None:
             meta.update(stage=self.stage, stage_state=stage_state or {})
         meta.update(model_config=self.model_cfg.to_dict(), parallel=asdict(self.mesh.dims), config=self.cfg.to_dict())
-        path = save_checkpoint(self.ckpt_dir, self.step, self.state(extra_models), meta, keep=c.keep,
-                               async_save=c.async_save)
-        if self.rank == 0:
-            print(f"checkpoint step {self.step} -> {path} ({time.perf_counter() - t0:.2f} s)", flush=True)
+        saved = save_checkpoint(self.ckpt_dir, self.step, self.state(extra_models), meta, keep=c.keep,
+                                async_save=c.async_save)
+        if self.rank == 0:  # an asynchronous save returns its handle: the path is where it completes
+            how = "staged; writing in the background" if isinstance(saved, AsyncCheckpoint) else "saved"
+            print(f"checkpoint step {self.step} -> {getattr(saved, 'path', saved)} ({how} in "
+                  f"{time.perf_counter() - t0:.2f} s)", flush=True)
 
     # -- metrics ---------------------------------------------------------------------------------------
     def open_logger(self, total_steps: int) -> None:
@@ -402,7 +420,10 @@ class Session:
         self.logger.log(self.step, metrics, images=images)
 
     def close(self) -> None:
-        """Wait for asynchronous saves and the EMA's last update; close the logger."""
+        """Close the operating tools; wait for asynchronous saves and the EMA's last update; close the logger."""
+        if self.tools is not None:
+            self.tools.close()
+            self.tools = None
         finalize_pending()
         if self.ema is not None:
             self.ema.close()

@@ -30,7 +30,6 @@ from .config import Config, ConfigError
 from .data import PretrainData, check_batch_sizes, global_batch_size_at, ramp_batch_sizes, samples_for_steps
 from .metrics import (bias_stats, device_peak_flops, expert_load_stats, expert_state, load_heatmap, memory_stats, mfu,
                       peak_rss_gib, rss_by_rank, train_flops_per_token)
-from .operate import RunTools
 from .schedules import check_lr_schedule, check_piecewise, lr_at, piecewise
 from .session import DTYPES, Session, fp8_recipe, open_run
 
@@ -80,7 +79,7 @@ class Trainer:
         self.session.open_logger(t.steps)
         self.stop_signal = 0
         self.last_step = t.exit_at_step or t.steps
-        self.tools = RunTools(cfg, self.run_dir, rank=self.rank, world=self.world, device=self.device)
+        self.tools = self.session.open_tools()
 
     # -- setup -------------------------------------------------------------------------------------
     def _build_data(self) -> PretrainData:
@@ -278,8 +277,7 @@ class Trainer:
                     s.save()
             return 0
         finally:
-            self.tools.close()
-            s.close()
+            s.close()  # the tools too
             if self.rank == 0:
                 print(f"metrics: {self.run_dir / 'metrics.jsonl'}; checkpoints: {self.ckpt_dir}"
                       + (f"; W&B: {s.logger.wandb_dir}" if s.logger.wandb_dir else ""), flush=True)

@@ -232,11 +232,14 @@ def dpo_rank(task_dir, run_dir, extra, out):
 @pytest.fixture(scope="module")
 def dpo_run(task_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("dpo")
-    run_ranks(1, dpo_rank, str(task_dir), str(d / "run"), [[]], str(d / "a.pt"))
+    # with a profiler window: the operating tools wrap post-training steps too (pretrain.operate)
+    run_ranks(1, dpo_rank, str(task_dir), str(d / "run"), [["logging.profile_steps=[2,2]"]], str(d / "a.pt"))
     return d
 
 
 def test_dpo_starts_at_log2_and_learns(dpo_run):
+    trace = json.loads((dpo_run / "run" / "profile" / "rank0.steps2-2.json").read_text())
+    assert any(e.get("name") == "whaletron step 2" for e in trace["traceEvents"])
     rows = _jsonl(dpo_run / "run" / "metrics.jsonl")
     assert rows[0]["step"] == 0 and abs(rows[0]["val_loss"] - math.log(2)) < 1e-6
     train = [r for r in rows if "loss" in r]
