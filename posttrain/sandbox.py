@@ -40,7 +40,9 @@ top-level names; a snippet passes when it runs without raising. A string of test
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import glob
 import json
 import logging
 import math
@@ -56,6 +58,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
+
+from posttrain.sandbox_child import cgroup_plan
 
 __all__ = ["SandboxConfig", "SandboxResult", "SandboxUnavailable", "run_python", "check_isolation",
            "extract_code_block"]
@@ -204,22 +208,62 @@ def _kill(proc: subprocess.Popen, results: _Reader) -> None:
         pass
 
 
-def _remove_cgroups(results: _Reader) -> None:
-    """Remove the run's cgroups once every process in them has exited (the kernel empties them as the
-    namespace's processes are reaped, so an rmdir may need a moment)."""
-    for rec in _records(results.data()):
-        for path in rec.get("cgroups") or ():
-            if not (isinstance(path, str) and path.startswith("/sys/fs/cgroup/")
-                    and os.path.basename(path).startswith("whaletron-sandbox-")):
-                continue
-            for _ in range(50):
-                try:
-                    os.rmdir(path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
+class _CgroupSlots:
+    """Cgroup names for the runs in flight, reused once a run is over: making and removing a v1 memory
+    cgroup per call costs about 50 ms, joining an existing one well under 1 ms. A run's processes are
+    all gone when its launcher has exited (init reaps them, and its death kills the namespace), so a
+    released name holds no process. The directories are removed at exit, and those left by a process
+    that died are removed by the next one to start a sandbox."""
+
+    PREFIX = "whaletron-sandbox-"
+
+    def __init__(self):
+        self.lock, self.free, self.count, self.paths, self.pid = threading.Lock(), [], 0, set(), None
+
+    def acquire(self) -> str:
+        with self.lock:
+            if self.pid != os.getpid():  # first use in this process (or a fork's): a pool of its own
+                self.pid, self.free, self.count, self.paths = os.getpid(), [], 0, set()
+                atexit.register(self.remove_all)
+                self.remove_stale()
+            if self.free:
+                return self.free.pop()
+            self.count += 1
+            return f"{self.PREFIX}{os.getpid()}-{self.count}"
+
+    def release(self, name: str, paths) -> None:
+        with self.lock:
+            self.paths.update(p for p in paths if isinstance(p, str) and os.path.basename(p) == name
+                              and p.startswith("/sys/fs/cgroup/"))
+            self.free.append(name)
+
+    def remove_all(self) -> None:
+        for path in list(self.paths):
+            _rmdir(path)
+        self.paths.clear()
+
+    def remove_stale(self) -> None:
+        """The empty cgroups of sandboxes whose process is gone (killed before its exit handlers ran)."""
+        try:
+            with open("/proc/self/cgroup") as f:
+                entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+        except OSError:
+            return
+        for base, _ in cgroup_plan(entries):
+            for d in glob.glob(os.path.join(base, self.PREFIX + "*")):
+                m = re.fullmatch(re.escape(self.PREFIX) + r"(\d+)-\d+", os.path.basename(d))
+                if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                    _rmdir(d)
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # not empty, or gone: nothing to do
+
+
+_SLOTS = _CgroupSlots()
 
 
 def run_python(code: str, tests: Sequence[str] | str = (), config: SandboxConfig | None = None,
@@ -248,7 +292,8 @@ def run_python(code: str, tests: Sequence[str] | str = (), config: SandboxConfig
         workdir = "/work" if isolate else tmp
         settings = {
             "code": code, "tests": tests, "result_fd": write_fd, "isolate": isolate, "seccomp": config.seccomp,
-            "audit": config.audit, "cgroup": config.cgroup, "cgroup_memory": int(config.memory_mb) * mb,
+            "audit": config.audit, "cgroup": _SLOTS.acquire() if config.cgroup and isolate else None,
+            "cgroup_memory": int(config.memory_mb) * mb,
             "cgroup_pids": int(config.max_processes) + 4,  # + the launcher, init, the harness
             "root_dir": tmp, "workdir": workdir, "disk_kb": int(config.disk_mb) * 1024,
             "max_files": int(config.max_files), "candidate_limits": limits,
@@ -285,7 +330,9 @@ def run_python(code: str, tests: Sequence[str] | str = (), config: SandboxConfig
                 r.stream.close()
             except OSError:
                 pass
-    _remove_cgroups(readers[2])
+    if config.cgroup and isolate:
+        _SLOTS.release(settings["cgroup"], next((r["cgroups"] for r in _records(readers[2].data()) if "cgroups" in r),
+                                                ()))
     result.duration_s = time.monotonic() - start
     result.returncode = proc.returncode
     result.stdout, result.stderr = (r.data().decode("utf-8", "replace") for r in readers[:2])

@@ -625,30 +625,34 @@ def init(s, result_fd, isolated, harness_ids, candidate_ids, set_ids):
             os._exit(3)
 
 
-def join_cgroups(memory_bytes, pids):
+def cgroup_plan(entries, memory_bytes=0, pids=0):
+    """Where this process's sandbox cgroups go and what each caps: [(parent directory, {file: value})],
+    from the lines of /proc/self/cgroup (split on ':')."""
+    v1 = {c: path for _, ctrls, path in entries for c in ctrls.split(",") if c}
+    unified = next((path for hid, ctrls, path in entries if hid == "0" and not ctrls), None)
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers") and unified is not None:
+        return [("/sys/fs/cgroup" + unified, {"memory.max": memory_bytes, "memory.swap.max": 0, "pids.max": pids})]
+    return [("/sys/fs/cgroup/%s%s" % (c, v1[c]), limits) for c, limits in
+            (("memory", {"memory.limit_in_bytes": memory_bytes}), ("pids", {"pids.max": pids}))
+            if c in v1 and os.path.isdir("/sys/fs/cgroup/" + c)]
+
+
+def join_cgroups(name, memory_bytes, pids):
     """Cap the whole sandbox (every process, and /work's pages) at `memory_bytes` and `pids` by moving
-    this launcher into fresh cgroups its children inherit: cgroup v2 where the controllers are
-    delegated, else v1's memory and pids hierarchies. Returns the directories made (the parent
-    removes them); none where the machine does not let us, and the rlimits still hold."""
+    this launcher into the cgroups `name` (made if missing; the parent reuses a name once its run is
+    over and removes them at exit) that its children inherit: cgroup v2 where the controllers are
+    delegated, else v1's memory and pids hierarchies. Returns the directories joined; none where the
+    machine does not let us, and the rlimits still hold."""
     made = []
     try:
         with open("/proc/self/cgroup") as f:
             entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
     except OSError:
         return made
-    name = "whaletron-sandbox-%d" % os.getpid()
-    v1 = {c: path for _, ctrls, path in entries for c in ctrls.split(",") if c}
-    unified = next((path for hid, ctrls, path in entries if hid == "0" and not ctrls), None)
-    if os.path.exists("/sys/fs/cgroup/cgroup.controllers") and unified is not None:
-        plan = [("/sys/fs/cgroup" + unified, {"memory.max": memory_bytes, "memory.swap.max": 0, "pids.max": pids})]
-    else:
-        plan = [("/sys/fs/cgroup/%s%s" % (c, v1[c]), limits) for c, limits in
-                (("memory", {"memory.limit_in_bytes": memory_bytes}), ("pids", {"pids.max": pids}))
-                if c in v1 and os.path.isdir("/sys/fs/cgroup/" + c)]
-    for base, limits in plan:
+    for base, limits in cgroup_plan(entries, memory_bytes, pids):
         path = os.path.join(base, name)
         try:
-            os.mkdir(path)
+            os.makedirs(path, exist_ok=True)
         except OSError:
             continue
         made.append(path)
@@ -672,7 +676,7 @@ def launcher():
     harness_ids = candidate_ids = (os.getuid(), os.getgid())
     set_ids, isolated = False, s["isolate"]
     if isolated and s["cgroup"]:
-        Pipe(None, result_fd).send({"cgroups": join_cgroups(s["cgroup_memory"], s["cgroup_pids"])})
+        Pipe(None, result_fd).send({"cgroups": join_cgroups(s["cgroup"], s["cgroup_memory"], s["cgroup_pids"])})
     if isolated:
         try:
             harness_ids, candidate_ids, set_ids = isolate(s)
@@ -688,7 +692,5 @@ def launcher():
     os._exit(os.waitstatus_to_exitcode(status) if status else 0)
 
 
-if sys.argv[1:] == ["launcher"]:
-    launcher()
-elif sys.argv[1:] == ["candidate"]:
-    candidate()
+if __name__ == "__main__":  # `python ... sandbox_child.py launcher` or `python -c <this file> candidate`
+    {"launcher": launcher, "candidate": candidate}[sys.argv[1]]()

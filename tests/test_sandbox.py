@@ -268,7 +268,27 @@ def test_memory_is_capped_for_the_whole_sandbox():
     if not r.cgroups:
         pytest.skip("no cgroup could be made here: only the per-process limits hold")
     assert r.passed == [True, True], r.errors
-    assert all(not os.path.exists(p) for p in r.cgroups)  # removed after the run
+    for path in r.cgroups:  # kept for the next run (joining is cheap, making one is not), and empty
+        assert open(os.path.join(path, "cgroup.procs")).read() == "", path
+
+
+CGROUP_EXIT = """
+import json
+from posttrain.sandbox import run_python
+r = run_python("x = 1", ["assert x == 1"], timeout_s=10, audit=False)
+print(json.dumps(r.cgroups))
+"""
+
+
+@isolated
+def test_cgroups_are_removed_at_exit():
+    proc = subprocess.run([sys.executable, "-c", CGROUP_EXIT], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    paths = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not paths:
+        pytest.skip("no cgroup could be made here")
+    assert not any(os.path.exists(p) for p in paths), paths
 
 
 @isolated
