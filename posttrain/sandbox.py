@@ -49,6 +49,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -192,20 +193,73 @@ def _records(data: bytes) -> list[dict]:
     return out
 
 
-def _kill(proc: subprocess.Popen, results: _Reader) -> None:
-    """SIGKILL the namespace's init (its death kills every process in the namespace) and the
-    launcher's process group."""
-    if proc.poll() is None:  # while the launcher lives it has not reaped init: the pid is still init's
-        for rec in _records(results.data()):
-            if isinstance(rec.get("init_pid"), int) and rec["init_pid"] > 1:
-                try:
-                    os.kill(rec["init_pid"], signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+def _kill(results: _Reader) -> None:
+    """SIGKILL the namespace's init (its death kills every process in the namespace) and the launcher's
+    process group. Called only while a pipe of the run is open, so the launcher, which holds them all
+    until it has reaped init, is alive and both pids are still theirs."""
+    for rec in _records(results.data()):
+        if isinstance(rec.get("init_pid"), int) and isinstance(rec.get("launcher_pid"), int):
+            for kill, pid in ((os.kill, rec["init_pid"]), (os.killpg, rec["launcher_pid"])):
+                if pid > 1:
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError:
+        pass  # the launcher is gone: its run reports nothing, which reads as failed
+
+
+class _Zygote:
+    """The long-lived launcher (sandbox_child.zygote), started on a process's first run: each run is one
+    fork of it, so that no run pays an interpreter start and its imports. It exits when this process
+    closes the socket, at exit at the latest."""
+
+    def __init__(self):
+        self.lock, self.sock, self.proc, self.pid = threading.Lock(), None, None, None
+
+    def send(self, fds: list[int], python: str) -> None:
+        with self.lock:
+            for _ in range(2):  # a zygote that died (or one inherited through fork) is replaced once
+                if self.sock is None or self.pid != os.getpid() or self.proc.poll() is not None:
+                    self._start(python)
+                try:
+                    socket.send_fds(self.sock, [b"run"], fds)
+                    return
+                except OSError:
+                    self.sock = None
+        raise SandboxUnavailable("the code sandbox's launcher process does not start or accept runs here")
+
+    def _start(self, python: str) -> None:
+        if self.sock is not None and self.pid == os.getpid():
+            self.close()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen([python, "-I", "-S", "-B", CHILD, "zygote", str(child.fileno())],
+                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True, cwd="/", env={})
+        finally:
+            child.close()
+        self.sock, self.pid = parent, os.getpid()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.sock is not None and self.pid == os.getpid():
+            self.sock.close()
+            self.sock = None
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+_ZYGOTE = _Zygote()
 
 
 class _CgroupSlots:
@@ -287,11 +341,10 @@ def run_python(code: str, tests: Sequence[str] | str = (), config: SandboxConfig
               "RLIMIT_FSIZE": int(config.max_file_mb) * mb, "RLIMIT_NOFILE": int(config.max_open_files),
               "RLIMIT_NPROC": int(config.max_processes) if isolate else None}
     start = time.monotonic()
-    read_fd, write_fd = os.pipe()
     with tempfile.TemporaryDirectory(prefix="whaletron-sandbox-", ignore_cleanup_errors=True) as tmp:
         workdir = "/work" if isolate else tmp
         settings = {
-            "code": code, "tests": tests, "result_fd": write_fd, "isolate": isolate, "seccomp": config.seccomp,
+            "code": code, "tests": tests, "isolate": isolate, "seccomp": config.seccomp,
             "audit": config.audit, "cgroup": _SLOTS.acquire() if config.cgroup and isolate else None,
             "cgroup_memory": int(config.memory_mb) * mb,
             "cgroup_pids": int(config.max_processes) + 4,  # + the launcher, init, the harness
@@ -302,30 +355,30 @@ def run_python(code: str, tests: Sequence[str] | str = (), config: SandboxConfig
                     "LC_ALL": "C.UTF-8"},
             **view,
         }
-        try:
-            proc = subprocess.Popen(
-                [view["python"], "-I", "-S", "-B", CHILD, "launcher"], cwd="/", env={},
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(write_fd,), start_new_session=True, close_fds=True)
-        finally:
-            os.close(write_fd)
-        readers = [_Reader(proc.stdout, config.max_output_bytes), _Reader(proc.stderr, config.max_output_bytes),
-                   _Reader(os.fdopen(read_fd, "rb"), 4 << 20)]
+        out, err, res, sett = os.pipe(), os.pipe(), os.pipe(), os.pipe()
+        try:  # the launcher gets the write ends (and the settings' read end); this process keeps the rest
+            _ZYGOTE.send([out[1], err[1], res[1], sett[0]], view["python"])
+        except BaseException:
+            for fd in (*out, *err, *res, *sett):
+                os.close(fd)
+            raise
+        for fd in (out[1], err[1], res[1], sett[0]):
+            os.close(fd)
+        readers = [_Reader(os.fdopen(out[0], "rb"), config.max_output_bytes),
+                   _Reader(os.fdopen(err[0], "rb"), config.max_output_bytes), _Reader(os.fdopen(res[0], "rb"), 4 << 20)]
         for r in readers:
             r.start()
-        try:
-            proc.stdin.write(json.dumps(settings).encode())
-            proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=config.timeout_s)
-        except subprocess.TimeoutExpired:
+        # a thread: settings larger than a pipe's buffer must not block this one past the deadline
+        threading.Thread(target=_write_all, args=(sett[1], json.dumps(settings).encode()), daemon=True).start()
+        deadline = start + config.timeout_s
+        for r in readers:  # every pipe reaches its end once every process of the run has exited
+            r.join(max(0.0, deadline - time.monotonic()))
+        if any(r.is_alive() for r in readers):
             result.timed_out = True
-        _kill(proc, readers[2])
-        proc.wait()
+            _kill(readers[2])
+            for r in readers:
+                r.join(timeout=2.0)
         for r in readers:
-            r.join(timeout=2.0)
             try:
                 r.stream.close()
             except OSError:
@@ -334,7 +387,6 @@ def run_python(code: str, tests: Sequence[str] | str = (), config: SandboxConfig
         _SLOTS.release(settings["cgroup"], next((r["cgroups"] for r in _records(readers[2].data()) if "cgroups" in r),
                                                 ()))
     result.duration_s = time.monotonic() - start
-    result.returncode = proc.returncode
     result.stdout, result.stderr = (r.data().decode("utf-8", "replace") for r in readers[:2])
     seen = set()
     for rec in _records(readers[2].data()):
@@ -345,6 +397,8 @@ def run_python(code: str, tests: Sequence[str] | str = (), config: SandboxConfig
                 "kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0; in a container, "
                 "allow unshare, e.g. docker --security-opt seccomp=unconfined). To run candidate code "
                 "WITHOUT isolation on a machine you can lose, set the code reward's unsafe_local: true")
+        if "exit" in rec:
+            result.returncode = rec["exit"]
         if "cgroups" in rec:
             result.cgroups = [str(p) for p in rec["cgroups"] or ()]
         if "setup" in rec:

@@ -1,7 +1,8 @@
 """The processes behind posttrain.sandbox. Standard library only: this file runs in bare interpreters
 (`python -I -S -B`), never imported by the trainer.
 
-    launcher   (host; the trainer's child)  unshare(mount, pid, net, ipc, uts [, user]) and fork
+    zygote     (host; the trainer's child, long-lived) forks one launcher per run
+    launcher   (host)  joins the run's cgroups, unshare(mount, pid, net, ipc, uts [, user]) and fork
     └─ init    (pid 1 of the new namespaces) builds a read-only root, pivots into it, forks two:
        ├─ harness   (uid H, not dumpable, seccomp): runs the tests; the candidate's functions are
        │            proxies; writes each verdict to the parent's result pipe, which only it holds
@@ -199,6 +200,10 @@ def candidate():
             pipe.send(reply)
         except (OSError, ValueError, TypeError):
             os._exit(0)
+
+
+CANDIDATE_END = "# -- the candidate's bootstrap ends here"  # what precedes this line is all it compiles
+# -- the candidate's bootstrap ends here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,7 +616,7 @@ def init(s, result_fd, isolated, harness_ids, candidate_ids, set_ids):
             confine(s, candidate_ids, s["candidate_limits"], set_ids, isolated)
             os.chdir(s["workdir"])
             python = s["python"]
-            os.execve(python, [python, "-I", "-S", "-B", "-c", s["source"], "candidate"], s["env"])
+            os.execve(python, [python, "-I", "-S", "-B", "-c", s["source"]], s["env"])
         for fd in (req_r, req_w, resp_r, resp_w, result_fd):
             os.close(fd)
         os.waitpid(harness_pid, 0)
@@ -668,11 +673,9 @@ def join_cgroups(name, memory_bytes, pids):
     return made
 
 
-def launcher():
-    s = json.loads(sys.stdin.buffer.read())
-    result_fd = s["result_fd"]
-    with open(__file__) as f:  # the candidate's bootstrap; the view will not hold this file
-        s["source"] = f.read()
+def launch(s, result_fd):
+    """One run: cgroups, namespaces, then init; reports init's pid and exits with its status."""
+    os.setsid()  # a process group of the run's own, for the parent's kill
     harness_ids = candidate_ids = (os.getuid(), os.getgid())
     set_ids, isolated = False, s["isolate"]
     if isolated and s["cgroup"]:
@@ -686,11 +689,63 @@ def launcher():
     pid = os.fork()
     if pid == 0:
         init(s, result_fd, isolated, harness_ids, candidate_ids, set_ids)
-    Pipe(None, result_fd).send({"init_pid": pid})  # the parent kills it (and so the namespace) on timeout
-    os.close(result_fd)
+    # the parent kills init (and so the namespace) and this launcher on a timeout
+    Pipe(None, result_fd).send({"init_pid": pid, "launcher_pid": os.getpid()})
     _, status = os.waitpid(pid, 0)
-    os._exit(os.waitstatus_to_exitcode(status) if status else 0)
+    Pipe(None, result_fd).send({"exit": os.waitstatus_to_exitcode(status)})
+    os._exit(0)
 
 
-if __name__ == "__main__":  # `python ... sandbox_child.py launcher` or `python -c <this file> candidate`
-    {"launcher": launcher, "candidate": candidate}[sys.argv[1]]()
+def zygote(sock_fd):
+    """The trainer's long-lived launcher: one fork per run, so that no run pays an interpreter start and
+    the imports (json, ctypes) again. A request is a message on the private socket carrying four
+    descriptors: the run's stdout, stderr and result pipes and the pipe its settings arrive on. It
+    exits when the trainer closes the socket (the trainer's exit included)."""
+    import signal
+    import socket
+    _libc()  # ctypes loaded once, here
+    with open(__file__) as f:  # the candidate's bootstrap (the view will not hold this file): its first part
+        text = f.read()
+    source = text[:text.index("\n" + CANDIDATE_END + "\n")] + "\ncandidate()\n"
+
+    def reap(*_):
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+
+    signal.signal(signal.SIGCHLD, reap)
+    sock = socket.socket(fileno=sock_fd)
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 16, 4)
+        except OSError:
+            os._exit(0)
+        if not msg or len(fds) != 4:
+            for fd in fds:
+                os.close(fd)
+            if not msg:
+                os._exit(0)  # the trainer is gone
+            continue
+        if os.fork() == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            sock.close()
+            out, err, result_fd, settings = fds
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            os.close(out)
+            os.close(err)
+            with os.fdopen(settings, "rb") as f:
+                s = json.loads(f.read())
+            s["source"] = source
+            try:
+                launch(s, result_fd)
+            finally:
+                os._exit(3)
+        for fd in fds:
+            os.close(fd)
+
+
+if __name__ == "__main__":  # `python -I -S -B sandbox_child.py zygote FD`
+    zygote(int(sys.argv[2]))

@@ -51,6 +51,23 @@ def test_correct_and_wrong_solutions():
 
 
 @isolated
+def test_runs_fork_from_one_launcher_that_is_replaced_if_it_dies():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from posttrain import sandbox
+    assert run_python(ADD, TESTS, timeout_s=10).all_passed
+    first = sandbox._ZYGOTE.proc
+    first.kill()
+    first.wait()
+    assert run_python(ADD, TESTS, timeout_s=10).all_passed
+    assert sandbox._ZYGOTE.proc.pid != first.pid
+    wrong = "def add(a, b):\n    return a - b\n"
+    with ThreadPoolExecutor(3) as pool:  # concurrent runs from threads, each its own namespace and verdicts
+        results = list(pool.map(lambda code: run_python(code, TESTS, timeout_s=20), [ADD, wrong] * 3))
+    assert [r.passed for r in results] == [[True, True, True], [False, True, False]] * 3
+
+
+@isolated
 def test_audit_hooks_are_a_second_layer():
     for code in ("import os\nos.fork()\n", "import ctypes\n", "import socket\nsocket.socket()\n",
                  "import os\nos.kill(1, 0)\n", "open('/evil', 'w')\n"):
