@@ -7,6 +7,7 @@ rollout batches for GRPO.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,10 @@ class GRPOSection:
     loss_agg: str = "token_mean"    # token_mean | seq_mean | constant
     dynamic_sampling: bool = True   # drop groups whose rewards are all equal (zero advantage, zero signal)
     old_logprobs: str = "rollout"   # rollout: recorded while sampling | recompute: a training-path forward
+    tis_cap: float = 0.0            # truncated importance sampling, w = min(pi_old / pi_rollout, cap) per token
+                                    # (needs old_logprobs=recompute; verl and slime use 2); 0 = off
+    offpolicy_mask: float = 0.0     # DeepSeek-V3.2's off-policy sequence masking: drop negative-advantage
+                                    # sequences whose mean log(pi_rollout / pi_theta) exceeds this; 0 = off
     kl_clamp: float = 10.0          # |log-ratio| bound inside k3 and the ratio
     entropy_floor: float = 0.0      # stop when the mean token entropy stays below this (collapse); 0 = off
     min_response_len: float = 0.0   # stop when the mean response length stays below this (collapse); 0 = off
@@ -125,6 +130,14 @@ class PosttrainConfig(Config):
                               f"got {g.eps_low}, {g.eps_high}")
         if g.beta < 0:
             raise ConfigError(f"grpo.beta must be >= 0, got {g.beta}")
+        if not (g.tis_cap == 0 or g.tis_cap >= 1) or not math.isfinite(g.tis_cap):
+            raise ConfigError(f"grpo.tis_cap must be 0 (off) or a cap >= 1 on pi_old / pi_rollout (e.g. 2), got "
+                              f"{g.tis_cap}")
+        if g.tis_cap and g.old_logprobs != "recompute":
+            raise ConfigError("grpo.tis_cap weights each token by pi_old / pi_rollout, so pi_old must come from the "
+                              "training path: set grpo.old_logprobs=recompute (or grpo.tis_cap=0)")
+        if not (g.offpolicy_mask >= 0 and math.isfinite(g.offpolicy_mask)):
+            raise ConfigError(f"grpo.offpolicy_mask must be >= 0 (a KL threshold; 0: off), got {g.offpolicy_mask}")
         for key, value in (("grpo.ref_update_every", g.ref_update_every), ("eval.every", self.eval.every)):
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0 (every N steps; 0: never), got {value}")

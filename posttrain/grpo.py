@@ -35,7 +35,7 @@ from pretrain.config import ConfigError
 from .config import PosttrainConfig
 from .data import DataError, check_prompt_fit, encode_prompt, load_located_prompts
 from .generate import Generator, SamplingParams
-from .objectives import aggregate, group_advantages, grpo_token_terms
+from .objectives import aggregate, group_advantages, grpo_token_terms, offpolicy_sequence_keep, truncated_is_weights
 from .rewards import build_reward, verified
 from .stage import StageError, StageSession, stage_main
 
@@ -199,6 +199,21 @@ class GRPOTrainer:
             return tot["seqs"]
         return tot["seqs"] * self.cfg.rollout.max_new_tokens
 
+    def mismatch_stats(self, old, rollout, weight, mask) -> dict[str, float]:
+        """How far the trainer's pi_old is from the sampler's pi_rollout on the counted tokens: the k1
+        estimate of KL(pi_rollout || pi_old), and the TIS weights' mean and max (when TIS is on). Zero
+        mismatch with grpo.old_logprobs=rollout, where pi_old is pi_rollout by definition."""
+        sums = {"kl": ((rollout - old) * mask).sum().double(), "tokens": mask.sum().double()}
+        if weight is not None:
+            sums["w"] = (weight * mask).sum().double()
+        tot = self.session.all_sum(sums)
+        tok = max(float(tot["tokens"]), 1.0)
+        out = {"mismatch_kl": float(tot["kl"]) / tok}
+        if weight is not None:
+            out["is_weight_mean"] = float(tot["w"]) / tok
+            out["is_weight_max"] = self._max(float((weight * mask).max()) if mask.any() else 0.0)
+        return out
+
     def update(self, prompts, completions, adv, keep) -> dict[str, float]:
         """grpo.inner_steps optimizer steps on this rollout batch."""
         cfg, sess, g = self.cfg, self.session, self.cfg.grpo
@@ -218,10 +233,14 @@ class GRPOTrainer:
                 ref_logp = torch.cat([self.ref.token_logprobs(tokens[i:i + mbs], targets[i:i + mbs],
                                                               temperature=temperature)["logprobs"]
                                       for i in range(0, n, mbs)])
+        rollout = old                     # what the sampler recorded: pi_rollout
         if g.old_logprobs == "recompute":
             with torch.no_grad():
                 old = torch.cat([net.token_logprobs(tokens[i:i + mbs], targets[i:i + mbs],
                                                     temperature=temperature)["logprobs"] for i in range(0, n, mbs)])
+        # rollout/training mismatch correction (issue 22 §3): TIS weights and V3.2's sequence masking
+        weight = truncated_is_weights(old, rollout, g.tis_cap) if g.tis_cap else None
+        correction = self.mismatch_stats(old, rollout, weight, mask)
         stats: dict[str, float] = {}
         t0 = time.perf_counter()
         for inner in range(g.inner_steps):
@@ -233,11 +252,15 @@ class GRPOTrainer:
                 loss_tok, clipped, kl = grpo_token_terms(
                     logp, old[sl], adv[sl], eps_low=g.eps_low, eps_high=g.eps_high,
                     ref_logp=None if ref_logp is None else ref_logp[sl], beta=g.beta, kl_clamp=g.kl_clamp,
-                    ratio_clamp=g.kl_clamp)
-                loss = aggregate(loss_tok, mask[sl], g.loss_agg, norm) * sess.dims.dp
+                    ratio_clamp=g.kl_clamp, is_weight=None if weight is None else weight[sl])
+                mk = mask[sl]
+                if g.offpolicy_mask:  # against the current policy, so each inner step decides again
+                    seq_keep = offpolicy_sequence_keep(rollout[sl], logp, adv[sl], mk, g.offpolicy_mask)
+                    sums["masked"] = sums.get("masked", 0.0) + ((1 - seq_keep) * (mk.sum(-1) > 0)).sum().double()
+                    mk = mk * seq_keep[:, None]
+                loss = aggregate(loss_tok, mk, g.loss_agg, norm) * sess.dims.dp
                 set_gradient_sync(net, m == n_micro - 1)
                 loss.backward()
-                mk = mask[sl]
                 with torch.no_grad():
                     terms = {"loss": loss.detach().double() / sess.dims.dp,
                              "clipped": (clipped.float() * mk).sum().double(),
@@ -248,13 +271,16 @@ class GRPOTrainer:
                     for name, v in terms.items():
                         sums[name] = sums.get(name, 0.0) + v
             finish_grad_sync(net, sess.mesh)
-            tot = sess.all_sum({**sums, "tokens": float(mask.sum())})
+            tot = sess.all_sum({**sums, "tokens": float(mask.sum()), "seqs": float((mask.sum(-1) > 0).sum())})
             tok = max(tot["tokens"], 1.0)
             opt = sess.optimizer_step(tot["loss"])
             if inner == 0:   # against the rollout's own log-probs, before any update: numerics only
                 stats.update(logprob_mismatch=tot["mismatch"] / tok, entropy=tot["entropy"] / tok)
             stats.update(loss=tot["loss"], clip_fraction=tot["clipped"] / tok, kl=tot["kl"] / tok,
                          ratio_mean=tot["ratio"] / tok, **opt)
+            if g.offpolicy_mask:
+                stats["offpolicy_masked_fraction"] = tot.get("masked", 0.0) / max(tot["seqs"], 1.0)
+        stats.update(correction)
         dt = time.perf_counter() - t0
         trained = sess.all_sum({"tokens": float((targets != IGNORE_INDEX).sum()) * g.inner_steps})["tokens"]
         stats["train_tokens_per_s"] = trained / max(dt, 1e-9)

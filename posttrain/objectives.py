@@ -49,15 +49,36 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, norm: float
     return per_token.sum() / norm
 
 
+def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float,
+                         clamp: float = 20.0) -> torch.Tensor:
+    """Token-level truncated importance sampling (TIS: Yao et al. 2025; verl's rollout correction,
+    slime's --use-tis). The rollout engine samples from pi_rollout while the surrogate is written for
+    the trainer's pi_old; numerics (kernels, precision, batch composition) make them differ, so each
+    token's term is weighted by w_t = min(pi_old / pi_rollout, cap), a constant (no gradient)."""
+    return (old_logp - rollout_logp).clamp(-clamp, clamp).exp().clamp(max=cap).detach()
+
+
+def offpolicy_sequence_keep(rollout_logp: torch.Tensor, logp: torch.Tensor, advantages: torch.Tensor,
+                            mask: torch.Tensor, delta: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence masking: a sequence with a negative advantage whose mean
+    per-token log(pi_rollout / pi_theta) (the k1 estimate of KL(pi_rollout || pi_theta)) exceeds delta
+    is left out of the loss; positive ones stay (learning from a good sample the policy has drifted away
+    from is what RL wants). Returns the keep mask [rows] (1.0 keep, 0.0 masked)."""
+    kl = ((rollout_logp - logp.detach()) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return (~((advantages < 0) & (kl > delta))).to(logp.dtype)
+
+
 def grpo_token_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
                      eps_low: float = 0.2, eps_high: float = 0.2, ref_logp: torch.Tensor | None = None,
-                     beta: float = 0.0, kl_clamp: float = 10.0, ratio_clamp: float = 20.0):
+                     beta: float = 0.0, kl_clamp: float = 10.0, ratio_clamp: float = 20.0,
+                     is_weight: torch.Tensor | None = None):
     """Per-token GRPO loss (to minimise) and its parts.
 
     -[min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) - beta * D_KL] with r = pi_theta / pi_old
     (DeepSeekMath eq. 3; separate epsilons are DAPO's clip-higher). `advantages` [rows] is broadcast
     over the row's tokens (outcome supervision). The log-ratio is clamped before exp for the same
-    reason as k3's: a stale or mismatched old log-prob must not produce inf * 0 = NaN.
+    reason as k3's: a stale or mismatched old log-prob must not produce inf * 0 = NaN. `is_weight`
+    [rows, seq] (truncated_is_weights) scales the surrogate, not the KL term (which is to the reference).
     Returns (loss [rows, seq], clipped [rows, seq] bool, kl [rows, seq] or None)."""
     log_ratio = (logp - old_logp).clamp(-ratio_clamp, ratio_clamp)
     ratio = log_ratio.exp()
@@ -66,7 +87,7 @@ def grpo_token_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
     clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
     surrogate = torch.minimum(unclipped, clipped_ratio * a)
     clipped = (surrogate != unclipped).detach()
-    loss = -surrogate
+    loss = -surrogate if is_weight is None else -surrogate * is_weight
     kl = None
     if ref_logp is not None and beta:
         kl = k3_kl(logp, ref_logp, kl_clamp)

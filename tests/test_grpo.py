@@ -101,6 +101,51 @@ def test_update_under_tp_and_ep_equals_one_process(task_dir, tmp_path, layout, o
         torch.testing.assert_close(two["grads"][k], v, rtol=1e-5, atol=1e-5 * max(scale, 1e-12))
 
 
+def correction_rank(task_dir, run_dir, extra, out):
+    """One update with TIS and off-policy sequence masking on, and the same quantities from the formulas."""
+    from parallel import sequence_multiple
+    tr = GRPOTrainer(_config(task_dir, run_dir, "grpo.old_logprobs=recompute", "grpo.tis_cap=2", *extra))
+    prompts, comps, adv, keep = _fixed_batch(tr, 4, 4)
+    sess = tr.session
+    multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
+    tokens, targets, rollout = training_rows(prompts, comps, multiple, sess.tokenizer.eod_id)
+    with torch.no_grad():
+        old = torch.cat([sess.policy.token_logprobs(tokens[i:i + 8], targets[i:i + 8],
+                                                    temperature=tr.sampling.temperature or 1.0)["logprobs"]
+                         for i in range(0, len(prompts), 8)])
+    mask = (targets != IGNORE_INDEX).float() * keep.float()[:, None]
+    w = (old - rollout).exp().clamp(max=2)
+    seq_kl = ((rollout - old) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    counted = mask.sum(-1) > 0
+    negative = (adv < 0) & counted
+    delta = float(seq_kl[negative].median())        # a threshold that masks some negatives, not all
+    tr.cfg.grpo.offpolicy_mask = delta
+    expected = {"mismatch_kl": float(((rollout - old) * mask).sum() / mask.sum()),
+                "is_weight_mean": float((w * mask).sum() / mask.sum()), "is_weight_max": float((w * mask).max()),
+                "offpolicy_masked_fraction": float((negative & (seq_kl > delta)).sum() / counted.sum())}
+    stats = tr.update(prompts, comps, adv, keep)
+    torch.save({"stats": stats, "expected": expected}, out)
+
+
+def test_mismatch_correction_follows_its_formulas(task_dir, tmp_path):
+    run_ranks(1, correction_rank, str(task_dir), str(tmp_path / "run"), [], str(tmp_path / "c.pt"))
+    got = torch.load(tmp_path / "c.pt")
+    for key, value in got["expected"].items():
+        assert got["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert 0 < got["expected"]["offpolicy_masked_fraction"] < 0.5 and got["expected"]["is_weight_max"] <= 2
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["grpo.tis_cap=2"], "grpo.old_logprobs=recompute"),
+    (["grpo.tis_cap=0.5", "grpo.old_logprobs=recompute"], "grpo.tis_cap must be 0 (off) or a cap >= 1"),
+    (["grpo.offpolicy_mask=-1"], "grpo.offpolicy_mask must be >= 0"),
+])
+def test_mismatch_correction_settings_are_checked(task_dir, tmp_path, extra, words):
+    from pretrain.config import ConfigError
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        _config(task_dir, tmp_path, *extra)
+
+
 def run_rank(task_dir, run_dir, extra, out):
     import torch.distributed as dist
     import parallel

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain.objectives import aggregate, dpo_loss, group_advantages, grpo_token_terms, k3_kl
+from posttrain.objectives import (aggregate, dpo_loss, group_advantages, grpo_token_terms, k3_kl,
+                                  offpolicy_sequence_keep, truncated_is_weights)
 
 
 def test_group_advantages():
@@ -74,6 +75,37 @@ def test_kl_term_and_its_gradient():
     torch.testing.assert_close(loss, 0.04 * kl)
     (g,) = torch.autograd.grad(loss.sum(), logp)
     torch.testing.assert_close(g, 0.04 * (1 - (ref - logp.detach()).exp()))   # d/dx [e^(r-x) - (r-x) - 1]
+
+
+def test_truncated_importance_weights_scale_the_surrogate_not_the_kl():
+    old = torch.log(torch.tensor([[0.2, 0.5, 0.9]], dtype=torch.float64))
+    rollout = torch.log(torch.tensor([[0.1, 0.5, 0.3]], dtype=torch.float64))
+    w = truncated_is_weights(old, rollout, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 1.0, 2.0]], dtype=torch.float64))  # 2, 1, 3 -> capped at 2
+    w = truncated_is_weights(old, rollout, cap=5.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 1.0, 3.0]], dtype=torch.float64))
+    logp = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(1, 3, dtype=torch.float64)
+    adv = torch.tensor([0.7], dtype=torch.float64)
+    plain, _, kl = grpo_token_terms(logp, old, adv, ref_logp=ref, beta=0.1)
+    weighted, _, _ = grpo_token_terms(logp, old, adv, ref_logp=ref, beta=0.1, is_weight=w)
+    torch.testing.assert_close(weighted, (plain - 0.1 * kl) * w + 0.1 * kl)
+    (g,) = torch.autograd.grad(weighted.sum(), logp)
+    (g_pg,) = torch.autograd.grad(((plain - 0.1 * kl) * w).sum(), logp, retain_graph=True)
+    (g_kl,) = torch.autograd.grad((0.1 * kl).sum(), logp)
+    torch.testing.assert_close(g, g_pg + g_kl)   # the weight is a constant: no gradient through it
+    assert not truncated_is_weights(old, rollout.requires_grad_(), 2.0).requires_grad
+
+
+def test_offpolicy_sequence_mask_drops_only_drifted_negative_sequences():
+    rollout = torch.tensor([[-1.0, -1.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, -1.0, 0.0]])
+    logp = torch.tensor([[-3.0, -3.0, 0.0], [-3.0, -3.0, 0.0], [-1.1, -1.1, 0.0], [-1.0, -9.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([-1.0, 1.0, -1.0, -1.0])
+    # mean log(pi_rollout / pi_theta) over counted tokens: 2, 2, 0.1, 0 (the unmasked -9 does not count)
+    keep = offpolicy_sequence_keep(rollout, logp, adv, mask, delta=0.5)
+    assert keep.tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert offpolicy_sequence_keep(rollout, logp, adv, mask, delta=2.5).tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
 def test_aggregations():
