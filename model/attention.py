@@ -24,6 +24,15 @@ def attention_mask(s: int, t: int, start_pos: int, device, doc_ids: torch.Tensor
     return mask
 
 
+def rotate(x: torch.Tensor, rope: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """apply_rope, also for per-token tables rope [b, s, d/2] (every sequence of a continuously batched
+    step at its own positions): the rotation is elementwise, so the batch is flattened into one row."""
+    if rope.dim() == 2:
+        return apply_rope(x, rope, interleave)
+    b, s = x.shape[:2]
+    return apply_rope(x.reshape(1, b * s, *x.shape[2:]), rope.reshape(b * s, -1), interleave).view(x.shape)
+
+
 class KVCache(nn.Module):
     """Preallocated per-layer cache; `fields` name the per-token tensors it keeps."""
 
@@ -74,8 +83,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None):
         """mask: boolean [b or 1, s, keys] (attention_mask); None means plain causal."""
         b, s, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rope, self.interleave)
-        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rope, self.interleave)
+        q = rotate(self.wq(x).view(b, s, self.n_heads, self.head_dim), rope, self.interleave)
+        k = rotate(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rope, self.interleave)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.write("k", start_pos, k), cache.write("v", start_pos, v)
@@ -135,10 +144,10 @@ class MLA(nn.Module):
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
         q = q.unflatten(-1, (self.n_heads, self.qk_head_dim))  # [b, s, heads, d]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, rope, interleave=True)
+        q_pe = rotate(q_pe, rope, interleave=True)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)
-        k_pe = apply_rope(k_pe.unsqueeze(2), rope, interleave=True)  # one head, shared
+        k_pe = rotate(k_pe.unsqueeze(2), rope, interleave=True)  # one head, shared
         if cache is None:
             return self._forward_full(q_nope, q_pe, kv, k_pe, mask)
         return self._forward_absorbed(q_nope, q_pe, kv, k_pe.squeeze(2), start_pos, cache, mask)

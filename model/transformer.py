@@ -53,9 +53,12 @@ class MTP(nn.Module):
         self.block = Block(layer_id, cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, rope, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, rope, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.norm(self.block(h, rope, mask=mask))
+        if cache is None:   # training: the call recomputation wraps, unchanged
+            return self.norm(self.block(h, rope, mask=mask))
+        return self.norm(self.block(h, rope, cache=cache, mask=mask))
 
 
 class Transformer(nn.Module):
@@ -65,7 +68,7 @@ class Transformer(nn.Module):
 
     # runtime hooks (tp_plan, fsdp_forward_methods, the Model protocol): parallel/protocols.py
     tp_plan = {"embed": "vocab_embed", "head": "vocab_head"}
-    fsdp_forward_methods = ("loss", "hidden")  # entry points besides forward that FSDP2 must wrap
+    fsdp_forward_methods = ("loss", "hidden", "decode", "draft")  # entry points besides forward that FSDP2 wraps
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -156,11 +159,32 @@ class Transformer(nn.Module):
             return h
         return self.head(self.norm(h))
 
-    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
-        """Per-layer inference caches; MLA keeps only the latent c^KV and k^R (V2 §2.1.3)."""
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None, mtp: bool = False) -> list[KVCache]:
+        """Per-layer inference caches; MLA keeps only the latent c^KV and k^R (V2 §2.1.3). With `mtp`,
+        the MTP blocks' caches follow the layers' (speculative drafting, posttrain/engine.py)."""
         p = next(self.parameters())
-        return [layer.attn.new_cache(batch, max_len, dtype or p.dtype, device or p.device)
-                for layer in self.layers.values()]
+        blocks = list(self.layers.values()) + ([m.block for m in self.mtp] if mtp else [])
+        return [b.attn.new_cache(batch, max_len, dtype or p.dtype, device or p.device) for b in blocks]
+
+    # -- decoding at per-sequence positions (the continuous-batching engine, posttrain/engine.py) ---------
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list, mask: torch.Tensor):
+        """(logits, h) of tokens [b, s] at their own positions [b, s] (each sequence of a batch at its own
+        length), attending to what `caches` hold under `mask` [b, s, keys]. h: the final hidden states
+        after the output norm, which the MTP modules take (V3 eq. 21). Logits are vocab-split under tp."""
+        rope = self.rope(positions.flatten()).unflatten(0, positions.shape)
+        h = self.norm(self._blocks(self.embed(tokens), rope, 0, caches, mask))
+        return self.head(h), h
+
+    def draft(self, h: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor):
+        """(logits, h^1) of the first MTP module at positions [b, s]: h [b, s, dim] are the main model's
+        (or the module's own, chaining drafts) normed hidden states at those positions and tokens the
+        tokens one ahead, t_{i+1} (V3 eq. 21-22; §5.4.3 speculative decoding)."""
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP module (model.n_mtp = 0) to draft with; decode without "
+                             "speculation or use a model trained with n_mtp >= 1")
+        rope = self.rope(positions.flatten()).unflatten(0, positions.shape)
+        h = self.mtp[0](h, self.embed(tokens), rope, mask, cache)
+        return self.head(h), h
 
     # -- training objective --------------------------------------------------------------------
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_lambda: float | None = None,

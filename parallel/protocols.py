@@ -65,6 +65,8 @@ The hooks (HOOKS has each one's readers and full contract; docs/contract.md prin
     balance_losses        method           model               balance losses of the last forward, by name
     stage_costs           method           model               forward FLOPs/token: (before, [per layer], after)
     new_cache             method           model               per-layer KV caches for incremental decoding
+    decode                method           model               (logits, h) at per-sequence positions, paged caches
+    draft                 method           model               (logits, h) of the first MTP module (speculation)
     token_logprobs        method           model               log-probs (and entropy) of targets, per position
     layers                attribute        model               ModuleDict of blocks keyed by global index
     embed                 attribute        model               input embedding; None on later stages
@@ -228,7 +230,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("fsdp_forward_methods", "class attribute", "model", (f"{_DP}:apply_fsdp", f"{_PP}:StageModel"),
          "tuple of names of the model's methods besides forward that are called from outside (FSDP2 entry "
          "points, `register_fsdp_forward_method`); read on the top-level model only. Pipeline stages set ().",
-         "model/transformer.py Transformer (\"loss\", \"hidden\")"),
+         "model/transformer.py Transformer (\"loss\", \"hidden\", \"decode\", \"draft\")"),
     Hook("cross_entropy", "seam", "model", (f"{_TP}:apply_tp",),
          "(logits [..., vocab] in at least fp32, labels [...], reduction=\"sum\" | \"none\") -> the summed loss, "
          "or per token (flattened, 0 at ignored labels). Every token loss goes through self.cross_entropy; "
@@ -238,7 +240,8 @@ HOOKS: tuple[Hook, ...] = (
     Hook("entropy", "seam", "model", (f"{_TP}:apply_tp",),
          "logits [..., vocab] -> the softmax entropy per position, flattened; vocab-parallel under tp.",
          "model/transformer.py Transformer.entropy", call=(("logits",), {})),
-    Hook("gather_logits", "seam", "model", (f"{_TP}:apply_tp", "posttrain/generate.py:Generator.generate"),
+    Hook("gather_logits", "seam", "model", (f"{_TP}:apply_tp", "posttrain/generate.py:Generator.generate",
+                                            "posttrain/engine.py:Engine._logits"),
          "logits [..., vocab or vocab/tp] -> [..., vocab], the whole vocabulary (for sampling); identity in "
          "one process, an all-gather of the vocab-parallel shards under tp.",
          "model/transformer.py Transformer.gather_logits", call=(("logits",), {})),
@@ -284,10 +287,22 @@ HOOKS: tuple[Hook, ...] = (
          "forward FLOPs per token, what pipeline stages are balanced by, MFU and the planner count. Works on "
          "the meta device.",
          "model/transformer.py Transformer.stage_costs", required=True, call=((8,), {})),
-    Hook("new_cache", "method", "model", ("posttrain/generate.py:Generator.generate",),
-         "post-training; (batch, max_len, dtype=None, device=None) -> per-layer caches that forward(tokens, "
-         "start_pos, caches) fills and reads.",
+    Hook("new_cache", "method", "model",
+         ("posttrain/generate.py:Generator.generate", "posttrain/engine.py:PagePool.__init__"),
+         "post-training; (batch, max_len, dtype=None, device=None, mtp=False) -> per-layer caches that "
+         "forward(tokens, start_pos, caches) fills and reads, with mtp the MTP blocks' after the layers'. "
+         "Each is an object with write(name, start_pos, value [b, s, ...]) -> everything cached [b, t, ...] "
+         "whose buffers are [batch, max_len, ...]: the rollout engine allocates pages as batch rows.",
          "model/transformer.py Transformer.new_cache", call=((1, 8), {"device": None})),
+    Hook("decode", "method", "model", ("posttrain/engine.py:Engine._forward",),
+         "post-training; (tokens [b, s], positions [b, s], caches, mask [b, s, keys]) -> (logits, h): every "
+         "sequence at its own positions, attending through caches (any object with new_cache's write) under "
+         "the mask; h the final hidden states after the output norm; logits vocab-split under tp.",
+         "model/transformer.py Transformer.decode", call=(("tokens", "positions", "caches", "mask"), {})),
+    Hook("draft", "method", "model", ("posttrain/engine.py:Engine._forward",),
+         "post-training; (h [b, s, dim], tokens [b, s] one ahead, positions, cache, mask) -> (logits, h^1) of the "
+         "first MTP module (V3 eq. 21-22), for speculative decoding; ValueError on a model without one.",
+         "model/transformer.py Transformer.draft", call=(("h", "tokens", "positions", "cache", "mask"), {})),
     Hook("token_logprobs", "method", "model",
          ("posttrain/grpo.py:GRPOTrainer.update", "posttrain/dpo.py:DPOTrainer._terms"),
          "post-training; (tokens, targets, doc_ids=None, entropy=False, temperature=1.0) -> {\"logprobs\": "
@@ -317,9 +332,10 @@ HOOKS: tuple[Hook, ...] = (
          "model/transformer.py Transformer.mtp (V3 §2.2)"),
     Hook("cfg", "attribute", "model",
          (f"{_PP}:build_pipeline", f"{_PP}:attach_schedule", f"{_PP}:Pipeline._metrics", f"{_PLAN}:model_shape",
-          "posttrain/generate.py:Generator.__init__"),
+          "posttrain/generate.py:Generator.__init__", "posttrain/engine.py:Engine.__init__"),
          "the configuration, with ModelConfig's field names: the pipeline reads dim, max_seq_len and n_mtp; "
-         "the planner and plan/cost.py the shape fields; generation max_seq_len.",
+         "the planner and plan/cost.py the shape fields; generation max_seq_len (the rollout engine also "
+         "n_layers and n_mtp).",
          "model/config.py ModelConfig", required=True),
     Hook("mtp_lambda", "attribute", "model", ("pretrain/train.py:Trainer.train_step",),
          "float: the weight of the mtp modules' losses that loss() uses when none is given; the loop sets it "
@@ -364,7 +380,8 @@ NOT_HOOKS: dict[str, str] = {
     "stages": "a parallel.pipeline.Pipeline (parallel/checkpoint.py _modules)",
     "init_state": "the optimizer's (parallel/checkpoint.py sharded_state)",
     "set_requires_gradient_sync": "FSDP2's FSDPModule method (parallel/data_parallel.py set_gradient_sync)",
-    "read1": "a file stream (posttrain/sandbox.py)",
+    "check": "a reward function's build-time check of the machine (posttrain/rewards.py Reward)",
+    "unshare": "os.unshare, on Python >= 3.12 (posttrain/sandbox_child.py)",
     "numpy": "megatron-core's dataset modules, given a pickle-free numpy (pretrain/data.py _import_megatron)",
     "group": "RowParallelLinear's own attribute, read by the Fp8Linear mixin",
     "sp": "RowParallelLinear's own attribute, read by the Fp8Linear mixin",
@@ -450,7 +467,14 @@ class Model(Protocol):
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor: ...
 
-    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> list: ...   # post-training
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None,
+                  mtp: bool = False) -> list: ...                                                  # post-training
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...                       # post-training
+
+    def draft(self, h: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, cache,
+              mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...                        # optional
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
                        entropy: bool = False, temperature: float = 1.0) -> dict[str, torch.Tensor]: ...

@@ -42,7 +42,8 @@ from parallel.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
 from pretrain.corpus import embedded_tokenizer_path
 from pretrain.tokenizer import load_tokenizer
 
-__all__ = ["SamplingParams", "Completion", "Generator", "sample_tokens", "load_for_sampling", "main"]
+__all__ = ["SamplingParams", "Completion", "Generator", "sample_tokens", "sampling_distribution", "load_for_sampling",
+           "main"]
 
 
 @dataclass
@@ -83,7 +84,15 @@ def sample_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Gene
     if p.temperature == 0:
         ids = logits.argmax(-1)
         return ids, logits.log_softmax(-1).gather(-1, ids[:, None])[:, 0]
-    logits = logits / p.temperature
+    logp, probs = sampling_distribution(logits, p)
+    ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return ids, logp.gather(-1, ids[:, None])[:, 0]
+
+
+def sampling_distribution(logits: torch.Tensor, p: SamplingParams):
+    """(log-probs of logits / temperature [batch, vocab], the unnormalised probabilities the sampler draws
+    from: top-k and top-p truncated) for temperature > 0."""
+    logits = logits.float() / p.temperature
     logp = logits.log_softmax(-1)
     keep = torch.ones_like(logits, dtype=torch.bool)
     if p.top_k and p.top_k < logits.shape[-1]:
@@ -93,9 +102,7 @@ def sample_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Gene
         probs, order = logp.exp().sort(dim=-1, descending=True)
         before = probs.cumsum(-1) - probs                  # mass strictly before each token: the first is always kept
         keep &= torch.zeros_like(keep).scatter(-1, order, before < p.top_p)
-    probs = logp.exp().masked_fill(~keep, 0)
-    ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return ids, logp.gather(-1, ids[:, None])[:, 0]
+    return logp, logp.exp().masked_fill(~keep, 0)
 
 
 # model hooks read here (cfg, new_cache, gather_logits): parallel/protocols.py

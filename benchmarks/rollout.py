@@ -1,0 +1,229 @@
+"""Rollout speed on CPU: the static Generator vs the continuous-batching engine (posttrain/engine.py), then
++ shared prefixes, then + MTP speculation, measured in one run on a long-tailed length mix.
+
+The model: the tiny V3 preset at the GRPO demonstration's width (dim 128, MLA, MoE, one MTP module), trained
+here for --train-steps steps, MTP loss included (V3 §2.2), on a synthetic task whose reply lengths are
+long-tailed: a hidden chain orders the tokens 2..255 and ends in end-of-document (0); a document is a
+prompt (2-48 random tokens, then a start token) and a walk along the chain from the start (the next link
+with probability 0.75, else a skip 2-9 links ahead) to the end. Starts are drawn so that the remaining
+chain is log-uniform in 4..--max-len links: most replies are short, a few are long, as rollouts are. At
+T = 0 the trained model follows the chain link by link and stops at its end.
+
+Rows, each on the same --prompts prompts x --group samples (a GRPO batch, the demo's 16 x 8 by default):
+  static          Generator.generate on the whole batch (every sequence waits for the longest)
+  continuous      Engine(share_prefix=False): sequences leave when done, max_batch --max-batch
+  shared_prefix   Engine(): + each group's prompt prefilled once, pages shared (copy on write)
+  speculative     Engine(draft_tokens=k): + MTP drafts verified by the model (T = 0 rows must equal plain)
+T = 0 for the headline (speedup_continuous = shared_prefix / static, speedup_speculative = speculative /
+shared_prefix at the best k, acceptance = accepted / drafted); the same at --temperature, and at T = 0 on
+--small-batch distinct prompts (low load, where a verify step costs little more than a decode step), for
+context. Every engine row's tokens are checked against the static engine's at T = 0 before they count.
+
+Usage: python benchmarks/rollout.py [--out PATH] [--train-steps N] [--prompts N] [--group G] [--repeats R]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from _machine import cpu_name
+
+from model import build_model, preset
+from model.transformer import IGNORE_INDEX
+from posttrain.engine import Engine
+from posttrain.generate import Generator, SamplingParams
+
+VOCAB, EOD = 256, 0
+
+
+class ChainTokenizer:
+    """Ids as text (the engine decodes only for stop strings and the completion text)."""
+    eod_id, bos_id, vocab_size = EOD, None, VOCAB
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+class ChainTask:
+    """The synthetic task: a chain over tokens 2..255 ending in EOD, walked with skips."""
+
+    def __init__(self, seed: int, max_len: int):
+        self.g = torch.Generator().manual_seed(seed)
+        self.chain = (torch.randperm(VOCAB - 2, generator=self.g) + 2).tolist() + [EOD]
+        self.where = {t: i for i, t in enumerate(self.chain)}
+        self.max_len = max_len
+
+    def _rand(self, lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=self.g))
+
+    def prompt(self) -> list[int]:
+        remaining = int(math.exp(float(torch.empty(1).uniform_(math.log(4), math.log(self.max_len),
+                                                                 generator=self.g))))
+        start = self.chain[len(self.chain) - 1 - remaining]
+        return [self._rand(2, VOCAB - 1) for _ in range(self._rand(2, 48))] + [start]
+
+    def reply(self, start: int) -> list[int]:
+        out, i = [], self.where[start]
+        while self.chain[i] != EOD:
+            i = min(len(self.chain) - 1, i + (1 if torch.rand(1, generator=self.g) < 0.75 else self._rand(2, 9)))
+            out.append(self.chain[i])
+        return out
+
+
+def train(task: ChainTask, steps: int, batch: int, seed: int):
+    cfg = preset("tiny-deepseek-v3", vocab_size=VOCAB, dim=128, max_seq_len=256)
+    torch.manual_seed(seed)
+    net = build_model(cfg, seed=seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.0)
+    net.train()
+    t0, last = time.perf_counter(), {}
+    for step in range(steps):
+        docs = []
+        for _ in range(batch):
+            q = task.prompt()
+            docs.append((q, task.reply(q[-1])))
+        n = max(len(q) + len(r) for q, r in docs)
+        tokens = torch.full((batch, n), EOD)
+        labels = torch.full((batch, n), IGNORE_INDEX)
+        for b, (q, r) in enumerate(docs):
+            seq = q + r
+            tokens[b, :len(seq)] = torch.tensor(seq)
+            labels[b, len(q) - 1:len(seq) - 1] = torch.tensor(r)   # the reply only, EOD included
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
+        out = net.loss(tokens, labels)
+        opt.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        net.update_expert_bias()
+        last = {k: round(float(v.detach()), 4) for k, v in out.items() if k in ("lm_loss", "mtp_loss")}
+    return net.eval(), cfg, {"steps": steps, "batch": batch, "seconds": round(time.perf_counter() - t0, 1), **last}
+
+
+def interleaved(runs: dict, repeats: int) -> dict:
+    """name -> (outputs, stats) of the fastest of `repeats` runs of each, the runs interleaved (rotating the
+    order each round) so that a slow spell of the machine does not fall on one row only."""
+    best: dict = {}
+    names = list(runs)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            outs, stats = runs[name]()
+            if name not in best or stats["seconds"] < best[name][1]["seconds"]:
+                best[name] = (outs, stats)
+    return best
+
+
+def main(argv=None) -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(here, "results", "rollout_cpu.json"))
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=160, help="the longest reply the task asks for")
+    ap.add_argument("--max-batch", type=int, default=128)
+    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--small-batch", type=int, default=4, help="sequences of the low-load speculation rows")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    load_before = os.getloadavg()
+    task = ChainTask(args.seed, args.max_len)
+    net, cfg, trained = train(task, args.train_steps, 16, args.seed)
+    print(f"trained {trained}", file=sys.stderr)
+    tok = ChainTokenizer()
+    eval_task = ChainTask(args.seed, args.max_len)
+    eval_task.g.manual_seed(10_000 + args.seed)
+    prompts = [q for q in (eval_task.prompt() for _ in range(args.prompts)) for _ in range(args.group)]
+    new = args.max_len + 16
+
+    def rows_at(temperature: float, prompts: list[list[int]]) -> dict:
+        params = SamplingParams(max_new_tokens=new, temperature=temperature)
+        seeds = list(range(len(prompts)))
+        engines = {"continuous": dict(share_prefix=False), "shared_prefix": dict()}
+        engines.update({f"speculative_k{k}": dict(draft_tokens=k) for k in args.draft_tokens})
+        runs = {"static": lambda: Generator(net, tok).generate(prompts, params, seed=0)}
+        for name, kw in engines.items():
+            runs[name] = (lambda kw: lambda: Engine(net, tok, max_batch=args.max_batch, **kw).generate(
+                prompts, params, seeds=seeds))(kw)
+        best = interleaved(runs, args.repeats)
+        ref = best["static"][0]
+        lengths = sorted(len(c.ids) for c in ref)
+        out = {}
+        for name, (outs, st) in best.items():
+            if temperature == 0:
+                assert [c.ids for c in outs] == [c.ids for c in ref], f"{name} differs from the static engine at T=0"
+            row = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()
+                   if k in ("tokens", "seconds", "tokens_per_s", "forwards", "steps", "prefill_tokens", "pages")}
+            if "acceptance" in st:
+                row["acceptance"] = round(st["acceptance"], 3)
+                row["acceptance_per_position"] = [round(a, 3) for a in st["acceptance_per_position"]]
+            if name != "static":
+                row["equal_to_static"] = temperature == 0   # asserted above
+            out[name] = row
+        return {"rows": out, "reply_lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2],
+                                               "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1],
+                                               "mean": round(sum(lengths) / len(lengths), 1)}}
+
+    greedy = rows_at(0.0, prompts)
+    sampled = rows_at(args.temperature, prompts)
+    small = rows_at(0.0, prompts[::args.group][:args.small_batch])   # distinct prompts, one sample each
+    r = greedy["rows"]
+    best_k = max(args.draft_tokens, key=lambda k: r[f"speculative_k{k}"]["tokens_per_s"])
+    spec = r[f"speculative_k{best_k}"]
+    result = {
+        "benchmark": "rollout",
+        "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
+        "machine": {"cpu": cpu_name(), "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "loadavg_1_5_15_at_start_and_end": [list(load_before), list(os.getloadavg())]},
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "model": {"preset": "tiny-deepseek-v3", "vocab_size": VOCAB, "dim": cfg.dim, "n_layers": cfg.n_layers,
+                  "n_mtp": cfg.n_mtp, "trained": trained},
+        "workload": {"prompts": args.prompts, "group": args.group, "sequences": len(prompts),
+                     "max_new_tokens": new, "max_batch": args.max_batch,
+                     "task": "chain walk, reply length log-uniform in 4..max_len (see the docstring)"},
+        "speedup_continuous": round(r["shared_prefix"]["tokens_per_s"] / r["static"]["tokens_per_s"], 2),
+        "speedup_continuous_without_sharing": round(r["continuous"]["tokens_per_s"] / r["static"]["tokens_per_s"], 2),
+        "speedup_speculative": round(spec["tokens_per_s"] / r["shared_prefix"]["tokens_per_s"], 2),
+        "speculative_draft_tokens": best_k,
+        "acceptance": spec["acceptance"],
+        "acceptance_per_position": spec["acceptance_per_position"],
+        "speedup_speculative_small_batch": round(small["rows"][f"speculative_k{best_k}"]["tokens_per_s"]
+                                                 / small["rows"]["shared_prefix"]["tokens_per_s"], 2),
+        "temperature_0": greedy,
+        f"temperature_{args.temperature}": sampled,
+        f"small_batch_{args.small_batch}_temperature_0": small,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    for label, block in (("T=0", greedy), (f"T={args.temperature}", sampled),
+                         (f"T=0, {args.small_batch} sequences", small)):
+        print(f"{label}: reply lengths {block['reply_lengths']}")
+        for name, row in block["rows"].items():
+            print(f"  {name:<18}{row['tokens_per_s']:>10.1f} tokens/s  {row['seconds']:>8.2f} s"
+                  + (f"  acceptance {row['acceptance']:.2f} {row['acceptance_per_position']}" if "acceptance" in row
+                     else ""))
+    print(f"speedup_continuous {result['speedup_continuous']}, speedup_speculative {result['speedup_speculative']} "
+          f"(k={best_k}; {result['speedup_speculative_small_batch']} at {args.small_batch} sequences), acceptance "
+          f"{result['acceptance']}; wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

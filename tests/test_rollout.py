@@ -1,0 +1,243 @@
+"""The rollout engine (posttrain/engine.py): continuous batching over a paged cache against the static
+Generator, per-sequence sampling streams, shared prefixes with copy on write, bad input, and MTP
+speculative decoding (greedy equality, the distribution by a chi-square test that catches always-accept)."""
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from model import build_model, preset
+from model.transformer import IGNORE_INDEX
+from posttrain.engine import TOO_LONG, Engine
+from posttrain.generate import Generator, SamplingParams
+from distributed import run_ranks
+from test_generate import ToyTokenizer, _net, _prompts
+
+LENGTHS = (7, 3, 5, 1, 12, 3, 30, 2, 9, 3)   # long-tailed, and prompt 5 repeats prompt 1 (a shared prefix)
+
+
+def _mixed(cfg):
+    prompts = _prompts(cfg, LENGTHS)
+    prompts[5] = list(prompts[1])
+    return prompts
+
+
+def _stop_params(net, cfg, prompts):
+    """Greedy params whose stop strings, read off the greedy completions, end some completions early: a
+    long-tailed mix of lengths."""
+    tok = ToyTokenizer(cfg.vocab_size)
+    free, _ = Generator(net, tok, pad_id=3).generate(prompts, SamplingParams(max_new_tokens=16, temperature=0))
+    stop = [tok.decode(free[3].ids[1:3]), tok.decode(free[2].ids[6:8]), tok.decode(free[8].ids[3:5])]
+    return SamplingParams(max_new_tokens=16, temperature=0, stop=stop)
+
+
+def _teach_mtp(net, cfg, steps=60):
+    """Fit the MTP module to the model's own greedy continuations (self-distillation), so that a random
+    model's drafts are accepted often enough to exercise multi-token verify steps."""
+    prompts = _prompts(cfg, [4] * 16, seed=7)
+    outs, _ = Engine(net, ToyTokenizer(cfg.vocab_size), pad_id=3).generate(
+        prompts, SamplingParams(max_new_tokens=40, temperature=0))
+    n = min(len(q) + len(c.ids) for q, c in zip(prompts, outs))
+    seqs = torch.tensor([(q + c.ids)[:n] for q, c in zip(prompts, outs)])
+    labels = seqs.roll(-1, 1)
+    labels[:, -1] = IGNORE_INDEX
+    mtp = {id(p) for p in net.mtp.parameters()}
+    for p in net.parameters():
+        p.requires_grad_(id(p) in mtp)
+    opt = torch.optim.Adam(net.mtp.parameters(), lr=3e-3)
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        net.loss(seqs, labels)["mtp_loss"].backward()
+        opt.step()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return net.eval()
+
+
+def _assert_same(ref, outs):
+    for r, o in zip(ref, outs):
+        assert (o.ids, o.finish, o.text) == (r.ids, r.finish, r.text)
+        # the static engine rounds fp64 logits to fp32 before log_softmax, as the engine does
+        torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(r.logprobs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-deepseek-v3", "tiny-deepseek-llm-7b"])
+def test_continuous_batching_equals_static_engine(name):
+    """Tokens, log-probs, finishes and texts equal the static engine's at T = 0, with sequences leaving and
+    waiting prompts joining (max_batch 3), pages of 4 (a prompt spans several), prefixes shared or not."""
+    net, cfg = _net(name)
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompts = _mixed(cfg)
+    params = _stop_params(net, cfg, prompts)
+    ref, _ = Generator(net, tok, pad_id=3).generate(prompts, params)
+    assert {c.finish for c in ref} == {"stop", "length"} and len({len(c.ids) for c in ref}) > 3
+    for kw in (dict(), dict(max_batch=3, page_size=4), dict(max_batch=4, page_size=3, share_prefix=False)):
+        outs, stats = Engine(net, tok, pad_id=3, **kw).generate(prompts, params)
+        _assert_same(ref, outs)
+        assert stats["tokens"] == sum(len(c.ids) for c in ref) and stats["skipped"] == 0
+
+
+def test_sampled_tokens_do_not_depend_on_the_batch():
+    """With per-sequence seeds, a sequence samples the same tokens alone, in a full batch, or in a small
+    batch that it joins late; and its recorded log-probs are the training path's."""
+    net, cfg = _net()
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompts = _mixed(cfg)
+    seeds = [100 + i for i in range(len(prompts))]
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50)
+    full, _ = Engine(net, tok, pad_id=3).generate(prompts, params, seeds=seeds)
+    small, _ = Engine(net, tok, pad_id=3, max_batch=2, page_size=4).generate(prompts[::-1], params, seeds=seeds[::-1])
+    assert [c.ids for c in small[::-1]] == [c.ids for c in full]
+    for i in (0, 6, 9):
+        alone, _ = Engine(net, tok, pad_id=3).generate([prompts[i]], params, seeds=[seeds[i]])
+        assert alone[0].ids == full[i].ids
+    assert full[1].ids != full[5].ids   # the same prompt, its own stream
+    c = full[6]
+    seq = torch.tensor([c.prompt_ids + c.ids])
+    targets = seq.roll(-1, 1)
+    targets[0, -1] = IGNORE_INDEX
+    lp = net.token_logprobs(seq, targets, temperature=0.9)["logprobs"][0, len(c.prompt_ids) - 1:-1]
+    torch.testing.assert_close(lp, torch.tensor(c.logprobs, dtype=lp.dtype), rtol=1e-6, atol=1e-6)
+
+
+def test_shared_prefix_prefills_once_and_copies_on_write():
+    """A group of G samples prefills its prompt once; the children diverge in private copies of the
+    prompt's last page, so each gets what it would alone (a missing copy would let siblings overwrite
+    each other's slots)."""
+    net, cfg = _net()
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompt = _prompts(cfg, (10,))[0]           # pages of 4: two full pages and a shared partial one
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    seeds = [7, 8, 9, 10]
+    shared, s1 = Engine(net, tok, page_size=4).generate([prompt] * 4, params, seeds=seeds)
+    alone, s2 = Engine(net, tok, page_size=4, share_prefix=False).generate([prompt] * 4, params, seeds=seeds)
+    assert [c.ids for c in shared] == [c.ids for c in alone]
+    assert len({tuple(c.ids) for c in shared}) == 4
+    assert s1["prefill_tokens"] == 10 and s2["prefill_tokens"] == 40
+    # a pool that holds the shared prefix and 4 children but not 4 whole sequences (21): the group fits
+    pages = 1 + 3 + 4 * 2 + 3    # scratch, the prompt's 3, 2 fresh per child, and 3 children copy the 3rd
+    outs, _ = Engine(net, tok, page_size=4, n_pages=pages).generate([prompt] * 4, params, seeds=seeds)
+    assert [c.ids for c in outs] == [c.ids for c in alone]
+    # one page short: the group is split, and its last child prefills again later; the same samples
+    outs, s3 = Engine(net, tok, page_size=4, n_pages=pages - 1).generate([prompt] * 4, params, seeds=seeds)
+    assert [c.ids for c in outs] == [c.ids for c in alone] and s3["prefill_tokens"] == 20
+
+
+def test_bad_input_is_reported():
+    net, cfg = _net()
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompts = _prompts(cfg, (5, cfg.max_seq_len - 3, 4))
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    outs, stats = Engine(net, tok, pad_id=3).generate(prompts, params)
+    assert outs[1].finish == TOO_LONG and outs[1].ids == [] and outs[1].prompt_ids == prompts[1]
+    assert stats["skipped"] == 1
+    ref, _ = Generator(net, tok, pad_id=3).generate([prompts[0], prompts[2]], params)
+    _assert_same(ref, [outs[0], outs[2]])
+    with pytest.raises(ValueError, match="page budget of 2 pages .* needs 3 pages; raise n_pages to at least 4"):
+        Engine(net, tok, page_size=4, n_pages=2).generate([prompts[0]], params)
+    dense, dcfg = _net("tiny-deepseek-llm-7b")
+    with pytest.raises(ValueError, match="no MTP module"):
+        Engine(dense, ToyTokenizer(dcfg.vocab_size), draft_tokens=1)
+    with pytest.raises(ValueError, match="no MTP module"):
+        dense.draft(torch.zeros(1, 1, dcfg.dim), torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1), None, None)
+    with pytest.raises(ValueError, match="at least one token"):
+        Engine(net, tok).generate([[1], []], params)
+
+
+@pytest.mark.parametrize("name,kw", [("tiny-deepseek-v3", {}), ("tiny-deepseek-llm-7b", dict(n_mtp=1))])
+def test_speculative_greedy_equals_plain_decoding(name, kw):
+    """At T = 0 speculation emits the model's greedy tokens, whatever the drafts: one draft per step and a
+    chain of three, sequences joining and leaving, stops inside an accepted run."""
+    net, cfg = _net(name, **kw)
+    _teach_mtp(net, cfg)
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompts = _mixed(cfg)
+    params = _stop_params(net, cfg, prompts)
+    ref, _ = Generator(net, tok, pad_id=3).generate(prompts, params)
+    for ekw in (dict(draft_tokens=1), dict(draft_tokens=3, max_batch=3, page_size=4)):
+        outs, stats = Engine(net, tok, pad_id=3, **ekw).generate(prompts, params)
+        _assert_same(ref, outs)
+        # drafts accepted and rejected at every position (chance would be 1/256): runs of all three accepted
+        assert 0.1 < stats["acceptance"] < 1 and len(stats["acceptance_per_position"]) == ekw["draft_tokens"]
+        assert all(a > 0 for a in stats["acceptance_per_position"])
+
+
+class _NoEod:
+    eod_id, bos_id = 99, None   # never sampled: every sample is exactly max_new_tokens long
+
+    def decode(self, ids):
+        return "".join(chr(65 + i) for i in ids)
+
+
+def _chi_square_pvalue(outs, joint: torch.Tensor, vocab: int) -> float:
+    """P-value of the first three tokens' counts against the model's joint distribution (cells with
+    fewer than 5 expected pooled)."""
+    idx = torch.tensor([(c.ids[0] * vocab + c.ids[1]) * vocab + c.ids[2] for c in outs])
+    obs = torch.bincount(idx, minlength=vocab ** 3).double()
+    exp = joint * len(outs)
+    big = exp >= 5
+    o = torch.cat([obs[big], obs[~big].sum()[None]])
+    e = torch.cat([exp[big], exp[~big].sum()[None]])
+    stat = ((o - e) ** 2 / e).sum()
+    return float(torch.special.gammaincc(torch.tensor((len(o) - 1) / 2, dtype=torch.float64), stat / 2))
+
+
+def test_speculative_sampling_keeps_the_model_distribution():
+    """Chi-square, fixed seeds: 3000 speculative samples (two drafts per step, T = 1) of a 5-token vocabulary
+    follow the model's exact joint distribution of three tokens; replacing the acceptance rule by
+    always-accept (the drafts' distribution) fails the same test."""
+    vocab = 5
+    net = build_model(preset("tiny-deepseek-v3", vocab_size=vocab), dtype=torch.float64, seed=0).eval()
+    with torch.no_grad():   # peaked distributions, and a draft that disagrees with the model
+        net.head.weight.mul_(40)
+        net.mtp[0].norm.weight.mul_(-1)
+    prompt = [1, 2, 3]
+    seqs = torch.tensor([prompt + list(c) for c in itertools.product(range(vocab), repeat=3)])
+    with torch.no_grad():
+        lp = net(seqs).log_softmax(-1)
+    joint = sum(lp[:, 2 + j].gather(1, seqs[:, 3 + j:4 + j])[:, 0] for j in range(3)).exp()
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    engine = Engine(net, _NoEod(), pad_id=1, draft_tokens=2, max_batch=3000)
+    outs, stats = engine.generate([prompt] * 3000, params, seed=0)
+    assert _chi_square_pvalue(outs, joint, vocab) > 0.01
+    assert 0.05 < stats["acceptance_per_position"][0] < 0.95      # the rule both accepts and rejects
+    engine.accept = lambda p, q, gen: True
+    outs, stats = engine.generate([prompt] * 3000, params, seed=0)
+    assert _chi_square_pvalue(outs, joint, vocab) < 1e-6 and stats["acceptance"] == 1
+
+
+def parallel_rollout_rank(kw: dict, expect: list, params: SamplingParams, seeds: list[int]):
+    import parallel
+    cfg = preset("tiny-deepseek-v3")
+    mesh = parallel.build_mesh(parallel.ParallelConfig(**kw), "cpu")
+    net = parallel.parallelize(build_model(cfg, device="meta", dtype=torch.float64), mesh)
+    parallel.init_parallel_weights(net, mesh, seed=0)
+    prompts, r = _mixed(cfg), dist.get_rank()
+    if "ep" in kw:   # each rank its own prompts: different schedules, every forward still entered by both
+        prompts, seeds, expect = prompts[:6] if r == 0 else prompts[6:], seeds[:6] if r == 0 else seeds[6:], \
+            expect[:6] if r == 0 else expect[6:]
+    outs, _ = Engine(net, ToyTokenizer(cfg.vocab_size), pad_id=3, max_batch=3, page_size=4,
+                     draft_tokens=2).generate(prompts, params, seeds=seeds)
+    assert [c.ids for c in outs] == expect
+
+
+@pytest.mark.parametrize("kw", [dict(tp=2), dict(ep=2)])
+def test_rollout_under_tp_and_ep_equals_one_process(kw):
+    """tp2: every rank runs the same schedule (heads and vocabulary split, logits gathered). ep2: the ranks
+    hold different prompts (6 and 4, lengths and stops differing) and so different schedules, and a rank with
+    nothing to run feeds a scratch token into every forward the other needs. Both sample what one process
+    samples, speculation and shared prefixes included."""
+    net, cfg = _net()
+    prompts = _mixed(cfg)
+    params = SamplingParams(max_new_tokens=16, temperature=0.8, stop=["A", "B", "C"])   # ~5% of tokens stop
+    seeds = list(range(len(LENGTHS)))
+    engine = Engine(net, ToyTokenizer(cfg.vocab_size), pad_id=3, max_batch=3, page_size=4, draft_tokens=2)
+    if "ep" in kw:
+        ref = engine.generate(prompts[:6], params, seeds=seeds[:6])[0] + engine.generate(prompts[6:], params,
+                                                                                          seeds=seeds[6:])[0]
+    else:
+        ref = engine.generate(prompts, params, seeds=seeds)[0]
+    assert len({len(c.ids) for c in ref}) > 2
+    run_ranks(2, parallel_rollout_rank, kw, [c.ids for c in ref], params, seeds)
