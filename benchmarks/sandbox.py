@@ -88,6 +88,9 @@ def main() -> None:
         "python": sys.version.split()[0], "isolation": isolation, "baseline_rev": a.baseline_rev,
         "calls": a.calls, "calls_per_s": rows,
         "ratio_serial": round(rows["namespaces"]["threads_1"] / rows["audit_hook_baseline"]["threads_1"], 3),
+        f"ratio_threads_{a.threads}": round(rows["namespaces"][f"threads_{a.threads}"]
+                                            / rows["audit_hook_baseline"][f"threads_{a.threads}"], 3),
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "command": "python benchmarks/sandbox.py " + " ".join(sys.argv[1:]),
     }
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
