@@ -202,7 +202,9 @@ class GRPOTrainer:
     def mismatch_stats(self, old, rollout, weight, mask) -> dict[str, float]:
         """How far the trainer's pi_old is from the sampler's pi_rollout on the counted tokens: the k1
         estimate of KL(pi_rollout || pi_old), and the TIS weights' mean and max (when TIS is on). Zero
-        mismatch with grpo.old_logprobs=rollout, where pi_old is pi_rollout by definition."""
+        mismatch with grpo.old_logprobs=rollout, where pi_old is pi_rollout by definition (no collective then)."""
+        if old is rollout:
+            return {"mismatch_kl": 0.0}
         sums = {"kl": ((rollout - old) * mask).sum().double(), "tokens": mask.sum().double()}
         if weight is not None:
             sums["w"] = (weight * mask).sum().double()

@@ -298,12 +298,7 @@ class _CgroupSlots:
 
     def remove_stale(self) -> None:
         """The empty cgroups of sandboxes whose process is gone (killed before its exit handlers ran)."""
-        try:
-            with open("/proc/self/cgroup") as f:
-                entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
-        except OSError:
-            return
-        for base, _ in cgroup_plan(entries):
+        for base, _ in cgroup_plan():
             for d in glob.glob(os.path.join(base, self.PREFIX + "*")):
                 m = re.fullmatch(re.escape(self.PREFIX) + r"(\d+)-\d+", os.path.basename(d))
                 if m and not os.path.exists(f"/proc/{m.group(1)}"):

@@ -630,9 +630,14 @@ def init(s, result_fd, isolated, harness_ids, candidate_ids, set_ids):
             os._exit(3)
 
 
-def cgroup_plan(entries, memory_bytes=0, pids=0):
+def cgroup_plan(memory_bytes=0, pids=0):
     """Where this process's sandbox cgroups go and what each caps: [(parent directory, {file: value})],
-    from the lines of /proc/self/cgroup (split on ':')."""
+    read from /proc/self/cgroup; [] where it cannot be read."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return []
     v1 = {c: path for _, ctrls, path in entries for c in ctrls.split(",") if c}
     unified = next((path for hid, ctrls, path in entries if hid == "0" and not ctrls), None)
     if os.path.exists("/sys/fs/cgroup/cgroup.controllers") and unified is not None:
@@ -649,12 +654,7 @@ def join_cgroups(name, memory_bytes, pids):
     delegated, else v1's memory and pids hierarchies. Returns the directories joined; none where the
     machine does not let us, and the rlimits still hold."""
     made = []
-    try:
-        with open("/proc/self/cgroup") as f:
-            entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
-    except OSError:
-        return made
-    for base, limits in cgroup_plan(entries, memory_bytes, pids):
+    for base, limits in cgroup_plan(memory_bytes, pids):
         path = os.path.join(base, name)
         try:
             os.makedirs(path, exist_ok=True)
