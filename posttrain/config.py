@@ -39,6 +39,12 @@ class RolloutSection:
     top_p: float = 1.0
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
+    # the generator (posttrain/engine.py): paged = continuous batching over a paged latent cache with shared
+    # prompt prefixes (and MTP speculation when draft_tokens > 0); static = one padded batch (posttrain/generate.py)
+    engine: str = "paged"           # paged | static
+    draft_tokens: int = 0           # MTP drafts per decode step (V3 §5.4.3); needs model.n_mtp >= 1
+    page_size: int = 16             # positions per cache page
+    max_batch: int = 64             # sequences decoded together
 
 
 @dataclass
@@ -117,8 +123,10 @@ class PosttrainConfig(Config):
         g = self.grpo
         choices = {"grpo.loss_agg": (g.loss_agg, ("token_mean", "seq_mean", "constant")),
                    "grpo.old_logprobs": (g.old_logprobs, ("rollout", "recompute")),
-                   "data.overflow": (self.data.overflow, ("truncate", "drop"))}
+                   "data.overflow": (self.data.overflow, ("truncate", "drop")),
+                   "rollout.engine": (self.rollout.engine, ("paged", "static"))}
         check_choices(choices)
+        self._check_rollout()
         if g.group_size < 2:
             raise ConfigError("grpo.group_size must be >= 2 (advantages compare samples of one prompt), "
                               f"got {g.group_size}")
@@ -157,6 +165,21 @@ class PosttrainConfig(Config):
             build_reward(self.reward.weights)
         except ValueError as e:
             raise ConfigError(f"reward.weights: {e}") from None
+
+    def _check_rollout(self) -> None:
+        r = self.rollout
+        for key in ("page_size", "max_batch"):
+            if getattr(r, key) < 1:
+                raise ConfigError(f"rollout.{key} must be >= 1, got {getattr(r, key)}")
+        if r.draft_tokens < 0:
+            raise ConfigError(f"rollout.draft_tokens must be >= 0 (MTP drafts per step; 0: no speculation), "
+                              f"got {r.draft_tokens}")
+        if r.draft_tokens and r.engine != "paged":
+            raise ConfigError("rollout.draft_tokens > 0 needs rollout.engine=paged (the static generator does not "
+                              "speculate); set rollout.engine=paged or rollout.draft_tokens=0")
+        if r.draft_tokens and not self.model_config().n_mtp:
+            raise ConfigError(f"rollout.draft_tokens = {r.draft_tokens} drafts with the model's MTP module, and "
+                              "model.n_mtp is 0; set rollout.draft_tokens=0 or use a model with MTP modules")
 
     def _check_data(self, model_cfg) -> None:
         """data.seq_len alone: the stages that pack rows (SFT, DPO) check it against model.max_seq_len."""

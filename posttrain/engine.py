@@ -50,9 +50,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .generate import Completion, SamplingParams, sampling_distribution
+from .generate import Completion, Generator, SamplingParams, sampling_distribution
 
-__all__ = ["Engine", "PagePool", "PagedCache"]
+__all__ = ["Engine", "PagePool", "PagedCache", "rollout_engine"]
 
 TOO_LONG = "prompt_too_long"   # the finish of a prompt that cannot fit: reported, never truncated
 
@@ -339,6 +339,7 @@ class Engine:
                  "steps": self.steps, "prefill_tokens": self.prefilled, "skipped": fits.count(False), "pages": n_pages}
         if self.draft_tokens:
             stats["acceptance"] = sum(self.accepted) / max(sum(self.drafted), 1)
+            stats["drafted"], stats["accepted"] = sum(self.drafted), sum(self.accepted)
             stats["acceptance_per_position"] = [a / max(d, 1) for a, d in zip(self.accepted, self.drafted)]
         self.pool = None
         return completions, stats
@@ -532,3 +533,12 @@ class Engine:
             n += len(tokens)
             seq.hidden = h[b, :emitted]
             seq.length += emitted
+
+
+def rollout_engine(model, tokenizer, rollout) -> Engine | Generator:
+    """The generator a post-training stage samples with, from its `rollout` config section: the paged engine
+    (continuous batching, shared prompt prefixes, `draft_tokens` MTP drafts) or the static padded batch."""
+    if rollout.engine == "static":
+        return Generator(model, tokenizer)
+    return Engine(model, tokenizer, page_size=rollout.page_size, max_batch=rollout.max_batch,
+                  draft_tokens=rollout.draft_tokens)

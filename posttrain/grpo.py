@@ -34,7 +34,8 @@ from pretrain.config import ConfigError
 
 from .config import PosttrainConfig
 from .data import DataError, check_prompt_fit, encode_prompt, load_located_prompts
-from .generate import Generator, SamplingParams
+from .engine import rollout_engine
+from .generate import SamplingParams
 from .objectives import aggregate, group_advantages, grpo_token_terms, offpolicy_sequence_keep, truncated_is_weights
 from .rewards import build_reward, verified
 from .stage import StageError, StageSession, stage_main
@@ -132,7 +133,7 @@ class GRPOTrainer:
         self.reward = build_reward(cfg.reward.weights)
         self.stream = PromptStream(self.train_records, cfg.train.seed)
         self.ref = sess.build(trainable=False) if g.beta > 0 else None
-        self.gen = Generator(sess.policy, sess.tokenizer)
+        self.gen = rollout_engine(sess.policy, sess.tokenizer, cfg.rollout)
         r = cfg.rollout
         self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                        top_k=r.top_k, stop=list(r.stop))
@@ -351,10 +352,12 @@ class GRPOTrainer:
             "reward": float(rewards.sum()), "reward_sq": float((rewards ** 2).sum()), "n": float(rewards.numel()),
             "accuracy": sum(s.get("accuracy", s.get("countdown", 0.0)) for s in scores),
             "format": sum(s.get("format", 0.0) for s in scores), "length": float(sum(lengths)),
-            "dropped": float(keep.numel() - keep.sum()), "rollout_tokens": gstats["tokens"]})
+            "dropped": float(keep.numel() - keep.sum()), "rollout_tokens": gstats["tokens"],
+            "drafted": float(gstats.get("drafted", 0)), "accepted": float(gstats.get("accepted", 0))})
         n = tot["n"]
         mean = tot["reward"] / n
-        return dict(reward_mean=mean, reward_std=math.sqrt(max(tot["reward_sq"] / n - mean ** 2, 0.0)),
+        spec = {"rollout_acceptance": tot["accepted"] / tot["drafted"]} if tot["drafted"] else {}
+        return spec | dict(reward_mean=mean, reward_std=math.sqrt(max(tot["reward_sq"] / n - mean ** 2, 0.0)),
                     accuracy=tot["accuracy"] / n, format_rate=tot["format"] / n,
                     response_length_mean=tot["length"] / n, response_length_max=self._max(float(max(lengths))),
                     dropped_fraction=tot["dropped"] / n, rollout_tokens_per_s=tot["rollout_tokens"] / max(t_roll, 1e-9))

@@ -31,7 +31,8 @@ from pretrain.session import decided_on_rank0, join_job
 
 from .config import PosttrainConfig, RejectionSection
 from .data import DataError, check_prompt_fit, encode_prompt, load_located_prompts
-from .generate import Generator, SamplingParams
+from .engine import rollout_engine
+from .generate import SamplingParams
 from .rewards import build_reward, extract_think, language_fraction, verified
 from .stage import StageError, StageSession, stage_main
 from .templates import as_messages
@@ -160,7 +161,7 @@ class RejectionSampler:
         self.sampling = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                                        top_k=ro.top_k, stop=list(ro.stop))
         self.reward = build_reward(cfg.reward.weights)
-        self.gen = Generator(sess.policy, sess.tokenizer)
+        self.gen = rollout_engine(sess.policy, sess.tokenizer, cfg.rollout)
         sess.total_steps = 0                  # one pass, no optimizer steps
         sess.resume()
 

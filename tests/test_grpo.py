@@ -255,6 +255,45 @@ def test_sft_packed_rows_train_and_resume_exactly(task_dir, tmp_path):
         torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
 
 
+def engines_rank(task_dir, run_dir, out):
+    from posttrain.engine import Engine, rollout_engine
+    from posttrain.generate import Generator
+    tr = GRPOTrainer(_config(task_dir, run_dir, "rollout.temperature=0", "rollout.draft_tokens=1"))
+    assert isinstance(tr.gen, Engine) and tr.gen.draft_tokens == 1
+    prompts = [tr.encode(r) for r in tr.train_records[:3] for _ in range(2)]
+    static = rollout_engine(tr.session.policy, tr.session.tokenizer, tr.cfg.rollout.__class__(engine="static"))
+    assert isinstance(static, Generator)
+    runs = [g.generate(prompts, tr.sampling, seed=0)[0] for g in (tr.gen, static)]
+    torch.save([[c.ids for c in run] for run in runs], out)
+
+
+def test_rollouts_come_from_the_configured_engine(task_dir, tmp_path):
+    """The paged engine with MTP drafts samples, at temperature 0, the static generator's greedy tokens."""
+    run_ranks(1, engines_rank, str(task_dir), str(tmp_path / "run"), str(tmp_path / "ids.pt"))
+    paged, static = torch.load(tmp_path / "ids.pt")
+    assert paged == static and any(len(ids) > 1 for ids in paged)
+
+
+def test_speculative_rollouts_log_their_acceptance(task_dir, tmp_path):
+    run_ranks(1, run_rank, str(task_dir), str(tmp_path / "a"), ["train.steps=1", "eval.every=0",
+                                                               "rollout.draft_tokens=2"], str(tmp_path / "a.pt"))
+    row = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= row["rollout_acceptance"] <= 1.0 and row["step"] == 1
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["rollout.engine=vllm"], "rollout.engine"),
+    (["rollout.draft_tokens=-1"], "rollout.draft_tokens must be >= 0"),
+    (["rollout.engine=static", "rollout.draft_tokens=1"], "needs rollout.engine=paged"),
+    (["model.n_mtp=0", "rollout.draft_tokens=1"], "model.n_mtp is 0"),
+    (["rollout.page_size=0"], "rollout.page_size must be >= 1"),
+])
+def test_rollout_engine_settings_are_checked(task_dir, tmp_path, extra, words):
+    from pretrain.config import ConfigError
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        _config(task_dir, tmp_path, *extra)
+
+
 # -- bad data stops the run at load, in one line ------------------------------------------------------
 def _main(tmp_path, task_dir, *extra) -> int:
     from posttrain.grpo import main
