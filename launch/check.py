@@ -17,7 +17,7 @@ pipeline rank, the rank holding the last expert block of the first stage, and th
 last FSDP shard). One process checks them in turn: a fake group is destroyed and created again in
 about 0.1 s, so no subprocess per rank is needed.
 
-The world size is pp x dp x tp: recipes set parallel.dp, or give --world.
+The world size is pp x dp x cp x tp: recipes set parallel.dp, or give --world.
 """
 from __future__ import annotations
 
@@ -68,14 +68,21 @@ def world_size(cfg, world: int | None = None) -> int:
         return world
     if not p.dp:
         raise ValueError("parallel.dp = 0 (derived from the world size): give --world N, or set parallel.dp in the "
-                         "recipe so that its world size (pp x dp x tp) is known")
-    return p.pp * p.dp * p.tp
+                         "recipe so that its world size (pp x dp x cp x tp) is known")
+    return p.pp * p.dp * getattr(p, "cp", 1) * p.tp
+
+
+def parallel_config(p):
+    """The runtime's ParallelConfig of a recipe's parallel section (cp where the runtime has it)."""
+    from parallel import ParallelConfig
+    extra = {"cp": p.cp} if getattr(p, "cp", 1) != 1 else {}
+    return ParallelConfig(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sp, node_size=p.node_size, zero=p.zero, **extra)
 
 
 def default_ranks(dims) -> list[int]:
     """One rank of each kind: the first rank of the first, a middle and the last pipeline rank, the rank
     with the last expert block on the first stage, and the last rank."""
-    stage = dims.dp * dims.tp
+    stage = dims.dp * getattr(dims, "cp", 1) * dims.tp
     ranks = [0, (dims.pp // 2) * stage, (dims.pp - 1) * stage, dims.ep - 1, dims.world - 1]
     return sorted(set(ranks))
 
@@ -125,12 +132,11 @@ def build_rank(cfg, world: int, rank: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from model import build_model
-    from parallel import Fp8Recipe, ParallelConfig, build_mesh, parallel_engine
+    from parallel import Fp8Recipe, build_mesh, parallel_engine
 
     p, t = cfg.parallel, cfg.train
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sp, node_size=p.node_size,
-                                     zero=p.zero))
+    mesh = build_mesh(parallel_config(p))
     from pretrain.data import global_batch_size_at
     n_micro = global_batch_size_at(0, t.global_batch_size, t.batch_ramp) // (t.micro_batch_size * mesh.dims.dp)
     fp8 = Fp8Recipe(t.fp8_backend) if t.fp8 == "blockwise" else None
@@ -198,7 +204,8 @@ def _gib(n: int) -> str:
 
 def format_report(r: RankReport) -> str:
     c = r.coords
-    lines = [f"rank {r.rank} of {r.world} (node {r.node}; pp {c['pp']}, dp {c['dp']}, tp {c['tp']}, ep {c['ep']}, "
+    cp = f", cp {c['cp']}" if "cp" in c and "cp" in r.groups else ""
+    lines = [f"rank {r.rank} of {r.world} (node {r.node}; pp {c['pp']}, dp {c['dp']}{cp}, tp {c['tp']}, ep {c['ep']}, "
              f"edp {c['edp']}), built in {r.seconds:.2f} s"]
     for s in r.stages:
         extra = [w for w, on in (("embedding", s.embed), ("embedding copy", s.embed_copy), ("norm + head", s.head),
@@ -223,19 +230,18 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a training recipe, e.g. configs/pretrain/deepseek_v3.yaml")
     ap.add_argument("--ranks", default="", help="comma-separated ranks (default: one of each kind)")
-    ap.add_argument("--world", type=int, default=0, help="world size (default: pp x dp x tp of the recipe)")
+    ap.add_argument("--world", type=int, default=0, help="world size (default: pp x dp x cp x tp of the recipe)")
     ap.add_argument("--json", action="store_true", help="one JSON object per rank, one per line")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, as python -m pretrain takes them")
     args = ap.parse_args(argv)
 
-    from parallel import LayoutError, ParallelConfig, ParallelDims
+    from parallel import LayoutError, ParallelDims
     from pretrain.config import ConfigError, load_config
     try:
         cfg = load_config(args.config, args.overrides)
         world = world_size(cfg, args.world)
         p = cfg.parallel
-        dims = ParallelDims.from_config(ParallelConfig(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sp,
-                                                       node_size=p.node_size, zero=p.zero), world)
+        dims = ParallelDims.from_config(parallel_config(p), world)
         run_checks(cfg)
         try:
             ranks = [int(x) for x in args.ranks.split(",") if x.strip()] or default_ranks(dims)

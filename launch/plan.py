@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", default="H100", help=f"GPU kind: {', '.join(P.GPUS)} (default H100)")
     ap.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
     ap.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
-    ap.add_argument("--layout", default="", help="pin tp/pp/ep/dp/vpp, e.g. pp=16,ep=64,tp=1")
+    ap.add_argument("--layout", default="", help="pin tp/pp/ep/dp/vpp/cp, e.g. pp=16,ep=64,tp=1 (cp: context parallel, "
+                    "searched by default where a rank keeps >= 4096 tokens of a sequence)")
     ap.add_argument("--schedule", choices=P.SCHEDULE_NAMES, help="pin the pipeline schedule")
     ap.add_argument("--zero", type=int, choices=P.ZERO, help="1: ZeRO-1 (optimizer states sharded); 3: FSDP")
     ap.add_argument("--recompute", choices=P.RECOMPUTE, help="pin activation recomputation")

@@ -6,21 +6,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rope, softmax_scale
+from .layers import KeyExchange, RMSNorm, apply_rope, softmax_scale
 
 
-def attention_mask(s: int, t: int, start_pos: int, device, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean [b or 1, s, t] mask, True where query start_pos+i may see key j: causal and, given
-    `doc_ids` [b, t] (a document id for every position up to the last query), within one document.
+def attention_mask(s: int, t: int, start_pos: int, device, doc_ids: torch.Tensor | None = None,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [b or 1, s, t] mask, True where query start_pos+i (or positions[i]) may see key j: causal and,
+    given `doc_ids` [b, t] (a document id for every position up to the last query), within one document.
 
     Packed sequences (several documents per row) and left-padded prompts (the padding is its own
     document) both reduce to this. Positions are not restarted per document: RoPE scores depend only
     on the distance between query and key, so within a document the result is that of the document
     alone, wherever it starts. Every query sees at least itself, so no row of scores is all -inf."""
-    q = torch.arange(s, device=device)[:, None] + start_pos
-    mask = (torch.arange(t, device=device)[None, :] <= q)[None]
+    q = torch.arange(start_pos, start_pos + s, device=device) if positions is None else positions
+    mask = (torch.arange(t, device=device)[None, :] <= q[:, None])[None]
     if doc_ids is not None:
-        mask = mask & (doc_ids[:, start_pos:start_pos + s, None] == doc_ids[:, None, :t])
+        mask = mask & (doc_ids[:, q, None] == doc_ids[:, None, :t])
     return mask
 
 
@@ -31,6 +32,14 @@ def rotate(x: torch.Tensor, rope: torch.Tensor, interleave: bool) -> torch.Tenso
         return apply_rope(x, rope, interleave)
     b, s = x.shape[:2]
     return apply_rope(x.reshape(1, b * s, *x.shape[2:]), rope.reshape(b * s, -1), interleave).view(x.shape)
+
+
+def _check_keys(queries: int, keys: int, mask) -> None:
+    """Without a mask attention is plain causal over as many keys as queries; keys for other positions (a
+    context-parallel exchange) need the queries' positions, from which the model builds the mask."""
+    if mask is None and keys != queries:
+        raise ValueError(f"{queries} queries against {keys} keys without a mask: call the model with the "
+                         "queries' global `positions` (loss/hidden) when keys are exchanged (context parallelism)")
 
 
 class KVCache(nn.Module):
@@ -65,6 +74,8 @@ class Attention(nn.Module):
     tp_plan = {"": "region_input", "wq": "colwise", "wk": "colwise:n_kv_heads", "wv": "colwise:n_kv_heads",
                "wo": "rowwise"}
     tp_divide = ("n_heads", "n_kv_heads")
+    # context parallelism: the (local) key and value heads of every position come from kv_exchange
+    cp_plan = {"kv_exchange": "gather_sequence"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -74,6 +85,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.kv_exchange = KeyExchange()
         self.softmax_scale = softmax_scale(cfg, self.head_dim)
 
     def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
@@ -90,6 +102,9 @@ class Attention(nn.Module):
             k, v = cache.write("k", start_pos, k), cache.write("v", start_pos, v)
             if mask is None:
                 mask = attention_mask(s, k.shape[1], start_pos, x.device)
+        else:
+            k, v = self.kv_exchange(k, v)  # every key position's (all of them are local in one process)
+            _check_keys(s, k.shape[1], mask)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None], is_causal=mask is None,
@@ -115,6 +130,9 @@ class MLA(nn.Module):
                "wkv_a": "region_output", "wkv_b": "colwise", "wo": "rowwise",
                "q_norm": "partial_grad", "kv_norm": "partial_grad"}
     tp_divide = ("n_heads",)
+    # context parallelism exchanges the latent c^KV and the rotated k^R (d_c + d_h^R per token, V2 §2.1.4),
+    # not per-head keys and values, and every rank up-projects them itself (DESIGN decision 9)
+    cp_plan = {"kv_exchange": "gather_sequence"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -133,6 +151,7 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim),
                                bias=False)                                                  # W^UK, W^UV
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, cfg.dim, bias=False)
+        self.kv_exchange = KeyExchange()
         self.softmax_scale = softmax_scale(cfg, self.qk_head_dim)
 
     def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
@@ -149,12 +168,14 @@ class MLA(nn.Module):
         kv = self.kv_norm(kv)
         k_pe = rotate(k_pe.unsqueeze(2), rope, interleave=True)  # one head, shared
         if cache is None:
+            kv, k_pe = self.kv_exchange(kv, k_pe)  # every key position's latent (all of them in one process)
             return self._forward_full(q_nope, q_pe, kv, k_pe, mask)
         return self._forward_absorbed(q_nope, q_pe, kv, k_pe.squeeze(2), start_pos, cache, mask)
 
     def _forward_full(self, q_nope, q_pe, kv, k_pe, mask=None):
-        b, s = kv.shape[:2]
-        kv = self.wkv_b(kv).view(b, s, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        (b, s), t = q_nope.shape[:2], kv.shape[1]
+        _check_keys(s, t, mask)
+        kv = self.wkv_b(kv).view(b, t, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)

@@ -134,6 +134,15 @@ def softmax_scale(cfg: ModelConfig, qk_head_dim: int) -> float:
     return scale
 
 
+class KeyExchange(nn.Module):
+    """Where attention exchanges its keys' per-token tensors: forward(*xs) with xs [b, s, ...] for this
+    process's tokens returns them for every key position 0..S-1. In one process the tokens are all of them,
+    so it is the identity; context parallelism replaces it from outside (an attention class's `cp_plan`)."""
+
+    def forward(self, *xs: torch.Tensor):
+        return xs[0] if len(xs) == 1 else xs
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
 

@@ -38,6 +38,23 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope, start_pos, cache, mask)
         return x + self.ffn(self.ffn_norm(x))
 
+    # runtime hook (moe phases): a MoE block's forward = moe_post(moe_pre(...), the routed experts' output),
+    # cut where the experts' token dispatch sits (parallel/overlap.py interleaves two micro-batches' parts)
+    def moe_pre(self, x, rope, start_pos: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        """Attention and the router: (h = x + attn(norm(x)), then MoE.route(ffn_norm(h)): u [T, dim],
+        weights, routed, partial, stats)."""
+        h = x + self.attn(self.attn_norm(x), rope, start_pos, cache, mask)
+        return (h, *self.ffn.route(self.ffn_norm(h)))
+
+    def moe_shared(self, u):
+        """MoE.shared(u): the shared experts' output (None without them), which needs no dispatch."""
+        return self.ffn.shared(u)
+
+    def moe_post(self, h, u, y, stats, shared=None):
+        """h + MoE.merge(u, y, stats, shared): the residual around the routed output y [T, dim] and the
+        shared experts' (`shared`, from moe_shared, or computed here)."""
+        return h + self.ffn.merge(u, y, stats, shared)
+
 
 class MTP(nn.Module):
     """k-th MTP module (V3 eq. 21-22): h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))],
@@ -118,19 +135,37 @@ class Transformer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None,
-               h: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
+               h: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None):
         """Final-layer hidden states before the output norm. On a pipeline stage without the
         embedding, `h` carries the previous stage's hidden states (`tokens` still give the positions).
-        `doc_ids` [batch, start_pos + seq]: attention stays within a document (packed rows, padding)."""
-        return self._hidden(tokens, start_pos, caches, h, doc_ids)
+        `doc_ids` [batch, start_pos + seq]: attention stays within a document (packed rows, padding).
+        `positions` [n]: compute only the tokens at these global positions of the whole rows `tokens`
+        (a context-parallel rank's share), whose keys the attention's exchange point returns for every
+        position 0..seq-1; None: every position."""
+        return self._hidden(tokens, start_pos, caches, h, doc_ids, positions)
 
-    def _hidden(self, tokens, start_pos=0, caches=None, h=None, doc_ids=None):
+    def _hidden(self, tokens, start_pos=0, caches=None, h=None, doc_ids=None, positions=None):
         # forward's body too: FSDP2 wraps `hidden` as an entry point, whose exit would reshard the
         # root's parameters (norm, head) before forward uses them
-        h = self.embed(tokens) if h is None else h
-        s = tokens.shape[1]
-        mask = self._mask(s, start_pos, tokens.device, doc_ids, caches is not None)
-        return self._blocks(h, self._rope(s, start_pos, tokens.device), start_pos, caches, mask)
+        local, rope, mask = self._frame(tokens, start_pos, doc_ids, caches is not None, positions)
+        h = self.embed(local) if h is None else h
+        return self._blocks(h, rope, start_pos, caches, mask)
+
+    def _frame(self, tokens, start_pos: int, doc_ids, cached: bool, positions):
+        """(this process's tokens, their rotary table, the attention mask) for whole rows `tokens`."""
+        if positions is None:
+            s = tokens.shape[1]
+            return tokens, self._rope(s, start_pos, tokens.device), self._mask(s, start_pos, tokens.device,
+                                                                              doc_ids, cached)
+        if cached or start_pos:
+            raise ValueError("positions (a share of whole rows) are for training and scoring whole rows; "
+                             "decode with caches without them")
+        # queries at their global positions against keys at 0..seq-1: RoPE scores depend on the distance
+        # between the two only, so the share computes what the whole rows do at these positions
+        seq = tokens.shape[1]
+        mask = attention_mask(positions.numel(), seq, 0, tokens.device, doc_ids, positions=positions)
+        return tokens[:, positions], self.rope(positions), mask
 
     @staticmethod
     def _mask(s: int, start_pos: int, device, doc_ids, cached: bool) -> torch.Tensor | None:
@@ -188,7 +223,8 @@ class Transformer(nn.Module):
 
     # -- training objective --------------------------------------------------------------------
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_lambda: float | None = None,
-             h: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             h: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Losses for next-token labels [batch, seq] (IGNORE_INDEX masks a position).
 
         Returns `loss` (what to backpropagate) = lm_loss + mtp_loss + the balance losses, and each
@@ -198,13 +234,19 @@ class Transformer(nn.Module):
         the balance losses are those of this stage's MoE layers. With `doc_ids` [batch, seq] (packed
         documents) attention and the MTP targets stay within each document; the caller masks the
         label of each document's last token.
+
+        `positions` [n] (global positions of whole rows; see `hidden`): only those tokens are computed
+        here. tokens, labels and doc_ids stay whole rows, so MTP reads t_{i+k} and its label wherever they
+        lie, and the token losses are normalised by the whole rows' count; the sums over this share go
+        through `reduce_sequence_stats` (identity in one process), so every share returns the rows' terms.
         """
         seq = tokens.shape[1]
-        rope = self._rope(seq, 0, tokens.device)
-        mask = self._mask(seq, 0, tokens.device, doc_ids, False)
-        h = self.norm(self._blocks(self.embed(tokens) if h is None else h, rope, mask=mask))
-        n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        out = {"lm_loss": self.cross_entropy(at_least_fp32(self.head(h)), labels) / n_tokens}
+        local, rope, mask = self._frame(tokens, 0, doc_ids, False, positions)
+        pos = torch.arange(seq, device=tokens.device) if positions is None else positions
+        h = self.norm(self._blocks(self.embed(local) if h is None else h, rope, mask=mask))
+        n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)   # eq. 24's T: the whole rows' count
+        lm = self.cross_entropy(at_least_fp32(self.head(h)), labels if positions is None else labels[:, pos])
+        out = {"lm_loss": self.reduce_sequence_stats(lm) / n_tokens}
         total = out["lm_loss"]
         if len(self.mtp):
             lam = self.mtp_lambda if mtp_lambda is None else mtp_lambda
@@ -213,16 +255,17 @@ class Transformer(nn.Module):
                 if seq <= k:
                     break
                 # Depth k pairs h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}. Tokens and labels are
-                # shifted, not the hidden states, so every tensor keeps the sequence length (and its
-                # sequence-parallel split); the last k positions have no target and are masked.
-                # They still pass through the MTP block, whose causal attention keeps them out of
-                # every earlier position.
-                h = module(h, self.embed(tokens.roll(-k, dims=1)), rope, mask)
-                target = labels.roll(-k, dims=1)
-                target[:, seq - k:] = IGNORE_INDEX
+                # read k ahead (global positions, wrapping like a roll), not the hidden states shifted, so
+                # every tensor keeps the sequence length (and its sequence-parallel split); the last k
+                # positions have no target and are masked. They still pass through the MTP block, whose
+                # causal attention keeps them out of every earlier position.
+                ahead = (pos + k) % seq
+                h = module(h, self.embed(tokens[:, ahead]), rope, mask)
+                target = labels[:, ahead].masked_fill(pos + k >= seq, IGNORE_INDEX)
                 if doc_ids is not None:  # t_{i+k+1} from another document is no target for position i
-                    target = target.masked_fill(doc_ids.roll(-k, dims=1) != doc_ids, IGNORE_INDEX)
-                mtp = mtp + self.cross_entropy(at_least_fp32(self.head(h)), target) / n_tokens   # eq. 24: 1/T
+                    target = target.masked_fill(doc_ids[:, ahead] != doc_ids[:, pos], IGNORE_INDEX)
+                ce = self.cross_entropy(at_least_fp32(self.head(h)), target)
+                mtp = mtp + self.reduce_sequence_stats(ce) / n_tokens   # eq. 24: 1/T
             out["mtp_loss"] = lam / len(self.mtp) * mtp
             total = total + out["mtp_loss"]
         aux = self.balance_losses()
@@ -255,6 +298,13 @@ class Transformer(nn.Module):
         IGNORE_INDEX); tensor parallelism swaps in the vocab-parallel one."""
         return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
+
+    @staticmethod
+    def reduce_sequence_stats(t: torch.Tensor) -> torch.Tensor:
+        """A sum over this process's tokens, summed over every process holding other tokens of the same
+        rows; the identity in one process, where they are all here. Context parallelism swaps in an
+        all-reduce over its ranks whose backward is the identity (each rank's gradient is its tokens')."""
+        return t
 
     @staticmethod
     def gather_logits(logits: torch.Tensor) -> torch.Tensor:

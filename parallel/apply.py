@@ -10,20 +10,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .context_parallel import apply_cp, check_cp_plan, sequence_multiple  # noqa: F401 (re-exported)
 from .data_parallel import apply_fsdp, sync_expert_load
 from .expert_parallel import apply_ep, check_ep_plan
 from .fp8 import Fp8Recipe, apply_fp8
-from .mesh import LayoutError, Mesh, ParallelDims
+from .mesh import LayoutError, Mesh
 from .tensor_parallel import ParamLayout, apply_tp, check_tp_plan
 
 
 # hooks read here (set_expert_placement, update_expert_bias) and written (param_layouts): parallel/protocols.py
 def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = None,
                 zero: int | None = None, fp8: Fp8Recipe | None = None) -> nn.Module:
-    """Apply tp (+sp), ep and FSDP2 to `model` in place, after checking every constraint.
+    """Apply tp (+sp), ep, cp and FSDP2 to `model` in place, after checking every constraint.
 
     Works on a meta-device model (then call `init_parallel_weights` or `load_full_state_dict`)
-    or on a materialised one, whose values are sliced. FSDP2 is applied when dp > 1 or when a
+    or on a materialised one, whose values are sliced. FSDP2 is applied when dp x cp > 1 or when a
     compute dtype is given (it carries the mixed-precision policy: parameters stay in their own
     dtype, fp32 in training, and are cast to param_dtype for compute; gradients reduce in fp32).
     `zero` overrides the layout's ZeRO stage for this model (pipeline stages under zero-bubble
@@ -32,6 +33,7 @@ def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = 
     dims = mesh.dims
     check_tp_plan(model, dims.tp)
     check_ep_plan(model, dims.ep)
+    check_cp_plan(model, dims.cp)
     if hasattr(model, "set_expert_placement"):  # routers limit devices/nodes over this placement
         try:
             model.set_expert_placement(dims.ep, dims.ep // dims.ep_nodes)
@@ -42,12 +44,13 @@ def parallelize(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype | None = 
         apply_tp(model, mesh["tp"], dims.sp, layouts)
     levels = (mesh["ep_inter"], mesh["ep_intra"]) if dims.ep_nodes > 1 else (mesh["ep"],)
     apply_ep(model, levels, mesh["ep"], layouts)
+    apply_cp(model, mesh.cp_group())  # after tp: wraps the tp sum of the MoE's routing statistics
     for name, p in model.named_parameters():
         layouts.setdefault(name, ParamLayout(tuple(p.shape)))
     model.param_layouts = layouts
     if fp8 is not None:
         apply_fp8(model, fp8)
-    if dims.dp > 1 or param_dtype is not None:
+    if dims.dp * dims.cp > 1 or param_dtype is not None:
         apply_fsdp(model, mesh, param_dtype=param_dtype, zero=zero)
     return model
 
@@ -57,9 +60,3 @@ def update_expert_bias(model: nn.Module, mesh: Mesh, gamma: float | None = None)
     """The aux-loss-free bias step from the global expert load (identical on every rank)."""
     sync_expert_load(model, mesh)
     model.update_expert_bias(gamma)
-
-
-def sequence_multiple(dims: ParallelDims, has_experts: bool) -> int:
-    """What a sequence length must be a multiple of: under tp, sequence parallelism splits the
-    sequence over the tp ranks, and so does the token split in front of routed experts."""
-    return dims.tp if dims.tp > 1 and (dims.sp or has_experts) else 1

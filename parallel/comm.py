@@ -92,13 +92,13 @@ def all_reduce(t: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Ten
     return t
 
 
-def all_gather(t: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    """Concatenate every member's t along dim (equal shapes)."""
+def all_gather(t: torch.Tensor, dim: int, group: Group, label: str = "all_gather") -> torch.Tensor:
+    """Concatenate every member's t along dim (equal shapes). `label` names the record."""
     if group.size == 1:
         return t
     t = t.movedim(dim, 0).contiguous()
     out = t.new_empty((group.size * t.shape[0], *t.shape[1:]))
-    STATS.add("all_gather", group, _nbytes(out))
+    STATS.add(label, group, _nbytes(out))
     dist.all_gather_single(out, t, group=group.pg)
     return out.movedim(0, dim)
 
@@ -114,8 +114,8 @@ def all_gather_uneven(t: torch.Tensor, dim: int, group: Group, sizes: list[int])
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
 
 
-def reduce_scatter(t: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    """Sum over members, each keeps its 1/size chunk along dim."""
+def reduce_scatter(t: torch.Tensor, dim: int, group: Group, label: str = "reduce_scatter") -> torch.Tensor:
+    """Sum over members, each keeps its 1/size chunk along dim. `label` names the record."""
     if group.size == 1:
         return t
     if t.shape[dim] % group.size:
@@ -124,7 +124,7 @@ def reduce_scatter(t: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
                          f"sequence length a multiple of {group.size}")
     t = t.movedim(dim, 0).contiguous()
     out = t.new_empty((t.shape[0] // group.size, *t.shape[1:]))
-    STATS.add("reduce_scatter", group, _nbytes(t))
+    STATS.add(label, group, _nbytes(t))
     dist.reduce_scatter_single(out, t, group=group.pg)
     return out.movedim(0, dim)
 
@@ -140,6 +140,8 @@ def all_to_all(t: torch.Tensor, send: list[int], recv: list[int], group: Group, 
     STATS.add(label, group,
               row * sum(n for j, n in enumerate(send) if j != me),
               row * sum(n for j, n in enumerate(send) if group.node_of(j) != my_node))
+    if LINK.simulated and label in LINK.labels:  # blocking, on the simulated link: its whole duration is exposed
+        return _issue_a2a(t, send, recv, group, label).wait()
     out = t.new_empty((sum(recv), *t.shape[1:]))
     dist.all_to_all_single(out, t.contiguous(), recv, send, group=group.pg)
     return out
@@ -250,3 +252,134 @@ def reduce_scatter_to_sp(x, group: Group, dim: int = -2):
 
 def all_to_all_autograd(x, send: list[int], recv: list[int], group: Group, label: str = "all_to_all"):
     return _AllToAll.apply(x, send, recv, group, label) if group.size > 1 else x
+
+
+# -- asynchronous collectives and the simulated link (overlap, DESIGN.md decision 8) -------------------------
+# An asynchronous collective returns a `Work` handle at once; `wait()` gives its result. On gloo the transfer
+# runs on gloo's own threads (`async_op=True`); on CUDA on NCCL's stream. The compute thread is blocked only
+# inside `wait()`, and that blocked time is what `LINK` records as *exposed* communication.
+#
+# The simulated link (for benchmarks and tests on one CPU machine, where gloo copies in memory at once):
+# under `simulate_link(latency_s, bytes_per_s)` a collective completes no earlier than its issue time +
+# latency + bytes / bandwidth (bytes: what STATS counts for it, the rows that leave this rank), and a wait
+# sleeps until then (no CPU spent). A blocking collective of the simulated kinds waits in full: all exposed.
+# Per rank (each rank is a process) and per step (`LINK.reset()` at its start): `exposed_s`, the compute
+# thread's time blocked in waits; `link_s`, the time the collectives were in flight (each one's simulated
+# duration, or longer when the real transfer was still running when waited on), overlapped or not, so
+# that exposed <= link op by op; `calls`.
+import contextlib as _contextlib  # noqa: E402
+import time as _time  # noqa: E402
+
+
+class LinkStats:
+    """Exposed and total link time of this rank since `reset()`; the simulated link's setting."""
+
+    def __init__(self):
+        self.latency_s: float | None = None     # None: no simulation (real transfer times only)
+        self.bytes_per_s: float = math.inf
+        self.labels: tuple[str, ...] = ("all_to_all", "all_to_all_routing")  # the collectives it simulates
+        self.reset()
+
+    @property
+    def simulated(self) -> bool:
+        return self.latency_s is not None
+
+    def reset(self) -> None:
+        self.exposed_s = 0.0
+        self.link_s = 0.0
+        self.calls = 0
+
+    def duration(self, nbytes: int) -> float:
+        return 0.0 if not self.simulated else self.latency_s + nbytes / self.bytes_per_s
+
+    def snapshot(self) -> dict[str, float]:
+        """{"exposed_s", "link_s", "calls", "exposed_fraction"} (fraction: exposed / link, 0 with no link time)."""
+        frac = min(1.0, self.exposed_s / self.link_s) if self.link_s > 0 else 0.0
+        return {"exposed_s": self.exposed_s, "link_s": self.link_s, "calls": self.calls, "exposed_fraction": frac}
+
+
+LINK = LinkStats()
+
+
+@_contextlib.contextmanager
+def simulate_link(latency_s: float, bytes_per_s: float):
+    """Within the block, every all-to-all (token payloads and routing metadata) completes no earlier than
+    latency_s + bytes / bytes_per_s after it was issued (module comment above)."""
+    if latency_s < 0 or bytes_per_s <= 0:
+        raise ValueError(f"simulate_link needs latency_s >= 0 and bytes_per_s > 0, got {latency_s}, {bytes_per_s}")
+    saved = LINK.latency_s, LINK.bytes_per_s
+    LINK.latency_s, LINK.bytes_per_s = float(latency_s), float(bytes_per_s)
+    try:
+        yield LINK
+    finally:
+        LINK.latency_s, LINK.bytes_per_s = saved
+
+
+class Work:
+    """An issued collective: `wait()` blocks until it is complete (and, under the simulated link, until its
+    simulated completion time), records the blocked time as exposed, and returns the result. Idempotent."""
+
+    __slots__ = ("_work", "_result", "_done_at", "_waited")
+
+    def __init__(self, work, result, nbytes: int = 0, issued_at: float | None = None):
+        self._work, self._result, self._waited = work, result, False
+        issued_at = _time.perf_counter() if issued_at is None else issued_at
+        duration = LINK.duration(nbytes)
+        self._done_at = issued_at + duration
+        LINK.link_s += duration
+        LINK.calls += 1
+
+    def is_completed(self) -> bool:
+        return self._waited or ((self._work is None or self._work.is_completed())
+                                and _time.perf_counter() >= self._done_at)
+
+    def wait(self):
+        if not self._waited:
+            t0 = _time.perf_counter()
+            if self._work is not None:
+                self._work.wait()
+            left = self._done_at - _time.perf_counter()
+            if left > 0:
+                _time.sleep(left)
+            end = _time.perf_counter()
+            LINK.exposed_s += end - t0
+            LINK.link_s += max(0.0, end - max(self._done_at, t0))  # done later than simulated: in flight till now
+            self._waited, self._work = True, None
+        return self._result
+
+
+def done(result) -> Work:
+    """A Work that is already complete (a group of one: nothing moves)."""
+    w = Work.__new__(Work)
+    w._work, w._result, w._done_at, w._waited = None, result, 0.0, True
+    return w
+
+
+def _a2a_bytes(t: torch.Tensor, send: list[int], group: Group) -> tuple[int, int]:
+    row = t.element_size() * math.prod(t.shape[1:])
+    me, my_node = group.rank, group.node_of(group.rank)
+    return (row * sum(n for j, n in enumerate(send) if j != me),
+            row * sum(n for j, n in enumerate(send) if group.node_of(j) != my_node))
+
+
+def all_to_all_async(t: torch.Tensor, send: list[int], recv: list[int], group: Group,
+                     label: str = "all_to_all") -> Work:
+    """`all_to_all` issued without waiting: `.wait()` returns the rows received. Recorded in STATS like it."""
+    if group.size == 1:
+        return done(t)
+    STATS.add(label, group, *_a2a_bytes(t, send, group))
+    return _issue_a2a(t, send, recv, group, label)
+
+
+def _issue_a2a(t: torch.Tensor, send: list[int], recv: list[int], group: Group, label: str) -> Work:
+    out = t.new_empty((sum(recv), *t.shape[1:]))
+    issued = _time.perf_counter()
+    work = dist.all_to_all_single(out, t.contiguous(), recv, send, group=group.pg, async_op=True)
+    return Work(work, out, _a2a_bytes(t, send, group)[0] if label in LINK.labels else 0, issued)
+
+
+def all_to_all_counts_async(counts: torch.Tensor, group: Group) -> Work:
+    """The routing-metadata exchange: counts [size] (rows this rank sends to each member) -> the rows each
+    member sends here. `.wait()` gives the tensor; turning it into Python ints (`.tolist()`) is the
+    dispatch's one host synchronisation."""
+    return all_to_all_async(counts, [1] * group.size, [1] * group.size, group, label="all_to_all_routing")

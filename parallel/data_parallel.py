@@ -2,9 +2,11 @@
 global gradient-norm clipping and the global expert load.
 
 FSDP2 shards each block's parameters over dp (fp32 master weights, `param_dtype` compute,
-fp32 reduction). Routed experts are sharded over the expert-data-parallel group instead, with
-the gradient divided by dp, not edp: every edp rank contributes the tokens of its own share of
-the data, and the loss each rank backpropagates is the mean over its dp shard.
+fp32 reduction), over dp x cp under context parallelism. Routed experts are sharded over the
+expert-data-parallel group instead, with the gradient divided by dp, not edp: every edp rank
+contributes the tokens of its own share of the data, and the loss each rank backpropagates is the
+mean over its dp shard. Under cp the dense gradients are divided by dp too, not dp x cp: a cp rank's
+gradient is its part of its micro-batch's (context_parallel.py), so the cp parts are summed.
 """
 from __future__ import annotations
 
@@ -62,7 +64,16 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, param_dtype=None,
         reduce_dtype = torch.float32  # bf16 compute, fp32 gradient reduction
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     reshard = (zero or dims.zero) == 3
-    dp_mesh, edp_mesh = mesh.device_meshes["main"]["dp"], mesh.device_meshes["stage"]["edp"]
+    cp = dims.cp > 1
+    dp_mesh = mesh.device_meshes["fsdp"]["dp_cp"] if cp else mesh.device_meshes["main"]["dp"]
+    edp_mesh = mesh.device_meshes["stage"]["edp"]
+    dense = mesh[mesh.fsdp_group]
+
+    def sum_cp(module):  # the cp ranks' gradients are parts of one micro-batch's: summed, divided by dp only
+        if cp:
+            module.set_gradient_divide_factor(float(dims.dp))
+            if mesh.device_type == "cpu":
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM: sum, then divide
 
     def place(p):  # shard experts along the expert dim when it divides, else along rows
         from torch.distributed.tensor import Shard
@@ -83,9 +94,11 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, param_dtype=None,
     for module in model.modules():
         if getattr(type(module), "fsdp_unit", False):
             fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-            _count(module, mesh["dp"])
+            _count(module, dense)
+            sum_cp(module)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    _count(model, mesh["dp"])
+    _count(model, dense)
+    sum_cp(model)
     for method in getattr(type(model), "fsdp_forward_methods", ()):
         register_fsdp_forward_method(model, method)
     model._fsdp = True
@@ -135,7 +148,7 @@ def _distinct_copies(layout: ParamLayout, is_dtensor: bool, p, mesh: Mesh) -> in
     shards = math.prod(s.parts for s in layout.splits)
     if is_dtensor:
         shards *= p.device_mesh.size()
-    return dims.dp * dims.tp // shards
+    return dims.stage_size // shards
 
 
 @torch.no_grad()
@@ -188,8 +201,8 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
 @torch.no_grad()
 def sync_expert_load(model: nn.Module, mesh: Mesh) -> None:
     """Sum every MoE layer's token counts over the ranks of the stage that saw distinct tokens
-    (dp x tp), so that the aux-loss-free bias update (V3 §2.1.2) is the same on every rank."""
+    (dp x cp x tp), so that the aux-loss-free bias update (V3 §2.1.2) is the same on every rank."""
     for m in model.modules():
         load = getattr(m, "tokens_per_expert", None)
         if isinstance(load, torch.Tensor):
-            comm.all_reduce(load, mesh["dp_tp"])
+            comm.all_reduce(load, mesh[mesh.stage_group])

@@ -5,7 +5,9 @@ accumulation over micro-batches) and `pipeline.Pipeline` (pp > 1: a schedule ove
     engine.init_weights(seed, device)      the seeded init, sharded (= build_model(cfg, seed=seed))
     engine.step(tokens, labels)            forward + backward of this dp rank's batch, micro-batch by
                                            micro-batch; gradients and the expert load end synchronised;
-                                           returns the loss terms (mean over micro-batches and dp)
+                                           returns the loss terms (mean over micro-batches and dp).
+                                           Whole rows on every cp rank: the engine gives the model its
+                                           chunks' positions (context_parallel.py)
     engine.evaluate(tokens, labels)        the same terms, forward only, in eval mode
     engine.clip_grad_norm_(max_norm)       the global gradient norm, clipped
     engine.update_expert_bias(gamma)       the aux-loss-free bias step from the load `step` synchronised
@@ -20,6 +22,7 @@ from torch import nn
 
 from . import comm
 from .apply import parallelize
+from .context_parallel import cp_inputs
 from .data_parallel import clip_grad_norm_, finish_grad_sync, reshard, set_gradient_sync, sync_expert_load
 from .mesh import Mesh
 from .pipeline import Pipeline, attach_schedule, build_pipeline
@@ -64,14 +67,16 @@ class SingleStage:
         net, mbs = self.stages[0], self.micro_batch_size
         n = tokens.shape[0] // mbs
         sums: dict[str, torch.Tensor] = {}
+        extra = cp_inputs(self.mesh, tokens.shape[1], net.cfg.is_moe, tokens.device)
         for i in range(n):
             rows = slice(i * mbs, (i + 1) * mbs)
-            out = net.loss(tokens=tokens[rows], labels=labels[rows], **{k: v[rows] for k, v in inputs.items()})
+            out = net.loss(tokens=tokens[rows], labels=labels[rows], **{k: v[rows] for k, v in inputs.items()},
+                           **extra)
             if backward:
                 set_gradient_sync(net, i == n - 1)
                 (out["loss"] / n).backward()
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / n
+                sums[k] = sums.get(k, 0.0) + v.detach().double() / n  # fp64: what all_sum reduces in
         if backward:
             finish_grad_sync(net, self.mesh)
         total = comm.all_sum({k: sums[k] for k in sorted(sums)}, self.mesh["dp"], self.mesh.device_type)

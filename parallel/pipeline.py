@@ -6,8 +6,9 @@ DualPipeV; `pp_schedules.py`) send one activation tensor from stage to stage. Th
 DeepSeek-V3 model do not fit that and are written here:
 
 - Inputs every stage needs. Token ids (positions under sequence parallelism, MTP's shifted
-  embeddings) and labels go to every stage as keyword arguments, which torch's schedules chunk
-  and hand to all stages; only the hidden states travel between stages.
+  embeddings), labels and document ids go to every stage as keyword arguments, which torch's
+  schedules chunk and hand to all stages; only the hidden states travel between stages (under
+  context parallelism those of the rank's chunks, whose positions each stage holds: `cp_positions`).
 - Losses that arise before the last stage. Each stage's MoE balance losses are attached to the
   hidden states it sends on (`AttachAuxLoss`, the idea of Megatron's MoEAuxLossAutoScaler): the
   forward value is untouched, and backward gives the loss its gradient, so a stage needs no scalar
@@ -32,6 +33,7 @@ from torch.distributed.pipelining import PipelineStage
 
 from . import comm
 from .apply import parallelize
+from .context_parallel import check_sequence, cp_inputs
 from .data_parallel import _local, clip_grad_norm_, finish_grad_sync, reshard, sync_expert_load
 from .mesh import LayoutError, Mesh
 from .pp_schedules import build_schedule, n_stages, rank_stages, schedule_spec, stage_to_rank
@@ -65,12 +67,17 @@ class StageModel:
 
     fsdp_forward_methods = ()  # only forward is called on a stage; `loss`/`hidden` run inside it
 
-    def forward(self, h: torch.Tensor | None = None, *, tokens: torch.Tensor, labels: torch.Tensor):
+    def forward(self, h: torch.Tensor | None = None, *, tokens: torch.Tensor, labels: torch.Tensor,
+                doc_ids: torch.Tensor | None = None):
+        # under cp the stage computes (and passes on) its chunks of the whole rows (context_parallel.py)
+        extra = {} if self.cp_positions is None else {"positions": self.cp_positions}
+        if doc_ids is not None:  # packed documents: every stage's attention masks by them
+            extra["doc_ids"] = doc_ids
         if self.is_last:
-            out = self.loss(tokens, labels, h=h)
+            out = self.loss(tokens, labels, h=h, **extra)
             self.record(out)
             return torch.stack([out["loss"]])  # torch's schedules concatenate these; not a view (FSDP2 warns)
-        h = self.hidden(tokens, h=h)
+        h = self.hidden(tokens, h=h, **extra)
         terms = self.balance_losses()
         self.record(terms)
         if terms and torch.is_grad_enabled():
@@ -160,7 +167,7 @@ def cut_stage(model: nn.Module, layers: list[int], first: bool, last: bool, keep
         stage.norm, stage.head, stage.mtp = None, None, nn.ModuleList()
     stage.__class__ = _stage_class(type(model))
     stage.is_first, stage.is_last = first, last
-    stage.stage_metrics, stage.aux_scale = [], 1.0
+    stage.stage_metrics, stage.aux_scale, stage.cp_positions = [], 1.0, None
     return stage
 
 
@@ -206,7 +213,7 @@ class Pipeline:
         for s in self.stages:
             init_parallel_weights(s, self.mesh, seed, device)
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
         """Run the schedule on this data-parallel rank's batch; gradients end synchronised over tp,
         dp, ep and the shared embedding, the expert load over the stage's ranks. Returns the
         objective's terms (mean over micro-batches, mean over dp) and each stage's, identical on every
@@ -215,10 +222,11 @@ class Pipeline:
         if n_micro != self.n_microbatches:
             self.n_microbatches = n_micro
             attach_schedule(self, self.hidden_shape[0], self.seq_len, dtype=self.act_dtype, device=self.device)
+        self._set_positions(tokens)
         for s in self.stages:
             s.stage_metrics.clear()
             s.aux_scale = 1.0 / self.n_microbatches
-        kwargs = dict(tokens=tokens, labels=labels)
+        kwargs = dict(tokens=tokens, labels=labels, **inputs)  # inputs: more per-row tensors (doc_ids)
         if any(s.is_last for s in self.stages):
             self.schedule.step(target=labels, **kwargs)
         else:
@@ -230,7 +238,7 @@ class Pipeline:
         return self._metrics(self.n_microbatches)
 
     @torch.no_grad()
-    def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
         """Forward only, the stages in eval mode (no balance losses, no load counting); the same
         metrics as `step`. Written here rather than with the schedules' own `eval`, which torch 2.13
         cannot run for the split-backward schedules (ZBV, DualPipeV assert on their B actions): each
@@ -240,22 +248,24 @@ class Pipeline:
         owner = stage_to_rank(self.schedule_name, dims.pp, self.n_stages // dims.pp)
         pp_i = dims.coords(me)["pp"]
         mine = dict(zip(self.stage_ids, self.stages))
+        self._set_positions(tokens)
         for s in self.stages:
             s.stage_metrics.clear()
             s.eval()
         try:
             mbs = self.hidden_shape[0]  # the micro-batch size the stages were given (attach_schedule)
-            for tok, lab in zip(tokens.split(mbs), labels.split(mbs)):
+            for i, (tok, lab) in enumerate(zip(tokens.split(mbs), labels.split(mbs))):
+                more = {k: v[i * mbs:(i + 1) * mbs] for k, v in inputs.items()}
                 h = None
                 for sid in range(self.n_stages):
                     if sid in mine:
                         if h is None and sid > 0:  # sent by the previous stage's rank
                             h = torch.empty(self.hidden_shape, dtype=self.act_dtype, device=tok.device)
-                            dist.recv(h, me + (owner[sid - 1] - pp_i) * dims.dp * dims.tp)
-                        h = mine[sid](h, tokens=tok, labels=lab)
+                            dist.recv(h, me + (owner[sid - 1] - pp_i) * dims.stage_size)
+                        h = mine[sid](h, tokens=tok, labels=lab, **more)
                         nxt = owner[sid + 1] if sid + 1 < self.n_stages else pp_i
                         if nxt != pp_i:
-                            dist.send(h.contiguous(), me + (nxt - pp_i) * dims.dp * dims.tp)
+                            dist.send(h.contiguous(), me + (nxt - pp_i) * dims.stage_size)
                             h = None
                     else:
                         h = None
@@ -264,6 +274,11 @@ class Pipeline:
                 s.train()
                 reshard(s)
         return self._metrics(-(-tokens.shape[0] // mbs))
+
+    def _set_positions(self, tokens: torch.Tensor) -> None:
+        positions = cp_inputs(self.mesh, tokens.shape[1], self.stages[0].cfg.is_moe, tokens.device).get("positions")
+        for s in self.stages:
+            s.cp_positions = positions
 
     def _sum_shared_grads(self) -> None:
         """Megatron's embedding-group all-reduce: the first stage's embedding and the last stage's
@@ -286,7 +301,7 @@ class Pipeline:
                 for k, v in rec.items():
                     vec[sid, METRIC_KEYS.index(k)] += float(v) / n_micro
         comm.all_reduce(vec, self.mesh["world"])
-        vec /= dims.dp * dims.tp  # tp ranks hold the same values; dp ranks are averaged
+        vec /= dims.stage_size  # tp and cp ranks hold the same values (the cp sums are in them); dp ranks are averaged
         total = vec.sum(0)
         out = {k: float(total[METRIC_KEYS.index(k)]) for k in ("lm_loss", "mtp_loss")}
         aux = {k: float(total[j]) for j, k in enumerate(METRIC_KEYS) if k.startswith("balance") and total[j] != 0}
@@ -340,7 +355,7 @@ def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_micro
     # stage's gradients (measured: all None at pp2 x dp2 under zbv and zb1p, wrong embedding
     # gradients under dualpipev). Keeping the gathered parameters until backward (ZeRO-2) is
     # correct, and DeepSeek-V3 pairs DualPipe with ZeRO-1, which shards less still.
-    zero = 2 if schedule_spec(schedule).splits_backward and dims.dp > 1 else None
+    zero = 2 if schedule_spec(schedule).splits_backward and dims.dp * dims.cp > 1 else None
     keep_embed = _needs_embed_on_last(model)
     pp_rank = dims.coords(mesh.rank)["pp"]
     ids = rank_stages(schedule, pp, pp_rank, vpp)
@@ -373,11 +388,12 @@ def _shared_embedding_group(mesh: Mesh, schedule: str, vpp: int):
         return None
     mine = None
     for dp_i in range(dims.dp):
-        for tp_i in range(dims.tp):
-            ranks = [(p * dims.dp + dp_i) * dims.tp + tp_i for p in (first_pp, last_pp)]
-            pg = dist.new_group(ranks)
-            if mesh.rank in ranks:
-                mine = comm.Group("pp_shared", pg, tuple(ranks), dims.node_size)
+        for cp_i in range(dims.cp):
+            for tp_i in range(dims.tp):
+                ranks = [dims.rank_of(p, dp_i, cp_i, tp_i) for p in (first_pp, last_pp)]
+                pg = dist.new_group(ranks)
+                if mesh.rank in ranks:
+                    mine = comm.Group("pp_shared", pg, tuple(ranks), dims.node_size)
     return mine
 
 
@@ -396,7 +412,9 @@ def attach_schedule(pipe: Pipeline, micro_batch_size: int, seq_len: int, dtype: 
     dtype = dtype or ref.dtype
     if dims.sp and seq_len % dims.tp:
         raise LayoutError(f"sequence length {seq_len} is not divisible by tp={dims.tp} under sequence parallelism")
-    hidden = (micro_batch_size, seq_len // dims.tp if dims.sp else seq_len, pipe.stages[0].cfg.dim)
+    check_sequence(seq_len, dims, pipe.stages[0].cfg.is_moe)
+    local = seq_len // dims.cp  # a stage passes on its cp chunks' hidden states
+    hidden = (micro_batch_size, local // dims.tp if dims.sp else local, pipe.stages[0].cfg.dim)
     loss_dtype = torch.promote_types(dtype, torch.float32)
     pipe.hidden_shape, pipe.act_dtype, pipe.seq_len, pipe.device = hidden, dtype, seq_len, device
     n = pipe.n_microbatches

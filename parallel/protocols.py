@@ -41,6 +41,7 @@ The hooks (HOOKS has each one's readers and full contract; docs/contract.md prin
     hook                  kind             role                meaning in one line
     tp_plan               class attribute  module              child name ("" = itself) -> tp style(s)
     tp_divide             class attribute  module              int attributes divided by tp (head counts)
+    cp_plan               class attribute  module              child name -> cp style: where attention exchanges keys
     ep_count              class attribute  expert group        name of the expert-count attribute; marks the group
     ep_params             class attribute  expert group        parameters stacked [n_experts, ...], split on dim 0
     forward               method           expert group        (x, indices, weights, partial) -> sum_k w * FFN(x)
@@ -49,11 +50,15 @@ The hooks (HOOKS has each one's readers and full contract; docs/contract.md prin
     recompute_selective   class attribute  block               submodule paths selective recomputation re-runs
     forward               runtime          block               instance forward set by activation recomputation
     _recompute_mode       runtime          block               "none" | "full" | "selective"
+    moe_pre               method           block               moe phases: attention + router, up to the dispatch
+    moe_shared            method           block               moe phases: the shared experts (no dispatch needed)
+    moe_post              method           block               moe phases: residual (+ shared experts), after combine
     reduce_token_stats    seam             token-split module  sums per-token statistics over tp (identity alone)
     _tokens_split         runtime          token-split module  this forward's tokens were split over tp
     tokens_per_expert     attribute        module              buffer [n_experts]: tokens routed since the update
     fsdp_forward_methods  class attribute  model               methods besides forward that FSDP2 must wrap
     cross_entropy         seam             model               token loss; vocab-parallel under tp
+    reduce_sequence_stats seam             model               sums per-rank token sums over cp (identity alone)
     entropy               seam             model               entropy per position; vocab-parallel under tp
     gather_logits         seam             model               full-vocabulary logits; an all-gather under tp
     set_expert_placement  method           model               (n_devices, devices_per_node) for limited routing
@@ -62,6 +67,7 @@ The hooks (HOOKS has each one's readers and full contract; docs/contract.md prin
     init_buffers          method           model               rebuild non-persistent buffers after to_empty
     loss                  method           model               (tokens, labels, h=...) -> {"loss", terms}
     hidden                method           model               (tokens, h=...) -> hidden states of the layers held
+    _blocks               seam             model               the layer loop of hidden and loss; overlap skips it
     balance_losses        method           model               balance losses of the last forward, by name
     stage_costs           method           model               forward FLOPs/token: (before, [per layer], after)
     new_cache             method           model               per-layer KV caches for incremental decoding
@@ -81,11 +87,13 @@ The hooks (HOOKS has each one's readers and full contract; docs/contract.md prin
     is_last               runtime          stage               the stage computes the loss
     stage_metrics         runtime          stage               loss terms recorded per micro-batch
     aux_scale             runtime          stage               weight of a micro-batch's balance losses
+    cp_positions          runtime          stage               this cp rank's global positions (None at cp = 1)
     stage_index           runtime          stage               global index of the stage
     ep_levels             runtime          expert group        the ep group(s) tokens are dispatched over
     ep_total              runtime          expert group        experts in the whole ep group
     fp8_recipe            runtime          module              the FP8 recipe of a converted linear
     _fsdp                 runtime          model               apply_fsdp has wrapped the model
+    _overlap_entry        runtime          module              a part of a block run inside its FSDP2 unit (overlap)
     __class__             runtime          module              a runtime mixin put in front of the class
 
 Not in this contract: what pretrain/metrics.py's `expert_state` reads (model.moe's MoE and Gate,
@@ -121,6 +129,11 @@ TP_STYLES: dict[str, str] = {
 SELF_STYLES = ("region_input", "token_split")          # the only styles the key "" (the module itself) takes
 LINEAR_STYLES = ("colwise", "rowwise", "vocab_head")   # their child is an nn.Linear
 VOCAB_SEAMS = ("cross_entropy", "entropy", "gather_logits")
+# -- the styles of a cp_plan (context_parallel.py's docstring has the full meaning) ------------------------
+CP_STYLES: dict[str, str] = {
+    "gather_sequence": "the child, an identity module forward(*xs) -> xs of the keys' per-token tensors [b, s, ...], "
+                       "becomes an all-gather over cp returning them for every position 0..S-1 in order",
+}
 ROLES = ("module", "block", "expert group", "token-split module", "model", "stage")
 KINDS = ("class attribute", "method", "seam", "attribute", "runtime")
 
@@ -149,6 +162,7 @@ _PP = "parallel/pipeline.py"
 _ST = "parallel/state.py"
 _FP8 = "parallel/fp8.py"
 _PLAN = "plan/planner.py"
+_OV = "parallel/overlap.py"
 
 HOOKS: tuple[Hook, ...] = (
     # -- any module: tensor parallelism -----------------------------------------------------------------
@@ -168,6 +182,14 @@ HOOKS: tuple[Hook, ...] = (
          "max(1, n // tp), what the forward then reshapes by. Each must be divisible by tp, or, when it is a "
          "colwise unit, divide tp.",
          "model/attention.py Attention (n_heads, n_kv_heads), MLA (n_heads)"),
+    Hook("cp_plan", "class attribute", "module",
+         ("parallel/context_parallel.py:check_cp_plan", "parallel/context_parallel.py:apply_cp"),
+         "dict: child name -> \"gather_sequence\" (CP_STYLES). The child is a module whose forward(*xs) takes the "
+         "keys' per-token tensors [b, s, ...] of this process's tokens and returns them for every key position "
+         "0..S-1 (the identity in one process, model/layers.py KeyExchange); attention calls it on its "
+         "training path and attends its queries to what comes back. Under cp the runtime replaces the child "
+         "with an all-gather over cp (backward: reduce-scatter). A model with cp > 1 must declare at least one.",
+         "model/attention.py Attention (k, v heads), MLA (c^KV after kv_norm and the rotated k^R)"),
     # -- expert group: expert parallelism, FSDP over edp, FP8 grouped GEMMs --------------------------------
     Hook("ep_count", "class attribute", "expert group",
          (f"{_EP}:check_ep_plan", f"{_EP}:apply_ep", f"{_TP}:apply_tp", f"{_DP}:apply_fsdp",
@@ -183,7 +205,7 @@ HOOKS: tuple[Hook, ...] = (
          "shape[0] == the ep_count attribute); each ep rank keeps its contiguous block of experts, under the "
          "same names.",
          "model/moe.py Experts (w1, w2, w3)", required=True),
-    Hook("forward", "method", "expert group", (f"{_EP}:ExpertParallel._dispatch",),
+    Hook("forward", "method", "expert group", (f"{_EP}:ExpertParallel.ep_local",),
          "forward(x [T, dim], indices [T, K], weights [T, K], partial=True) -> [T, dim] = sum_k weights[t, k] "
          "* FFN_{indices[t, k]}(x_t) over the experts held here; an index >= the local count means absent "
          "(dropped, or on another rank). Under ep the runtime puts a dispatching forward in front (a class "
@@ -213,6 +235,26 @@ HOOKS: tuple[Hook, ...] = (
          "and the block's forward must be re-runnable (full mode restores its buffers and public attributes)."),
     Hook("_recompute_mode", "runtime", "block", (f"{_RC}:apply_recompute", f"{_RC}:recompute_mode"),
          "the block's recomputation mode, \"none\" | \"full\" | \"selective\"."),
+    # -- block: the moe phases (the overlap runtime cuts a MoE block where its token dispatch sits) ----------
+    Hook("moe_pre", "method", "block", (f"{_OV}:_MicroBatch._moe_block",),
+         "optional, on blocks whose `ffn` holds an expert group at `ffn.experts`; (x, rope, start_pos, cache, "
+         "mask) -> (h, u [T, dim], weights [T, K], routed indices [T, K], partial, stats): the block's forward up "
+         "to the routed experts (attention and residual, the ffn norm, the router). The forward equals "
+         "moe_post(h, u, ffn.experts(u, routed, weights, partial=partial), stats) op for op, so that the runtime "
+         "may run the experts' dispatch, the experts and the combine in between, as parts of their own "
+         "(parallel/overlap.py; V3 §3.2.1's attention | dispatch | MLP | combine). Deterministic given the "
+         "same inputs and RNG state (full recomputation re-runs it).",
+         "model/transformer.py Block.moe_pre (MoE.route)", call=(("x", "rope", 0, None, None), {})),
+    Hook("moe_shared", "method", "block", (f"{_OV}:_MicroBatch._moe_block",),
+         "optional, with moe_pre; (u [T, dim]) -> the shared experts' output on u, or None without them: "
+         "what moe_post adds when given it (the runtime computes it while the dispatch is in flight).",
+         "model/transformer.py Block.moe_shared (MoE.shared)", call=(("u",), {})),
+    Hook("moe_post", "method", "block", (f"{_OV}:_MicroBatch._moe_block",),
+         "optional, with moe_pre; (h, u, y [T, dim], stats, shared=None) -> the block's output: the shared "
+         "experts on u (`shared` when computed already by moe_shared), plus the routed output y, plus the "
+         "residual h; in training it records the load count and balance losses of this forward (what forward "
+         "records).",
+         "model/transformer.py Block.moe_post (MoE.merge)", call=(("h", "u", "y", "stats"), {"shared": None})),
     # -- token-split module -------------------------------------------------------------------------------
     Hook("reduce_token_stats", "seam", "token-split module", (f"{_TP}:apply_tp",),
          "callable t -> t, identity by default (an instance attribute set in __init__). The module passes every "
@@ -237,6 +279,13 @@ HOOKS: tuple[Hook, ...] = (
          "the module with the vocab_head child gets the vocab-parallel one under tp (logits stay split).",
          "model/transformer.py Transformer.cross_entropy",
          call=(("logits", "labels"), {"reduction": "none"})),
+    Hook("reduce_sequence_stats", "seam", "model",
+         ("parallel/context_parallel.py:check_cp_plan", "parallel/context_parallel.py:apply_cp"),
+         "callable t -> t, the identity by default: every sum over this process's tokens that the loss needs "
+         "(the token losses) passes through it; under cp the runtime makes it an all-reduce over cp with an "
+         "identity backward, so every cp rank's loss terms are the whole rows' and each rank's gradient is its "
+         "tokens'. The token count stays the whole rows' (loss(positions=...) gets whole rows).",
+         "model/transformer.py Transformer.reduce_sequence_stats", call=(("t",), {})),
     Hook("entropy", "seam", "model", (f"{_TP}:apply_tp",),
          "logits [..., vocab] -> the softmax entropy per position, flattened; vocab-parallel under tp.",
          "model/transformer.py Transformer.entropy", call=(("logits",), {})),
@@ -268,15 +317,24 @@ HOOKS: tuple[Hook, ...] = (
          "load counters and routing biases).",
          "model/transformer.py Transformer.init_buffers", call=((), {})),
     Hook("loss", "method", "model", (f"{_PP}:StageModel.forward", "parallel/engine.py:SingleStage._losses"),
-         "(tokens [b, s], labels [b, s], h=None, doc_ids=None, ...) -> dict with \"loss\" (the scalar to "
-         "backpropagate) and its terms (lm_loss, mtp_loss, balance_*, aux_loss). Given h (hidden states from "
-         "the previous stage) it starts from them instead of the embedding; tokens still give positions.",
+         "(tokens [b, s], labels [b, s], h=None, doc_ids=None, positions=None, ...) -> dict with \"loss\" (the "
+         "scalar to backpropagate) and its terms (lm_loss, mtp_loss, balance_*, aux_loss). Given h (hidden "
+         "states from the previous stage) it starts from them instead of the embedding; tokens still give "
+         "positions. Given positions [n] (context parallelism) it computes only the tokens at those global "
+         "positions of the whole rows tokens/labels/doc_ids, normalised by the whole rows' token count.",
          "model/transformer.py Transformer.loss", required=True,
-         call=(("tokens", "labels"), {"h": None, "doc_ids": None})),
+         call=(("tokens", "labels"), {"h": None, "doc_ids": None, "positions": None})),
     Hook("hidden", "method", "model", (f"{_PP}:StageModel.forward",),
-         "(tokens, h=None) -> the hidden states after the layers held (before the final norm); from h when "
-         "given, else from the embedding.",
-         "model/transformer.py Transformer.hidden", required=True, call=(("tokens",), {"h": None})),
+         "(tokens, h=None, doc_ids=None, positions=None) -> the hidden states after the layers held (before the "
+         "final norm); from h when given, else from the embedding; with positions those of the tokens there.",
+         "model/transformer.py Transformer.hidden", required=True,
+         call=(("tokens",), {"h": None, "doc_ids": None, "positions": None})),
+    Hook("_blocks", "seam", "model", (f"{_OV}:_layers_skipped",),
+         "optional; (h, rope, start_pos=0, caches=None, mask=None) -> h after every layer held: the layer loop "
+         "that hidden and loss call through self._blocks. The overlap runtime replaces it on the instance for "
+         "one call by one that returns h (and records rope, start_pos, mask), so that hidden gives the "
+         "embedding and loss(h=...) the loss from the last layer's output, while it runs the layers itself.",
+         "model/transformer.py Transformer._blocks"),
     Hook("balance_losses", "method", "model", (f"{_PP}:StageModel.forward",),
          "() -> {name: scalar} of the balance losses of the last forward of the layers held (names "
          "balance_expert, balance_device, balance_comm); empty without experts or in eval mode.",
@@ -358,6 +416,10 @@ HOOKS: tuple[Hook, ...] = (
          "the loss terms the stage recorded, one dict per micro-batch."),
     Hook("aux_scale", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel.forward", f"{_PP}:Pipeline.step"),
          "the weight of one micro-batch's balance losses in the objective (1 / micro-batches)."),
+    Hook("cp_positions", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel.forward",
+                                              f"{_PP}:Pipeline._set_positions"),
+         "this cp rank's global positions [seq / cp] for the step's rows (None at cp = 1): the stage passes them "
+         "to loss/hidden and sends on the hidden states of those positions."),
     Hook("stage_index", "runtime", "stage", (f"{_PP}:build_pipeline",),
          "the stage's global index (for callers and tests)."),
     Hook("ep_levels", "runtime", "expert group", (f"{_EP}:apply_ep", f"{_EP}:ExpertParallel._dispatch"),
@@ -367,6 +429,9 @@ HOOKS: tuple[Hook, ...] = (
     Hook("fp8_recipe", "runtime", "module", (f"{_FP8}:apply_fp8", f"{_FP8}:Fp8Linear.forward"),
          "the FP8 recipe of a converted linear layer."),
     Hook("_fsdp", "runtime", "model", (f"{_DP}:apply_fsdp",), "set when apply_fsdp has wrapped the model."),
+    Hook("_overlap_entry", "runtime", "module", (f"{_OV}:_entry",),
+         "the overlap runtime's entry into a block or expert group for one part (mode, fn, *args), registered "
+         "as an FSDP2 forward method (gathers the unit's parameters, registers its backward hooks)."),
     Hook("__class__", "runtime", "module", (f"{_EP}:apply_ep", f"{_FP8}:apply_fp8", f"{_PP}:cut_stage"),
          "the runtime puts a mixin in front of a class, type(name, (Mixin, cls), {}) (ExpertParallel, Fp8Linear, "
          "StageModel), as FSDP2 does: __init__ is not run again and names and state-dict keys do not change, "
@@ -443,9 +508,12 @@ class Model(Protocol):
     mtp_lambda: float
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, *, h: torch.Tensor | None = None,
-             doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...
+             doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...
 
-    def hidden(self, tokens: torch.Tensor, *, h: torch.Tensor | None = None) -> torch.Tensor: ...
+    def hidden(self, tokens: torch.Tensor, *, h: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def reduce_sequence_stats(self, t: torch.Tensor) -> torch.Tensor: ...
 
     def balance_losses(self) -> dict[str, torch.Tensor]: ...
 

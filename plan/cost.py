@@ -186,6 +186,7 @@ def wire_bytes(op: str, nbytes: float, n: int) -> float:
     gathered output, reduce-scatter (n-1)/n of the full input; all-to-all rows are already what is sent."""
     if n <= 1:
         return 0.0
+    op = op.removeprefix("cp_")   # context parallelism's labelled all-gather and reduce-scatter
     if op.startswith("all_reduce"):
         return 2 * (n - 1) / n * nbytes
     if op.startswith(("all_gather", "reduce_scatter")):
@@ -218,3 +219,55 @@ def fsdp_step(units, param_bytes: int, reduce_bytes: int = 4, zero: int = 3) -> 
         _add(out, "all_gather", group, gathers * ranks * padded * param_bytes)
         _add(out, "reduce_scatter", group, ranks * padded * reduce_bytes)
     return out
+
+
+# -- context parallelism (parallel.cp) ----------------------------------------------------------------
+def cp_kv_width(cfg: ModelConfig, tp: int = 1, per_head: bool = False) -> int:
+    """Elements per token and layer that context-parallel ranks exchange so that each can attend its queries
+    to the whole sequence. MLA (V2 §2.1.2-2.1.3, eq. 9 and 15): the compressed latent c^KV and the decoupled
+    shared key k^R, kv_lora_rank + qk_rope_head_dim (576 for V3), the same on every tp rank (the latent is
+    not split by heads). per_head=True: Megatron-core's exchange, the up-projected keys and values of this
+    tp rank's heads, H/tp x (d_qk + d_v) (V3: 128 x (192 + 128) = 40,960 at tp 1). GQA: this tp rank's key
+    and value heads, 2 x max(1, H_kv/tp) x d_h (fewer KV heads than tp ranks are replicated, one per rank)."""
+    if cfg.attention == "mla":
+        if per_head:
+            return cfg.n_heads // tp * (cfg.qk_head_dim + cfg.v_head_dim)
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return 2 * max(1, cfg.kv_heads // tp) * cfg.gqa_head_dim
+
+
+def cp_layer_step(out: Counter, cfg: ModelConfig, cp: int, batch: int, seq: int, e: int = 2, tp: int = 1,
+                  per_head: bool = False, recompute_full: bool = False) -> None:
+    """Add one attention layer's context-parallel exchange for one forward + backward on [batch, seq] (whole
+    rows: every cp rank's tokens together) to `out`, in comm.py's per-rank convention and under the labels
+    parallel/context_parallel.py records: forward, an all-gather whose gathered output is every token's
+    exchanged width (cp_kv_width), again when full recomputation re-runs the forward; backward, the
+    reduce-scatter of its gradient, the same size. Each rank sends and receives (cp - 1)/cp of each
+    (wire_bytes, a ring)."""
+    if cp == 1:
+        return
+    n = batch * seq * cp_kv_width(cfg, tp, per_head) * e
+    _add(out, "cp_all_gather", "cp", n * (2 if recompute_full else 1))
+    _add(out, "cp_reduce_scatter", "cp", n)
+
+
+def context_parallel_step(cfg: ModelConfig, cp: int, batch: int, seq: int, e: int = 2, tp: int = 1,
+                          per_head: bool = False, recompute_full: bool = False) -> Counter:
+    """Bytes per rank of the cp exchanges of one forward + backward on [batch, seq]: one per attention layer,
+    the MTP modules' blocks included (an MTP block with no position left is skipped, as tensor_parallel_step
+    skips it)."""
+    out: Counter = Counter()
+    for layer in range(cfg.n_layers + cfg.n_mtp):
+        if layer >= cfg.n_layers and layer - cfg.n_layers + 1 >= seq:
+            continue
+        cp_layer_step(out, cfg, cp, batch, seq, e, tp, per_head, recompute_full)
+    return out
+
+
+def cp_wire_bytes_per_layer(cfg: ModelConfig, cp: int, batch: int, seq: int, e: int = 2, tp: int = 1,
+                            per_head: bool = False) -> float:
+    """Bytes one rank puts on the wire for one layer's exchange, forward + backward, on a ring of cp ranks:
+    (cp - 1)/cp of the gathered tensor each way."""
+    c: Counter = Counter()
+    cp_layer_step(c, cfg, cp, batch, seq, e, tp, per_head)
+    return sum(wire_bytes(k.split("/")[0], v, cp) for k, v in c.items())

@@ -13,7 +13,8 @@ The runtime's rules, as parallel/ applies them (tp = 1; the tp plan is the model
 - experts: each `ep_params` tensor [E, ...] split over ep in torch.chunk's rule (expert_parallel.apply_ep),
   then sharded by FSDP2 over edp along dim 0 when that divides, else dim 1 (data_parallel.apply_fsdp);
 - everything else sharded by FSDP2 over dp along dim 0 (torch.chunk's rule: ceil-sized chunks, the
-  last ones shorter or empty);
+  last ones shorter or empty); under context parallelism over dp x cp (mesh.py's `dp_cp` group, shard
+  dp_i x cp + cp_i), since cp ranks are data-parallel for everything but attention;
 - parameters and their gradients are fp32 (FSDP2 keeps the fp32 shard as the master weight and reduces
   gradients in fp32); AdamW keeps two moments per element in `moment_dtype`.
 """
@@ -130,8 +131,9 @@ def rank_state(model, dims: ParallelDims, rank: int, *, schedule: str = "1f1b", 
         elif name in in_experts:
             dim = 0 if shape and shape[0] % dims.edp == 0 else 1
             n = shard_numel(shape, dim, dims.edp, c["edp"])
-        else:
-            n = shard_numel(shape, 0, dims.dp, c["dp"])
+        else:   # over dp x cp (context parallelism's ranks shard the dense parameters too)
+            cp = getattr(dims, "cp", 1)
+            n = shard_numel(shape, 0, dims.dp * cp, c["dp"] * cp + c.get("cp", 0))
         params += n
         shared += n if copy else 0
     return rank_state_of(params, shared, moment_dtype)

@@ -48,6 +48,9 @@ COMM_SMS = 20            # SMs the all-to-all kernels hold while they overlap co
 BW_EFF = 1.0
 FP8_BYTES = 1 + 4 / 128  # an FP8 element with its fp32 scale per 1x128 tile (V3 §3.3.2)
 E5M6_BYTES = 1.5         # V3 §3.3.3: the attention output (input of the output projection) is cached in E5M6
+# context parallelism is searched only while each rank keeps at least this many tokens of a sequence (assumed:
+# below it the exchange's latency and small attention tiles dominate; every 4K layout stays cp = 1)
+CP_MIN_TOKENS = 4096
 
 PRECISIONS = ("bf16", "fp8")
 RECOMPUTE = ("none", "selective", "full")
@@ -192,6 +195,44 @@ def part_activation_bytes(cfg: ModelConfig, part: Part, recompute: str, fp8: boo
     return block
 
 
+def cp_up_flops(cfg: ModelConfig, part: Part) -> float:
+    """Forward FLOPs per token of MLA's key/value up-projection (W^UK, W^UV: V2 §2.1.2 eq. 10-11) in an
+    attention part: under cp every rank also runs it on the other ranks' gathered latents, (cp - 1) x its
+    own tokens. 0 for GQA (keys and values arrive projected) and for parts without attention."""
+    if cfg.attention != "mla" or part.kind not in ("block", "mtp"):
+        return 0.0
+    return 2.0 * cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+
+
+def cp_remote_bytes(cfg: ModelConfig, part: Part, recompute: str, cp: int, remote_tokens: float, tp: int) -> float:
+    """Bytes one attention part keeps for backward, per rank, for the `remote_tokens` of the sequence that the
+    other cp ranks hold ((cp - 1)/cp of it): what context parallelism adds to part_activation_bytes's local
+    tokens. MLA: the gathered latent c^KV + k^R in bf16 (V2 §2.1.2-2.1.3: the input selective recomputation
+    re-runs the up-projections from, V3 §3.2.3), and without recomputation also the up-projected keys and
+    values of this tp rank's heads, H/tp x (d_qk + d_v) per token, which flash attention saves. GQA: the
+    gathered key and value heads. Full recomputation keeps only the block's (local) input."""
+    if cp == 1 or part.kind not in ("block", "mtp") or recompute == "full":
+        return 0.0
+    if cfg.attention == "mla":
+        per = 2.0 * cost.cp_kv_width(cfg, tp)
+        if recompute == "none":
+            per += 2.0 * cost.cp_kv_width(cfg, tp, per_head=True)
+        return per * remote_tokens
+    return 2.0 * cost.cp_kv_width(cfg, tp) * remote_tokens
+
+
+def cp_working_bytes(cfg: ModelConfig, recompute: str, cp: int, seq_tokens: float, tp: int) -> float:
+    """The working set of one MLA layer's backward under cp: the gradients of the up-projected keys and values
+    of the whole sequence for this tp rank's heads, in bf16, and under selective recomputation (V3 §3.2.3)
+    the keys and values themselves, rebuilt from the gathered latent (without recomputation they are kept,
+    cp_remote_bytes; under full recomputation they are the recomputed block's working set). Counted at
+    cp > 1 only: the planner's cp = 1 terms (calibrated at 4K) leave transient working sets out
+    (docs/planner.md, "Context parallelism")."""
+    if cp == 1 or cfg.attention != "mla":
+        return 0.0
+    return (2 if recompute == "selective" else 1) * 2.0 * cost.cp_kv_width(cfg, tp, per_head=True) * seq_tokens
+
+
 # -- the cluster and the layout -----------------------------------------------------------------------
 @dataclass
 class Cluster:
@@ -234,10 +275,12 @@ class Layout:
     recompute: str = "none"
     precision: str = "bf16"
     micro_batch: int = 1
+    cp: int = 1                   # context parallel: each sequence split over cp ranks (parallel.cp)
 
     def label(self) -> str:
         sched = self.schedule + (f" vpp{self.vpp}" if self.schedule == "interleaved_1f1b" else "")
-        return (f"tp{self.tp} pp{self.pp} ep{self.ep} dp{self.dp} {sched} zero{self.zero} "
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
+        return (f"tp{self.tp}{cp} pp{self.pp} ep{self.ep} dp{self.dp} {sched} zero{self.zero} "
                 f"rc={self.recompute} mb{self.micro_batch} {self.precision}")
 
 
@@ -406,16 +449,29 @@ def bubble(schedule: str, pp: int, F: float, B: float, W: float, FB: float) -> f
 
 
 # -- communication, from cost.py ---------------------------------------------------------------------
-def tp_bytes(shape: ModelShape, parts: list[Part], tp: int, micro_batch: int, e: int = 2) -> Counter:
-    """cost.py's tp collectives (sequence parallel) of `parts` for one micro-batch, forward + backward."""
+def tp_bytes(shape: ModelShape, parts: list[Part], tp: int, micro_batch: int, e: int = 2,
+             seq: int | None = None) -> Counter:
+    """cost.py's tp collectives (sequence parallel) of `parts` for one micro-batch, forward + backward.
+    seq: the tokens of a sequence this rank holds (shape.seq_len / cp under context parallelism)."""
     out: Counter = Counter()
     if tp == 1:
         return out
+    seq = shape.seq_len if seq is None else seq
     for p in parts:
         if p.kind in ("block", "mtp"):
-            cost.tp_layer_step(out, shape.cfg, p.layer, tp, True, micro_batch, shape.seq_len, e)
+            cost.tp_layer_step(out, shape.cfg, p.layer, tp, True, micro_batch, seq, e)
         if p.kind in ("head", "mtp"):
-            cost.tp_head_step(out, shape.cfg, True, micro_batch, shape.seq_len, e)
+            cost.tp_head_step(out, shape.cfg, True, micro_batch, seq, e)
+    return out
+
+
+def cp_bytes(shape: ModelShape, parts: list[Part], cp: int, tp: int, micro_batch: int, e: int = 2) -> Counter:
+    """cost.py's context-parallel exchanges of `parts` for one micro-batch, forward + backward: one per
+    attention part (cost.cp_layer_step), in bf16 (attention stays in high precision under FP8, V3 §3.3.1)."""
+    out: Counter = Counter()
+    for p in parts:
+        if p.kind in ("block", "mtp"):
+            cost.cp_layer_step(out, shape.cfg, cp, micro_batch, shape.seq_len, e, tp)
     return out
 
 
@@ -431,8 +487,8 @@ def ep_bytes(cfg: ModelConfig, tokens: float, ep: int, node_size: int, fp8: bool
 
 
 def _link(cluster: Cluster, stride: int, group: int) -> float:
-    """Bandwidth (B/s) for `group` ranks `stride` apart (rank = (pp_i*dp + dp_i)*tp + tp_i, mesh.py):
-    NVLink when they all sit in one node, else IB."""
+    """Bandwidth (B/s) for `group` ranks `stride` apart (rank = ((pp_i*dp + dp_i)*cp + cp_i)*tp + tp_i: mesh.py's
+    order with cp between tp and dp, Megatron's tp-cp-dp-pp): NVLink when they all sit in one node, else IB."""
     inside = stride * group <= cluster.gpus_per_node
     return (cluster.nvlink_gbps if inside else cluster.ib_gbps) * GB * BW_EFF
 
@@ -449,14 +505,23 @@ def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: 
     FSDP's traffic always does (prefetch); tp collectives stay exposed. The slowest rank sets the
     pace: step = micro-batches x its time + the schedule's bubble + ZeRO-1's gradient reduce-scatter
     and parameter all-gather + the optimizer. Memory: the rank that needs most. layer_split: layers
-    per stage (counts, in stage order) instead of the planner's rank-balanced cut."""
+    per stage (counts, in stage order) instead of the planner's rank-balanced cut.
+
+    Context parallelism (cp > 1): each rank holds S/cp tokens of every sequence of a micro-batch (2·cp
+    load-balanced chunks, so 1/cp of the causal attention work too); MLA ranks also up-project the others'
+    gathered latents (cp_up_flops); each attention part exchanges cost.cp_layer_step's bytes over the cp
+    group's link, exposed like tp's (the exchange sits before attention in forward and after it in
+    backward; no overlap is assumed); dense parameters and optimizer state are sharded over dp x cp
+    (FSDP2 over both), experts over edp = dp·cp·tp/ep; activations add cp_remote_bytes per attention part
+    and one layer's cp_working_bytes."""
     cache = {} if cache is None else cache
     cfg, S, gpu, lay = shape.cfg, shape.seq_len, cluster.spec, layout
-    tp, pp, ep, dp, mb = lay.tp, lay.pp, lay.ep, lay.dp, lay.micro_batch
-    edp = dp * tp // ep
+    tp, pp, ep, dp, mb, cp = lay.tp, lay.pp, lay.ep, lay.dp, lay.micro_batch, lay.cp
+    edp = dp * cp * tp // ep
     fp8 = lay.precision == "fp8"
     m = global_batch // (dp * mb)                        # micro-batches per step through each pipeline
-    tok = mb * S                                         # tokens of one micro-batch
+    tok = mb * S // cp                                   # tokens of one micro-batch on one cp rank
+    remote = mb * S - tok                                # the other cp ranks' tokens of it
     peak = gpu.peak
     pl = _placement(shape, lay.schedule, pp, lay.vpp, peak, lay.precision, cache, layer_split)
     chunks = pl.stages_per_rank // pl.copies             # chunks one micro-batch passes on a rank
@@ -467,23 +532,27 @@ def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: 
     overlap = ep_overlap and ep > 1 and pp > 1 and lay.schedule != "gpipe"
     sm_share = 1.0 - COMM_SMS / gpu.sms if overlap else 1.0
     again = 1.5 if lay.recompute == "full" else 1.0    # full recompute replays the forward's collectives
+    link_cp = _link(cluster, tp, cp)                     # cp ranks: tp apart
     epb = ep_bytes(cfg, tok / tp, ep, cluster.gpus_per_node, fp8)
     # V3 §3.2.2: IB sends and NVLink forwarding run at the same time; the busier link decides
     ep_layer = max(epb["inter"] / ib, epb["intra"] / nvl) if ep > cluster.gpus_per_node else epb["intra"] / nvl
 
-    def part_times(p: Part) -> tuple[float, float, float, float]:
-        """(forward, input-gradient, weight-gradient, tp collectives) seconds for one micro-batch."""
+    def part_times(p: Part) -> tuple[float, float, float, float, float]:
+        """(forward, input-gradient, weight-gradient, tp collectives, cp exchange) seconds for one micro-batch."""
         g = tok / tp * (1.0 + NON_GEMM + (MOE_OVERHEAD if p.moe else 0.0))   # a GPU does 1/tp of it
-        gemm = p.flops_lin / r_lin + p.flops_hp / r_hp
+        up = cp_up_flops(cfg, p) * (cp - 1)              # the others' latents, up-projected here (0 at cp 1)
+        gemm = (p.flops_lin + up) / r_lin + p.flops_hp / r_hp
         attn = p.flops_attn / r_attn
         rc = 0.0
         if lay.recompute == "selective":
-            rc = p.flops_rc / r_lin
+            rc = (p.flops_rc + up) / r_lin
         elif lay.recompute == "full" and p.kind in ("block", "mtp"):
-            rc = p.flops_lin / r_lin + attn
-        tp_s = sum(cost.wire_bytes(k, v, tp) for k, v in tp_bytes(shape, [p], tp, mb).items()) / nvl * again
+            rc = (p.flops_lin + up) / r_lin + attn
+        tp_s = sum(cost.wire_bytes(k, v, tp) for k, v in tp_bytes(shape, [p], tp, mb, seq=S // cp).items()) \
+            / nvl * again
+        cp_s = sum(cost.wire_bytes(k, v, cp) for k, v in cp_bytes(shape, [p], cp, tp, mb).items()) / link_cp * again
         # backward = an input-gradient and a weight-gradient GEMM per forward GEMM, 2x the attention
-        return g * (gemm + attn), g * (gemm + 2 * attn + rc), g * gemm, tp_s
+        return g * (gemm + attn), g * (gemm + 2 * attn + rc), g * gemm, tp_s, cp_s
 
     dense = [sum(p.params - p.expert_params for p in parts) / tp for parts in pl.slot_parts]
     experts = [sum(p.expert_params for p in parts) / ep for parts in pl.slot_parts]
@@ -491,9 +560,9 @@ def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: 
     def dp_seconds(r: int, zero: int) -> float:
         """cost.fsdp_step's data-parallel traffic of rank r: ZeRO-1 reduce-scatters the fp32 gradients
         (V3 §3.3.3) and all-gathers the bf16 parameters once; FSDP gathers twice and reduce-scatters
-        (per micro-batch). Dense parameters over dp, routed experts over edp."""
-        units = [("dp", dp, dense[r] / dp), ("edp", edp, experts[r] / edp)]
-        links = {"dp": (_link(cluster, tp, dp), dp), "edp": (_link(cluster, ep, edp), edp)}
+        (per micro-batch). Dense parameters over dp (x cp: FSDP2's dp_cp group), routed experts over edp."""
+        units = [("dp", dp * cp, dense[r] / (dp * cp)), ("edp", edp, experts[r] / edp)]   # FSDP2 over dp x cp
+        links = {"dp": (_link(cluster, tp, dp * cp), dp * cp), "edp": (_link(cluster, ep, edp), edp)}
         total = 0.0
         for k, v in cost.fsdp_step(units, 2, 4, zero).items():
             op, group = k.split("/")
@@ -503,34 +572,34 @@ def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: 
     per_rank = []
     for r, parts in enumerate(pl.slot_parts):
         w = 1.0 / pl.copies                               # DualPipe: each micro-batch runs one of two stages
-        f = inp = wgt = tp_t = 0.0
+        f = inp = wgt = tp_t = cp_t = 0.0
         for p in parts:
-            pf, pi, pw, pt = _cached(cache, ("times", id(p), cluster.gpu, cluster.nvlink_gbps, lay.precision,
-                                             lay.recompute, tp, mb),
-                                     lambda p=p: part_times(p))
-            f, inp, wgt, tp_t = f + pf * w, inp + pi * w, wgt + pw * w, tp_t + pt * w
+            pf, pi, pw, pt, pc = _cached(cache, ("times", id(p), cluster.gpu, cluster.nvlink_gbps, lay.precision,
+                                                 lay.recompute, tp, mb, cp, link_cp),
+                                         lambda p=p: part_times(p))
+            f, inp, wgt, tp_t, cp_t = f + pf * w, inp + pi * w, wgt + pw * w, tp_t + pt * w, cp_t + pc * w
         ep_t = sum(p.moe for p in parts) * w * ep_layer * again
         compute = (f + inp + wgt) / sm_share
         hidden = (ep_t if overlap else 0.0) + (dp_seconds(r, 3) if lay.zero == 3 else 0.0)  # shared links
-        pair = max(compute, hidden) + (0.0 if overlap else ep_t) + tp_t
-        per_rank.append(dict(f=f, b=inp + wgt, w=wgt, compute=compute, ep=ep_t, tp=tp_t, pair=pair))
+        pair = max(compute, hidden) + (0.0 if overlap else ep_t) + tp_t + cp_t
+        per_rank.append(dict(f=f, b=inp + wgt, w=wgt, compute=compute, ep=ep_t, tp=tp_t, cp=cp_t, pair=pair))
     slow = max(range(len(per_rank)), key=lambda i: per_rank[i]["pair"])
     rk = per_rank[slow]
-    exposed = (0.0 if overlap else rk["ep"] / 2) + rk["tp"] / 2   # per direction
+    exposed = (0.0 if overlap else rk["ep"] / 2) + rk["tp"] / 2 + rk["cp"] / 2   # per direction
     F, B, W, FB = (rk["f"] + exposed) / chunks, (rk["b"] + exposed) / chunks, rk["w"] / chunks, rk["pair"] / chunks
-    p2p = cost.pipeline_p2p_bytes(tok, cfg.dim, tp, tp > 1, 2) / _link(cluster, dp * tp, 2) if pp > 1 else 0.0
+    p2p = cost.pipeline_p2p_bytes(tok, cfg.dim, tp, tp > 1, 2) / _link(cluster, dp * cp * tp, 2) if pp > 1 else 0.0
     t_bubble = bubble(lay.schedule, pp, F, B, W, FB) + 2 * (pp - 1) * p2p   # + the fill's and drain's sends
     t_dp = dp_seconds(slow, 1) if lay.zero == 1 else 0.0
     moment_dtype = "bf16" if fp8 else "fp32"           # V3 §3.3.3: BF16 AdamW moments in its FP8 recipe
     moments = 2 * MOMENT_BYTES[moment_dtype]
-    shard = dense[slow] / dp + experts[slow] / edp
+    shard = dense[slow] / (dp * cp) + experts[slow] / edp
     # AdamW reads gradient, master weight, moments, writes master, moments and the bf16 weight
     t_opt = shard * (4 + 4 + moments + 4 + moments + 2) / (gpu.hbm_tbps * 1e12)
     step = m * rk["pair"] + t_bubble + t_dp + t_opt
 
     mem = []
     for r, parts in enumerate(pl.slot_parts):
-        shard_r = dense[r] / dp + experts[r] / edp
+        shard_r = dense[r] / (dp * cp) + experts[r] / edp
         # the fp32 shard, its gradient and AdamW's moments: memory.state_bytes, launch.check's function
         st = state_bytes(shard_r, moment_dtype)
         if lay.zero == 3:   # FSDP2 as the runtime runs it, + the gathered bf16 unit in use and the prefetched
@@ -542,11 +611,17 @@ def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: 
         per_tok = sum(_cached(cache, ("act", id(p), lay.recompute, fp8),
                               lambda p=p: part_activation_bytes(cfg, p, lay.recompute, fp8)) for p in parts)
         act = in_flight(lay.schedule, pp, m, lay.vpp, r) * per_tok / pl.stages_per_rank * tok / tp
+        blocks = [p for p in parts if p.kind in ("block", "mtp")]
+        if cp > 1:   # the other cp ranks' keys, per attention part (V2 §2.1.2-2.1.3: the latent under MLA)
+            act += in_flight(lay.schedule, pp, m, lay.vpp, r) * sum(
+                cp_remote_bytes(cfg, p, lay.recompute, cp, remote, tp) for p in parts) / pl.stages_per_rank
         # fp32 logits of each head call (main + MTP) until the loss's backward
         extra = sum(p.kind in ("head", "mtp") for p in parts) * tok * cfg.vocab_size / tp * 4.0
-        blocks = [p for p in parts if p.kind in ("block", "mtp")]
         if lay.recompute == "full" and blocks:   # the block being recomputed holds its whole working set
-            extra += max(part_activation_bytes(cfg, p, "none", fp8) for p in blocks) * tok / tp
+            extra += max(part_activation_bytes(cfg, p, "none", fp8) * tok / tp
+                         + cp_remote_bytes(cfg, p, "none", cp, remote, tp) for p in blocks)
+        if cp > 1 and blocks:   # one layer's whole-sequence keys and values (and gradients) while it runs
+            extra += cp_working_bytes(cfg, lay.recompute, cp, mb * S, tp)
         mem.append(dict(weights=weights / GB, grads=grads / GB, optimizer=opt / GB, activations=act / GB,
                         logits_and_working=extra / GB, total=(weights + grads + opt + act + extra) / GB, rank=r))
     worst = max(mem, key=lambda d: d["total"])
@@ -555,7 +630,7 @@ def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: 
     tflops = tps * shape.train_flops_per_token / 1e12
     time = dict(step=step, compute=m * rk["compute"], exposed_comm=m * (rk["pair"] - rk["compute"]) + t_dp,
                 bubble=t_bubble, optimizer=t_opt, ep_comm=m * rk["ep"], tp_comm=m * rk["tp"],
-                dp_comm=t_dp if lay.zero == 1 else m * dp_seconds(slow, 3), slowest_rank=slow)
+                dp_comm=t_dp if lay.zero == 1 else m * dp_seconds(slow, 3), slowest_rank=slow, cp_comm=m * rk["cp"])
     return Plan(layout, worst["total"] <= gpu.hbm_gb, worst, time, tps, tflops, tflops * 1e12 / peak["bf16"],
                 tflops * 1e12 / peak["fp8"] if fp8 else None, 1e12 / tps / 3600.0, m,
                 [pl.edges[s + 1] - pl.edges[s] for s in range(len(pl.stage_parts))])
@@ -589,13 +664,18 @@ def check_layout(shape: ModelShape, cluster: Cluster, layout: Layout, global_bat
         raise PlanError(f"recompute {lay.recompute!r}: use one of {', '.join(RECOMPUTE)}")
     if lay.zero not in ZERO:
         raise PlanError(f"zero {lay.zero}: use 1 (ZeRO-1, optimizer states sharded over dp) or 3 (FSDP)")
-    for k in ("tp", "pp", "ep", "vpp", "micro_batch"):
+    for k in ("tp", "pp", "ep", "vpp", "micro_batch", "cp"):
         if getattr(lay, k) < 1:
             raise PlanError(f"{k}={getattr(lay, k)} must be >= 1")
-    if N % (lay.tp * lay.pp):
+    if lay.cp > 1:
+        _check_cp(shape, N, lay)
+    elif N % (lay.tp * lay.pp):
         raise PlanError(f"{N} GPUs are not divisible by tp x pp = {lay.tp} x {lay.pp}: pick tp and pp whose "
                         f"product divides {N}")
-    if lay.tp * lay.pp * lay.dp != N:
+    if lay.tp * lay.pp * lay.dp * lay.cp != N:
+        if lay.cp > 1:
+            raise PlanError(f"tp x cp x pp x dp = {lay.tp} x {lay.cp} x {lay.pp} x {lay.dp} != {N} GPUs: leave dp "
+                            f"out to derive it (dp = {N // (lay.tp * lay.cp * lay.pp)})")
         raise PlanError(f"tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} != {N} GPUs: leave dp out to derive it "
                         f"(dp = {N // (lay.tp * lay.pp)})")
     if lay.ep > 1 and not cfg.n_routed_experts:
@@ -606,13 +686,15 @@ def check_layout(shape: ModelShape, cluster: Cluster, layout: Layout, global_bat
     if cfg.n_heads % lay.tp:
         raise PlanError(f"tp={lay.tp} does not divide the {cfg.n_heads} attention heads of {cfg.name}: "
                         f"use a divisor of {cfg.n_heads}")
-    try:   # the runtime's own rules: tp inside a node, ep dividing dp x tp and whole nodes
-        ParallelDims.from_config(ParallelConfig(tp=lay.tp, pp=lay.pp, dp=lay.dp, ep=lay.ep, sp=lay.tp > 1,
-                                                node_size=cluster.gpus_per_node), N)
+    try:   # the runtime's own rules: tp inside a node, ep dividing dp x tp (x cp) and whole nodes
+        ParallelDims.from_config(_parallel_config(lay, cluster.gpus_per_node), N)
     except LayoutError as e:
         raise PlanError(f"{lay.label()}: {e}") from None
     if shape.seq_len % lay.tp:
         raise PlanError(f"sequence length {shape.seq_len} is not divisible by tp={lay.tp} (sequence parallel)")
+    if (shape.seq_len // lay.cp) % lay.tp:
+        raise PlanError(f"the {shape.seq_len // lay.cp} tokens a cp rank holds (sequence length {shape.seq_len} / "
+                        f"cp={lay.cp}) are not divisible by tp={lay.tp} (sequence parallel): change cp or tp")
     if global_batch % (lay.dp * lay.micro_batch):
         raise PlanError(f"global batch {global_batch} is not divisible by dp x micro-batch = {lay.dp} x "
                         f"{lay.micro_batch}: change --global-batch or --micro-batch")
@@ -644,18 +726,43 @@ def check_layout(shape: ModelShape, cluster: Cluster, layout: Layout, global_bat
                         f"{cfg.name} has {len(shape.layers)}: lower pp or vpp")
 
 
+def _parallel_config(lay: Layout, node_size: int) -> ParallelConfig:
+    """The runtime's ParallelConfig of a layout (mesh.py checks its rules)."""
+    return ParallelConfig(tp=lay.tp, pp=lay.pp, dp=lay.dp, ep=lay.ep, sp=lay.tp > 1, node_size=node_size, cp=lay.cp)
+
+
+def _check_cp(shape: ModelShape, n_gpus: int, lay: Layout) -> None:
+    """Context parallelism's own rules (issue 24): the sequence is cut into 2·cp chunks (each rank one early
+    and one late chunk, load-balanced causal attention), and cp divides the GPUs left by tp x pp."""
+    S = shape.seq_len
+    if n_gpus % (lay.tp * lay.pp * lay.cp):
+        raise PlanError(f"{n_gpus} GPUs are not divisible by tp x cp x pp = {lay.tp} x {lay.cp} x {lay.pp}: pick "
+                        f"tp, cp and pp whose product divides {n_gpus}")
+    if S % (2 * lay.cp):
+        raise PlanError(f"sequence length {S} is not divisible by 2 x cp = {2 * lay.cp}: context parallelism cuts "
+                        f"each sequence into 2·cp chunks (load-balanced causal attention); use a cp dividing {S // 2}")
+
+
+def cp_choices(shape: ModelShape, n: int) -> list[int]:
+    """The cp values the search tries on n GPUs (what tp x pp leaves): 1, and every divisor of n that the
+    sequence supports (2·cp chunks) while a rank keeps at least CP_MIN_TOKENS of it."""
+    S = shape.seq_len
+    return [1] + [c for c in _divisors(n) if c > 1 and S % (2 * c) == 0 and S // c >= CP_MIN_TOKENS]
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-PIN_KEYS = ("tp", "pp", "ep", "dp", "vpp", "schedule", "zero", "recompute", "micro_batch")
+PIN_KEYS = ("tp", "pp", "ep", "dp", "vpp", "schedule", "zero", "recompute", "micro_batch", "cp")
 
 
 def candidate_layouts(shape: ModelShape, cluster: Cluster, *, precision: str = "bf16",
                       pin: dict | None = None) -> list[list[Layout]]:
-    """Groups of layouts: one group per (tp, pp, ep, schedule, vpp, micro-batch), holding its ZeRO and
+    """Groups of layouts: one group per (tp, cp, pp, ep, schedule, vpp, micro-batch), holding its ZeRO and
     recompute variants. `pin` fixes any of PIN_KEYS; a pinned value is kept even when it breaks a
-    rule, so that check_layout can say which."""
+    rule, so that check_layout can say which. cp: cp_choices unless pinned (1 for sequences up to
+    2 x CP_MIN_TOKENS)."""
     pin = dict(pin or {})
     unknown = set(pin) - set(PIN_KEYS)
     if unknown:
@@ -665,14 +772,17 @@ def candidate_layouts(shape: ModelShape, cluster: Cluster, *, precision: str = "
     groups = []
     for tp in tps:
         pps = [pin["pp"]] if "pp" in pin else [p for p in _divisors(max(1, N // tp)) if p <= len(shape.layers)]
-        for pp in pps:
+        for pp, cp in [(pp, cp) for pp in pps for cp in
+                       ([pin["cp"]] if "cp" in pin else cp_choices(shape, max(1, N // (tp * pp))))]:
             if N % (tp * pp) and not ("tp" in pin or "pp" in pin):
                 continue
-            dp = pin.get("dp", N // (tp * pp))
+            if cp > 1 and "dp" in pin and "cp" not in pin and tp * cp * pp * pin["dp"] != N:
+                continue   # a pinned dp leaves one cp
+            dp = pin.get("dp", N // (tp * pp * cp))
             if "ep" in pin:
                 eps = [pin["ep"]]
             elif cfg.n_routed_experts:
-                eps = [e for e in _divisors(max(1, dp * tp)) if cfg.n_routed_experts % e == 0]
+                eps = [e for e in _divisors(max(1, dp * cp * tp)) if cfg.n_routed_experts % e == 0]
             else:
                 eps = [1]
             if "schedule" in pin:
@@ -690,7 +800,8 @@ def candidate_layouts(shape: ModelShape, cluster: Cluster, *, precision: str = "
                     else:
                         vpps = [_fixed_vpp(sched)] if _fixed_vpp(sched) else [2, 4, 8]
                     for vpp in vpps:
-                        groups.append([Layout(tp, pp, ep, dp, vpp, sched, z, rc, precision, pin.get("micro_batch", 1))
+                        groups.append([Layout(tp, pp, ep, dp, vpp, sched, z, rc, precision,
+                                              pin.get("micro_batch", 1), cp)
                                        for rc in ([pin["recompute"]] if "recompute" in pin else RECOMPUTE)
                                        for z in ([pin["zero"]] if "zero" in pin else ZERO)])
     return groups
@@ -736,6 +847,7 @@ def plan(shape: ModelShape, cluster: Cluster, global_batch: int, *, precision: s
         fixes += ["--zero 3"] * (lay.zero != 3) + ["--recompute full"] * (lay.recompute != "full")
         fixes += ["--micro-batch 1"] * (lay.micro_batch > 1)
         fixes += ["--fp8"] * (lay.precision != "fp8" and "fp8" in cluster.spec.peak)
+        fixes += ["a larger cp (--layout cp=N)"] * (shape.seq_len >= 2 * CP_MIN_TOKENS and "cp" in (pin or {}))
         raise PlanError(f"no layout fits in {cluster.spec.hbm_gb:g} GB per {cluster.gpu}: the smallest, {lay.label()}, "
                         f"needs {out[0].memory['total']:.1f} GB on pp rank {out[0].memory['rank']}. Try "
                         f"{', '.join(fixes)}, or a GPU with more memory (--gpu H200)")
@@ -743,11 +855,11 @@ def plan(shape: ModelShape, cluster: Cluster, global_batch: int, *, precision: s
 
 
 # -- input and output for the command line (launch/plan.py) -----------------------------------------
-LAYOUT_KEYS = ("tp", "pp", "ep", "dp", "vpp")
+LAYOUT_KEYS = ("tp", "pp", "ep", "dp", "vpp", "cp")
 
 
 def parse_layout(text: str) -> dict[str, int]:
-    """"pp=16,ep=64,tp=1" -> {"pp": 16, "ep": 64, "tp": 1} (keys tp, pp, ep, dp, vpp)."""
+    """"pp=16,ep=64,tp=1" -> {"pp": 16, "ep": 64, "tp": 1} (keys tp, pp, ep, dp, vpp, cp)."""
     out: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
@@ -795,7 +907,8 @@ def report(plans: list[Plan], shape: ModelShape, cluster: Cluster, global_batch:
               f"communication {t['exposed_comm']:.2f}, bubble {t['bubble']:.2f}, optimizer {t['optimizer']:.3f} "
               f"(slowest pp rank {t['slowest_rank']})",
               f"  traffic time per step (hidden or not): expert all-to-all {t['ep_comm']:.2f} s, "
-              f"tp {t['tp_comm']:.2f} s, data parallel {t['dp_comm']:.2f} s",
+              f"tp {t['tp_comm']:.2f} s, data parallel {t['dp_comm']:.2f} s"
+              + (f", context parallel {t['cp_comm']:.2f} s (exposed: no overlap assumed)" if b.layout.cp > 1 else ""),
               f"  layers per stage: {b.layer_split}",
               ("  assumes the expert all-to-all overlaps compute (DualPipe, Megatron's EP overlap); "
                "--no-ep-overlap models a runtime without" if ep_overlap else

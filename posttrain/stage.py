@@ -17,10 +17,9 @@ import torch.distributed as dist
 
 from model import build_model
 from parallel import all_sum, build_engine
-from parallel.checkpoint import load_checkpoint, sharded_state
 from pretrain.config import ConfigError
 from pretrain.schedules import check_lr_schedule, lr_at
-from pretrain.session import DTYPES, Run, Session, fp8_recipe, open_run
+from pretrain.session import DTYPES, Run, Session, fp8_recipe, load_init_weights, open_run
 from pretrain.tokenizer import load_tokenizer
 
 from .config import PosttrainConfig
@@ -72,12 +71,8 @@ def _build(cfg: PosttrainConfig, model_cfg, run: Run, trainable: bool):
                           device=run.device, param_dtype=DTYPES[t.dtype], fp8=fp8_recipe(t, run.device),
                           recompute=recompute)
     net = engine.stages[0]
-    if cfg.init.checkpoint:
-        model_only = {k: v for k, v in sharded_state(net, run.mesh).items() if k.startswith("model/")}
-        try:
-            load_checkpoint(cfg.init.checkpoint, model_only, model_config=model_cfg.to_dict())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"init.checkpoint = {cfg.init.checkpoint}: {e}") from None
+    if cfg.init.checkpoint:   # the loader pretraining's init.checkpoint uses; here the model config must match exactly
+        load_init_weights(net, run.mesh, cfg.init.checkpoint, model_cfg)
     if not trainable:
         net.eval()
         for q in net.parameters():

@@ -56,9 +56,10 @@ def print_error(e: BaseException) -> None:
 class ParallelSection:
     tp: int = 1
     pp: int = 1
-    dp: int = 0                     # 0: world / (pp x tp)
+    dp: int = 0                     # 0: world / (pp x cp x tp)
     ep: int = 1
     sp: bool = False
+    cp: int = 1                     # context parallel: each row cut over cp ranks (parallel/context_parallel.py)
     node_size: int = 8              # ranks per node (tp and ep groups are placed with it)
     zero: int = 3                   # FSDP2: 3 reshards parameters after forward, 2 keeps them
     pp_schedule: str = "1f1b"       # gpipe | 1f1b | interleaved_1f1b | zb1p | zbv | dualpipev
@@ -84,6 +85,7 @@ class TrainSection:
     dtype: str = "fp32"             # fp32 | bf16 (parameters and optimizer stay fp32)
     fp8: str = "none"               # none | blockwise (V3 §3.3: linears and expert GEMMs in FP8)
     fp8_backend: str = "auto"       # auto | emulate | torch (auto: torch's scaled_mm on CUDA, else emulate)
+    compile: bool = False           # torch.compile each block from outside (parallel/compile.py; inductor on CUDA)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -107,6 +109,15 @@ class CheckpointSection:
     async_save: bool = False
     resume: str = "auto"            # auto (latest in dir, if any) | none | PATH of a checkpoint
     overwrite: bool = False         # resume=none where checkpoints exist: true replaces that run (else refused)
+
+
+@dataclass
+class InitSection:
+    # a checkpoint (root or step dir) whose weights start this run: weights only (fresh optimizer, step 0, this
+    # run's schedule); checkpoint.resume wins once the run has checkpoints of its own. The model.* keys may
+    # switch YaRN on (rope_factor, original_seq_len, beta_fast/slow, mscale, mscale_all_dim, max_seq_len: V3 §4.3);
+    # the architecture must be the checkpoint's (pretrain.session.check_init_model). "" = random (train.seed)
+    checkpoint: str = ""
 
 
 @dataclass
@@ -145,6 +156,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    init: InitSection = field(default_factory=InitSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
 
@@ -171,6 +183,10 @@ class Config:
                    "parallel.recompute": (p.recompute, ("none", "selective", "full")),
                    "logging.wandb": (self.logging.wandb, ("online", "offline", "disabled"))}
         check_choices(choices)
+        if t.compile and p.recompute == "selective":
+            raise ConfigError("train.compile=true cannot trace parallel.recompute=selective (its saved-tensor "
+                              "hooks replay submodules in backward); set parallel.recompute=full or none, or "
+                              "train.compile=false")
         from parallel.pp_schedules import SCHEDULES
         if p.pp_schedule not in SCHEDULES:
             raise ConfigError(f"parallel.pp_schedule = {p.pp_schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -193,6 +209,7 @@ class Config:
             raise ConfigError(f"logging.every must be >= 1 (log every N steps), got {self.logging.every}")
         self._check_operating()
         self._check_data(self.model_config())
+        self._check_context_parallel(self.model_config())
 
     def _check_optimizer(self) -> None:
         """AdamW's and clipping's numbers (NaN fails every comparison, so it is refused too)."""
@@ -250,6 +267,24 @@ class Config:
             check_split(d.split)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+    def _check_context_parallel(self, model_cfg: ModelConfig) -> None:
+        """parallel.cp against the sequence length: 2·cp chunks per row, each rank's pair split over tp again
+        under sequence parallelism or the MoE's token split (parallel/context_parallel.py)."""
+        p, seq = self.parallel, self.data.seq_len
+        if p.cp < 1:
+            raise ConfigError(f"parallel.cp must be >= 1 (1: no context parallelism), got {p.cp}")
+        if p.cp == 1:
+            return
+        tp = p.tp if p.tp > 1 and (p.sp or model_cfg.is_moe) else 1
+        multiple = 2 * p.cp * tp
+        if seq % multiple:
+            why = (f"2 x parallel.cp = {multiple}" if tp == 1 else
+                   f"2 x parallel.cp x parallel.tp = {multiple} (" +
+                   ("parallel.sp" if p.sp else "the MoE's token split") + " splits each rank's chunks over tp)")
+            raise ConfigError(f"data.seq_len = {seq} is not divisible by {why}: context parallelism cuts every row "
+                              f"into 2·cp chunks; set data.seq_len to a multiple of {multiple} or change parallel.cp")
 
 
 def check_choices(choices: dict[str, tuple]) -> None:

@@ -5,7 +5,7 @@ job's state around its engine (`parallel.engine`):
     run = open_run(cfg)                              # process group, storage checks, RUN_DIR/config.yaml, mesh
     engine = build_engine(build_model(mcfg, device="meta"), run.mesh, ...)
     session = Session(cfg, run, engine, mcfg)        # AdamW (+ the CPU EMA) over the engine's parameters
-    session.resume(); session.open_logger(total_steps)
+    session.resume(); session.open_logger(total_steps)   # this run's checkpoint, else init.checkpoint's weights
     while ...:
         metrics = engine.step(tokens, labels)
         norm, finite = session.guarded_step(lr, metrics["loss"])   # clip; AdamW, or skip a non-finite step
@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from parallel import LayoutError, Mesh, ParallelConfig, build_mesh
-from parallel.checkpoint import (LATEST_FILE, AsyncCheckpoint, CheckpointError, finalize_pending, latest_checkpoint,
-                                 load_checkpoint, read_meta, save_checkpoint, sharded_state)
+from parallel.checkpoint import (LATEST_FILE, META_FILE, AsyncCheckpoint, CheckpointError, finalize_pending,
+                                 latest_checkpoint, load_checkpoint, read_meta, save_checkpoint, sharded_state)
 from parallel.fp8 import Fp8Error, Fp8Recipe, get_backend
 
 from .config import ConfigError, save_config
@@ -136,7 +136,7 @@ def open_run(cfg, pp: int | None = None, *, train: bool = True) -> Run:
         (run_dir / FR_DIR).mkdir(parents=True, exist_ok=True)
     try:
         mesh = build_mesh(ParallelConfig(tp=p.tp, pp=p.pp if pp is None else pp, dp=p.dp, ep=p.ep, sp=p.sp,
-                                         node_size=p.node_size, zero=p.zero), device.type)
+                                         node_size=p.node_size, zero=p.zero, cp=getattr(p, "cp", 1)), device.type)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
     return Run(device, run_dir, ckpt_dir, mesh)
@@ -253,6 +253,93 @@ def fp8_recipe(t, device: torch.device) -> Fp8Recipe | None:
     return Fp8Recipe(t.fp8_backend)
 
 
+# -- starting from a checkpoint's weights (init.checkpoint) --------------------------------------------
+# YaRN's keys (V2 §3.1.4, V3 §4.3): an extension run switches them on over weights trained without them
+ROPE_EXTENSION_KEYS = ("rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                       "max_seq_len")
+# what shapes training but not the network a checkpoint's weights describe (balance losses, bias speed, MTP weight)
+TRAINING_ONLY_KEYS = ("name", "init_std", "bias_update_gamma", "balance_alpha_expert", "balance_alpha_device",
+                      "balance_alpha_comm", "balance_per_sequence", "capacity_factor", "drop_exempt_fraction",
+                      "mtp_lambda")
+
+
+def _init_meta(path) -> dict | None:
+    """The meta.json of the checkpoint `path` names (a step directory, or a root's newest complete one), read
+    without verifying any file (load_checkpoint verifies); None when there is none to read (then
+    load_checkpoint says what is wrong with the path)."""
+    p = Path(path)
+    try:
+        step = p if (p / META_FILE).is_file() else latest_checkpoint(p, verify=False)
+        return read_meta(step) if step is not None else None
+    except (CheckpointError, OSError):
+        return None
+
+
+def check_init_model(saved: dict, saved_seq_len: int | None, model_cfg, key: str = "init.checkpoint",
+                     path="") -> None:
+    """Whether a run's model may start from weights saved under the model config `saved` (a dict, as
+    meta.json records it) that were trained at `saved_seq_len` tokens (the saved run's data.seq_len; None:
+    unknown). The architecture must be the checkpoint's; the training-only keys may change; YaRN (V3 §4.3)
+    may be switched on at load, the weights unchanged, when it describes them: its original_seq_len must be
+    the length the weights were trained at (the checkpoint's original_seq_len when it already had YaRN), and
+    a checkpoint trained with YaRN keeps it on. Otherwise a ConfigError naming the keys and the fix."""
+    run = model_cfg.to_dict()
+    where = f"{key} = {path}" if path else key
+    free = set(ROPE_EXTENSION_KEYS) | set(TRAINING_ONLY_KEYS)
+    arch = [k for k in sorted(set(saved) | set(run))
+            if k not in free and saved.get(k, "<absent>") != run.get(k, "<absent>")]
+    if "rope_theta" in arch:
+        raise ConfigError(f"{where}: model.rope_theta = {run.get('rope_theta')!r}, but the checkpoint was trained with "
+                          f"rope_theta {saved.get('rope_theta')!r}; YaRN extends the context by rescaling the "
+                          f"checkpoint's own frequencies (model.rope_factor, V3 §4.3), a new base discards what its "
+                          f"positions learned: set model.rope_theta={saved.get('rope_theta')!r}")
+    if arch:
+        lines = "; ".join(f"model.{k}: checkpoint {saved.get(k, '<absent>')!r}, this run {run.get(k, '<absent>')!r}"
+                          for k in arch)
+        fix = " ".join(f"model.{k}={saved[k]!r}" for k in arch if k in saved)
+        raise ConfigError(f"{where} holds weights of another architecture ({lines}): its weights load only into the "
+                          f"same network; set {fix} (only the YaRN keys {', '.join(ROPE_EXTENSION_KEYS)} and the "
+                          f"training-only keys may differ), or start from random weights with {key}=""")
+    had, has = float(saved.get("rope_factor", 1.0)) > 1, run["rope_factor"] > 1
+    if had and not has:
+        raise ConfigError(f"{where} was trained with YaRN (rope_factor {saved['rope_factor']}, original_seq_len "
+                          f"{saved.get('original_seq_len')}), but model.rope_factor = {run['rope_factor']} switches it "
+                          f"off, which changes every position's rotation under its weights: set "
+                          f"model.rope_factor={saved['rope_factor']} and model.original_seq_len="
+                          f"{saved.get('original_seq_len')}")
+    if not has:
+        return
+    if had:
+        want, why = int(saved.get("original_seq_len", 0)), "the checkpoint's own YaRN original_seq_len"
+    elif saved_seq_len:
+        want, why = int(saved_seq_len), "the sequence length it was trained at (its data.seq_len)"
+    else:
+        want, why = int(saved.get("max_seq_len", 0)), "its model.max_seq_len (its config records no data.seq_len)"
+    if want and run["original_seq_len"] != want:
+        raise ConfigError(f"{where}: model.original_seq_len = {run['original_seq_len']}, but YaRN's original length "
+                          f"must be {want}, {why}: the frequencies it rescales (model.rope_factor = "
+                          f"{run['rope_factor']}) are those the weights learned at that length (V3 §4.3); set "
+                          f"model.original_seq_len={want}")
+
+
+def load_init_weights(modules, mesh, path, model_cfg, *, key: str = "init.checkpoint", extension: bool = False) -> dict:
+    """Load only the weights (model/*) of the checkpoint at `path` (a root: its newest that verifies; a step
+    directory) into `modules` under this rank's layout (checkpoints reshard, DESIGN decision 4); returns its
+    meta. extension=False: the model config must equal the saved one (post-training stages); True: it is checked
+    by check_init_model, which lets a pretraining run switch YaRN on (V3 §4.3). Every rank calls it. Errors
+    are ConfigErrors naming `key`."""
+    if extension:
+        meta = _init_meta(path)
+        if meta is not None and isinstance(meta.get("model_config"), dict):
+            seq = ((meta.get("config") or {}).get("data") or {}).get("seq_len")
+            check_init_model(meta["model_config"], seq if isinstance(seq, int) else None, model_cfg, key, path)
+    model_only = {k: v for k, v in sharded_state(modules, mesh).items() if k.startswith("model/")}
+    try:
+        return load_checkpoint(path, model_only, model_config=None if extension else model_cfg.to_dict())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key} = {path}: {e}") from None
+
+
 def unique_parameters(models) -> list[tuple[str, torch.Tensor]]:
     """Parameters by name, each once (the V layouts hold the embedding twice on one rank)."""
     seen = {}
@@ -351,13 +438,17 @@ class Session:
 
     def resume(self, extra_models=()) -> None:
         """Load the checkpoint that checkpoint.resume names (auto: this run's latest, if any) into the
-        models, AdamW, the EMA and `extra_models`, with the counters and the stage's state."""
+        models, AdamW, the EMA and `extra_models`, with the counters and the stage's state. A pretraining
+        run with no checkpoint of its own to resume starts from init.checkpoint's weights (if set); a
+        post-training stage loads those when it builds each model (posttrain.stage)."""
         c = self.cfg.checkpoint
         if c.resume == "none":
+            self.init_weights()
             return
         # every rank verifies 1/world of the files (collective), then all agree on the newest that verifies
         path = latest_checkpoint(self.ckpt_dir, collective=True) if c.resume == "auto" else Path(c.resume)
         if path is None:
+            self.init_weights()
             return
         if self.opt is None:  # sampling only: no run state to restore (init.checkpoint loads weights)
             raise ConfigError(f"checkpoint.resume = {c.resume} names {path}, but {self._who()} does not train and "
@@ -371,6 +462,18 @@ class Session:
         if self.rank == 0:
             samples = f" ({self.consumed} samples)" if self.consumed else ""
             print(f"resumed from {path} at step {self.step}{samples}", flush=True)
+
+    def init_weights(self) -> None:
+        """Pretraining from a checkpoint's weights (init.checkpoint): the engine's models take the saved weights
+        (any layout), YaRN switched on if the config says so (check_init_model); AdamW, the counters and the
+        schedule start fresh (step 0). Nothing for a post-training stage (its models load at build)."""
+        path = getattr(getattr(self.cfg, "init", None), "checkpoint", "")
+        if not path or self.stage is not None:
+            return
+        meta = load_init_weights(self.engine.stages, self.mesh, path, self.model_cfg, extension=True)
+        if self.rank == 0:
+            print(f"initialised from the weights of {path} (saved at step {meta.get('step', '?')}); optimizer, step "
+                  f"and schedule start fresh", flush=True)
 
     def _check_not_past_the_end(self, path) -> None:
         """A checkpoint past this run's last step would silently do nothing: say so before loading it. Every

@@ -70,6 +70,10 @@ class Trainer:
         self.fp8 = fp8_recipe(t, self.device)
         try:
             self.engine = self._build_engine()
+            if t.compile:   # per block, from outside; on CPU traced without code generation (inductor: minutes)
+                from parallel.compile import apply_compile
+                for stage in self.engine.stages:
+                    apply_compile(stage, backend="inductor" if self.device.type == "cuda" else "aot_eager")
         except ValueError as e:  # layout and micro-batch constraints; their messages name the keys
             raise ConfigError(str(e)) from None
         self.session = Session(cfg, run, self.engine, self.model_cfg)

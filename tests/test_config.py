@@ -97,6 +97,12 @@ def test_bad_numbers_are_named(arg, words):
         assert w in str(e.value), (w, str(e.value))
 
 
+def test_compile_refuses_selective_recompute():
+    with pytest.raises(ConfigError, match="parallel.recompute=full or none"):
+        load_config(None, ["train.compile=true", "parallel.recompute=selective"])
+    assert load_config(None, ["train.compile=true", "parallel.recompute=full"]).train.compile is True
+
+
 def test_seq_len_follows_the_model_overrides():
     assert load_config(None, ["model.max_seq_len=512", "data.seq_len=512"]).data.seq_len == 512
     with pytest.raises(ConfigError, match=r"data.seq_len = 300 exceeds model.max_seq_len = 256"):

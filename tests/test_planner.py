@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -374,3 +375,144 @@ def test_cli_process_exit_code():
                         "--global-batch", "16"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.strip() == "error: 12 GPUs are not whole nodes of 8: use a multiple of 8 (or set --gpus-per-node)"
+
+
+# -- context parallelism (issue 24): cost.cp_*, the planner's cp terms and its search --------------------
+def test_cp_exchange_widths_latent_against_per_head():
+    """MLA exchanges its latent c^KV + k^R (V2 §2.1.2-2.1.3): 512 + 64 = 576 elements per token and layer for
+    V3 and V2-Lite, on every tp rank; Megatron-core exchanges the up-projected per-head keys and values,
+    H x (192 + 128): 40,960 for V3 (71x), 16 x 320 = 5,120 for V2-Lite (8.9x). GQA: this tp rank's KV heads."""
+    v3, lite, llama = preset("deepseek-v3"), preset("deepseek-v2-lite"), preset("tiny-llama-3-8b")
+    assert cost.cp_kv_width(v3) == cost.cp_kv_width(v3, tp=8) == cost.cp_kv_width(lite) == 576
+    assert cost.cp_kv_width(v3, per_head=True) == 40960 and cost.cp_kv_width(v3, 8, per_head=True) == 5120
+    assert cost.cp_kv_width(lite, per_head=True) == 5120
+    assert cost.cp_kv_width(v3, per_head=True) / cost.cp_kv_width(v3) == pytest.approx(71.1, abs=0.05)
+    assert [cost.cp_kv_width(llama, tp) for tp in (1, 2, 4)] == [2 * 2 * 16, 2 * 16, 2 * 16]   # 2 KV heads of 16
+
+
+def test_cp_layer_bytes_follow_comm_conventions():
+    """One layer, one micro-batch of V3 at 32K over cp 8, bf16: the forward all-gather records the gathered
+    output, 32768 x 576 x 2 B = 37.7 MB, and the backward reduce-scatter its gradient, the same; full
+    recomputation gathers twice. On the wire each rank moves (cp - 1)/cp of each."""
+    v3 = preset("deepseek-v3")
+    c = Counter()
+    cost.cp_layer_step(c, v3, 8, 1, 32768, e=2)
+    assert c == {"cp_all_gather/cp": 32768 * 576 * 2, "cp_reduce_scatter/cp": 32768 * 576 * 2}
+    assert cost.cp_wire_bytes_per_layer(v3, 8, 1, 32768) == 2 * 7 / 8 * 32768 * 576 * 2
+    full = Counter()
+    cost.cp_layer_step(full, v3, 8, 1, 32768, recompute_full=True)
+    assert full["cp_all_gather/cp"] == 2 * c["cp_all_gather/cp"]
+    step = cost.context_parallel_step(v3, 8, 1, 32768)
+    assert step["cp_all_gather/cp"] == (61 + 1) * c["cp_all_gather/cp"]            # every layer and the MTP block
+    assert cost.context_parallel_step(v3, 1, 1, 32768) == Counter()
+
+
+def test_cp_formula_agrees_with_the_runtime():
+    """plan.cost's exchange bytes are parallel.context_parallel.cp_exchange_bytes's, which
+    tests/test_context_parallel.py checks against the bytes comm.STATS measures on gloo ranks."""
+    cp_mod = pytest.importorskip("parallel.context_parallel")
+    if not hasattr(cp_mod, "cp_exchange_bytes"):
+        pytest.skip("the runtime has no cp_exchange_bytes")
+    for name in ("deepseek-v3", "deepseek-v2-lite", "tiny-llama-3-8b", "tiny-deepseek-v3"):
+        cfg = preset(name)
+        for tp, cp, full in ((1, 2, False), (2, 4, True), (4, 8, False)):
+            c = Counter()
+            cost.cp_layer_step(c, cfg, cp, 2, 512, e=2, tp=tp, recompute_full=full)
+            want = cp_mod.cp_exchange_bytes(2 * 512, cost.cp_kv_width(cfg, tp), 2, cp, recompute=full)
+            assert dict(c) == {f"{k}/cp": v for k, v in want.items()}, (name, tp, cp)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_cp_memory_and_exchange_by_hand(recompute):
+    """HAND (dense GQA) at 128 tokens over cp 2 on 2 GPUs: each rank keeps test_memory_terms_by_hand's
+    terms for its 64 tokens, plus per attention layer the other rank's 64 keys and values (2 KV heads of 16,
+    K and V, bf16: 64 x 2 x 64 B) except under full recomputation (then one block's working set holds them);
+    its optimizer state is sharded over dp x cp = 2; each layer's exchange puts (cp - 1)/cp of the gathered
+    keys and values on NVLink, forward and backward, exposed."""
+    shape = P.model_shape(build_model(HAND, device="meta"), 128)
+    n_params = HAND.param_counts()["total"]
+    p = _run(shape, "H100", 2, P.Layout(cp=2, recompute=recompute), 4)
+    block = {"none": 656 + 1024, "selective": 656 - 128 + 1024 - 128, "full": 128}[recompute]
+    remote = 64 * 2 * 64
+    act = (2 * block + 256) * 64 + (0 if recompute == "full" else 2 * remote)
+    working = (656 + 1024) * 64 + remote if recompute == "full" else 0
+    m = p.memory
+    assert m["weights"] * 1e9 == pytest.approx(2 * n_params)
+    assert m["optimizer"] * 1e9 == pytest.approx((4 + 8) * n_params / 2)
+    assert m["activations"] * 1e9 == pytest.approx(act)
+    assert m["logits_and_working"] * 1e9 == pytest.approx(64 * 256 * 4 + working)
+    again = 1.5 if recompute == "full" else 1.0
+    assert p.time["cp_comm"] == pytest.approx(4 * 2 * (2 * 0.5 * 128 * 64 * 2) / 360e9 * again)
+    assert p.layout.label().startswith("tp1 cp2 pp1") and P.Layout().label().startswith("tp1 pp1")
+
+
+def test_cp_mla_terms_by_hand(v3):
+    """V3 under cp (per rank, for the other ranks' `remote` tokens of a micro-batch): selective keeps the gathered
+    latent c^KV + k^R (2 x 576 B a token; the up-projections are recomputed from it, V3 §3.2.3), none also the
+    per-head keys and values of its heads (2 x 40,960 B), full nothing; one layer's backward holds the whole
+    sequence's keys and values and their gradients (selective) or the gradients alone."""
+    cfg, block, remote, S = v3.cfg, v3.layers[5], 28672, 32768
+    assert P.cp_remote_bytes(cfg, block, "selective", 8, remote, 1) == 2 * 576 * remote
+    assert P.cp_remote_bytes(cfg, block, "none", 8, remote, 1) == 2 * (576 + 40960) * remote
+    assert P.cp_remote_bytes(cfg, block, "none", 8, remote, 8) == 2 * (576 + 5120) * remote
+    assert P.cp_remote_bytes(cfg, block, "full", 8, remote, 1) == 0 == P.cp_remote_bytes(cfg, v3.post[0], "none", 8,
+                                                                                           remote, 1)
+    assert P.cp_working_bytes(cfg, "selective", 8, S, 1) == 2 * 2 * 40960 * S
+    assert P.cp_working_bytes(cfg, "none", 8, S, 1) == 2 * 40960 * S == P.cp_working_bytes(cfg, "full", 8, S, 1)
+    assert P.cp_working_bytes(cfg, "selective", 1, S, 1) == 0
+    assert P.cp_up_flops(cfg, block) == 2 * 512 * 128 * 256
+
+
+def test_cp_splits_the_sequence_work(v3_net):
+    """At 32K on 256 H800 without a pipeline, going from cp 4 to cp 8 (dp 64 -> 32): each rank holds half the
+    tokens of every micro-batch, so its activations halve but for the gathered latents (which grow from 3/4 to
+    7/8 of the sequence); it runs twice the micro-batches; the exchange grows; time per token within 10%."""
+    shape = P.model_shape(v3_net, 32768)
+    lay = dict(tp=1, pp=1, ep=64, zero=3, recompute="selective", precision="fp8")
+    a = _run(shape, "H800", 256, P.Layout(**lay, dp=64, cp=4), 1920)
+    b = _run(shape, "H800", 256, P.Layout(**lay, dp=32, cp=8), 1920)
+    assert b.n_microbatches == 2 * a.n_microbatches == 60
+    gathered = [62 * 2 * 576 * r / 1e9 for r in (24576, 28672)]     # 61 layers + the MTP block
+    local = [a.memory["activations"] - gathered[0], b.memory["activations"] - gathered[1]]
+    assert local[1] == pytest.approx(local[0] / 2, rel=1e-9)
+    assert b.time["cp_comm"] > a.time["cp_comm"] > 0
+    assert b.tokens_per_s_per_gpu == pytest.approx(a.tokens_per_s_per_gpu, rel=0.1)
+
+
+def test_cp_search_long_sequences_only(v3, v3_net):
+    """The search tries cp where a rank keeps >= CP_MIN_TOKENS of a sequence (so every 4K search is the one
+    it was), and at 32K recommends a cp layout for V3's own pipeline on 2048 H800 (V3 §4.3: batch 1920)."""
+    assert P.cp_choices(v3, 2048) == [1]
+    long = P.model_shape(v3_net, 32768)
+    assert P.cp_choices(long, 128) == [1, 2, 4, 8]
+    plans = P.plan(long, P.Cluster("H800", 2048), 1920, precision="fp8",
+                   pin=dict(tp=1, pp=16, ep=64, schedule="dualpipev", zero=1))
+    best = plans[0]
+    assert best.layout.cp == 8 and best.layout.dp == 16 and best.fits and best.memory["total"] < 80
+    assert all(p.layout.cp > 1 for p in plans)      # cp 1 and 2 leave too few micro-batches or do not fit
+
+
+def test_cp_layout_errors():
+    shape = P.model_shape(build_model(HAND, device="meta"), 128)
+    with pytest.raises(P.PlanError, match="not divisible by 2 x cp = 6"):
+        _run(shape, "H100", 3, P.Layout(cp=3), 3)
+    with pytest.raises(P.PlanError, match=r"tp x cp x pp x dp = 1 x 2 x 1 x 2 != 2 GPUs: leave dp out"):
+        _run(shape, "H100", 2, P.Layout(cp=2, dp=2), 4)
+    short = P.model_shape(build_model(HAND, device="meta"), 12)
+    with pytest.raises(P.PlanError, match=r"the 6 tokens a cp rank holds .* not divisible by tp=4"):
+        _run(short, "H100", 8, P.Layout(tp=4, cp=2), 4)
+    with pytest.raises(P.PlanError, match="cp=0 must be >= 1"):
+        _run(shape, "H100", 2, P.Layout(cp=0, dp=2), 4)
+
+
+def test_cli_cp_layout(cli):
+    """--seq-len 32768 with cp pinned: the JSON names cp and the exchange's time; the table says it is exposed."""
+    args = ("--model", "deepseek-v3", "--gpus", 2048, "--gpu", "h800", "--global-batch", 1920, "--seq-len", 32768,
+            "--fp8", "--layout", "pp=16,ep=64,tp=1,cp=8", "--schedule", "dualpipev", "--zero", 1,
+            "--recompute", "selective")
+    rc, out, err = cli(*args, "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert (d["layout"]["cp"], d["layout"]["dp"]) == (8, 16) and d["time"]["cp_comm"] > 0 and d["memory_gb"] < 80
+    rc, out, err = cli(*args, "--top", 1)
+    assert rc == 0 and "context parallel" in out and "cp8" in out, err
