@@ -20,9 +20,17 @@ Backends, all computing C = A @ B^T from FP8 A [M, K] and B [N, K] with per-grou
            (Hopper); where the build lacks them, row-wise scales, with a warning naming the gap;
 A dimension that is not a multiple of 128 gives a partial tile or block at the edge, scaled by
 its own max-abs (zero padding, which leaves every max unchanged).
+
+On CUDA (with Triton) the plumbing around the GEMMs is fused (parallel/fp8_grouped.py): W and its
+transposed FP8 copy come from one pass and the copy is cached for Dgrad; dY's 1x128 tiles (Dgrad) and
+128x1 tiles (Wgrad) come from one pass; the routed experts run all three GEMMs as one grouped Triton
+launch each with the token counts kept on the device. The values are the emulation's: quantisers bit
+for bit, GEMMs up to the order of fp32 sums. `Fp8Recipe.keep_bf16` / BF16_BELOW keep the linears too
+small for FP8 to pay in BF16; `apply_fp8` reports them.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -46,14 +54,38 @@ class Fp8Error(ValueError):
     pass
 
 
+# Which linears stay BF16: FP8 pays only when the GEMM saved outweighs the quantisations and transposes it
+# adds (torchao likewise keeps BF16 below a size). Rule: a linear whose smaller side, min(in, out), is below
+# BF16_BELOW[backend] stays BF16. Data, not code: MEASURE IT ON THE GPU (benchmarks/gpu_proxy.py's per-shape
+# table) and edit it. The 4096 is from one H100 run with the unfused plumbing (docs/fp8.md, 8192 tokens):
+# 7168 <-> 2048 ran at 0.52-0.64x BF16 forward+backward, 7168 <-> 18432 at 1.14-1.15x. The emulation (the
+# numerical reference) converts every linear. Routed experts are always FP8 (one grouped kernel, V3 §3.3).
+BF16_BELOW = {"emulate": 0, "torch": 4096}
+ALIGN = 16   # cuBLAS FP8 wants K and N multiples of 16 bytes; other shapes pay a padding copy each call
+
+
 @dataclass(frozen=True)
 class Fp8Recipe:
     backend: str = "auto"            # auto | emulate | torch
     pow2_scales: bool = False        # round scales up to powers of two (V3 §3.3.3's re-tiled activations)
+    bf16_below: int | None = None    # keep linears with min(in, out) below this in BF16; None: BF16_BELOW's
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise Fp8Error(f"unknown FP8 backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+    def keep_bf16(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> str | None:
+        """Why a linear of this shape stays BF16 under this recipe, or None when it goes FP8."""
+        backend = self.backend
+        if backend == "auto":
+            backend = "torch" if (torch.device(device).type if device is not None else
+                                  ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "emulate"
+        below = BF16_BELOW[backend] if self.bf16_below is None else self.bf16_below
+        if min(in_features, out_features) < below:
+            return f"min(in, out) = {min(in_features, out_features)} < {below}: quantisation costs more than FP8 saves"
+        if backend == "torch" and (in_features % ALIGN or out_features % ALIGN):
+            return f"{in_features} x {out_features} is not {ALIGN}-aligned for the FP8 GEMM"
+        return None
 
 
 # -- quantization -------------------------------------------------------------------------------------
@@ -105,6 +137,25 @@ def quantize_t(x: torch.Tensor, pow2: bool = False, row_scale: torch.Tensor | No
 
 
 _KERNELS = None
+_FUSED = None        # parallel.fp8_grouped once imported; False when Triton is missing
+FUSED_ON_CPU = None  # tests set the module here to run the fused plumbing interpreted on CPU tensors
+
+
+def _fused(x: torch.Tensor):
+    """The fused Triton quantisers and grouped GEMMs (parallel/fp8_grouped.py) for x's device, else None.
+    WHALETRON_FP8_FUSED=0 turns them off (the per-GEMM plumbing, for A/B timing)."""
+    global _FUSED
+    if FUSED_ON_CPU is not None and not x.is_cuda:
+        return FUSED_ON_CPU
+    if not x.is_cuda or os.environ.get("WHALETRON_FP8_FUSED", "1") == "0":
+        return None
+    if _FUSED is None:
+        try:
+            from . import fp8_grouped
+            _FUSED = fp8_grouped
+        except ImportError:
+            _FUSED = False
+    return _FUSED or None
 
 
 def _kernels(x: torch.Tensor):
@@ -294,24 +345,41 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, backend, recipe: Fp8Recipe):
-        xq = Fp8Tensor.of(x2d, TILE, recipe.pow2_scales)
-        wq = Fp8Tensor.of(weight, BLOCK, recipe.pow2_scales)
+        pow2, fused = recipe.pow2_scales, _fused(x2d)
+        xq = Fp8Tensor.of(x2d, TILE, pow2)
+        if fused:   # W and its transposed FP8 copy in one pass; dgrad reads the copy, no transpose there
+            (wd, ws), (wtd, wts) = fused.quant_blocks_t(weight, AMAX_FLOOR, INV_E4M3_MAX, pow2)
+            wq, wt = Fp8Tensor(wd, ws, BLOCK), Fp8Tensor(wtd, wts, BLOCK)
+        else:
+            wq = Fp8Tensor.of(weight, BLOCK, pow2)
+            wt = wq.t()
         y = backend.gemm(xq, wq, x2d.dtype)                         # Fprop: [M,K] x [N,K]^T
-        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
+        ctx.save_for_backward(xq.data, xq.scale, wt.data, wt.scale)
         ctx.backend, ctx.recipe, ctx.w_dtype, ctx.x_dtype = backend, recipe, weight.dtype, x2d.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xd, xs, wd, ws = ctx.saved_tensors
+        xd, xs, wtd, wts = ctx.saved_tensors
         backend, pow2 = ctx.backend, ctx.recipe.pow2_scales
         dy = dy.contiguous()
         dx = dw = None
-        if ctx.needs_input_grad[0]:   # Dgrad: dY in 1x128 tiles along N, W^T in (transposed) blocks
-            dx = backend.gemm(Fp8Tensor.of(dy, TILE, pow2), Fp8Tensor(wd, ws, BLOCK).t(), ctx.x_dtype)
-        if ctx.needs_input_grad[1]:   # Wgrad: dY^T and X^T in 1x128 tiles along the tokens (128x1 of dY, X)
-            x_t = quantize_t(xd, pow2, row_scale=xs)                  # the cached FP8 input, re-tiled
-            dw = backend.gemm(quantize_t(dy, pow2), x_t, torch.float32).to(ctx.w_dtype)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fused = _fused(dy)
+        if fused:   # one pass over dY: 1x128 tiles for Dgrad and 128x1 tiles (stored as dY^T) for Wgrad
+            dy_rows, dy_t = fused.quant_both(dy, AMAX_FLOOR, INV_E4M3_MAX, pow2, rows=need_dx, cols=need_dw)
+        else:
+            dy_rows = Fp8Tensor.of(dy, TILE, pow2) if need_dx else None
+            dy_t = quantize_t(dy, pow2) if need_dw else None
+        if need_dx:   # Dgrad: dY in 1x128 tiles along N, W^T in (transposed) blocks
+            dx = backend.gemm(Fp8Tensor(*dy_rows, TILE) if fused else dy_rows, Fp8Tensor(wtd, wts, BLOCK), ctx.x_dtype)
+        if need_dw:   # Wgrad: dY^T and X^T in 1x128 tiles along the tokens (128x1 of dY, X)
+            if fused:                                                 # the cached FP8 input, re-tiled
+                _, x_t = fused.quant_both(xd, AMAX_FLOOR, INV_E4M3_MAX, pow2, rows=False, row_scale=xs)
+                x_t, dy_t = Fp8Tensor(*x_t, TILE), Fp8Tensor(*dy_t, TILE)
+            else:
+                x_t = quantize_t(xd, pow2, row_scale=xs)
+            dw = backend.gemm(dy_t, x_t, torch.float32).to(ctx.w_dtype)
         return dx, dw, None, None
 
 
@@ -371,6 +439,10 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                    recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
     """The experts' grouped GEMM (x [T, K] sorted by expert, w [E, N, K]) under the FP8 recipe."""
     backend = get_backend(recipe.backend, x.device)
+    fused = _fused(x) if backend.name == "torch" and os.environ.get("WHALETRON_FP8_GROUPED", "triton") == "triton" \
+        else None
+    if fused:   # all experts in one launch per GEMM, counts kept on the device (parallel/fp8_grouped.py)
+        return fused.fp8_grouped_mm(x, w, counts, AMAX_FLOOR, INV_E4M3_MAX, recipe.pow2_scales)
     if w.dtype != x.dtype:
         w = w.to(x.dtype)
     counts_list = [int(c) for c in counts.tolist()]  # one host sync per grouped GEMM, as the split would
@@ -393,22 +465,38 @@ class Fp8Linear:
         return y if self.bias is None else y + self.bias
 
 
+class Fp8Conversion(list):
+    """apply_fp8's answer: the paths converted (a list, as before), and `bf16`: path -> why that linear
+    stays BF16 under the recipe's per-shape rule (BF16_BELOW)."""
+
+    def __init__(self, converted=(), bf16=None):
+        super().__init__(converted)
+        self.bf16: dict[str, str] = dict(bf16 or {})
+
+
 # hooks read here (tp_plan, ep_params) and the seam swapped (grouped_gemm): parallel/protocols.py
-def apply_fp8(model: nn.Module, recipe: Fp8Recipe) -> list[str]:
+def apply_fp8(model: nn.Module, recipe: Fp8Recipe) -> Fp8Conversion:
     """Convert the model's linear layers and routed-expert GEMMs to FP8 in place; returns the paths
-    converted. Kept high precision (V3 §3.3.1): the vocab head and embedding (tp styles
-    vocab_head / vocab_embed), the gate, norms and attention's core (none of them nn.Linear)."""
+    converted, with `.bf16` naming the linears the per-shape rule keeps BF16 and why (Fp8Recipe.keep_bf16).
+    Kept high precision (V3 §3.3.1): the vocab head and embedding (tp styles vocab_head / vocab_embed),
+    the gate, norms and attention's core (none of them nn.Linear)."""
     keep = set()
     for path, module in model.named_modules():
         for child, styles in getattr(type(module), "tp_plan", {}).items():
             styles = (styles,) if isinstance(styles, str) else styles
             if {"vocab_head", "vocab_embed"} & set(styles):
                 keep.add(f"{path}.{child}".strip(".") if child else path)
-    converted = []
+    converted, bf16 = [], {}
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
     for path, module in list(model.named_modules()):
         if path in keep:
             continue
         if isinstance(module, nn.Linear) and not isinstance(module, Fp8Linear):
+            # the local shard's shape: what the GEMM sees under tp
+            why = recipe.keep_bf16(module.weight.shape[1], module.weight.shape[0], device)
+            if why:
+                bf16[path] = why
+                continue
             cls = type(module)
             module.__class__ = type(f"Fp8{cls.__name__}", (Fp8Linear, cls), {})
             module.fp8_recipe = recipe
@@ -416,8 +504,9 @@ def apply_fp8(model: nn.Module, recipe: Fp8Recipe) -> list[str]:
         elif hasattr(module, "grouped_gemm") and getattr(type(module), "ep_params", None):
             module.grouped_gemm = lambda x, w, counts, r=recipe: fp8_grouped_mm(x, w, counts, r)
             converted.append(path)
-    return converted
+    return Fp8Conversion(converted, bf16)
 
 
-__all__ = ["Fp8Recipe", "Fp8Error", "Fp8Tensor", "quantize", "dequantize", "fp8_linear", "fp8_grouped_mm",
+__all__ = ["Fp8Recipe", "Fp8Error", "Fp8Conversion", "BF16_BELOW",
+           "Fp8Tensor", "quantize", "dequantize", "fp8_linear", "fp8_grouped_mm",
            "apply_fp8", "get_backend", "E4M3_MAX", "TILE", "BLOCK"]

@@ -117,3 +117,84 @@ def test_rowwise_fallback_is_close_to_the_blockwise_result():
     ref = a.float().double() @ b.float().double().t()
     assert got.shape == (300, 200)
     assert 1e-4 < rel(got, ref) < 0.1     # requantized per row: a second E4M3 rounding, not a wrong product
+
+
+# -- the grouped Triton GEMM and the fused plumbing (parallel/fp8_grouped.py) on the GPU --------------------
+@hopper
+@pytest.mark.parametrize("counts,k,n", [([100, 0, 300, 37], 200, 130), ([1024, 512, 0, 1536], 7168, 2048),
+                                        ([640, 384], 2048, 7168)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_triton_matches_emulation(counts, k, n, dtype):
+    """Forward, dgrad and wgrad of the one-launch grouped kernels against the emulated recipe on the same
+    inputs: the same FP8 products, tensor-core sums inside each 128-slice (~1e-4), bf16 outputs (~4e-3)."""
+    from parallel import fp8_grouped as fg
+    from parallel.fp8 import AMAX_FLOOR, INV_E4M3_MAX
+    torch.manual_seed(sum(counts) + k + n)
+    t = sum(counts)
+    x = torch.randn(t, k, device="cuda", dtype=dtype)
+    w = (torch.randn(len(counts), n, k, device="cuda") * 0.05).to(dtype)
+    dy = torch.randn(t, n, device="cuda", dtype=dtype)
+    ct = torch.tensor(counts, device="cuda")
+    res = {}
+    for name, fn in (("emulate", lambda a, b: fp8_grouped_mm(a, b, ct, Fp8Recipe("emulate"))),
+                     ("triton", lambda a, b: fg.fp8_grouped_mm(a, b, ct, AMAX_FLOOR, INV_E4M3_MAX))):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xr, wr)
+        y.backward(dy)
+        res[name] = (y, xr.grad, wr.grad)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    for got, ref in zip(res["triton"], res["emulate"]):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert rel(got, ref) < tol, rel(got, ref)
+    for e, c in enumerate(counts):
+        if not c:
+            assert torch.equal(res["triton"][2][e], torch.zeros_like(res["triton"][2][e]))
+
+
+@hopper
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fused_quantisers_bit_identical_on_gpu(pow2):
+    from parallel import fp8_grouped as fg
+    from parallel.fp8 import AMAX_FLOOR, INV_E4M3_MAX, quantize_torch
+    torch.manual_seed(5)
+    x = (torch.randn(1000, 7168, device="cuda") * torch.logspace(-3, 3, 7168, device="cuda")).bfloat16()
+    x[3, 5], x[37, 140] = float("nan"), float("inf")
+    counts = [300, 0, 129, 571]
+    ro, to = fg.offsets(torch.tensor(counts, device="cuda"))
+    (q, s), (qt, st) = fg.quant_dual(x, ro, to, fg.max_tiles(1000, 4), AMAX_FLOOR, INV_E4M3_MAX, pow2)
+    for got, ref in zip((q, s), quantize_torch(x, TILE, pow2)):
+        _same(got, ref)
+    start, cols, tiles = 0, [], []
+    for c in counts:
+        if c:
+            rq, rs = quantize_torch(x[start:start + c].t(), TILE, pow2)
+            cols.append(rq)
+            tiles.append(rs)
+        start += c
+    _same(qt, torch.cat(cols, 1))
+    _same(st[:, :sum(t.shape[1] for t in tiles)], torch.cat(tiles, 1))
+    w = torch.randn(3, 2048, 7168, device="cuda").bfloat16()
+    (wq, ws), (wqt, wst) = fg.quant_blocks_t(w, AMAX_FLOOR, INV_E4M3_MAX, pow2)
+    rq, rs = quantize_torch(w, BLOCK, pow2)
+    _same(wq, rq)
+    _same(ws, rs)
+    _same(wqt, rq.transpose(-2, -1).contiguous())
+
+
+@hopper
+def test_fused_linear_plumbing_equals_unfused_on_gpu(monkeypatch):
+    """The dense FP8 linear with the fused quantisers and the cached W^T against the per-GEMM plumbing:
+    the same FP8 operands into the same cuBLAS GEMMs."""
+    torch.manual_seed(6)
+    x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(2048, 7168, device="cuda") * 0.02).bfloat16()
+    g = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)
+    res = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("WHALETRON_FP8_FUSED", fused)
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_linear(xr, wr, Fp8Recipe("torch"))
+        y.backward(g)
+        res[fused] = (y, xr.grad, wr.grad)
+    for a, b in zip(res["1"], res["0"]):
+        assert rel(a, b) < 1e-6
