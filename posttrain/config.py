@@ -153,6 +153,9 @@ class PosttrainConfig(Config):
             raise ConfigError("post-training runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): "
                               "rollouts decode one token per step, which a pipeline would serialise; "
                               "set parallel.pp=1")
+        if self.parallel.cp != 1:
+            raise ConfigError("post-training runs with parallel.cp = 1: its log-probability and generation paths "
+                              "take whole sequences (context parallelism is a pretraining layout); set parallel.cp=1")
         e = self.eval
         if e.samples < 1 or (e.samples > 1 and e.temperature <= 0):
             raise ConfigError(f"eval.samples = {e.samples}: it must be >= 1, and more than one sample per prompt needs "

@@ -287,6 +287,7 @@ def test_speculative_rollouts_log_their_acceptance(task_dir, tmp_path):
     (["rollout.engine=static", "rollout.draft_tokens=1"], "needs rollout.engine=paged"),
     (["model.n_mtp=0", "rollout.draft_tokens=1"], "model.n_mtp is 0"),
     (["rollout.page_size=0"], "rollout.page_size must be >= 1"),
+    (["parallel.cp=2"], "post-training runs with parallel.cp = 1"),
 ])
 def test_rollout_engine_settings_are_checked(task_dir, tmp_path, extra, words):
     from pretrain.config import ConfigError
