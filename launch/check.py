@@ -143,7 +143,7 @@ def build_rank(cfg, world: int, rank: int):
     engine = parallel_engine(build_model(cfg.model_config(), device="meta"), mesh,
                              micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len,
                              param_dtype=BF16[t.dtype], fp8=fp8, recompute=p.recompute, schedule=p.pp_schedule,
-                             n_microbatches=n_micro, vpp=p.vpp, layer_split=p.layer_split or None)
+                             n_microbatches=n_micro, vpp=p.vpp, layer_split=p.layer_split or None, overlap=p.overlap)
     return mesh, engine
 
 

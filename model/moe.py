@@ -204,6 +204,14 @@ class MoE(FP32Buffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, seq, dim] (or [tokens, dim]: one sequence)."""
+        x, weights, routed, partial, stats = self.route(x)
+        return self.merge(x, self.experts(x, routed, weights, partial=partial), stats)
+
+    # runtime hook (moe phases): forward = route, the routed experts, merge; the overlap runtime runs the
+    # experts' token dispatch between the two (parallel/overlap.py, parallel/protocols.py)
+    def route(self, x: torch.Tensor):
+        """The router: x [batch, seq, dim] (or [tokens, dim]) -> (x [T, dim], gate weights [T, K], routed
+        indices [T, K], partial (pairs may be dropped), stats for `merge`)."""
         shape = x.shape
         n_seqs = shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, shape[-1])
@@ -212,9 +220,19 @@ class MoE(FP32Buffers, nn.Module):
         routed = indices
         if dropping:
             weights, routed = self._drop_tokens(weights, indices, scores, n_seqs)
-        y = self.experts(x, routed, weights, partial=dropping)
+        return x, weights, routed, dropping, (shape, scores, indices, routed, n_seqs)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts on x [T, dim] (None without them)."""
+        return None if self.shared_experts is None else self.shared_experts(x)
+
+    def merge(self, x: torch.Tensor, y: torch.Tensor, stats, shared: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts' output y [T, dim] plus the shared experts on x [T, dim] (`shared`: that output
+        when computed already), in the input's shape; in training also this forward's load count and
+        balance losses."""
+        shape, scores, indices, routed, n_seqs = stats
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = y + (self.shared_experts(x) if shared is None else shared)
         self.aux_losses = {}
         if self.training:
             with torch.no_grad():

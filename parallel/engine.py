@@ -25,6 +25,7 @@ from .apply import parallelize
 from .context_parallel import cp_inputs
 from .data_parallel import clip_grad_norm_, finish_grad_sync, reshard, set_gradient_sync, sync_expert_load
 from .mesh import Mesh
+from .overlap import check_overlap, overlapped_losses
 from .pipeline import Pipeline, attach_schedule, build_pipeline
 from .recompute import apply_recompute
 from .state import init_parallel_weights
@@ -36,8 +37,10 @@ class SingleStage:
     the mean of `model.loss()` over micro-batches of `micro_batch_size` rows, FSDP2 reducing once,
     after the last; what one process computes with gradient accumulation over the same rows."""
 
-    def __init__(self, model: nn.Module, mesh: Mesh, micro_batch_size: int):
+    def __init__(self, model: nn.Module, mesh: Mesh, micro_batch_size: int, overlap: str = "none"):
+        check_overlap(overlap, mesh.dims)
         self.stages, self.mesh, self.micro_batch_size = [model], mesh, micro_batch_size
+        self.overlap = overlap   # "ep": micro-batch k+1's forward interleaved with k's backward (parallel/overlap.py)
 
     def parameters(self):
         return self.stages[0].parameters()
@@ -48,7 +51,10 @@ class SingleStage:
     def step(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
         """Gradients of the mean micro-batch loss; `inputs` are more per-row tensors of `loss()`
         (e.g. doc_ids), split like the tokens."""
-        out = self._losses(tokens, labels, inputs, backward=True)
+        if self.overlap == "ep":
+            out = overlapped_losses(self.stages[0], self.mesh, self.micro_batch_size, tokens, labels, inputs)
+        else:
+            out = self._losses(tokens, labels, inputs, backward=True)
         sync_expert_load(self.stages[0], self.mesh)  # the step's global load, for the stats and the bias step
         return out
 
@@ -92,29 +98,31 @@ class SingleStage:
 
 def parallel_engine(model: nn.Module, mesh: Mesh, *, micro_batch_size: int, seq_len: int,
                     param_dtype: torch.dtype | None = None, fp8=None, recompute: str = "none", schedule: str = "1f1b",
-                    n_microbatches: int = 1, vpp: int = 2, layer_split: list[list[int]] | None = None
-                    ) -> SingleStage | Pipeline:
+                    n_microbatches: int = 1, vpp: int = 2, layer_split: list[list[int]] | None = None,
+                    overlap: str = "none") -> SingleStage | Pipeline:
     """This rank's engine for `model` under the mesh's layout, parallelised (recompute, tp, ep, FP8, FSDP2,
     the pipeline cut) but not initialised: on a meta-device model nothing is allocated. `build_engine`
     runs it first; `launch.check` stops here, so what it reports is what a run builds."""
     if mesh.dims.pp == 1:
         if recompute != "none":
             apply_recompute(model, recompute)
-        return SingleStage(parallelize(model, mesh, param_dtype=param_dtype, fp8=fp8), mesh, micro_batch_size)
+        return SingleStage(parallelize(model, mesh, param_dtype=param_dtype, fp8=fp8), mesh, micro_batch_size,
+                           overlap)
+    check_overlap(overlap, mesh.dims)
     return build_pipeline(model, mesh, schedule, n_microbatches, vpp=vpp, layer_split=layer_split, seq_len=seq_len,
                           recompute=recompute, param_dtype=param_dtype, fp8=fp8)
 
 
 def build_engine(model: nn.Module, mesh: Mesh, *, micro_batch_size: int, seq_len: int, seed: int = 0, device=None,
                  param_dtype: torch.dtype | None = None, fp8=None, recompute: str = "none", schedule: str = "1f1b",
-                 n_microbatches: int = 1, vpp: int = 2, layer_split: list[list[int]] | None = None
-                 ) -> SingleStage | Pipeline:
+                 n_microbatches: int = 1, vpp: int = 2, layer_split: list[list[int]] | None = None,
+                 overlap: str = "none") -> SingleStage | Pipeline:
     """This rank's engine for `model` (best on the meta device) under the mesh's layout, parallelised
     (`parallel_engine`) and initialised from `seed`: a `SingleStage` at pp = 1, else a `Pipeline` under
     `schedule` (n_microbatches is its first count; `step` rebuilds the schedule when a batch brings another)."""
     engine = parallel_engine(model, mesh, micro_batch_size=micro_batch_size, seq_len=seq_len, param_dtype=param_dtype,
                              fp8=fp8, recompute=recompute, schedule=schedule, n_microbatches=n_microbatches, vpp=vpp,
-                             layer_split=layer_split)
+                             layer_split=layer_split, overlap=overlap)
     engine.init_weights(seed, device)
     if mesh.dims.pp == 1:
         return engine

@@ -26,6 +26,91 @@ from .mesh import LayoutError
 from .tensor_parallel import ParamLayout, Split, take_local
 
 
+class Route:
+    """One level of the dispatch: which rows of [T, ...] go to which member of `group`, and how many.
+
+    Built locally from the indices (`route_local`), then `exchange()` swaps the split sizes with the
+    members: that all-to-all of counts and its `.tolist()` are the dispatch's one host synchronisation
+    (the payload's buffers are sized by them), so it is issued first, before anything else of the
+    dispatch, and the token payload can be in flight while other work runs."""
+
+    def __init__(self, group: Group, indices: torch.Tensor, base: int, span: int):
+        self.group, self.base, self.span = group, base, span
+        n = group.size
+        self.per = span // n
+        self.n_tokens = indices.shape[0]
+        present = (indices >= base) & (indices < base + span)
+        part = torch.where(present, (indices - base) // self.per, n)              # destination of each pair
+        dest = torch.zeros(self.n_tokens, n + 1, dtype=torch.bool, device=indices.device).scatter_(1, part, True)
+        p_of, self.t_of = dest[:, :n].t().nonzero(as_tuple=True)                 # (destination, token), by dest
+        self.counts = torch.bincount(p_of, minlength=n)
+        self.mine = part[self.t_of] == p_of.unsqueeze(1)                         # pairs for that destination
+        self.idx_s = torch.where(self.mine, indices[self.t_of], base + span)     # others: absent
+        self.send = self.recv = None
+        self._counts = comm.all_to_all_counts_async(self.counts, group)          # issued at once
+
+    def exchange(self) -> "Route":
+        """Wait for the split sizes (the host synchronisation); idempotent."""
+        if self.send is None:
+            recv = self._counts.wait()
+            self.send, self.recv = self.counts.tolist(), recv.tolist()
+        return self
+
+    @property
+    def child_base(self) -> int:
+        """The first expert of this rank's share at the next level."""
+        return self.base + self.group.rank * self.per
+
+    def gather(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows to send, by destination: tokens and their gate weights (other destinations' pairs zeroed)."""
+        return x[self.t_of], weights[self.t_of] * self.mine
+
+    def scatter_add(self, y_s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The source's side of combine: each token's returned partial sums added up [T, dim]."""
+        return like.new_zeros(self.n_tokens, y_s.shape[-1]).index_add(0, self.t_of, y_s.to(like.dtype))
+
+
+class Dispatch:
+    """An issued dispatch (one level): `wait()` -> (x_r, idx_r, w_r), the rows this rank received; autograd
+    flows through x_r and w_r (their backward all-to-alls are synchronous in autograd; the overlap executor,
+    parallel/overlap.py, runs them asynchronously itself)."""
+
+    def __init__(self, route: Route, works: tuple):
+        self.route, self._works = route, works
+
+    def wait(self):
+        return tuple(w.wait() for w in self._works)
+
+
+class _IssuedAllToAll(torch.autograd.Function):
+    """all_to_all_autograd whose forward only issues: it returns the receive buffer, which its Work fills
+    (call the Work's wait() before reading it). Backward: the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, send, recv, group, label, works: list):
+        ctx.send, ctx.recv, ctx.group, ctx.label = send, recv, group, label
+        work = comm.all_to_all_async(x, send, recv, group, label)
+        works.append(work)
+        return work._result
+
+    @staticmethod
+    def backward(ctx, g):
+        return comm.all_to_all(g.contiguous(), ctx.recv, ctx.send, ctx.group, ctx.label), None, None, None, None, None
+
+
+def issue_all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group: Group,
+                     label: str = "all_to_all") -> comm.Work:
+    """An asynchronous all-to-all; differentiable when x requires grad (its gradient goes back at once)."""
+    if group.size == 1:
+        return comm.done(x)
+    if x.requires_grad and torch.is_grad_enabled():
+        works: list = []
+        out = _IssuedAllToAll.apply(x, send, recv, group, label, works)
+        works[0]._result = out  # autograd's output (the buffer the transfer fills)
+        return works[0]
+    return comm.all_to_all_async(x, send, recv, group, label)
+
+
 class ExpertParallel:
     """Mixin placed in front of the experts module's class."""
 
@@ -37,28 +122,45 @@ class ExpertParallel:
 
     def _dispatch(self, x, indices, weights, level: int, base: int, span: int):
         if level == len(self.ep_levels):  # the experts held here
-            local = indices - base
-            local = local.masked_fill((local < 0) | (local >= span), span)
-            return super().forward(x, local, weights, partial=True)
-        group = self.ep_levels[level]
-        n, per = group.size, span // group.size
-        t = x.shape[0]
-        present = (indices >= base) & (indices < base + span)
-        part = torch.where(present, (indices - base) // per, n)                 # destination of each pair
-        dest = torch.zeros(t, n + 1, dtype=torch.bool, device=x.device).scatter_(1, part, True)[:, :n]
-        p_of, t_of = dest.t().nonzero(as_tuple=True)                          # (destination, token), by destination
-        send = torch.bincount(p_of, minlength=n)
-        recv = comm.all_to_all(send, [1] * n, [1] * n, group, label="all_to_all_routing")
-        send, recv = send.tolist(), recv.tolist()
-        mine = part[t_of] == p_of.unsqueeze(1)                                # pairs for that destination
-        idx_s = torch.where(mine, indices[t_of], base + span)                  # others: absent
-        x_r = comm.all_to_all_autograd(x[t_of], send, recv, group)
-        idx_r = comm.all_to_all(idx_s, send, recv, group, label="all_to_all_routing")
-        w_r = comm.all_to_all_autograd(weights[t_of] * mine, send, recv, group, "all_to_all_routing")
-        b = base + group.rank * per
-        y_r = self._dispatch(x_r, idx_r, w_r, level + 1, b, per)
+            return self.ep_local(x, indices, weights, base, span)
+        route = Route(self.ep_levels[level], indices, base, span).exchange()
+        group, send, recv = route.group, route.send, route.recv
+        x_s, w_s = route.gather(x, weights)
+        x_r = comm.all_to_all_autograd(x_s, send, recv, group)
+        idx_r = comm.all_to_all(route.idx_s, send, recv, group, label="all_to_all_routing")
+        w_r = comm.all_to_all_autograd(w_s, send, recv, group, "all_to_all_routing")
+        y_r = self._dispatch(x_r, idx_r, w_r, level + 1, route.child_base, route.per)
         y_s = comm.all_to_all_autograd(y_r, recv, send, group)
-        return x.new_zeros(t, y_s.shape[-1]).index_add(0, t_of, y_s.to(x.dtype))
+        return route.scatter_add(y_s, x)
+
+    # -- the dispatch cut into issue and wait (parallel/overlap.py; DualPipeV's F&B chunks can use the same) --
+    def ep_local(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, base: int, span: int):
+        """The experts held here on the rows received: [rows, dim] gate-weighted partial sums."""
+        local = indices - base
+        local = local.masked_fill((local < 0) | (local >= span), span)
+        return super().forward(x, local, weights, partial=True)
+
+    def dispatch_issue(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, level: int = 0,
+                       base: int = 0, span: int | None = None) -> Dispatch:
+        """Level `level` of the dispatch, issued: the split-size exchange first (the host synchronisation),
+        then the token rows, their expert ids and gate weights in flight. `wait()` gives what arrived;
+        then the next level (or `ep_local` at the last), and `combine_issue` back."""
+        route = Route(self.ep_levels[level], indices, base, self.ep_total if span is None else span).exchange()
+        x_s, w_s = route.gather(x, weights)
+        g, send, recv = route.group, route.send, route.recv
+        return Dispatch(route, (issue_all_to_all(x_s, send, recv, g),
+                                comm.all_to_all_async(route.idx_s, send, recv, g, "all_to_all_routing"),
+                                issue_all_to_all(w_s, send, recv, g, "all_to_all_routing")))
+
+    @staticmethod
+    def combine_issue(y_r: torch.Tensor, dispatch: Dispatch) -> comm.Work:
+        """The partial sums back to their sources, issued; `finish_combine(work.wait(), dispatch, x)` adds them."""
+        r = dispatch.route
+        return issue_all_to_all(y_r, r.recv, r.send, r.group)
+
+    @staticmethod
+    def finish_combine(y_s: torch.Tensor, dispatch: Dispatch, like: torch.Tensor) -> torch.Tensor:
+        return dispatch.route.scatter_add(y_s, like)
 
 
 # hooks read here (ep_count, ep_params, the expert group's forward): parallel/protocols.py

@@ -66,6 +66,7 @@ class ParallelSection:
     vpp: int = 2                    # stages per rank of interleaved_1f1b
     layer_split: list[list[int]] = field(default_factory=list)   # layers per stage; [] = by cost
     recompute: str = "none"         # none | selective | full
+    overlap: str = "none"           # none | ep: at pp = 1, forward k+1 under backward k (parallel/overlap.py)
 
 
 @dataclass
@@ -181,6 +182,7 @@ class Config:
                    "train.moment_dtype": (t.moment_dtype, ("fp32", "bf16")),
                    "train.device": (t.device, ("auto", "cpu", "cuda")),
                    "parallel.recompute": (p.recompute, ("none", "selective", "full")),
+                   "parallel.overlap": (p.overlap, ("none", "ep")),
                    "logging.wandb": (self.logging.wandb, ("online", "offline", "disabled"))}
         check_choices(choices)
         if t.compile and p.recompute == "selective":

@@ -107,7 +107,8 @@ class Trainer:
         return build_engine(build_model(self.model_cfg, device="meta"), self.mesh, micro_batch_size=t.micro_batch_size,
                             seq_len=cfg.data.seq_len, seed=t.seed, device=self.device, param_dtype=self.param_dtype,
                             fp8=self.fp8, recompute=p.recompute, schedule=p.pp_schedule,
-                            n_microbatches=self.batch_size(0)[0], vpp=p.vpp, layer_split=p.layer_split or None)
+                            n_microbatches=self.batch_size(0)[0], vpp=p.vpp, layer_split=p.layer_split or None,
+                            overlap=p.overlap)
 
     # -- schedules ---------------------------------------------------------------------------------
     def batch_size(self, consumed: int) -> tuple[int, int]:

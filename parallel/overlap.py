@@ -1,0 +1,348 @@
+"""Overlap at pp = 1: the forward of micro-batch k+1 interleaved with the backward of micro-batch k, part by
+part, so that each expert all-to-all of one runs while the other computes (Megatron-core's combined 1F1B,
+`overlap_moe_expert_parallel_comm`, with pp = 1; DESIGN.md decision 8).
+
+    losses = overlapped_losses(model, mesh, micro_batch_size, tokens, labels)   # = SingleStage._losses
+
+The parts. The model declares where a MoE block may be cut (`Block.moe_pre` = attention + router,
+`Block.moe_shared` = shared experts, `Block.moe_post` = residual; parallel/protocols.py "moe phases"); the
+runtime adds its own pieces between them, so each MoE block runs as
+
+    pre (attention, router) | gather | dispatch a2a (per level) | shared experts, routed experts |
+    combine a2a (per level) | scatter-add | post (residual)
+
+(the shared experts, `Block.moe_shared`, need no dispatch: they run while the payload flies, and their
+backward beside the experts', so that the compute between two all-to-alls is more even)
+
+and the model's ends as two more parts: the embedding (`model.hidden` with the layer loop skipped) and the
+loss (`model.loss(h=...)` with the layer loop skipped: final norm, head, MTP, the balance losses of every
+layer, summed in the model's own order). Dense blocks are one part. The last micro-batch, whose backward
+runs alone, is one connected graph instead (its forward's all-to-alls still issued and waited apart) and
+its backward one `backward()`, as SingleStage's: FSDP2 reduces each gradient once, whole. Every other
+part is its own autograd sub-graph: its inputs are detached leaves, its outputs are kept, and its backward is
+`torch.autograd.backward(outputs, output grads)`, which leaves the input grads on the leaves for the part
+before. An all-to-all part is not autograd's: the runtime sends the gradient back itself (the reverse
+all-to-all), asynchronously, as it sent the activations.
+
+The order. Each micro-batch's forward and backward are Python generators that yield right after issuing an
+all-to-all (before waiting on it); one thread drives two of them in turn,
+
+    F0 | F1 + B0 | F2 + B1 | ... | B(n-1)
+
+so that while F(k+1) waits on its dispatch, B(k) has run its next compute part (the experts' backward, an
+attention backward), and vice versa. Every rank runs the same deterministic order, so collectives match.
+The arithmetic is the serial one: the same operations on the same values; only where a tensor's gradient
+is a sum of three or more contributions that now meet in another order (the embedding weight, used by the
+embedding and MTP; a router input) may a last bit differ (tests/test_overlap.py).
+
+Composes with: recomputation (each part of a block runs in the block's mode: "full" checkpoints each
+compute part, so the all-to-alls are never replayed, unlike the serial full mode; the kept activations are
+the parts' inputs), FSDP2 (each part enters its FSDP unit through `register_fsdp_forward_method`; gradients
+are reduced only in the last micro-batch's backward, which runs alone), MTP and the balance losses (inside
+the loss part; MTP's own dispatch runs there, blocking). Not yet: tp > 1 (the MoE's token split sits around
+MoE.forward, which the parts bypass), cp > 1, and overlap of the MTP block's dispatch.
+
+Host synchronisation: each dispatch level first exchanges its split sizes (an all-to-all of [ep] counts,
+then `.tolist()`); the payload's buffers are sized by them. Only after that does the payload go in flight.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import comm
+from .data_parallel import finish_grad_sync, set_gradient_sync
+from .expert_parallel import ExpertParallel, Route, issue_all_to_all
+from .mesh import LayoutError, ParallelDims
+from .recompute import _find, _Recorder, _restore, _snapshot, _unpack, recompute_mode
+
+MODES = ("none", "ep")
+
+
+def check_overlap(mode: str, dims: ParallelDims) -> None:
+    """`parallel.overlap` against the layout: a LayoutError naming the key and where it applies. At pp > 1
+    the setting is the DualPipeV F&B overlap's (issue 19 §1), which checks its own schedule."""
+    if mode not in MODES:
+        raise LayoutError(f"parallel.overlap = {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "none":
+        return
+    if dims.pp > 1:
+        raise LayoutError("parallel.overlap = ep pairs micro-batches at pp = 1 only; DualPipeV's F&B overlap at pp > 1 "
+                          "is not built yet (issue 19 §1): set parallel.overlap=none for this layout")
+    if dims.ep == 1:
+        raise LayoutError("parallel.overlap = ep overlaps the expert all-to-alls, so it needs parallel.ep > 1; "
+                          "set parallel.overlap=none for this layout")
+    if dims.pp == 1 and (dims.tp > 1 or dims.cp > 1):
+        raise LayoutError(f"parallel.overlap = ep at pp = 1 runs with tp = 1 and cp = 1 (got tp = {dims.tp}, "
+                          f"cp = {dims.cp}); set parallel.overlap=none or parallel.tp=1, parallel.cp=1")
+
+
+# -- the parts ------------------------------------------------------------------------------------------------
+class _Step:
+    """One part of a micro-batch's forward: `outputs` (what it produced, with their graph), the leaves the
+    later parts consumed in their place (`leaves`, same order), and the leaves it consumed (`inputs`).
+    An all-to-all step keeps, per tensor sent, (sent leaf, received leaf, send, recv, group, label)."""
+
+    __slots__ = ("outputs", "leaves", "inputs", "a2a")
+
+    def __init__(self, outputs=(), leaves=(), inputs=(), a2a=None):
+        self.outputs, self.leaves, self.inputs, self.a2a = list(outputs), list(leaves), list(inputs), a2a
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def _differentiable(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def _run_in_unit(unit: nn.Module, mode: str, fn, *args):
+    """fn(*args) under `unit`'s recomputation mode (parallel/recompute.py, applied to one part)."""
+    if not torch.is_grad_enabled() or mode == "none":
+        return fn(*args)
+    if mode == "full":
+        runs = []
+
+        def run(*a):
+            if not runs:
+                runs.append(True)
+                return fn(*a)
+            state = _snapshot(unit)  # the recomputation must not repeat the part's side effects
+            if _fsdp_state(unit) is not None:  # e.g. reached through a balance loss, before the unit's backward
+                unit.unshard()
+            try:
+                return fn(*a)
+            finally:
+                _restore(unit, state)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+    rec, handles = _Recorder(), []
+    for name in getattr(type(unit), "recompute_selective", None) or ():
+        sub = _find(unit, name)
+        if sub is not None:
+            handles.append(sub.register_forward_pre_hook(functools.partial(rec.pre, name), with_kwargs=True))
+            handles.append(sub.register_forward_hook(rec.post, with_kwargs=True, prepend=True))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(rec.pack, _unpack):
+            return fn(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        rec.close()
+
+
+def _entry(unit: nn.Module):
+    """unit._overlap_entry(mode, fn, *args): a part run inside `unit`'s FSDP2 unit (its parameters gathered,
+    its backward hooks registered) when it is one, in the given recomputation mode."""
+    entry = vars(unit).get("_overlap_entry")
+    if entry is None:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        unit._overlap_entry = functools.partial(_run_in_unit, unit)
+        register_fsdp_forward_method(unit, "_overlap_entry")  # a no-op unless unit is an FSDP module
+        entry = vars(unit)["_overlap_entry"]
+    return entry
+
+
+@contextlib.contextmanager
+def _layers_skipped(model: nn.Module, seen: list | None = None):
+    """The model's layer loop (`_blocks`, a seam) replaced by one that returns its input (and records its
+    arguments in `seen`): `hidden` then gives the embedding, `loss(h=...)` the loss from the last layer's output."""
+    def skip(h, *args, **kwargs):
+        if seen is not None:
+            seen.append((args, kwargs))
+        return h
+    model._blocks = skip
+    try:
+        yield
+    finally:
+        del model._blocks
+
+
+class _MicroBatch:
+    """One micro-batch's forward (a generator of parts) and, after it, its backward (another)."""
+
+    def __init__(self, model: nn.Module, tokens, labels, inputs: dict, n: int, connected: bool = False):
+        self.model, self.tokens, self.labels, self.inputs, self.n = model, tokens, labels, inputs, n
+        # connected: one autograd graph (the last micro-batch, whose backward runs alone: one
+        # `backward()`, as SingleStage's, so FSDP2 reduces each gradient once, whole)
+        self.connected = connected
+        self.steps: list[_Step] = []
+        self.out: dict[str, torch.Tensor] = {}
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def _compute(self, fn, inputs: list, *args):
+        """Run fn(*inputs, *args) as a part: every differentiable output gets a leaf for the later parts."""
+        out = fn(*inputs, *args)
+        if self.connected:
+            return out
+        flat, spec = tree_flatten(out)
+        outputs, leaves = [], []
+        for i, t in enumerate(flat):
+            if _differentiable(t):
+                leaf = _leaf(t)
+                outputs.append(t)
+                leaves.append(leaf)
+                flat[i] = leaf
+        self.steps.append(_Step(outputs, leaves, [x for x in inputs if _differentiable(x)]))
+        return tree_unflatten(flat, spec)
+
+    def _all_to_all(self, sends: list, meanwhile=None):
+        """Issue [(tensor, send, recv, group, label)], yield while they fly, run `meanwhile()` (parts that do
+        not need them), then wait: (the received leaves, what meanwhile returned). The all-to-all's step is
+        recorded before meanwhile's parts, so that their backward runs before its gradients are sent back."""
+        if self.connected:  # autograd's all-to-alls, issued now, waited below; their backward is blocking
+            works = [issue_all_to_all(t, s, r, g, label) for t, s, r, g, label in sends]
+            yield
+            extra = meanwhile() if meanwhile is not None else None
+            return [w.wait() for w in works], extra
+        works = [comm.all_to_all_async(t.detach(), s, r, g, label) for t, s, r, g, label in sends]
+        yield
+        at = len(self.steps)
+        extra = meanwhile() if meanwhile is not None else None
+        got, record = [], []
+        for (t, s, r, g, label), w in zip(sends, works):
+            y = w.wait()
+            if _differentiable(t):
+                y = y.requires_grad_()
+                record.append((t, y, s, r, g, label))
+            got.append(y)
+        self.steps.insert(at, _Step(a2a=record))
+        return got, extra
+
+    def forward(self):
+        model = self.model
+        seen: list = []
+        with _layers_skipped(model, seen):
+            h = self._compute(lambda: model.hidden(self.tokens, **self.inputs), [])
+        rope, start_pos, _caches, mask = _seen_args(*seen[0])
+        for block in model.layers.values():
+            if isinstance(getattr(getattr(block, "ffn", None), "experts", None), ExpertParallel):
+                h = yield from self._moe_block(block, h, rope, start_pos, mask)
+            else:
+                h = self._compute(lambda x: block(x, rope, start_pos, None, mask), [h])
+        with _layers_skipped(model):
+            self.out = model.loss(self.tokens, self.labels, h=h, **self.inputs)
+        self.steps.append(_Step([self.out["loss"] / self.n]))  # the seed of the backward, as SingleStage's
+
+    def _moe_block(self, block: nn.Module, x, rope, start_pos, mask):
+        mode, experts = recompute_mode(block), block.ffn.experts
+        fsdp = _fsdp_state(block) if self.connected else None
+        if fsdp is not None:  # the whole block inside its FSDP2 unit, as its forward would be
+            (x,), _ = fsdp._pre_forward(block, (x,), {})
+            entry = functools.partial(_gathered, block)
+        else:
+            entry = _entry(block)
+        h, u, w, routed, partial, stats = self._compute(
+            lambda x_: entry(mode, block.moe_pre, x_, rope, start_pos, None, mask), [x])
+        xs, idx, ws, base, span = u, routed, w, 0, experts.ep_total
+        routes, shared = [], None
+        levels = experts.ep_levels
+        for i, group in enumerate(levels):        # dispatch, level by level (across nodes, then inside)
+            route = Route(group, idx, base, span).exchange()   # the split sizes: the host synchronisation
+            x_s, w_s = self._compute(route.gather, [xs, ws])
+            s, r = route.send, route.recv
+            # the shared experts need no dispatch: they run while the last level's payload flies
+            (xs, idx, ws), got = yield from self._all_to_all(
+                [(x_s, s, r, group, "all_to_all"), (route.idx_s, s, r, group, "all_to_all_routing"),
+                 (w_s, s, r, group, "all_to_all_routing")],
+                (lambda: self._compute(lambda u_: entry(mode, block.moe_shared, u_), [u])) if i == len(levels) - 1
+                else None)
+            shared = got if i == len(levels) - 1 else shared
+            routes.append(route)
+            base, span = route.child_base, route.per
+        y = self._compute(lambda x_, w_: _entry(experts)(mode, experts.ep_local, x_, idx, w_, base, span), [xs, ws])
+        for route in reversed(routes):           # combine, level by level back
+            (y_s,), _ = yield from self._all_to_all([(y, route.recv, route.send, route.group, "all_to_all")])
+            y = self._compute(lambda t: route.scatter_add(t, u), [y_s])
+        out = self._compute(lambda h_, u_, y_, s_, st: entry(mode, block.moe_post, h_, u_, y_, st, s_),
+                            [h, u, y, shared], stats)
+        return out if fsdp is None else fsdp._post_forward(block, (x,), out)
+
+    # -- backward -----------------------------------------------------------------------------------------
+    def backward(self):
+        """The parts' backward in reverse order; yields after issuing each reverse all-to-all."""
+        steps, self.steps = self.steps, []
+        seed = steps.pop()
+        torch.autograd.backward(seed.outputs)
+        if self.connected:
+            return
+        while steps:
+            step = steps.pop()
+            if step.a2a is not None:
+                works = []
+                for sent, got, s, r, g, label in step.a2a:
+                    grad = got.grad if got.grad is not None else torch.zeros_like(got)
+                    works.append(comm.all_to_all_async(grad, r, s, g, label))
+                yield
+                for (sent, _got, *_), work in zip(step.a2a, works):
+                    _accumulate(sent, work.wait())
+                continue
+            pairs = [(o, leaf.grad) for o, leaf in zip(step.outputs, step.leaves) if leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+
+def _fsdp_state(module: nn.Module):
+    """The module's FSDP2 state when it is an FSDP unit (what register_fsdp_forward_method calls), else None."""
+    from torch.distributed.fsdp import FSDPModule
+    return module._get_fsdp_state() if isinstance(module, FSDPModule) else None
+
+
+def _gathered(unit: nn.Module, *args):
+    """_run_in_unit with the unit's parameters gathered first: the other micro-batch's backward parts, run in
+    between, end with FSDP2's final callback, which reshards every unit not in backward."""
+    unit.unshard()
+    return _run_in_unit(unit, *args)
+
+
+def _accumulate(leaf: torch.Tensor, g: torch.Tensor) -> None:
+    leaf.grad = g if leaf.grad is None else leaf.grad + g
+
+
+def _seen_args(args, kwargs):
+    """The arguments after h that the layer loop `_blocks(h, rope, start_pos=0, caches=None, mask=None)` got."""
+    def bind(rope, start_pos=0, caches=None, mask=None):
+        return rope, start_pos, caches, mask
+    return bind(*args, **kwargs)
+
+
+def _interleave(*gens) -> None:
+    """Drive generators in turn, each up to its next yield (an all-to-all issued), until all are done."""
+    live = [g for g in gens if g is not None]
+    while live:
+        for g in list(live):
+            try:
+                next(g)
+            except StopIteration:
+                live.remove(g)
+
+
+def overlapped_losses(model: nn.Module, mesh, micro_batch_size: int, tokens: torch.Tensor, labels: torch.Tensor,
+                      inputs: dict | None = None) -> dict[str, float]:
+    """Forward + backward of this rank's rows in micro-batches of `micro_batch_size`, F(k+1) interleaved with
+    B(k): the gradients and returned loss terms of `SingleStage._losses(..., backward=True)` (the mean over
+    micro-batches and dp), FSDP2 reducing once, in the last backward."""
+    inputs = inputs or {}
+    n = tokens.shape[0] // micro_batch_size
+    mbs = []
+    for i in range(n):
+        rows = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
+        mbs.append(_MicroBatch(model, tokens[rows], labels[rows], {k: v[rows] for k, v in inputs.items()}, n,
+                               connected=i == n - 1))
+    sums: dict[str, torch.Tensor] = {}
+    set_gradient_sync(model, n == 1)
+    prev = None
+    for i, mb in enumerate(mbs):
+        _interleave(mb.forward(), prev.backward() if prev is not None else None)
+        for k, v in mb.out.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().double() / n  # fp64, as SingleStage sums
+        prev = mb
+    set_gradient_sync(model, True)
+    _interleave(prev.backward())
+    finish_grad_sync(model, mesh)
+    total = comm.all_sum({k: sums[k] for k in sorted(sums)}, mesh["dp"], mesh.device_type)
+    return {k: v / mesh.dims.dp for k, v in total.items()}
