@@ -1,0 +1,110 @@
+"""The passkey benchmark's documents and scorer (benchmarks/passkey.py); the training is not run here."""
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import passkey as pk  # noqa: E402
+
+
+class DigitTokenizer:
+    """A stand-in for the embedded sentencepiece tokenizer: one token per character (digits split, as there)."""
+
+    vocab_size, eod_id = 200, 0
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i)
+
+
+@pytest.fixture
+def maker():
+    filler = np.array([ord(c) for c in "abcdefghij" * 500])
+    return pk.PasskeyMaker(DigitTokenizer(), filler)
+
+
+@pytest.mark.parametrize("length", [128, 256, 1024])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
+def test_document_length_and_depth(maker, length, depth):
+    tok = maker.tok
+    doc = maker.make(length, depth, random.Random(3))
+    assert len(doc.ids) == length and doc.ids[-1] == tok.eod_id
+    text = tok.decode(doc.ids)
+    needle = pk.NEEDLE.format(key=doc.key)
+    assert text.count(needle) == 1 and len(doc.key) == pk.KEY_DIGITS and doc.key.isdigit()
+    assert tok.decode(doc.ids[doc.needle_start:]).startswith(needle)
+    n_filler = length - maker.overhead()
+    assert doc.needle_start == round(depth * n_filler)           # the needle sits after depth x the filler
+    prompt = tok.decode(doc.ids[:doc.prompt_len])
+    assert prompt.endswith(pk.QUESTION) and doc.key not in prompt.replace(needle, "")
+    assert doc.ids[doc.prompt_len:-1] == doc.answer and tok.decode(doc.answer) == " " + doc.key
+
+
+def test_cells_are_reproducible_and_distinct(maker):
+    a = pk.cell_docs(maker, 256, 0.5, 4, seed=0)
+    b = pk.cell_docs(maker, 256, 0.5, 4, seed=0)
+    c = pk.cell_docs(maker, 256, 0.75, 4, seed=0)
+    assert [d.ids for d in a] == [d.ids for d in b]
+    assert [d.ids for d in a] != [d.ids for d in c]
+
+
+def test_too_short_and_bad_depth(maker):
+    with pytest.raises(ValueError, match="shorter"):
+        maker.make(maker.overhead() - 1, 0.5, random.Random(0))
+    with pytest.raises(ValueError, match="depth"):
+        maker.make(256, 1.5, random.Random(0))
+
+
+def test_scorer():
+    assert pk.score(" 71432", "71432")
+    assert pk.score("71432. remember", "71432")
+    assert not pk.score(" 71433", "71432")
+    assert not pk.score(" 7143", "71432")          # too few digits
+    assert not pk.score(" 714320", "71432")        # too many
+    assert not pk.score(" the pass key", "71432")
+    assert pk.key_from_text("  0123x") == "0123"
+
+
+def test_embedded_tokenizer_splits_digits(tmp_path):
+    """The real tokenizer of the embedded corpus, when it is already built (building it is not this test's job)."""
+    from pretrain.corpus import embedded_tokenizer_path
+    from pretrain.tokenizer import load_tokenizer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = embedded_tokenizer_path(os.path.join(root, ".cache", "whaletron"))
+    if not os.path.isfile(path):
+        pytest.skip("the embedded corpus has not been built on this machine")
+    tok = load_tokenizer(path)
+    maker = pk.PasskeyMaker(tok, np.arange(10, 1000))
+    doc = maker.make(256, 0.5, random.Random(0))
+    assert len(doc.ids) == 256 and len(doc.answer) == pk.KEY_DIGITS + 1
+    assert tok.decode(doc.answer).strip() == doc.key
+    prefix = str(tmp_path / "pk")
+    assert pk.write_passkey_dataset(maker, prefix, 5, 256, seed=0) == 5 * 256
+    from pretrain.data import check_indexed_dataset
+    info = check_indexed_dataset(prefix)
+    assert info.n_documents == 5 and list(info.sequence_lengths) == [256] * 5
+
+
+def test_repeat_documents(tmp_path, maker):
+    """The induction stage's documents: exactly `length` tokens, a slice then the same slice, end-of-document."""
+    captured = []
+    import pretrain.preprocess as pre
+
+    def fake_write(docs, prefix, vocab_size):
+        captured.extend(list(d) for d in docs)
+        return len(captured), sum(map(len, captured))
+
+    real, pre.write_indexed_dataset = pre.write_indexed_dataset, fake_write
+    try:
+        pk.write_repeat_dataset(np.arange(10, 5000), 0, 6000, str(tmp_path / "r"), 3, 128, seed=0)
+    finally:
+        pre.write_indexed_dataset = real
+    for d in captured:
+        half = 127 // 2
+        assert len(d) == 128 and d[-1] == 0 and d[:half] == d[half:2 * half]
