@@ -74,6 +74,13 @@ class Gate(FP32Buffers, nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [T, dim] -> gate weights [T, K], expert indices [T, K], affinities s [T, E] (fp32)."""
+        return self.route(x)[:3]
+
+    def route(self, x: torch.Tensor, forced: torch.Tensor | None = None):
+        """forward's (weights, indices, scores) plus the indices the router chose itself [T, K]. With
+        `forced` [T, K] (routing replay, R3: arXiv 2510.11370) every token whose row holds no -1 takes
+        those experts instead: selection (groups, device/node limits, the aux-free bias) is overridden,
+        the gate weights still come from this forward's scores, so the router keeps its gradients."""
         scores = F.linear(at_least_fp32(x), at_least_fp32(self.weight))
         scores = scores.softmax(dim=-1) if self.score_func == "softmax" else scores.sigmoid()
         select = scores if self.bias is None else scores + self.bias
@@ -86,11 +93,17 @@ class Gate(FP32Buffers, nn.Module):
             # V3: nodes ranked by the sum of their K_r/M highest affinities
             per_node = max(1, self.topk // self.topk_nodes)
             select = _limit_groups(select, self.n_nodes, self.topk_nodes, per_node)
-        indices = select.topk(self.topk, dim=-1).indices
+        chosen = indices = select.topk(self.topk, dim=-1).indices
+        if forced is not None:
+            if forced.shape != indices.shape:
+                raise ValueError(f"routing replay: forced routes of shape {tuple(forced.shape)} for a gate that sees "
+                                 f"{tuple(indices.shape)} (tokens, top-k); replay the routes of this micro-batch")
+            forced = forced.to(indices.device, indices.dtype)
+            indices = torch.where((forced >= 0).all(-1, keepdim=True), forced, indices)
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, indices, scores
+        return weights * self.route_scale, indices, scores, chosen
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, gamma: float) -> None:
@@ -201,6 +214,13 @@ class MoE(FP32Buffers, nn.Module):
         # Sums per-sequence routing statistics over the ranks that hold other tokens of the same
         # sequences (sequence parallelism sets it); identity in one process.
         self.reduce_token_stats = _identity
+        # Routing replay (R3), set from outside (Transformer.record_routing / replay_routing / clear_routing):
+        # forced_routes [T, K] (-1: route normally) stays set until cleared, so that activation recomputation
+        # in backward forces the same experts; with record_routes each forward appends (chosen, used)
+        # indices [*, K] to `routes`, a new tuple each time (recomputation's restore drops its own record).
+        self.forced_routes: torch.Tensor | None = None
+        self.record_routes = False
+        self.routes: tuple = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, seq, dim] (or [tokens, dim]: one sequence)."""
@@ -215,7 +235,10 @@ class MoE(FP32Buffers, nn.Module):
         shape = x.shape
         n_seqs = shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, shape[-1])
-        weights, indices, scores = self.gate(x)
+        weights, indices, scores, chosen = self.gate.route(x, self.forced_routes)
+        if self.record_routes:
+            lead = shape[:-1]
+            self.routes = self.routes + ((chosen.detach().view(*lead, -1), indices.detach().view(*lead, -1)),)
         dropping = self.training and self.cfg.capacity_factor > 0 and self.gate.n_devices > 1
         routed = indices
         if dropping:

@@ -345,6 +345,41 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    # -- routing replay (R3, arXiv 2510.11370; Megatron-core RouterReplay): set from outside the forward ---------
+    def trunk_moe_layers(self) -> list[MoE]:
+        """The MoE layers of the decoder stack in layer order (the MTP modules' own MoE excluded)."""
+        return [b.ffn for b in self.layers.values() if isinstance(b.ffn, MoE)]
+
+    def record_routing(self, on: bool = True) -> None:
+        """From now on every forward appends, per trunk MoE layer, the experts its router chose."""
+        for m in self.trunk_moe_layers():
+            m.record_routes, m.routes = on, ()
+
+    def recorded_routing(self, forced: bool = True) -> list[torch.Tensor]:
+        """Per recorded forward, the experts [*tokens' shape, n_moe_layers, k] (long): those used (`forced`,
+        the replayed ones where replay forced them) or those the router chose itself (forced=False)."""
+        layers = self.trunk_moe_layers()
+        if not layers:
+            return []
+        return [torch.stack([m.routes[i][int(forced)] for m in layers], dim=-2) for i in range(len(layers[0].routes))]
+
+    def replay_routing(self, routes: torch.Tensor) -> None:
+        """Force the experts routes [*tokens' shape, n_moe_layers, k] (-1 in a token's row: route it normally)
+        in every following forward (and its recomputation in backward) until `clear_routing`. The tokens'
+        shape is that of the micro-batch the gates see ([batch, seq] flattened in order)."""
+        layers = self.trunk_moe_layers()
+        if routes.dim() < 2 or routes.shape[-2] != len(layers):
+            raise ValueError(f"replay_routing: routes of shape {tuple(routes.shape)} need [..., {len(layers)} MoE "
+                             f"layers, k]")
+        flat = routes.reshape(-1, *routes.shape[-2:]).long()
+        for i, m in enumerate(layers):
+            m.forced_routes = flat[:, i]
+
+    def clear_routing(self) -> None:
+        """Stop recording and replaying; drop what was recorded."""
+        for m in self.trunk_moe_layers():
+            m.forced_routes, m.record_routes, m.routes = None, False, ()
+
     def balance_losses(self) -> dict[str, torch.Tensor]:
         """Each balance loss of the last forward, summed over this model's (or stage's) MoE layers."""
         aux: dict[str, torch.Tensor] = {}

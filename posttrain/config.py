@@ -69,6 +69,8 @@ class GRPOSection:
     entropy_floor: float = 0.0      # stop when the mean token entropy stays below this (collapse); 0 = off
     min_response_len: float = 0.0   # stop when the mean response length stays below this (collapse); 0 = off
     collapse_patience: int = 5      # rollout batches in a row below a floor before stopping
+    routing_replay: str = "none"    # rollout: the policy's training forwards force the experts the rollout chose
+                                    # (R3, arXiv 2510.11370); none: route afresh (routing_mismatch is logged both ways)
 
 
 @dataclass
@@ -123,6 +125,7 @@ class PosttrainConfig(Config):
         g = self.grpo
         choices = {"grpo.loss_agg": (g.loss_agg, ("token_mean", "seq_mean", "constant")),
                    "grpo.old_logprobs": (g.old_logprobs, ("rollout", "recompute")),
+                   "grpo.routing_replay": (g.routing_replay, ("none", "rollout")),
                    "data.overflow": (self.data.overflow, ("truncate", "drop")),
                    "rollout.engine": (self.rollout.engine, ("paged", "static"))}
         check_choices(choices)
@@ -156,6 +159,15 @@ class PosttrainConfig(Config):
         if self.parallel.cp != 1:
             raise ConfigError("post-training runs with parallel.cp = 1: its log-probability and generation paths "
                               "take whole sequences (context parallelism is a pretraining layout); set parallel.cp=1")
+        if g.routing_replay != "none":
+            if not self.model_config().is_moe:
+                raise ConfigError(f"grpo.routing_replay = {g.routing_replay} replays MoE routing, and this model has "
+                                  "no MoE layer; set grpo.routing_replay=none")
+            if self.parallel.tp != 1:
+                raise ConfigError(f"grpo.routing_replay = {g.routing_replay} needs parallel.tp = 1: under tp each "
+                                  "rank's routers see a share of the tokens (the MoE token split), whose order the "
+                                  "recorded routes do not follow; set parallel.tp=1 (ep and dp replay) or "
+                                  "grpo.routing_replay=none")
         e = self.eval
         if e.samples < 1 or (e.samples > 1 and e.temperature <= 0):
             raise ConfigError(f"eval.samples = {e.samples}: it must be >= 1, and more than one sample per prompt needs "

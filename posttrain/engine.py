@@ -129,6 +129,7 @@ class Sequence:
     logps: list[float] = field(default_factory=list)
     finish: str = ""
     text: str = ""
+    routes: list = field(default_factory=list)   # with record_routing: [n, n_moe_layers, k] per fed chunk
 
 
 class Engine:
@@ -153,6 +154,7 @@ class Engine:
         self.n_layers = model.cfg.n_layers
         self.page_size, self.n_pages, self.max_batch = page_size, n_pages, max_batch
         self.share_prefix, self.draft_tokens = share_prefix, draft_tokens
+        self.record, self.routes = False, None   # routing replay: record the trunk's experts per forward
 
     # -- the acceptance rule (speculative sampling) -----------------------------------------------------
     @staticmethod
@@ -185,7 +187,11 @@ class Engine:
         caches = [PagedCache(c, slots, gather) for c in self.pool.caches]
         self.forwards += 1
         if hidden is None:
-            return self.model.decode(tokens, pos, caches[:self.n_layers], mask)
+            out = self.model.decode(tokens, pos, caches[:self.n_layers], mask)
+            if self.record:   # the trunk's experts per row [b, s, n_moe_layers, k]; padding rows are sliced off
+                self.routes = self.model.recorded_routing()[-1].cpu()
+                self.model.record_routing()
+            return out
         return self.model.draft(hidden, tokens, pos, caches[self.n_layers], mask)
 
     def _anyone(self, flag: bool) -> bool:
@@ -265,12 +271,14 @@ class Engine:
     # -- the scheduler -----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int = 0,
-                 seeds: list[int] | None = None):
+                 seeds: list[int] | None = None, record_routing: bool = False):
         """One completion per prompt, in order. Returns (completions, stats); a prompt that cannot fit
         (prompt + max_new_tokens > max_seq_len) comes back with finish "prompt_too_long" and no tokens.
         stats: tokens, seconds, tokens_per_s, forwards (of the model or its MTP module), steps (decode or
         verify steps), prefill_tokens, skipped, pages, and with speculation acceptance (accepted over
-        drafted tokens) and acceptance_per_position (the same at each draft position)."""
+        drafted tokens) and acceptance_per_position (the same at each draft position). With `record_routing`
+        each completion carries `routes` [len, n_moe_layers, k]: the trunk's experts for every token fed (the
+        prompt's from its shared prefill; of a verify step only the accepted positions; the MTP's excluded)."""
         if not prompts or any(len(q) == 0 for q in prompts):
             raise ValueError("generate needs at least one prompt, and every prompt at least one token")
         if seeds is not None and len(seeds) != len(prompts):
@@ -278,6 +286,20 @@ class Engine:
         net = self.model
         was_training = net.training
         net.eval()
+        if record_routing and not net.trunk_moe_layers():
+            raise ValueError("record_routing: this model has no MoE layer whose routing could be recorded")
+        self.record = record_routing
+        if record_routing:
+            net.record_routing()
+        try:
+            return self._generate(prompts, params, seed, seeds, was_training)
+        finally:
+            if record_routing:
+                net.record_routing(False)
+            self.record, self.routes = False, None
+
+    def _generate(self, prompts, params, seed, seeds, was_training):
+        net = self.model
         self.device = next(net.parameters()).device
         P, new = self.page_size, params.max_new_tokens
         fits = [len(q) + new <= self.max_seq_len for q in prompts]
@@ -332,7 +354,8 @@ class Engine:
                 completions.append(Completion(list(q), [], "", [], TOO_LONG))
                 continue
             text = seq.text if seq.finish == "stop" else self.tokenizer.decode([t for t in seq.out if t != self.eod])
-            completions.append(Completion(list(q), seq.out, text, seq.logps, seq.finish))
+            routes = torch.cat(seq.routes) if self.record else None
+            completions.append(Completion(list(q), seq.out, text, seq.logps, seq.finish, routes))
         net.train(was_training)
         n = sum(len(c.ids) for c in completions)
         stats = {"tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9), "forwards": self.forwards,
@@ -392,6 +415,7 @@ class Engine:
         prompts = [q for q, _ in admitted]
         self.prefilled += sum(map(len, prompts))
         logits, h = self._forward(tables, [0] * len(prompts), prompts)
+        prompt_routes = self.routes
         if self.draft_tokens:   # the MTP cache over the prompt but its last position (which needs the sample)
             spans = [q[1:] for q in prompts]
             idx = [i for i, sp in enumerate(spans) if sp]
@@ -411,6 +435,8 @@ class Engine:
                 for page in table:
                     self.pool.share(page)
                 seq.pages = list(table)
+                if self.record:   # the children share the prompt's prefill, and so its routing
+                    seq.routes = [prompt_routes[g, :len(q)]]
                 if self.draft_tokens:
                     seq.mtp_len, seq.hidden = len(q) - 1, h[g, len(q) - 1:len(q)]
                 if not self._emit(seq, token, float(logp[g, token]), params):
@@ -431,7 +457,9 @@ class Engine:
         logp, probs = self._distributions(logits, params)
         tokens = self._draw(logits, probs, running)
         logps = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-        for seq, token, lp in zip(running, tokens, logps):
+        for b, (seq, token, lp) in enumerate(zip(running, tokens, logps)):
+            if self.record:
+                seq.routes.append(self.routes[b, :1])
             seq.length += 1
             self._emit(seq, token, lp, params)
 
@@ -489,6 +517,7 @@ class Engine:
             return self._idle()
         logits, h = self._forward([s.pages for s in running], [s.length for s in running],
                                   [[s.tokens[s.length]] + drafts[id(s)] for s in running])
+        verify_routes = self.routes
         logits = self._logits(logits)
         logp, p = self._distributions(logits, params)
         greedy = logits.argmax(-1).tolist() if p is None else None
@@ -532,6 +561,8 @@ class Engine:
                     break
             n += len(tokens)
             seq.hidden = h[b, :emitted]
+            if self.record:   # the pending token and the accepted drafts: the positions now in the cache
+                seq.routes.append(verify_routes[b, :emitted])
             seq.length += emitted
 
 

@@ -75,6 +75,9 @@ class Completion:
     text: str                 # decoded, cut after the stop string that ended it
     logprobs: list[float]     # log-prob of each generated token under the sampled distribution (logits / T)
     finish: str               # "eod", "stop", or "length"
+    # with generate(..., record_routing=True): the experts each trunk MoE layer chose for every token fed
+    # through the model (the prompt, then each generated token but the last) [len, n_moe_layers, k], long
+    routes: torch.Tensor | None = None
 
 
 def sample_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None):
@@ -122,9 +125,11 @@ class Generator:
         return bool(flag.item())
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int = 0):
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int = 0,
+                 record_routing: bool = False):
         """Sample one completion per prompt. Returns (completions, stats) with stats tokens, seconds,
-        tokens_per_s (this rank's generated tokens over the wall time of the call)."""
+        tokens_per_s (this rank's generated tokens over the wall time of the call). With `record_routing`
+        each completion carries `routes` (the experts of every token fed, for routing replay)."""
         if not prompts or any(len(q) == 0 for q in prompts):
             raise ValueError("generate needs at least one prompt, and every prompt at least one token")
         net = self.model
@@ -150,6 +155,10 @@ class Generator:
         running = torch.ones(b, dtype=torch.bool)
         t0 = time.perf_counter()
         pos, step_in = 0, tokens
+        if record_routing and not net.trunk_moe_layers():
+            raise ValueError("record_routing: this model has no MoE layer whose routing could be recorded")
+        if record_routing:
+            net.record_routing()
         for step in range(params.max_new_tokens):
             logits = net.gather_logits(net(step_in, pos, caches, doc_ids=doc)[:, -1])
             ids, lp = sample_tokens(logits, params, gen)
@@ -173,13 +182,20 @@ class Generator:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
+        steps = net.recorded_routing() if record_routing else []
+        if record_routing:
+            net.record_routing(False)
         completions = []
         for i in range(b):
             if not finish[i]:
                 finish[i] = "length"
             text = texts[i] if finish[i] == "stop" else self.tokenizer.decode(
                 [t for t in out[i] if t != self.eod])
-            completions.append(Completion(list(prompts[i]), out[i], text, logps[i], finish[i]))
+            routes = None
+            if record_routing:   # the prompt past its left padding, then each generated token fed back
+                routes = torch.cat([steps[0][i, P - len(prompts[i]):]] +
+                                   [steps[j][i] for j in range(1, len(out[i]))]).cpu()
+            completions.append(Completion(list(prompts[i]), out[i], text, logps[i], finish[i], routes))
         n = sum(len(c.ids) for c in completions)
         net.train(was_training)
         return completions, {"tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9)}

@@ -99,6 +99,28 @@ def training_rows(prompts: list[list[int]], completions, multiple: int, pad: int
     return tokens, targets, old
 
 
+def training_routes(completions, length: int, n_layers: int, k: int) -> torch.Tensor:
+    """The rollout's recorded experts aligned to training_rows' rows [n, length, n_layers, k]: each
+    completion's routes (prompt + completion, the last token excepted) at their positions, -1 elsewhere
+    (padding, the last token, a completion without a record: those route normally)."""
+    out = torch.full((len(completions), length, n_layers, k), -1, dtype=torch.long)
+    for i, c in enumerate(completions):
+        if c.routes is not None:
+            out[i, :len(c.routes)] = c.routes
+    return out
+
+
+def routing_disagreement(chosen: torch.Tensor, routes: torch.Tensor, prompts, completions) -> tuple[float, float]:
+    """(pairs whose top-k set differs, pairs) over the (generated token fed, MoE layer) pairs of the
+    completions: chosen [n, L, layers, k] by the training forward, routes the rollout's (-1: no record)."""
+    comp = torch.zeros(chosen.shape[:2], dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        comp[i, len(p):len(p) + len(c.ids) - 1] = True
+    comp = comp[..., None] & (routes >= 0).all(-1)
+    differ = (chosen.sort(-1).values != routes.sort(-1).values).any(-1)
+    return float((differ & comp).sum()), float(comp.sum())
+
+
 class GRPOTrainer:
     def __init__(self, cfg: PosttrainConfig):
         self.cfg = cfg
@@ -134,6 +156,9 @@ class GRPOTrainer:
         self.stream = PromptStream(self.train_records, cfg.train.seed)
         self.ref = sess.build(trainable=False) if g.beta > 0 else None
         self.gen = rollout_engine(sess.policy, sess.tokenizer, cfg.rollout)
+        # routing replay (R3): the rollout records the trunk's experts when the router's token order is the
+        # rows' (tp = 1; config.py refuses replay otherwise), for the replay and the routing_mismatch metric
+        self.record_routes = bool(sess.policy.trunk_moe_layers()) and sess.dims.tp == 1
         r = cfg.rollout
         self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                        top_k=r.top_k, stop=list(r.stop))
@@ -180,7 +205,7 @@ class GRPOTrainer:
         records = self._local_slice(self.stream.take(cfg.grpo.prompts_per_step))
         prompts = [self.encode(r) for r in records for _ in range(G)]
         seed = (cfg.train.seed * 1_000_003 + sess.step) * 4099 + sess.dp_rank    # tp ranks draw the same tokens
-        completions, gstats = self.gen.generate(prompts, self.sampling, seed=seed)
+        completions, gstats = self.gen.generate(prompts, self.sampling, seed=seed, record_routing=self.record_routes)
         scores = [self.reward.score(c.text, rec) for c, rec in zip(completions, (r for r in records for _ in range(G)))]
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float64).view(-1, G)
         adv = group_advantages(rewards, cfg.grpo.std_normalize)
@@ -230,6 +255,18 @@ class GRPOTrainer:
         n = tokens.shape[0]
         n_micro = -(-n // mbs)
         temperature = self.sampling.temperature or 1.0
+        # routing replay: the policy's forwards (old log-probs, the update) force the rollout's experts; the
+        # reference keeps its own routing, which is what its log-probs mean (slime and verl replay the actor only)
+        routes = None
+        if self.record_routes:
+            routes = training_routes(completions, tokens.shape[1], len(net.trunk_moe_layers()),
+                                     sess.model_cfg.n_activated_experts)
+        replay = routes is not None and g.routing_replay == "rollout"
+
+        def forcing(sl):   # set until clear_routing, after the micro-batch's backward (recomputation replays too)
+            if replay:
+                net.replay_routing(routes[sl].to(sess.device))
+
         ref_logp = None
         if self.ref is not None:
             with torch.no_grad():
@@ -239,8 +276,13 @@ class GRPOTrainer:
         rollout = old                     # what the sampler recorded: pi_rollout
         if g.old_logprobs == "recompute":
             with torch.no_grad():
-                old = torch.cat([net.token_logprobs(tokens[i:i + mbs], targets[i:i + mbs],
-                                                    temperature=temperature)["logprobs"] for i in range(0, n, mbs)])
+                parts = []
+                for i in range(0, n, mbs):
+                    forcing(slice(i, i + mbs))
+                    parts.append(net.token_logprobs(tokens[i:i + mbs], targets[i:i + mbs],
+                                                    temperature=temperature)["logprobs"])
+                    net.clear_routing()
+                old = torch.cat(parts)
         # rollout/training mismatch correction (issue 22 §3): TIS weights and V3.2's sequence masking
         weight = truncated_is_weights(old, rollout, g.tis_cap) if g.tis_cap else None
         correction = self.mismatch_stats(old, rollout, weight, mask)
@@ -250,7 +292,17 @@ class GRPOTrainer:
             sums: dict[str, torch.Tensor] = {}
             for m, i in enumerate(range(0, n, mbs)):
                 sl = slice(i, i + mbs)
+                forcing(sl)
+                measure = routes is not None and inner == 0
+                if measure:   # the router's own choices (before forcing) against the rollout's
+                    net.record_routing()
                 out = net.token_logprobs(tokens[sl], targets[sl], entropy=True, temperature=temperature)
+                if measure:
+                    chosen = net.recorded_routing(forced=False)[0].cpu()
+                    net.record_routing(False)
+                    differ, pairs = routing_disagreement(chosen, routes[sl], prompts[sl], completions[sl])
+                    sums["route_differ"] = sums.get("route_differ", 0.0) + differ
+                    sums["route_pairs"] = sums.get("route_pairs", 0.0) + pairs
                 logp = out["logprobs"]
                 loss_tok, clipped, kl = grpo_token_terms(
                     logp, old[sl], adv[sl], eps_low=g.eps_low, eps_high=g.eps_high,
@@ -264,6 +316,7 @@ class GRPOTrainer:
                 loss = aggregate(loss_tok, mk, g.loss_agg, norm) * sess.dims.dp
                 set_gradient_sync(net, m == n_micro - 1)
                 loss.backward()
+                net.clear_routing()
                 with torch.no_grad():
                     terms = {"loss": loss.detach().double() / sess.dims.dp,
                              "clipped": (clipped.float() * mk).sum().double(),
@@ -279,6 +332,8 @@ class GRPOTrainer:
             opt = sess.optimizer_step(tot["loss"])
             if inner == 0:   # against the rollout's own log-probs, before any update: numerics only
                 stats.update(logprob_mismatch=tot["mismatch"] / tok, entropy=tot["entropy"] / tok)
+                if "route_pairs" in tot:   # share of (completion token, MoE layer) pairs routed differently
+                    stats["routing_mismatch"] = float(tot["route_differ"]) / max(float(tot["route_pairs"]), 1.0)
             stats.update(loss=tot["loss"], clip_fraction=tot["clipped"] / tok, kl=tot["kl"] / tok,
                          ratio_mean=tot["ratio"] / tok, **opt)
             if g.offpolicy_mask:
