@@ -43,6 +43,7 @@ class Gate(FP32Buffers, nn.Module):
         self.score_func, self.norm_topk_prob, self.route_scale = cfg.score_func, cfg.norm_topk_prob, cfg.route_scale
         self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.topk_devices, self.topk_nodes = cfg.topk_devices, cfg.topk_nodes
+        self.chosen: torch.Tensor | None = None   # under routing replay: the router's own pick of the last forward
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         if cfg.aux_free_bias:
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
@@ -72,9 +73,13 @@ class Gate(FP32Buffers, nn.Module):
     def n_nodes(self) -> int:
         return self.n_devices // self.devices_per_node
 
-    def forward(self, x: torch.Tensor):
-        """x [T, dim] -> gate weights [T, K], expert indices [T, K], affinities s [T, E] (fp32)."""
-        return self.route(x)[:3]
+    def forward(self, x: torch.Tensor, forced: torch.Tensor | None = None):
+        """x [T, dim] -> gate weights [T, K], expert indices [T, K], affinities s [T, E] (fp32). With `forced`
+        (routing replay, `route`), `self.chosen` keeps the indices the router picked itself. One entry point,
+        so that forward hooks on the gate see every routing decision (benchmarks, metrics)."""
+        weights, indices, scores, chosen = self.route(x, forced)
+        self.chosen = chosen if forced is not None else None
+        return weights, indices, scores
 
     def route(self, x: torch.Tensor, forced: torch.Tensor | None = None):
         """forward's (weights, indices, scores) plus the indices the router chose itself [T, K]. With
@@ -235,7 +240,8 @@ class MoE(FP32Buffers, nn.Module):
         shape = x.shape
         n_seqs = shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, shape[-1])
-        weights, indices, scores, chosen = self.gate.route(x, self.forced_routes)
+        weights, indices, scores = self.gate(x, self.forced_routes)
+        chosen = indices if self.gate.chosen is None else self.gate.chosen
         if self.record_routes:
             lead = shape[:-1]
             self.routes = self.routes + ((chosen.detach().view(*lead, -1), indices.detach().view(*lead, -1)),)

@@ -190,6 +190,19 @@ def reshard(model: nn.Module) -> None:
             m.reshard()
 
 
+def prime_unsharded(model: nn.Module) -> None:
+    """Gather and free every FSDP2 unit once, so that each holds its (storage-less) unsharded parameters.
+    torch 2.13's FSDP2 runs post-backward at the end of every backward for every unit, also one whose
+    forward never ran, and under mixed precision that reads the unsharded parameter it creates at its
+    first all-gather: a unit the step skips (the MTP blocks in a post-training forward) would fail with
+    "'FSDPParam' object has no attribute '_unsharded_param'". One unit at a time, so the peak is one unit."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.unshard()
+            m.reshard()
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Gradient accumulation: skip FSDP2's reduce-scatter on all but the last micro-batch (the
     unsharded gradients accumulate locally; ZeRO-3 then holds them until the last one)."""

@@ -23,7 +23,8 @@ from torch import nn
 from . import comm
 from .apply import parallelize
 from .context_parallel import cp_inputs
-from .data_parallel import clip_grad_norm_, finish_grad_sync, reshard, set_gradient_sync, sync_expert_load
+from .data_parallel import (clip_grad_norm_, finish_grad_sync, prime_unsharded, reshard, set_gradient_sync,
+                            sync_expert_load)
 from .mesh import Mesh
 from .overlap import check_overlap, overlapped_losses
 from .pipeline import Pipeline, attach_schedule, build_pipeline
@@ -47,6 +48,7 @@ class SingleStage:
 
     def init_weights(self, seed: int = 0, device=None) -> None:
         init_parallel_weights(self.stages[0], self.mesh, seed, device)
+        prime_unsharded(self.stages[0])   # a step may skip units (post-training's forward skips MTP)
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
         """Gradients of the mean micro-batch loss; `inputs` are more per-row tensors of `loss()`

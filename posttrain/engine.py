@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from parallel.data_parallel import reshard
+
 from .generate import Completion, Generator, SamplingParams, sampling_distribution
 
 __all__ = ["Engine", "PagePool", "PagedCache", "rollout_engine"]
@@ -357,6 +359,7 @@ class Engine:
             routes = torch.cat(seq.routes) if self.record else None
             completions.append(Completion(list(q), seq.out, text, seq.logps, seq.finish, routes))
         net.train(was_training)
+        reshard(net)   # FSDP2 keeps a no-grad forward's gathered root; a training forward must gather afresh
         n = sum(len(c.ids) for c in completions)
         stats = {"tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9), "forwards": self.forwards,
                  "steps": self.steps, "prefill_tokens": self.prefilled, "skipped": fits.count(False), "pages": n_pages}

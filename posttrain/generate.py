@@ -37,6 +37,7 @@ import torch.distributed as dist
 import yaml
 
 from model import ModelConfig, build_model
+from parallel.data_parallel import reshard
 from parallel.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
                                  sharded_state)
 from pretrain.corpus import embedded_tokenizer_path
@@ -198,6 +199,7 @@ class Generator:
             completions.append(Completion(list(prompts[i]), out[i], text, logps[i], finish[i], routes))
         n = sum(len(c.ids) for c in completions)
         net.train(was_training)
+        reshard(net)   # FSDP2 keeps a no-grad forward's gathered root; a training forward must gather afresh
         return completions, {"tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9)}
 
 
