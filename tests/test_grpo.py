@@ -274,6 +274,15 @@ def test_rollouts_come_from_the_configured_engine(task_dir, tmp_path):
     assert paged == static and any(len(ids) > 1 for ids in paged)
 
 
+def test_bf16_update_with_mtp_modules_runs(task_dir, tmp_path):
+    """The policy's forward skips the MTP blocks; under bf16 (FSDP2 mixed precision) their units must still
+    pass FSDP2's end-of-backward post-processing (which failed with "no attribute '_unsharded_param'")."""
+    run_ranks(1, run_rank, str(task_dir), str(tmp_path / "a"), ["train.steps=1", "eval.every=0", "train.dtype=bf16"],
+              str(tmp_path / "a.pt"))
+    row = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 1 and row["loss"] == row["loss"]
+
+
 def test_speculative_rollouts_log_their_acceptance(task_dir, tmp_path):
     run_ranks(1, run_rank, str(task_dir), str(tmp_path / "a"), ["train.steps=1", "eval.every=0",
                                                                "rollout.draft_tokens=2"], str(tmp_path / "a.pt"))
