@@ -141,7 +141,7 @@ def all_to_all(t: torch.Tensor, send: list[int], recv: list[int], group: Group, 
               row * sum(n for j, n in enumerate(send) if j != me),
               row * sum(n for j, n in enumerate(send) if group.node_of(j) != my_node))
     if LINK.simulated and label in LINK.labels:  # blocking, on the simulated link: its whole duration is exposed
-        return _issue_a2a(t, send, recv, group, label).wait()
+        return _issue_a2a(t, send, recv, group, label).wait(blocking=True)
     out = t.new_empty((sum(recv), *t.shape[1:]))
     dist.all_to_all_single(out, t.contiguous(), recv, send, group=group.pg)
     return out
@@ -319,11 +319,12 @@ class Work:
     """An issued collective: `wait()` blocks until it is complete (and, under the simulated link, until its
     simulated completion time), records the blocked time as exposed, and returns the result. Idempotent."""
 
-    __slots__ = ("_work", "_result", "_done_at", "_waited")
+    __slots__ = ("_work", "_result", "_done_at", "_waited", "_issued")
 
     def __init__(self, work, result, nbytes: int = 0, issued_at: float | None = None):
         self._work, self._result, self._waited = work, result, False
         issued_at = _time.perf_counter() if issued_at is None else issued_at
+        self._issued = issued_at
         duration = LINK.duration(nbytes)
         self._done_at = issued_at + duration
         LINK.link_s += duration
@@ -333,9 +334,11 @@ class Work:
         return self._waited or ((self._work is None or self._work.is_completed())
                                 and _time.perf_counter() >= self._done_at)
 
-    def wait(self):
+    def wait(self, blocking: bool = False):
+        """blocking: the caller did nothing since the issue, so the whole time since it is exposed (the issue
+        call itself included, which a loaded machine can stretch)."""
         if not self._waited:
-            t0 = _time.perf_counter()
+            t0 = self._issued if blocking else _time.perf_counter()
             if self._work is not None:
                 self._work.wait()
             left = self._done_at - _time.perf_counter()
