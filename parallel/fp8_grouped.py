@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_kernels import _scale_of   # the quantisers' scale rule, one definition
+
 TILE_K = 128
 
 
@@ -76,14 +78,6 @@ def round_e4m3(x: torch.Tensor) -> torch.Tensor:
     if x.numel():
         _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, q.view(torch.uint8), x.numel(), B=1024)
     return q
-
-
-@triton.jit
-def _scale_of(amax, floor, inv, POW2: tl.constexpr):
-    s = tl.maximum(amax, floor, propagate_nan=tl.PropagateNan.ALL) * inv
-    if POW2:
-        s = tl.exp2(tl.ceil(tl.log2(s)))
-    return s
 
 
 @triton.jit
