@@ -359,7 +359,7 @@ class Engine:
             routes = torch.cat(seq.routes) if self.record else None
             completions.append(Completion(list(q), seq.out, text, seq.logps, seq.finish, routes))
         net.train(was_training)
-        reshard(net)   # FSDP2 keeps a no-grad forward's gathered root; a training forward must gather afresh
+        reshard(net)   # free the root FSDP2 keeps gathered after a no-grad forward (as SingleStage.evaluate)
         n = sum(len(c.ids) for c in completions)
         stats = {"tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9), "forwards": self.forwards,
                  "steps": self.steps, "prefill_tokens": self.prefilled, "skipped": fits.count(False), "pages": n_pages}

@@ -199,7 +199,7 @@ class Generator:
             completions.append(Completion(list(prompts[i]), out[i], text, logps[i], finish[i], routes))
         n = sum(len(c.ids) for c in completions)
         net.train(was_training)
-        reshard(net)   # FSDP2 keeps a no-grad forward's gathered root; a training forward must gather afresh
+        reshard(net)   # free the root FSDP2 keeps gathered after a no-grad forward (as SingleStage.evaluate)
         return completions, {"tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9)}
 
 
