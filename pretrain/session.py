@@ -14,8 +14,10 @@ job's state around its engine (`parallel.engine`):
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -80,11 +82,14 @@ class Run:
     mesh: Mesh
 
 
+_DECISIONS = itertools.count()  # one key per decision; every rank makes the same decisions in the same order
+
+
 def decided_on_rank0(decide, what: str):
-    """decide()'s value, computed on rank 0 alone and the same on every rank (one broadcast): for checks
-    that read shared storage once and that every rank must act on alike. A ConfigError on rank 0 is raised on
-    every rank; any other exception is re-raised on rank 0 and named in a ConfigError on the others, so no
-    rank is left waiting in a collective."""
+    """decide()'s value, computed on rank 0 alone and the same on every rank: for checks that read shared
+    storage once and that every rank must act on alike. A ConfigError on rank 0 is raised on every rank; any
+    other exception is re-raised on rank 0 and named in a ConfigError on the others, so no rank is left
+    waiting in a collective."""
     box, failure = [None], None
     if dist.get_rank() == 0:
         try:
@@ -94,16 +99,29 @@ def decided_on_rank0(decide, what: str):
         except Exception as e:
             box[0], failure = (False, f"rank 0 failed {what}: {type(e).__name__}: {e}"), e
     if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-        if not box[0][0]:
-            # a process that exits right after a gloo collective can abort (SIGABRT) while gloo's worker thread
-            # still frees that collective's tensors; waiting in a barrier (the GIL released) lets it finish
-            dist.barrier()
+        box[0] = _share_from_rank0(box[0])
     if failure is not None:
         raise failure
     ok, value = box[0]
     if not ok:
         raise ConfigError(value)
+    return value
+
+
+def _share_from_rank0(value):
+    """value, as rank 0 has it, on every rank, through the job's store rather than a gloo collective: a
+    refusal ends the process right after this, and a process that exits right after a gloo collective can
+    abort (SIGABRT, "terminate called without an active exception") while gloo's worker thread still frees
+    that collective's work. Rank 0 waits for every rank's acknowledgement, so it never takes the store down
+    (it hosts it outside torchrun) before a rank has read."""
+    store, rank, world = dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+    key = f"whaletron/decided/{next(_DECISIONS)}"
+    if rank == 0:
+        store.set(key, pickle.dumps(value))
+        store.wait([f"{key}/read/{r}" for r in range(1, world)])
+        return value
+    value = pickle.loads(store.get(key))
+    store.set(f"{key}/read/{rank}", b"1")
     return value
 
 
@@ -376,6 +394,7 @@ class Session:
             if t.ema_decay > 0:
                 self.ema = EMA(unique_parameters(engine.stages), t.ema_decay)
         self.step, self.consumed, self.skipped, self.nonfinite_streak = 0, 0, 0, 0
+        self.apart_norm: float | None = None   # guarded_step's norm of a separately clipped group
         self.total_steps = t.steps      # the run's last step (a stage may derive its own: SFT's data.epochs)
         self.stage_state: dict = {}     # what a stage keeps across a resume (iterator positions)
         self.logger: MetricsLogger | None = None
@@ -398,15 +417,18 @@ class Session:
                                "(sampling only); build it with train=True to train or checkpoint")
 
     # -- the step --------------------------------------------------------------------------------------
-    def guarded_step(self, lr: float, loss: float) -> tuple[float, bool]:
+    def guarded_step(self, lr: float, loss: float, apart: str = "") -> tuple[float, bool]:
         """Clip the (synchronised) gradients, then AdamW at `lr` unless the loss or the norm is
         non-finite: then the step is skipped and counted. Gradients are zeroed either way.
-        Returns (gradient norm, finite)."""
+        Returns (gradient norm, finite). `apart`: a parameter-name prefix clipped as its own group
+        (parallel.clip_grad_norm_); the norm returned is the rest's, the group's is `self.apart_norm`."""
         self._need_optimizer("Session.guarded_step")
         for g in self.opt.param_groups:
             g["lr"] = lr
-        norm = float(self.engine.clip_grad_norm_(self.cfg.train.grad_clip))
-        finite = math.isfinite(loss) and math.isfinite(norm)
+        norms = self.engine.clip_grad_norm_(self.cfg.train.grad_clip, apart) if apart else \
+            self.engine.clip_grad_norm_(self.cfg.train.grad_clip)
+        norm, self.apart_norm = (float(norms[0]), float(norms[1])) if apart else (float(norms), None)
+        finite = math.isfinite(loss) and math.isfinite(norm) and (not apart or math.isfinite(self.apart_norm))
         if finite:
             self.opt.step()
             if self.ema is not None:

@@ -12,6 +12,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_process_group_left():
+    """A test that drives a job in-process and stops it with an exception (Trainer.run raising) leaves the
+    world-of-one process group behind; the next test to create one would fail on an unrelated error."""
+    yield
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """The embedded corpus at a small size (vocabulary 512, 400 KB), built once per session."""

@@ -88,20 +88,27 @@ def test_embedded_tokenizer_splits_digits(corpus, tmp_path):
     assert info.n_documents == 5 and list(info.sequence_lengths) == [256] * 5
 
 
-def test_repeat_documents(tmp_path, maker):
-    """The induction stage's documents: exactly `length` tokens, a slice then the same slice, end-of-document."""
-    captured = []
-    import pretrain.preprocess as pre
+def test_phases_chain_and_the_control_differs_only_in_yarn():
+    """Each pretraining stage starts from the previous stage's weights, the extension from the last; the
+    extension keeps pretraining's tokens per step; yarn and control differ in YaRN's model keys alone."""
+    plan = pk.Plan()
+    cfgs = {ph: pk.phase_config(plan, "/R", "/C", "/T", phase=ph) for ph in plan.phases}
+    names = [st[0] for st in plan.stages]
+    assert "init" not in cfgs[names[0]]
+    for before, ph in zip(names, names[1:] + ["yarn"]):
+        assert cfgs[ph]["init"]["checkpoint"] == f"/R/{before}/checkpoints"
+    assert cfgs["control"]["init"] == cfgs["yarn"]["init"]
+    last = cfgs[names[-1]]
+    assert last["data"]["seq_len"] == plan.pre_len
+    ext = cfgs["yarn"]
+    assert ext["data"]["seq_len"] * ext["train"]["global_batch_size"] == \
+        last["data"]["seq_len"] * last["train"]["global_batch_size"]
+    assert ext["parallel"] == {"cp": plan.cp} and ext["train"]["lr"] == last["train"]["lr"]   # V3 §4.3
+    yarn_keys = {k for k in ext["model"] if ext["model"][k] != cfgs["control"]["model"].get(k)}
+    assert yarn_keys == {"rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
+    assert ext["model"]["original_seq_len"] == plan.pre_len and ext["model"]["rope_factor"] == plan.rope_factor
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("model", "logging")}  # noqa: E731
+    assert strip(ext) == strip(cfgs["control"])
+    with pytest.raises(ValueError, match="unknown phase"):
+        pk.phase_config(plan, "/R", "/C", "/T", phase="pretrain_repeat")
 
-    def fake_write(docs, prefix, vocab_size):
-        captured.extend(list(d) for d in docs)
-        return len(captured), sum(map(len, captured))
-
-    real, pre.write_indexed_dataset = pre.write_indexed_dataset, fake_write
-    try:
-        pk.write_repeat_dataset(np.arange(10, 5000), 0, 6000, str(tmp_path / "r"), 3, 128, seed=0)
-    finally:
-        pre.write_indexed_dataset = real
-    for d in captured:
-        half = 127 // 2
-        assert len(d) == 128 and d[-1] == 0 and d[:half] == d[half:2 * half]
