@@ -85,7 +85,7 @@ class Transformer(nn.Module):
 
     # runtime hooks (tp_plan, fsdp_forward_methods, the Model protocol): parallel/protocols.py
     tp_plan = {"embed": "vocab_embed", "head": "vocab_head"}
-    fsdp_forward_methods = ("loss", "hidden", "decode", "draft")  # entry points besides forward that FSDP2 wraps
+    fsdp_forward_methods = ("loss", "hidden", "scored", "decode", "draft")  # FSDP2 entry points besides forward
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -251,21 +251,8 @@ class Transformer(nn.Module):
         if len(self.mtp):
             lam = self.mtp_lambda if mtp_lambda is None else mtp_lambda
             mtp = h.new_zeros(())
-            for k, module in enumerate(self.mtp, start=1):
-                if seq <= k:
-                    break
-                # Depth k pairs h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}. Tokens and labels are
-                # read k ahead (global positions, wrapping like a roll), not the hidden states shifted, so
-                # every tensor keeps the sequence length (and its sequence-parallel split); the last k
-                # positions have no target and are masked. They still pass through the MTP block, whose
-                # causal attention keeps them out of every earlier position.
-                ahead = (pos + k) % seq
-                h = module(h, self.embed(tokens[:, ahead]), rope, mask)
-                target = labels[:, ahead].masked_fill(pos + k >= seq, IGNORE_INDEX)
-                if doc_ids is not None:  # t_{i+k+1} from another document is no target for position i
-                    target = target.masked_fill(doc_ids[:, ahead] != doc_ids[:, pos], IGNORE_INDEX)
-                ce = self.cross_entropy(at_least_fp32(self.head(h)), target)
-                mtp = mtp + self.reduce_sequence_stats(ce) / n_tokens   # eq. 24: 1/T
+            for ce in self._mtp_ce(h, tokens, labels, rope, mask, pos, doc_ids):
+                mtp = mtp + ce / n_tokens   # eq. 24: 1/T
             out["mtp_loss"] = lam / len(self.mtp) * mtp
             total = total + out["mtp_loss"]
         aux = self.balance_losses()
@@ -276,20 +263,78 @@ class Transformer(nn.Module):
         out["loss"] = total
         return out
 
+    def _mtp_ce(self, h, tokens, labels, rope, mask, pos, doc_ids, detached: bool = False,
+                temperature: float = 1.0) -> list[torch.Tensor]:
+        """The MTP modules' cross-entropy per depth, each summed over tokens (V3 eq. 21-24 before the 1/T and
+        lambda/D factors). h: the main model's normed final hidden states. `detached`: every input the main
+        model provides (h, the embedding of t_{i+k}, the output head's weight) is cut from its graph, so the
+        gradient reaches the MTP modules alone (issue 23 §4: training MTP during RL without touching the policy)."""
+        if detached:
+            h = h.detach()
+        terms = []
+        seq = tokens.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if seq <= k:
+                break
+            # Depth k pairs h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}. Tokens and labels are
+            # read k ahead (global positions, wrapping like a roll), not the hidden states shifted, so
+            # every tensor keeps the sequence length (and its sequence-parallel split); the last k
+            # positions have no target and are masked. They still pass through the MTP block, whose
+            # causal attention keeps them out of every earlier position.
+            ahead = (pos + k) % seq
+            emb = self.embed(tokens[:, ahead])
+            h = module(h, emb.detach() if detached else emb, rope, mask)
+            target = labels[:, ahead].masked_fill(pos + k >= seq, IGNORE_INDEX)
+            if doc_ids is not None:  # t_{i+k+1} from another document is no target for position i
+                target = target.masked_fill(doc_ids[:, ahead] != doc_ids[:, pos], IGNORE_INDEX)
+            logits = at_least_fp32(self._head_detached(h) if detached else self.head(h))
+            if temperature != 1.0:
+                logits = logits / temperature
+            terms.append(self.reduce_sequence_stats(self.cross_entropy(logits, target)))
+        return terms
+
+    def _head_detached(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head on h with its weight out of the graph (its input gradient kept): the head module is
+        called, so what the runtime installed on it (tensor parallelism's input region) still applies."""
+        weights = {name: p.detach() for name, p in self.head.named_parameters()}
+        return torch.func.functional_call(self.head, weights, (h,))
+
+    def scored(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
+               mtp_labels: torch.Tensor | None = None, temperature: float = 1.0):
+        """(logits, MTP cross-entropy or None) of whole rows: token_logprobs' forward, an FSDP2 entry point.
+        With `mtp_labels` [batch, seq] (next-token labels, IGNORE_INDEX masked) also the MTP modules'
+        cross-entropy on the main model's detached outputs at `temperature` (`_mtp_ce`), summed over depths
+        and tokens."""
+        local, rope, mask = self._frame(tokens, 0, doc_ids, False, None)
+        h = self.norm(self._blocks(self.embed(local), rope, mask=mask))
+        mtp = None
+        if mtp_labels is not None:
+            if not len(self.mtp):
+                raise ValueError("mtp_labels: this model has no MTP module (model.n_mtp = 0) to train")
+            pos = torch.arange(tokens.shape[1], device=tokens.device)
+            mtp = sum(self._mtp_ce(h, tokens, mtp_labels, rope, mask, pos, doc_ids, detached=True,
+                                   temperature=temperature))
+        return self.head(h), mtp
+
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                       entropy: bool = False, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                       entropy: bool = False, temperature: float = 1.0,
+                       mtp: bool = False) -> dict[str, torch.Tensor]:
         """log pi(targets | prefix) per position [batch, seq] (0 where the target is IGNORE_INDEX), and
         with `entropy` the policy's entropy per position (no gradient). `temperature` scales the logits
         as the sampler did, so that ratios compare the distribution the samples came from. Under tensor
         parallelism the logits stay split over the vocabulary: both come from a few all-reduces of
-        [tokens] values."""
-        logits = at_least_fp32(self(tokens, doc_ids=doc_ids))
+        [tokens] values. With `mtp`, "mtp_ce": the MTP modules' cross-entropy on `targets` at `temperature`,
+        summed over tokens and averaged over depths, whose gradient reaches the MTP modules only."""
+        logits, mtp_ce = self.scored(tokens, doc_ids, targets if mtp else None, temperature)
+        logits = at_least_fp32(logits)
         if temperature != 1.0:
             logits = logits / temperature
         out = {"logprobs": -self.cross_entropy(logits, targets, reduction="none").view_as(targets)}
         if entropy:
             with torch.no_grad():
                 out["entropy"] = self.entropy(logits.detach()).view_as(targets)
+        if mtp:
+            out["mtp_ce"] = mtp_ce / len(self.mtp)
         return out
 
     @staticmethod

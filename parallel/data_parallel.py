@@ -152,32 +152,38 @@ def _distinct_copies(layout: ParamLayout, is_dtensor: bool, p, mesh: Mesh) -> in
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module | list[nn.Module], max_norm: float, mesh: Mesh) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module | list[nn.Module], max_norm: float, mesh: Mesh,
+                    apart: str = "") -> torch.Tensor:
     """Global L2 norm of all gradients, each parameter counted once across tp, ep, dp and pp
     (a replicated shard contributes 1/copies from each holder; a pipeline stage's copy of another
     stage's parameter, listed in its `grad_norm_skip`, not at all), then scale by max_norm / norm.
-    `model` may be this rank's list of pipeline stages."""
-    total = torch.zeros((), dtype=torch.float64, device=mesh.device_type)  # summed on the device: no syncs
-    grads = []
+    `model` may be this rank's list of pipeline stages. `apart`: a parameter-name prefix whose parameters
+    form their own group, with its own norm and its own clipping (MTP modules trained on detached inputs,
+    whose gradients must not change the rest's step); then the result is [norm of the rest, norm apart]."""
+    total = torch.zeros(2 if apart else 1, dtype=torch.float64, device=mesh.device_type)  # on the device: no syncs
+    grads: list[list[torch.Tensor]] = [[], []]
     for m in model if isinstance(model, (list, tuple)) else [model]:
         layouts, skip = m.param_layouts, getattr(m, "grad_norm_skip", ())
         for name, p in m.named_parameters():
             if p.grad is None:
                 continue
             g = _local(p.grad)
-            grads.append(g)
+            group = int(bool(apart) and name.startswith(apart))
+            grads[group].append(g)
             if name in skip:
                 continue
             lay = layouts.get(name, ParamLayout(tuple(p.shape)))
             copies = _distinct_copies(lay, isinstance(p.grad, DTensor), p, mesh)
-            total += g.double().pow(2).sum().to(total.device) / copies
+            total[group] += g.double().pow(2).sum().to(total.device) / copies
     comm.all_reduce(total, mesh["world"])
-    norm = total.sqrt()
+    norms = total.sqrt()
     if max_norm and max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale.to(g.dtype))
-    return norm.to(grads[0].dtype if grads else torch.float32)
+        for group, norm in zip(grads, norms):
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in group:
+                g.mul_(scale.to(g.dtype))
+    dtype = next((g.dtype for group in grads for g in group), torch.float32)
+    return (norms if apart else norms[0]).to(dtype)
 
 
 def reshard(model: nn.Module) -> None:

@@ -90,8 +90,8 @@ class SingleStage:
         total = comm.all_sum({k: sums[k] for k in sorted(sums)}, self.mesh["dp"], self.mesh.device_type)
         return {k: v / self.mesh.dims.dp for k, v in total.items()}
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(self.stages[0], max_norm, self.mesh)
+    def clip_grad_norm_(self, max_norm: float, apart: str = "") -> torch.Tensor:
+        return clip_grad_norm_(self.stages[0], max_norm, self.mesh, apart)
 
     @torch.no_grad()
     def update_expert_bias(self, gamma: float | None = None) -> None:

@@ -317,9 +317,10 @@ class Pipeline:
                 out[f"stage{sid}/aux_loss"] = aux_s
         return out
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global norm over every stage of every rank, each shared parameter counted once."""
-        return clip_grad_norm_(self.stages, max_norm, self.mesh)
+    def clip_grad_norm_(self, max_norm: float, apart: str = "") -> torch.Tensor:
+        """Global norm over every stage of every rank, each shared parameter counted once (`apart`:
+        data_parallel.clip_grad_norm_'s separately clipped group)."""
+        return clip_grad_norm_(self.stages, max_norm, self.mesh, apart)
 
     @torch.no_grad()
     def update_expert_bias(self, gamma: float | None = None) -> None:

@@ -363,9 +363,10 @@ HOOKS: tuple[Hook, ...] = (
          "model/transformer.py Transformer.draft", call=(("h", "tokens", "positions", "cache", "mask"), {})),
     Hook("token_logprobs", "method", "model",
          ("posttrain/grpo.py:GRPOTrainer.update", "posttrain/dpo.py:DPOTrainer._terms"),
-         "post-training; (tokens, targets, doc_ids=None, entropy=False, temperature=1.0) -> {\"logprobs\": "
-         "[b, s]} (and \"entropy\"), through the cross_entropy and entropy seams so that it works on "
-         "vocab-split logits.",
+         "post-training; (tokens, targets, doc_ids=None, entropy=False, temperature=1.0, mtp=False) -> "
+         "{\"logprobs\": [b, s]} (and \"entropy\"; with mtp, \"mtp_ce\": the MTP modules' summed CE on the main "
+         "model's detached outputs, for grpo.mtp_weight), through the cross_entropy and entropy seams so that it "
+         "works on vocab-split logits.",
          "model/transformer.py Transformer.token_logprobs",
          call=(("tokens", "targets"), {"doc_ids": None, "entropy": True, "temperature": 1.0})),
     # -- model: what the pipeline cuts --------------------------------------------------------------------
@@ -545,7 +546,8 @@ class Model(Protocol):
               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...                        # optional
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                       entropy: bool = False, temperature: float = 1.0) -> dict[str, torch.Tensor]: ...
+                       entropy: bool = False, temperature: float = 1.0,
+                       mtp: bool = False) -> dict[str, torch.Tensor]: ...
 
 
 # -- checking a model against the table ------------------------------------------------------------------

@@ -71,6 +71,9 @@ class GRPOSection:
     collapse_patience: int = 5      # rollout batches in a row below a floor before stopping
     routing_replay: str = "none"    # rollout: the policy's training forwards force the experts the rollout chose
                                     # (R3, arXiv 2510.11370); none: route afresh (routing_mismatch is logged both ways)
+    mtp_weight: float = 0.0         # > 0: also train the MTP modules on the rollouts (their CE x this weight),
+                                    # their inputs detached and their gradients clipped apart, so the policy's update
+                                    # is unchanged; keeps the speculative drafter in step with the policy; 0 = off
 
 
 @dataclass
@@ -159,6 +162,11 @@ class PosttrainConfig(Config):
         if self.parallel.cp != 1:
             raise ConfigError("post-training runs with parallel.cp = 1: its log-probability and generation paths "
                               "take whole sequences (context parallelism is a pretraining layout); set parallel.cp=1")
+        if not (g.mtp_weight >= 0 and math.isfinite(g.mtp_weight)):
+            raise ConfigError(f"grpo.mtp_weight must be >= 0 (0: the MTP modules are not trained), got {g.mtp_weight}")
+        if g.mtp_weight > 0 and not self.model_config().n_mtp:
+            raise ConfigError(f"grpo.mtp_weight = {g.mtp_weight} trains the MTP modules, and this model has none "
+                              "(model.n_mtp = 0); set grpo.mtp_weight=0 or start from a model with MTP modules")
         if g.routing_replay != "none":
             if not self.model_config().is_moe:
                 raise ConfigError(f"grpo.routing_replay = {g.routing_replay} replays MoE routing, and this model has "

@@ -286,6 +286,10 @@ class GRPOTrainer:
         # rollout/training mismatch correction (issue 22 §3): TIS weights and V3.2's sequence masking
         weight = truncated_is_weights(old, rollout, g.tis_cap) if g.tis_cap else None
         correction = self.mismatch_stats(old, rollout, weight, mask)
+        # issue 23 §4: the speculative drafter (the MTP modules) learns from the rollouts without changing the
+        # policy's update: inputs detached (Transformer.token_logprobs(mtp=True)) and clipped apart
+        train_mtp = g.mtp_weight > 0
+        mtp_norm = max(sess.all_sum({"t": float((targets != IGNORE_INDEX).sum())})["t"], 1.0) if train_mtp else 1.0
         stats: dict[str, float] = {}
         t0 = time.perf_counter()
         for inner in range(g.inner_steps):
@@ -296,7 +300,8 @@ class GRPOTrainer:
                 measure = routes is not None and inner == 0
                 if measure:   # the router's own choices (before forcing) against the rollout's
                     net.record_routing()
-                out = net.token_logprobs(tokens[sl], targets[sl], entropy=True, temperature=temperature)
+                out = net.token_logprobs(tokens[sl], targets[sl], entropy=True, temperature=temperature,
+                                         mtp=train_mtp)
                 if measure:
                     chosen = net.recorded_routing(forced=False)[0].cpu()
                     net.record_routing(False)
@@ -314,8 +319,13 @@ class GRPOTrainer:
                     sums["masked"] = sums.get("masked", 0.0) + ((1 - seq_keep) * (mk.sum(-1) > 0)).sum().double()
                     mk = mk * seq_keep[:, None]
                 loss = aggregate(loss_tok, mk, g.loss_agg, norm) * sess.dims.dp
+                objective = loss
+                if train_mtp:   # the MTP modules' own CE on every completion token (their inputs detached)
+                    mtp = out["mtp_ce"] / mtp_norm
+                    objective = loss + g.mtp_weight * sess.dims.dp * mtp
+                    sums["mtp_loss"] = sums.get("mtp_loss", 0.0) + mtp.detach().double()
                 set_gradient_sync(net, m == n_micro - 1)
-                loss.backward()
+                objective.backward()
                 net.clear_routing()
                 with torch.no_grad():
                     terms = {"loss": loss.detach().double() / sess.dims.dp,
@@ -329,11 +339,13 @@ class GRPOTrainer:
             finish_grad_sync(net, sess.mesh)
             tot = sess.all_sum({**sums, "tokens": float(mask.sum()), "seqs": float((mask.sum(-1) > 0).sum())})
             tok = max(tot["tokens"], 1.0)
-            opt = sess.optimizer_step(tot["loss"])
+            opt = sess.optimizer_step(tot["loss"], apart="mtp." if train_mtp else "")
             if inner == 0:   # against the rollout's own log-probs, before any update: numerics only
                 stats.update(logprob_mismatch=tot["mismatch"] / tok, entropy=tot["entropy"] / tok)
                 if "route_pairs" in tot:   # share of (completion token, MoE layer) pairs routed differently
                     stats["routing_mismatch"] = float(tot["route_differ"]) / max(float(tot["route_pairs"]), 1.0)
+            if train_mtp:
+                stats["mtp_loss"] = float(tot["mtp_loss"])
             stats.update(loss=tot["loss"], clip_fraction=tot["clipped"] / tok, kl=tot["kl"] / tok,
                          ratio_mean=tot["ratio"] / tok, **opt)
             if g.offpolicy_mask:

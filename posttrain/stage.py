@@ -128,13 +128,17 @@ class StageSession(Session):
                      warmup_steps=t.warmup_steps, min_ratio=t.min_lr_ratio, milestones=t.lr_milestones,
                      factors=t.lr_factors)
 
-    def optimizer_step(self, loss_value: float) -> dict[str, float]:
+    def optimizer_step(self, loss_value: float, apart: str = "") -> dict[str, float]:
         """Clip, then step unless the loss or the norm is non-finite (then skip; too many in a row stop
-        the run). Gradients must already be synchronised (finish_grad_sync)."""
+        the run). Gradients must already be synchronised (finish_grad_sync). `apart`: a parameter-name
+        prefix clipped as its own group, its norm logged as `grad_norm_<prefix>`."""
         lr = self.lr()
-        norm, _ = self.guarded_step(lr, loss_value)
+        norm, _ = self.guarded_step(lr, loss_value, apart)
         self.check_nonfinite()
-        return {"lr": lr, "grad_norm": norm, "skipped_steps": float(self.skipped)}
+        out = {"lr": lr, "grad_norm": norm, "skipped_steps": float(self.skipped)}
+        if apart:
+            out[f"grad_norm_{apart.rstrip('.')}"] = self.apart_norm
+        return out
 
     def all_sum(self, values: dict[str, float], group: str = "dp") -> dict[str, float]:
         """Each named per-rank number summed over a group (counts, totals for normalisers and metrics)."""

@@ -71,9 +71,9 @@ def update_rank(task_dir, run_dir, layout, out):
     grads = {}
     step = tr.session.optimizer_step
 
-    def capture(loss):   # the synchronised gradients, before AdamW (whose first step is sign(g): in fp32 a
+    def capture(loss, **kw):   # the synchronised gradients, before AdamW (whose first step is sign(g): in fp32 a
         grads.update(parallel.full_state(tr.session.policy, tr.session.mesh, grads=True))   # last-bit g ~ 0 flips it)
-        return step(loss)
+        return step(loss, **kw)
 
     tr.session.optimizer_step = capture
     stats = tr.update(prompts[sl], comps[sl], adv[sl], keep[sl])

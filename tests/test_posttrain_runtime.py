@@ -51,9 +51,9 @@ def variants_rank(task_dir, run_dir, out):
         prompts, comps, adv, keep = _fixed_batch(tr, 4, 4)
         grads, step = {}, sess.optimizer_step
 
-        def capture(loss):   # the gradients before AdamW, as test_grpo's update_rank
+        def capture(loss, **kw):   # the gradients before AdamW, as test_grpo's update_rank
             grads.update(parallel.full_state(sess.policy, sess.mesh, grads=True))
-            return step(loss)
+            return step(loss, **kw)
 
         sess.optimizer_step = capture
         norm_calls = _count_calls(sess.policy, "attn_norm")   # listed in recompute_selective: re-run by both modes

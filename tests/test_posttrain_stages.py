@@ -206,12 +206,12 @@ def _capture_first_update(tr, into: dict):
     import parallel
     step, sess = tr.session.optimizer_step, tr.session
 
-    def capture(loss):
+    def capture(loss, **kw):
         if not into:
             grads = parallel.full_state(sess.policy, sess.mesh, grads=True)
             into["grads"] = {k: v.detach().clone() for k, v in grads.items() if v is not None}
             into["loss"] = loss
-        return step(loss)
+        return step(loss, **kw)
     sess.optimizer_step = capture
 
 
