@@ -151,14 +151,24 @@ def cell_docs(maker: PasskeyMaker, length: int, depth: float, n: int, seed: int)
     return [maker.make(length, depth, rng) for _ in range(n)]
 
 
-def evaluate(checkpoint: str, maker: PasskeyMaker, lengths, depths, n: int, seed: int, batch: int = 16) -> dict:
+def evaluate(checkpoint: str, maker: PasskeyMaker, lengths, depths, n: int, seed: int, batch: int = 16,
+             model_keys: dict | None = None) -> dict:
     """Exact-match retrieval accuracy per (length, depth) cell: the checkpoint loaded in one process with
-    posttrain.generate.load_for_sampling, the key decoded greedily by its Generator."""
+    posttrain.generate.load_for_sampling, the key decoded greedily by its Generator. `model_keys`: model
+    config keys changed at load, the weights kept (YaRN switched on without training)."""
+    import dataclasses
+
     import torch
 
+    from model import build_model
     from posttrain.generate import Generator, SamplingParams, load_for_sampling
 
     net, tok, info = load_for_sampling(checkpoint)
+    if model_keys:   # the same weights under another rotary setting (what init.checkpoint does at load)
+        weights = net.state_dict()
+        net = build_model(dataclasses.replace(net.cfg, **model_keys), seed=None)
+        net.load_state_dict(weights)
+        net.eval()
     gen = Generator(net, tok)
     acc, digits = {}, {}
     t0 = time.perf_counter()
@@ -213,6 +223,7 @@ class Plan:
     lr: float = 3e-3                 # constant after the warmup, in every phase
     warmup: int = 20
     ext_steps: int = 150
+    short_ext_steps: int = 30        # the "_short" pair: the same extension on a fifth of the budget
     ext_batch: int = 16              # sequences of ext_len per step: ext_batch * ext_len = pre_batch * pre_len tokens
     ext_warmup: int = 5
     cp: int = 2
@@ -234,7 +245,7 @@ class Plan:
 
     @property
     def phases(self) -> tuple:
-        return tuple(st[0] for st in self.stages) + ("yarn", "control")
+        return tuple(st[0] for st in self.stages) + EXTENSIONS
 
     @property
     def lengths(self) -> tuple:
@@ -242,21 +253,28 @@ class Plan:
         return tuple(sorted({st[1] for st in self.stages} | {self.ext_len}))
 
 
+EXTENSIONS = ("yarn", "control", "yarn_short", "control_short")
 PHASES = tuple(Plan().phases)
+
+
+def yarn_keys(plan: Plan) -> dict:
+    """The model keys that switch YaRN on (V3's values: beta 32 / 1, mscale = mscale_all_dim = 1)."""
+    return dict(rope_factor=plan.rope_factor, original_seq_len=plan.pre_len, beta_fast=plan.beta_fast,
+                beta_slow=plan.beta_slow, mscale=plan.mscale, mscale_all_dim=plan.mscale)
 
 
 def phase_config(plan: Plan, run_dir: str, corpus: str, tokenizer: str, *, phase: str) -> dict:
     """The `python -m pretrain` config of one phase (plan.phases): the pretraining stages, then the extension
     with YaRN and the control without it."""
     stages = {st[0]: st for st in plan.stages}
-    ext = phase in ("yarn", "control")
+    ext = phase in EXTENSIONS
     if not ext and phase not in stages:
         raise ValueError(f"unknown phase {phase!r}; the phases are {', '.join(plan.phases)}")
-    _, length, steps, share = (phase, plan.ext_len, plan.ext_steps, plan.ext_passkey_weight) if ext else stages[phase]
+    ext_steps = plan.short_ext_steps if phase.endswith("_short") else plan.ext_steps
+    _, length, steps, share = (phase, plan.ext_len, ext_steps, plan.ext_passkey_weight) if ext else stages[phase]
     model = {"preset": "tiny-deepseek-v3", "vocab_size": 4096, "max_seq_len": plan.ext_len, "rope_factor": 1.0}
-    if phase == "yarn":   # V3 §4.3 / V2 §3.1.4: YaRN over the pretraining length
-        model.update(rope_factor=plan.rope_factor, original_seq_len=plan.pre_len, beta_fast=plan.beta_fast,
-                     beta_slow=plan.beta_slow, mscale=plan.mscale, mscale_all_dim=plan.mscale)
+    if phase.startswith("yarn"):   # V3 §4.3 / V2 §3.1.4: YaRN over the pretraining length
+        model.update(yarn_keys(plan))
     batch = plan.ext_batch if ext else plan.pre_batch
     train = {"steps": steps, "seed": plan.seed, "lr": plan.ext_lr if ext else plan.lr, "lr_schedule": "constant",
              "warmup_steps": plan.ext_warmup if ext else plan.warmup, "micro_batch_size": batch,
@@ -321,8 +339,13 @@ def heatmap(result: dict, path: str) -> None:
     plan = result["plan"]
     lengths, depths = plan["eval_lengths"], plan["eval_depths"]
     models = result["models"]
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(4.2 * (len(models) + 1), 3.9), constrained_layout=True)
-    nll_ax, axes = axes[-1], axes[:-1]
+    cols = 4
+    rows = -(-(len(models) + 1) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.9 * rows), constrained_layout=True, squeeze=False)
+    cells = list(grid.flat)
+    for ax in cells[len(models) + 1:]:
+        ax.axis("off")
+    nll_ax, axes = cells[len(models)], cells[:len(models)]
     for name, res in models.items():
         buckets = list(res.get("heldout_nll_by_position", {}))
         if buckets:
@@ -345,7 +368,8 @@ def heatmap(result: dict, path: str) -> None:
                    ls="--")
         ax.set_xlabel("document length (tokens)")
         ax.set_title(res["title"], fontsize=10)
-    axes[0].set_ylabel("needle depth")
+    for ax in axes[::cols]:
+        ax.set_ylabel("needle depth")
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="exact-match retrieval")
     fig.suptitle(f"Passkey retrieval, tiny V3 pretrained at {plan['pre_len']} tokens, extended to {plan['ext_len']}"
                  f" ({plan['eval_n']} documents per cell, greedy)", fontsize=11)
@@ -355,8 +379,11 @@ def heatmap(result: dict, path: str) -> None:
 
 # -- main -----------------------------------------------------------------------------------------------
 TITLES = {"pretrained": "pretrained at {pre} (RoPE, no YaRN)",
-          "yarn": "extended at {ext} with YaRN (s={s:g}), cp{cp}",
-          "control": "control: extended at {ext} without YaRN, cp{cp}"}
+          "yarn_at_load": "pretrained, YaRN (s={s:g}) on at load, no training",
+          "yarn": "extended at {ext} with YaRN, {steps} steps, cp{cp}",
+          "control": "control: at {ext} without YaRN, {steps} steps, cp{cp}",
+          "yarn_short": "extended at {ext} with YaRN, {short} steps, cp{cp}",
+          "control_short": "control: at {ext} without YaRN, {short} steps, cp{cp}"}
 
 
 def main(argv=None) -> dict:
@@ -407,7 +434,7 @@ def main(argv=None) -> dict:
         if phase in phases:
             shutil.rmtree(os.path.join(run_dir, phase), ignore_errors=True)
             cfg = phase_config(plan, run_dir, corpus, tok_path, phase=phase)
-            ranks = plan.cp if phase in ("yarn", "control") else 1
+            ranks = plan.cp if phase in EXTENSIONS else 1
             walls[phase] = round(run_phase(cfg, os.path.join(run_dir, f"{phase}.yaml"), ranks,
                                            max(1, args.threads // ranks), os.path.join(run_dir, f"{phase}.log")), 1)
             print(f"{phase}: {walls[phase]} s, final {last_metrics(os.path.join(run_dir, phase))}", flush=True)
@@ -415,10 +442,13 @@ def main(argv=None) -> dict:
                 json.dump(walls, f)
 
     models, t_eval = {}, time.perf_counter()
-    for name, phase in (("pretrained", plan.stages[-1][0]), ("yarn", "yarn"), ("control", "control")):
+    base = plan.stages[-1][0]
+    for name, phase, keys in (("pretrained", base, None), ("yarn_at_load", base, yarn_keys(plan)),
+                              *((e, e, None) for e in EXTENSIONS)):
         res = evaluate(os.path.join(run_dir, phase), eval_maker, plan.eval_lengths, plan.eval_depths, plan.eval_n,
-                       plan.seed)
-        res["title"] = TITLES[name].format(pre=plan.pre_len, ext=plan.ext_len, s=plan.rope_factor, cp=plan.cp)
+                       plan.seed, model_keys=keys)
+        res["title"] = TITLES[name].format(pre=plan.pre_len, ext=plan.ext_len, s=plan.rope_factor, cp=plan.cp,
+                                           steps=plan.ext_steps, short=plan.short_ext_steps)
         res["final_train_metrics"] = last_metrics(os.path.join(run_dir, phase))
         res["by_length"] = {str(n): sum(res["accuracy"][f"{n}/{d}"] for d in plan.eval_depths) / len(plan.eval_depths)
                             for n in plan.eval_lengths}

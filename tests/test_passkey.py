@@ -109,6 +109,12 @@ def test_phases_chain_and_the_control_differs_only_in_yarn():
     assert ext["model"]["original_seq_len"] == plan.pre_len and ext["model"]["rope_factor"] == plan.rope_factor
     strip = lambda c: {k: v for k, v in c.items() if k not in ("model", "logging")}  # noqa: E731
     assert strip(ext) == strip(cfgs["control"])
+    for arm in ("yarn", "control"):   # the short pair: the same extension on a smaller step budget
+        short, full = cfgs[f"{arm}_short"], cfgs[arm]
+        assert short["train"]["steps"] == plan.short_ext_steps < full["train"]["steps"]
+        assert {k: v for k, v in short["train"].items() if k != "steps"} == \
+            {k: v for k, v in full["train"].items() if k != "steps"}
+        assert short["model"] == full["model"] and short["data"] == full["data"] and short["init"] == full["init"]
     with pytest.raises(ValueError, match="unknown phase"):
         pk.phase_config(plan, "/R", "/C", "/T", phase="pretrain_repeat")
 
