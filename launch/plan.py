@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nvlink-gbps", type=float, help="NVLink GB/s per GPU and direction (default: the GPU's)")
     ap.add_argument("--ib-gbps", type=float, help="InfiniBand GB/s per GPU and direction (default: the GPU's)")
     ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--no-ep-overlap", action="store_true",
-                    help="the expert all-to-all does not overlap compute (whaletron's torch schedules today)")
+    ap.add_argument("--ep-overlap", choices=P.EP_OVERLAP, default="runtime",
+                    help="which expert all-to-all overlap to assume: runtime (what whaletron runs: micro-batch "
+                         "pairing at pp = 1, parallel.overlap=ep), dualpipe (DeepSeek's DualPipe at pp > 1), none")
     ap.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
     ap.add_argument("--json", action="store_true", help="print one JSON object: the pinned or best layout")
     args = ap.parse_args(argv)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 pin[key] = value
         shape = P.model_shape(build_model(cfg, device="meta"), args.seq_len)
         plans = P.plan(shape, cluster, args.global_batch, precision=args.precision or "bf16", pin=pin,
-                       ep_overlap=not args.no_ep_overlap)
+                       ep_overlap=args.ep_overlap)
     except ValueError as e:   # PlanError, an unknown preset
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         out = dict(model=args.model, gpu=cluster.gpu, gpus=cluster.n_gpus, gpus_per_node=cluster.gpus_per_node,
                    nvlink_gbps=cluster.nvlink_gbps, ib_gbps=cluster.ib_gbps, global_batch=args.global_batch,
                    seq_len=args.seq_len, train_flops_per_token=shape.train_flops_per_token,
-                   ep_overlap=not args.no_ep_overlap, **plans[0].as_dict(), constants=P.constants())
+                   ep_overlap=args.ep_overlap, **plans[0].as_dict(), constants=P.constants())
         print(json.dumps(out, indent=1))
     else:
-        print(P.report(plans, shape, cluster, args.global_batch, args.top, not args.no_ep_overlap))
+        print(P.report(plans, shape, cluster, args.global_batch, args.top, args.ep_overlap))
     return 0
 
 
