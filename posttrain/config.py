@@ -65,6 +65,9 @@ class GRPOSection:
                                     # (needs old_logprobs=recompute; verl and slime use 2); 0 = off
     offpolicy_mask: float = 0.0     # DeepSeek-V3.2's off-policy sequence masking: drop negative-advantage
                                     # sequences whose mean log(pi_rollout / pi_theta) exceeds this; 0 = off
+    keep_sampling_mask: bool = False  # DeepSeek-V3.2's Keep Sampling Mask: the rollout records each token's top-p /
+                                    # top-k allowed set; the policy, pi_old and reference log-probs are computed on
+                                    # it (renormalised), so both policies share one action space; needs truncation
     kl_clamp: float = 10.0          # |log-ratio| bound inside k3 and the ratio
     entropy_floor: float = 0.0      # stop when the mean token entropy stays below this (collapse); 0 = off
     min_response_len: float = 0.0   # stop when the mean response length stays below this (collapse); 0 = off
@@ -150,15 +153,15 @@ class PosttrainConfig(Config):
         if g.tis_cap and g.old_logprobs != "recompute":
             raise ConfigError("grpo.tis_cap weights each token by pi_old / pi_rollout, so pi_old must come from the "
                               "training path: set grpo.old_logprobs=recompute (or grpo.tis_cap=0)")
+        if g.keep_sampling_mask and self.rollout.top_p == 1 and self.rollout.top_k == 0:
+            raise ConfigError("grpo.keep_sampling_mask=true keeps the sampler's top-p / top-k truncation, and "
+                              "rollout.top_p = 1 with rollout.top_k = 0 truncates nothing, so it would do nothing; "
+                              "set rollout.top_p < 1 or rollout.top_k > 0, or grpo.keep_sampling_mask=false")
         if not (g.offpolicy_mask >= 0 and math.isfinite(g.offpolicy_mask)):
             raise ConfigError(f"grpo.offpolicy_mask must be >= 0 (a KL threshold; 0: off), got {g.offpolicy_mask}")
         for key, value in (("grpo.ref_update_every", g.ref_update_every), ("eval.every", self.eval.every)):
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0 (every N steps; 0: never), got {value}")
-        if self.parallel.pp != 1:
-            raise ConfigError("post-training runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): "
-                              "rollouts decode one token per step, which a pipeline would serialise; "
-                              "set parallel.pp=1")
         if self.parallel.cp != 1:
             raise ConfigError("post-training runs with parallel.cp = 1: its log-probability and generation paths "
                               "take whole sequences (context parallelism is a pretraining layout); set parallel.cp=1")

@@ -6,7 +6,10 @@ builds its model (meta, parallelised, initialised, then loaded from `init.checkp
 `parallel.recompute` and `train.fp8` apply as there. `StageSession(cfg, stage, train=False)` (a
 stage that only samples) builds no optimizer.
 
-Post-training runs with pp = 1: tp (+sp), ep and FSDP2 dp apply unchanged (the config check says why).
+SFT (and distillation, which is SFT) trains under the full pretraining layout, pp > 1 included: its step is
+pretraining's (`engine.step(tokens, labels, doc_ids)`), so the pipeline engine runs it unchanged. The stages
+that score sequences (GRPO, DPO) and sample (rejection) run with pp = 1 (`PIPELINED` says which may not):
+tp (+sp), ep and FSDP2 dp apply unchanged.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ from pretrain.session import DTYPES, Run, Session, fp8_recipe, load_init_weights
 from pretrain.tokenizer import load_tokenizer
 
 from .config import PosttrainConfig
+
+
+PIPELINED = ("sft",)   # the stages whose step is pretraining's (distillation's student is an sft stage): pp > 1 allowed
 
 
 class StageError(RuntimeError):
@@ -60,23 +66,37 @@ def guarded(run) -> int:
 
 
 def _build(cfg: PosttrainConfig, model_cfg, run: Run, trainable: bool):
-    """A SingleStage engine with the starting weights (init.checkpoint, else the seeded init), on the FP8
-    backend when train.fp8 = blockwise; a trainable one recomputes as parallel.recompute says, a frozen one
-    is in eval mode without gradients."""
-    t = cfg.train
+    """The engine (a SingleStage, or at pp > 1 this rank's pipeline stages under parallel.pp_schedule) with
+    the starting weights (init.checkpoint, else the seeded init), on the FP8 backend when train.fp8 =
+    blockwise; a trainable one recomputes as parallel.recompute says, a frozen one is in eval mode without
+    gradients."""
+    t, p = cfg.train, cfg.parallel
     # a frozen model never runs backward: recompute would only cost time
-    recompute = cfg.parallel.recompute if trainable else "none"
-    engine = build_engine(build_model(model_cfg, device="meta").train(), run.mesh,
-                          micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len, seed=t.seed,
-                          device=run.device, param_dtype=DTYPES[t.dtype], fp8=fp8_recipe(t, run.device),
-                          recompute=recompute)
-    net = engine.stages[0]
+    recompute = p.recompute if trainable else "none"
+    pipeline = {}
+    if run.mesh.dims.pp > 1:   # every step brings global_batch_size / dp rows: that many micro-batches
+        n_micro = t.global_batch_size // (run.mesh.dims.dp * t.micro_batch_size)
+        from parallel.pp_schedules import check_microbatches
+        try:
+            check_microbatches(p.pp_schedule, p.pp, n_micro, p.vpp)
+        except ValueError as e:
+            raise ConfigError(f"train.global_batch_size = {t.global_batch_size} gives {n_micro} micro-batches per "
+                              f"dp rank: {e}") from None
+        pipeline = dict(schedule=p.pp_schedule, n_microbatches=n_micro, vpp=p.vpp, layer_split=p.layer_split or None)
+    try:
+        engine = build_engine(build_model(model_cfg, device="meta").train(), run.mesh,
+                              micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len, seed=t.seed,
+                              device=run.device, param_dtype=DTYPES[t.dtype], fp8=fp8_recipe(t, run.device),
+                              recompute=recompute, **pipeline)
+    except ValueError as e:   # layout constraints (the pipeline's cut, the schedule); their messages name the keys
+        raise ConfigError(str(e)) from None
     if cfg.init.checkpoint:   # the loader pretraining's init.checkpoint uses; here the model config must match exactly
-        load_init_weights(net, run.mesh, cfg.init.checkpoint, model_cfg)
+        load_init_weights(engine.stages, run.mesh, cfg.init.checkpoint, model_cfg)
     if not trainable:
-        net.eval()
-        for q in net.parameters():
-            q.requires_grad_(False)
+        for net in engine.stages:
+            net.eval()
+            for q in net.parameters():
+                q.requires_grad_(False)
     return engine
 
 
@@ -88,7 +108,11 @@ class StageSession(Session):
         """train=False: a stage that only samples (rejection sampling): the policy is frozen like a reference
         and there is no optimizer (no AdamW moments), so optimizer_step and save refuse."""
         t = cfg.train
-        self._run = run = open_run(cfg, pp=1, train=train)   # train=False writes no checkpoints: none checked
+        if cfg.parallel.pp != 1 and stage not in PIPELINED:
+            raise ConfigError(f"the {stage} stage runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): it scores "
+                              "or samples whole sequences on one model, which a pipeline would serialise; set "
+                              f"parallel.pp=1 (only {' and '.join(PIPELINED)} train under pp > 1)")
+        self._run = run = open_run(cfg, train=train)   # train=False writes no checkpoints: none checked
         try:
             check_lr_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_milestones, t.lr_factors)
         except ValueError as e:
@@ -105,7 +129,7 @@ class StageSession(Session):
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                               f"{model_cfg.vocab_size}; set model.vocab_size={self.tokenizer.vocab_size} (or more)")
         super().__init__(cfg, run, _build(cfg, model_cfg, run, trainable=train), model_cfg, train=train, stage=stage)
-        self.policy = self.engine.stages[0]
+        self.policy = self.engine.stages[0]   # the whole model at pp = 1 (the stages that score and sample)
         self.dims = self.mesh.dims
         self.dp_rank = self.dims.coords(self.mesh.rank)["dp"]
         self.total_steps = t.steps      # the stage may derive its own (SFT: data.epochs)
