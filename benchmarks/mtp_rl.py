@@ -40,6 +40,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--weight", type=float, default=0.3, help="grpo.mtp_weight of the trained arm (V3 §4.2: 0.3)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, help="train.lr of both arms (default: the demo's 2e-5); a larger one moves "
+                                             "the policy further from what the frozen MTP module drafts")
+    ap.add_argument("--tag", default="", help="suffix of the two run directories")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     work = Path(args.work).resolve()
@@ -59,13 +62,13 @@ def main(argv=None) -> dict:
     arms = {"frozen": 0.0, "trained": args.weight}
     jobs, dirs = [], {}
     for name, weight in arms.items():
-        run_dir = work / f"mtp_rl_{name}"
+        run_dir = work / f"mtp_rl_{name}{args.tag}"
         dirs[name] = run_dir
         extra = [*paths, f"init.checkpoint={sft_dir / 'checkpoints'}", f"train.seed={args.seed}",
                  f"logging.run_dir={run_dir}", f"train.steps={args.steps}", "eval.every=0",
                  "rollout.draft_tokens=1", f"grpo.mtp_weight={weight}", "checkpoint.resume=none",
-                 "checkpoint.overwrite=true"]
-        jobs.append((name, _command("posttrain.grpo", GRPO_CONFIG, extra), work / "logs" / f"mtp_rl_{name}.log"))
+                 "checkpoint.overwrite=true", *([f"train.lr={args.lr}"] if args.lr else [])]
+        jobs.append((name, _command("posttrain.grpo", GRPO_CONFIG, extra), work / "logs" / f"{run_dir.name}.log"))
     _run_all(jobs, 2)   # side by side, one thread each (the demo's arrangement)
 
     runs = {}
@@ -90,7 +93,8 @@ def main(argv=None) -> dict:
                                                                                  else sys.argv[1:])),
         "machine": machine(), "grpo_config": str(GRPO_CONFIG.relative_to(ROOT)),
         "sft_config": str(SFT_CONFIG.relative_to(ROOT)),
-        "settings": {"steps": args.steps, "seed": args.seed, "rollout.draft_tokens": 1, "temperature": 0.7},
+        "settings": {"steps": args.steps, "seed": args.seed, "rollout.draft_tokens": 1, "temperature": 0.7,
+                     "train.lr": args.lr or load_config(GRPO_CONFIG, paths).train.lr},
         "runs": runs,
         "acceptance_last_quarter_gain": (runs["trained"]["acceptance_last_quarter"] or 0.0)
         - (runs["frozen"]["acceptance_last_quarter"] or 0.0),

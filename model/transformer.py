@@ -318,17 +318,21 @@ class Transformer(nn.Module):
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
                        entropy: bool = False, temperature: float = 1.0,
-                       mtp: bool = False) -> dict[str, torch.Tensor]:
+                       mtp: bool = False, allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """log pi(targets | prefix) per position [batch, seq] (0 where the target is IGNORE_INDEX), and
         with `entropy` the policy's entropy per position (no gradient). `temperature` scales the logits
         as the sampler did, so that ratios compare the distribution the samples came from. Under tensor
         parallelism the logits stay split over the vocabulary: both come from a few all-reduces of
         [tokens] values. With `mtp`, "mtp_ce": the MTP modules' cross-entropy on `targets` at `temperature`,
-        summed over tokens and averaged over depths, whose gradient reaches the MTP modules only."""
+        summed over tokens and averaged over depths, whose gradient reaches the MTP modules only. With
+        `allowed` [2, n] (flat position in batch x seq, token id) pairs, a position that appears in it keeps
+        only those tokens: the log-probs and entropy are the renormalised distribution's (restrict_vocab)."""
         logits, mtp_ce = self.scored(tokens, doc_ids, targets if mtp else None, temperature)
         logits = at_least_fp32(logits)
         if temperature != 1.0:
             logits = logits / temperature
+        if allowed is not None:   # DeepSeek-V3.2 §RL (Keep Sampling Mask): pi_theta on pi_old's action subspace
+            logits = self.restrict_vocab(logits, allowed)
         out = {"logprobs": -self.cross_entropy(logits, targets, reduction="none").view_as(targets)}
         if entropy:
             with torch.no_grad():
@@ -356,6 +360,22 @@ class Transformer(nn.Module):
         """The whole vocabulary's logits (for sampling a few positions); tensor parallelism swaps in an
         all-gather of the vocab-parallel shards."""
         return logits
+
+    @staticmethod
+    def restrict_vocab(logits: torch.Tensor, allowed: torch.Tensor, vocab_start: int = 0) -> torch.Tensor:
+        """logits [b, s, vocab or this rank's vocab/tp columns from vocab_start] with every token outside its
+        position's allowed set (`allowed` [2, n]: flat position, global token id; positions absent from it keep
+        everything) at a finite minus infinity. Tensor parallelism binds vocab_start to the rank's slice."""
+        flat = logits.flatten(0, -2)
+        n_local = flat.shape[-1]
+        pos, ids = allowed[0], allowed[1] - vocab_start
+        keep = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device).index_fill_(0, pos, False)
+        keep = keep[:, None].repeat(1, n_local)
+        inside = (ids >= 0) & (ids < n_local)
+        keep[pos[inside], ids[inside]] = True
+        # exp underflows to exactly 0 as for -inf, the log-probs are the same, and 0 * it stays 0 in the entropy
+        # and the vocab-parallel sums (0 * -inf would be NaN); a rank may hold none of a position's allowed ids
+        return flat.masked_fill(~keep, -1e30).view_as(logits)
 
     @staticmethod
     def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ The hooks (HOOKS has each one's readers and full contract; docs/contract.md prin
     cross_entropy         seam             model               token loss; vocab-parallel under tp
     reduce_sequence_stats seam             model               sums per-rank token sums over cp (identity alone)
     entropy               seam             model               entropy per position; vocab-parallel under tp
+    restrict_vocab        seam             model               logits outside allowed token sets masked; per tp slice
     gather_logits         seam             model               full-vocabulary logits; an all-gather under tp
     set_expert_placement  method           model               (n_devices, devices_per_node) for limited routing
     update_expert_bias    method           model               aux-loss-free bias step from the summed load
@@ -121,14 +122,14 @@ TP_STYLES: dict[str, str] = {
     "region_input": "the input of the module (or of the child) enters the tp region",
     "region_output": "the output of the child enters the tp region (small latents, not hidden states)",
     "vocab_embed": "an nn.Embedding split by vocabulary rows",
-    "vocab_head": "the output nn.Linear split by vocabulary; the owner's cross_entropy, entropy and "
-                  "gather_logits seams become the vocab-parallel ones",
+    "vocab_head": "the output nn.Linear split by vocabulary; the owner's cross_entropy, entropy, "
+                  "gather_logits and restrict_vocab seams become the vocab-parallel ones",
     "token_split": "the module itself (key \"\") works on its rank's share of the tokens",
     "partial_grad": "the child's parameters get partial gradients, summed over tp after backward",
 }
 SELF_STYLES = ("region_input", "token_split")          # the only styles the key "" (the module itself) takes
 LINEAR_STYLES = ("colwise", "rowwise", "vocab_head")   # their child is an nn.Linear
-VOCAB_SEAMS = ("cross_entropy", "entropy", "gather_logits")
+VOCAB_SEAMS = ("cross_entropy", "entropy", "gather_logits", "restrict_vocab")
 # -- the styles of a cp_plan (context_parallel.py's docstring has the full meaning) ------------------------
 CP_STYLES: dict[str, str] = {
     "gather_sequence": "the child, an identity module forward(*xs) -> xs of the keys' per-token tensors [b, s, ...], "
@@ -289,6 +290,13 @@ HOOKS: tuple[Hook, ...] = (
     Hook("entropy", "seam", "model", (f"{_TP}:apply_tp",),
          "logits [..., vocab] -> the softmax entropy per position, flattened; vocab-parallel under tp.",
          "model/transformer.py Transformer.entropy", call=(("logits",), {})),
+    Hook("restrict_vocab", "seam", "model", (f"{_TP}:apply_tp",),
+         "(logits [b, s, vocab or vocab/tp], allowed [2, n] long: flat position in b x s, global token id, "
+         "vocab_start=0) -> the logits with every token outside its position's allowed set at a finite minus "
+         "infinity (positions absent from allowed keep all); under tp the runtime binds vocab_start to the rank's "
+         "first column, so each rank masks its own slice (Transformer.token_logprobs(allowed=...), DeepSeek-V3.2's "
+         "Keep Sampling Mask).",
+         "model/transformer.py Transformer.restrict_vocab", call=(("logits", "allowed"), {})),
     Hook("gather_logits", "seam", "model", (f"{_TP}:apply_tp", "posttrain/generate.py:Generator.generate",
                                             "posttrain/engine.py:Engine._logits"),
          "logits [..., vocab or vocab/tp] -> [..., vocab], the whole vocabulary (for sampling); identity in "
@@ -363,10 +371,11 @@ HOOKS: tuple[Hook, ...] = (
          "model/transformer.py Transformer.draft", call=(("h", "tokens", "positions", "cache", "mask"), {})),
     Hook("token_logprobs", "method", "model",
          ("posttrain/grpo.py:GRPOTrainer.update", "posttrain/dpo.py:DPOTrainer._terms"),
-         "post-training; (tokens, targets, doc_ids=None, entropy=False, temperature=1.0, mtp=False) -> "
-         "{\"logprobs\": [b, s]} (and \"entropy\"; with mtp, \"mtp_ce\": the MTP modules' summed CE on the main "
-         "model's detached outputs, for grpo.mtp_weight), through the cross_entropy and entropy seams so that it "
-         "works on vocab-split logits.",
+         "post-training; (tokens, targets, doc_ids=None, entropy=False, temperature=1.0, mtp=False, allowed=None) "
+         "-> {\"logprobs\": [b, s]} (and \"entropy\"; with mtp, \"mtp_ce\": the MTP modules' summed CE on the main "
+         "model's detached outputs, for grpo.mtp_weight; with allowed, renormalised over each position's allowed "
+         "tokens through restrict_vocab), through the cross_entropy and entropy seams so that it works on "
+         "vocab-split logits.",
          "model/transformer.py Transformer.token_logprobs",
          call=(("tokens", "targets"), {"doc_ids": None, "entropy": True, "temperature": 1.0})),
     # -- model: what the pipeline cuts --------------------------------------------------------------------
@@ -536,6 +545,8 @@ class Model(Protocol):
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor: ...
 
+    def restrict_vocab(self, logits: torch.Tensor, allowed: torch.Tensor, vocab_start: int = 0) -> torch.Tensor: ...
+
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None,
                   mtp: bool = False) -> list: ...                                                  # post-training
 
@@ -547,7 +558,7 @@ class Model(Protocol):
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
                        entropy: bool = False, temperature: float = 1.0,
-                       mtp: bool = False) -> dict[str, torch.Tensor]: ...
+                       mtp: bool = False, allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...
 
 
 # -- checking a model against the table ------------------------------------------------------------------

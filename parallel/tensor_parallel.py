@@ -17,7 +17,7 @@ applies the styles and never looks at the network's math:
                     small latents, not the hidden states, as Megatron-core's MLA does).
     vocab_embed     vocab-parallel embedding (rows split, torch.chunk's uneven rule, no padding).
     vocab_head      vocab-parallel output layer; logits stay split; the model's `cross_entropy`
-                    becomes the vocab-parallel one.
+                    becomes the vocab-parallel one, and `restrict_vocab` masks the rank's slice.
     token_split     (MoE) the module works on its rank's share of the tokens: split along the
                     sequence before it and gathered after it when sp is off; its routing
                     statistics are summed over tp with `reduce_token_stats`.
@@ -286,6 +286,7 @@ def apply_tp(model: nn.Module, group: Group, sp: bool, layouts: dict[str, ParamL
                     module.cross_entropy = functools.partial(vocab_parallel_cross_entropy, vocab_start=start,
                                                              group=group)
                     module.entropy = functools.partial(vocab_parallel_entropy, group=group)
+                    module.restrict_vocab = functools.partial(module.restrict_vocab, vocab_start=start)
                     module.gather_logits = functools.partial(gather_vocab, vocab=vocab, group=group)
                 elif name == "token_split":
                     token_split.append(path)

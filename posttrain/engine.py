@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from parallel.data_parallel import reshard
 
-from .generate import Completion, Generator, SamplingParams, sampling_distribution
+from .generate import Completion, Generator, SamplingParams, allowed_ids, restricted_logprobs, sampling_distribution
 
 __all__ = ["Engine", "PagePool", "PagedCache", "rollout_engine"]
 
@@ -132,6 +132,7 @@ class Sequence:
     finish: str = ""
     text: str = ""
     routes: list = field(default_factory=list)   # with record_routing: [n, n_moe_layers, k] per fed chunk
+    allowed: list = field(default_factory=list)  # with keep_sampling_mask: each emitted token's allowed ids
 
 
 class Engine:
@@ -239,12 +240,17 @@ class Engine:
     # -- sampling -----------------------------------------------------------------------------------------
     @staticmethod
     def _distributions(logits: torch.Tensor, params: SamplingParams):
-        """(log-probs under logits / T, the normalised sampling distributions or None at T = 0) of fp32
-        logits [..., vocab], all rows at once."""
+        """(log-probs under logits / T, the normalised sampling distributions or None at T = 0, the truncation
+        masks or None) of fp32 logits [..., vocab], all rows at once. With params.records_mask the log-probs
+        are renormalised over the truncation (Keep Sampling Mask) and the masks come back."""
         if params.temperature == 0:
-            return logits.log_softmax(-1), None
+            return logits.log_softmax(-1), None, None
+        if params.records_mask:
+            logp, probs, keep = sampling_distribution(logits.flatten(0, -2), params, with_keep=True)
+            return (restricted_logprobs(logp, keep).view_as(logits),
+                    (probs / probs.sum(-1, keepdim=True)).view_as(logits), keep.view_as(logits))
         logp, probs = sampling_distribution(logits.flatten(0, -2), params)
-        return logp.view_as(logits), (probs / probs.sum(-1, keepdim=True)).view_as(logits)
+        return logp.view_as(logits), (probs / probs.sum(-1, keepdim=True)).view_as(logits), None
 
     def _draw(self, logits: torch.Tensor, probs: torch.Tensor | None, seqs: list[Sequence]) -> list[int]:
         """One token per row: the argmax at T = 0, else a draw from each row's distribution with its own
@@ -253,11 +259,14 @@ class Engine:
             return logits.argmax(-1).tolist()
         return [int(torch.multinomial(row, 1, generator=seq.gen)) for row, seq in zip(probs, seqs)]
 
-    def _emit(self, seq: Sequence, token: int, logp: float, params: SamplingParams) -> bool:
-        """Append a sampled token; True when the sequence is finished (end of document, a stop string, or
-        max_new_tokens), as the static engine decides."""
+    def _emit(self, seq: Sequence, token: int, logp: float, params: SamplingParams,
+              allowed: torch.Tensor | None = None) -> bool:
+        """Append a sampled token (and its allowed set, when recorded); True when the sequence is finished (end
+        of document, a stop string, or max_new_tokens), as the static engine decides."""
         seq.out.append(token)
         seq.logps.append(logp)
+        if allowed is not None:
+            seq.allowed.append(allowed)
         seq.tokens.append(token)
         if token == self.eod:
             seq.finish = "eod"
@@ -357,7 +366,8 @@ class Engine:
                 continue
             text = seq.text if seq.finish == "stop" else self.tokenizer.decode([t for t in seq.out if t != self.eod])
             routes = torch.cat(seq.routes) if self.record else None
-            completions.append(Completion(list(q), seq.out, text, seq.logps, seq.finish, routes))
+            completions.append(Completion(list(q), seq.out, text, seq.logps, seq.finish, routes,
+                                          seq.allowed if params.records_mask else None))
         net.train(was_training)
         reshard(net)   # free the root FSDP2 keeps gathered after a no-grad forward (as SingleStage.evaluate)
         n = sum(len(c.ids) for c in completions)
@@ -429,7 +439,8 @@ class Engine:
                 else:
                     self._idle(draft=True)
         last = self._logits(logits[torch.arange(len(prompts)), torch.tensor([len(q) - 1 for q in prompts])])
-        logp, probs = self._distributions(last, params)
+        logp, probs, keep = self._distributions(last, params)
+        sets = allowed_ids(keep) if keep is not None else None
         out = []
         for g, ((q, children), table) in enumerate(zip(admitted, tables)):
             tokens = self._draw(last[g:g + 1].expand(len(children), -1),
@@ -442,7 +453,7 @@ class Engine:
                     seq.routes = [prompt_routes[g, :len(q)]]
                 if self.draft_tokens:
                     seq.mtp_len, seq.hidden = len(q) - 1, h[g, len(q) - 1:len(q)]
-                if not self._emit(seq, token, float(logp[g, token]), params):
+                if not self._emit(seq, token, float(logp[g, token]), params, None if sets is None else sets[g]):
                     out.append(seq)
             for page in table:   # the group's own reference: the children hold theirs
                 self.pool.release(page)
@@ -457,14 +468,15 @@ class Engine:
         logits, _ = self._forward([s.pages for s in running], [s.length for s in running],
                                   [[s.tokens[s.length]] for s in running])
         logits = self._logits(logits[:, 0])
-        logp, probs = self._distributions(logits, params)
+        logp, probs, keep = self._distributions(logits, params)
         tokens = self._draw(logits, probs, running)
+        sets = allowed_ids(keep) if keep is not None else [None] * len(running)
         logps = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
         for b, (seq, token, lp) in enumerate(zip(running, tokens, logps)):
             if self.record:
                 seq.routes.append(self.routes[b, :1])
             seq.length += 1
-            self._emit(seq, token, lp, params)
+            self._emit(seq, token, lp, params, sets[b])
 
     def _speculate(self, running: list[Sequence], params: SamplingParams):
         """One verify step: the MTP module catches up and drafts up to draft_tokens tokens per sequence (no
@@ -506,7 +518,7 @@ class Engine:
                                               [s.length + j - 1 for s in drafting],
                                               [[drafts[id(s)][-1]] for s in drafting], hidden=g)
                     logits = self._logits(logits[:, 0])
-                _, q = self._distributions(logits, params)
+                _, q, _ = self._distributions(logits, params)
                 if q is not None:
                     if q_all is None:   # ones where nothing was drafted: never read, never divides by zero
                         q_all = q.new_ones(len(running), self.draft_tokens, q.shape[-1])
@@ -522,7 +534,9 @@ class Engine:
                                   [[s.tokens[s.length]] + drafts[id(s)] for s in running])
         verify_routes = self.routes
         logits = self._logits(logits)
-        logp, p = self._distributions(logits, params)
+        # the emitted tokens' allowed sets are the truncation of the main model's p, whose support the residual
+        # resample norm(max(0, p - q)) also stays in
+        logp, p, keep = self._distributions(logits, params)
         greedy = logits.argmax(-1).tolist() if p is None else None
         if p is not None:   # p(draft) and q(draft) of every draft at once
             width = max(1, max(len(d) for d in drafts.values()))
@@ -555,12 +569,13 @@ class Engine:
         rows = [b for b, t in enumerate(picks) for _ in t]
         cols = [j for t in picks for j in range(len(t))]
         lps = logp[rows, cols, [x for t in picks for x in t]].tolist()
+        sets = allowed_ids(keep[rows, cols]) if keep is not None else [None] * len(rows)
         n = 0
         for b, (seq, tokens) in enumerate(zip(running, picks)):
             emitted = 0
-            for token, lp in zip(tokens, lps[n:n + len(tokens)]):
+            for token, lp, allowed in zip(tokens, lps[n:n + len(tokens)], sets[n:n + len(tokens)]):
                 emitted += 1
-                if self._emit(seq, token, lp, params):
+                if self._emit(seq, token, lp, params, allowed):
                     break
             n += len(tokens)
             seq.hidden = h[b, :emitted]

@@ -43,8 +43,8 @@ from parallel.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
 from pretrain.corpus import embedded_tokenizer_path
 from pretrain.tokenizer import load_tokenizer
 
-__all__ = ["SamplingParams", "Completion", "Generator", "sample_tokens", "sampling_distribution", "load_for_sampling",
-           "main"]
+__all__ = ["SamplingParams", "Completion", "Generator", "sample_tokens", "sampling_distribution", "restricted_logprobs",
+           "allowed_ids", "load_for_sampling", "main"]
 
 
 @dataclass
@@ -55,6 +55,9 @@ class SamplingParams:
     top_k: int = 0                 # 0: off
     stop: list[str] = field(default_factory=list)   # stop strings (kept in the text), besides end-of-document
     include_stop: bool = True      # keep the stop string in the text (the format reward needs </answer>)
+    # DeepSeek-V3.2's Keep Sampling Mask: record each token's allowed set (Completion.allowed) and its log-prob
+    # renormalised over that set; a no-op when nothing is truncated (top_p = 1, top_k = 0, or greedy)
+    keep_sampling_mask: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -68,6 +71,11 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
+    @property
+    def records_mask(self) -> bool:
+        """Whether the generators record the truncation masks: asked for, and top-k or top-p truncates."""
+        return self.keep_sampling_mask and self.temperature > 0 and (self.top_p < 1 or self.top_k > 0)
+
 
 @dataclass
 class Completion:
@@ -79,6 +87,10 @@ class Completion:
     # with generate(..., record_routing=True): the experts each trunk MoE layer chose for every token fed
     # through the model (the prompt, then each generated token but the last) [len, n_moe_layers, k], long
     routes: torch.Tensor | None = None
+    # with SamplingParams.keep_sampling_mask (and truncation): per generated token, the sorted token ids the
+    # sampler's top-k / top-p distribution allowed at that step (int32), and `logprobs` are then renormalised over
+    # them. Ids, not a vocabulary-wide bool mask: a nucleus or top-k set is a few to a few hundred of V3's 129k.
+    allowed: list[torch.Tensor] | None = None
 
 
 def sample_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None):
@@ -93,9 +105,9 @@ def sample_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Gene
     return ids, logp.gather(-1, ids[:, None])[:, 0]
 
 
-def sampling_distribution(logits: torch.Tensor, p: SamplingParams):
+def sampling_distribution(logits: torch.Tensor, p: SamplingParams, *, with_keep: bool = False):
     """(log-probs of logits / temperature [batch, vocab], the unnormalised probabilities the sampler draws
-    from: top-k and top-p truncated) for temperature > 0."""
+    from: top-k and top-p truncated) for temperature > 0; with `with_keep` also the truncation's bool mask."""
     logits = logits.float() / p.temperature
     logp = logits.log_softmax(-1)
     keep = torch.ones_like(logits, dtype=torch.bool)
@@ -106,7 +118,18 @@ def sampling_distribution(logits: torch.Tensor, p: SamplingParams):
         probs, order = logp.exp().sort(dim=-1, descending=True)
         before = probs.cumsum(-1) - probs                  # mass strictly before each token: the first is always kept
         keep &= torch.zeros_like(keep).scatter(-1, order, before < p.top_p)
-    return logp, logp.exp().masked_fill(~keep, 0)
+    probs = logp.exp().masked_fill(~keep, 0)
+    return (logp, probs, keep) if with_keep else (logp, probs)
+
+
+def restricted_logprobs(logp: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Log-probs renormalised over the kept tokens (-inf outside): log pi_old on the sampler's action subspace."""
+    return logp.masked_fill(~keep, float("-inf")).log_softmax(-1)
+
+
+def allowed_ids(keep: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's kept token ids, sorted, int32 on the CPU (Completion.allowed)."""
+    return [row.nonzero()[:, 0].to(torch.int32) for row in keep.cpu()]
 
 
 # model hooks read here (cfg, new_cache, gather_logits): parallel/protocols.py
@@ -151,6 +174,8 @@ class Generator:
         caches = net.new_cache(b, total, device=device)
         out = [[] for _ in range(b)]
         logps = [[] for _ in range(b)]
+        record = params.records_mask
+        allowed = [[] for _ in range(b)] if record else None
         finish = [""] * b
         texts = [""] * b
         running = torch.ones(b, dtype=torch.bool)
@@ -162,7 +187,13 @@ class Generator:
             net.record_routing()
         for step in range(params.max_new_tokens):
             logits = net.gather_logits(net(step_in, pos, caches, doc_ids=doc)[:, -1])
-            ids, lp = sample_tokens(logits, params, gen)
+            if record:   # the same draw as sample_tokens; the log-prob renormalised over the truncation
+                logp, probs, keep = sampling_distribution(logits, params, with_keep=True)
+                ids = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                lp = restricted_logprobs(logp, keep).gather(-1, ids[:, None])[:, 0]
+                sets = allowed_ids(keep)
+            else:
+                ids, lp = sample_tokens(logits, params, gen)
             pos += step_in.shape[1]
             ids_l, lp_l = ids.tolist(), lp.tolist()
             for i in range(b):
@@ -170,6 +201,8 @@ class Generator:
                     continue
                 out[i].append(ids_l[i])
                 logps[i].append(lp_l[i])
+                if record:
+                    allowed[i].append(sets[i])
                 if ids_l[i] == self.eod:
                     finish[i], running[i] = "eod", False
                 elif params.stop:
@@ -196,7 +229,8 @@ class Generator:
             if record_routing:   # the prompt past its left padding, then each generated token fed back
                 routes = torch.cat([steps[0][i, P - len(prompts[i]):]] +
                                    [steps[j][i] for j in range(1, len(out[i]))]).cpu()
-            completions.append(Completion(list(prompts[i]), out[i], text, logps[i], finish[i], routes))
+            completions.append(Completion(list(prompts[i]), out[i], text, logps[i], finish[i], routes,
+                                          allowed[i] if record else None))
         n = sum(len(c.ids) for c in completions)
         net.train(was_training)
         reshard(net)   # free the root FSDP2 keeps gathered after a no-grad forward (as SingleStage.evaluate)

@@ -99,6 +99,23 @@ def training_rows(prompts: list[list[int]], completions, multiple: int, pad: int
     return tokens, targets, old
 
 
+def training_allowed(prompts: list[list[int]], completions, length: int) -> torch.Tensor | None:
+    """The rollout's allowed sets aligned to training_rows' rows of `length`, as Transformer.token_logprobs'
+    `allowed` [2, n] (flat position row * length + t, token id): position t predicts token t + 1, so a
+    completion's j-th set sits at len(prompt) - 1 + j. None when no completion recorded one."""
+    pos, ids = [], []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if c.allowed is None:
+            continue
+        start = i * length + len(p) - 1
+        sizes = torch.tensor([len(a) for a in c.allowed], dtype=torch.long)
+        pos.append(torch.repeat_interleave(torch.arange(start, start + len(c.allowed)), sizes))
+        ids.append(torch.cat(c.allowed).long())
+    if not pos:
+        return None
+    return torch.stack([torch.cat(pos), torch.cat(ids)])
+
+
 def training_routes(completions, length: int, n_layers: int, k: int) -> torch.Tensor:
     """The rollout's recorded experts aligned to training_rows' rows [n, length, n_layers, k]: each
     completion's routes (prompt + completion, the last token excepted) at their positions, -1 elsewhere
@@ -161,7 +178,7 @@ class GRPOTrainer:
         self.record_routes = bool(sess.policy.trunk_moe_layers()) and sess.dims.tp == 1
         r = cfg.rollout
         self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                       top_k=r.top_k, stop=list(r.stop))
+                                       top_k=r.top_k, stop=list(r.stop), keep_sampling_mask=g.keep_sampling_mask)
         self.low_streak = {"entropy": 0, "length": 0}
         sess.resume(extra_models=[self.ref] if self.ref is not None else [])
         if sess.stage_state:
@@ -267,20 +284,29 @@ class GRPOTrainer:
             if replay:
                 net.replay_routing(routes[sl].to(sess.device))
 
+        # Keep Sampling Mask: each micro-batch's allowed sets (None: the option is off or nothing was truncated).
+        # The reference is masked too: the k3 KL then compares two distributions on the same support, where an
+        # unmasked reference would count the truncated tail as divergence the policy cannot remove
+        if g.keep_sampling_mask:
+            allowed = [training_allowed(prompts[i:i + mbs], completions[i:i + mbs], tokens.shape[1])
+                       for i in range(0, n, mbs)]
+            allowed = [None if a is None else a.to(sess.device) for a in allowed]
+        else:
+            allowed = [None] * n_micro
         ref_logp = None
         if self.ref is not None:
             with torch.no_grad():
                 ref_logp = torch.cat([self.ref.token_logprobs(tokens[i:i + mbs], targets[i:i + mbs],
-                                                              temperature=temperature)["logprobs"]
-                                      for i in range(0, n, mbs)])
+                                                              temperature=temperature, allowed=allowed[m])["logprobs"]
+                                      for m, i in enumerate(range(0, n, mbs))])
         rollout = old                     # what the sampler recorded: pi_rollout
         if g.old_logprobs == "recompute":
             with torch.no_grad():
                 parts = []
-                for i in range(0, n, mbs):
+                for m, i in enumerate(range(0, n, mbs)):
                     forcing(slice(i, i + mbs))
                     parts.append(net.token_logprobs(tokens[i:i + mbs], targets[i:i + mbs],
-                                                    temperature=temperature)["logprobs"])
+                                                    temperature=temperature, allowed=allowed[m])["logprobs"])
                     net.clear_routing()
                 old = torch.cat(parts)
         # rollout/training mismatch correction (issue 22 §3): TIS weights and V3.2's sequence masking
@@ -301,7 +327,7 @@ class GRPOTrainer:
                 if measure:   # the router's own choices (before forcing) against the rollout's
                     net.record_routing()
                 out = net.token_logprobs(tokens[sl], targets[sl], entropy=True, temperature=temperature,
-                                         mtp=train_mtp)
+                                         mtp=train_mtp, allowed=allowed[m])
                 if measure:
                     chosen = net.recorded_routing(forced=False)[0].cpu()
                     net.record_routing(False)

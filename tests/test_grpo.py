@@ -72,7 +72,9 @@ def update_rank(task_dir, run_dir, layout, out):
     step = tr.session.optimizer_step
 
     def capture(loss, **kw):   # the synchronised gradients, before AdamW (whose first step is sign(g): in fp32 a
-        grads.update(parallel.full_state(tr.session.policy, tr.session.mesh, grads=True))   # last-bit g ~ 0 flips it)
+        # last-bit g ~ 0 flips it); copies: in one process full_state returns the .grad tensors, which clipping scales
+        grads.update({k: None if g is None else g.clone()
+                      for k, g in parallel.full_state(tr.session.policy, tr.session.mesh, grads=True).items()})
         return step(loss, **kw)
 
     tr.session.optimizer_step = capture

@@ -51,8 +51,9 @@ def variants_rank(task_dir, run_dir, out):
         prompts, comps, adv, keep = _fixed_batch(tr, 4, 4)
         grads, step = {}, sess.optimizer_step
 
-        def capture(loss, **kw):   # the gradients before AdamW, as test_grpo's update_rank
-            grads.update(parallel.full_state(sess.policy, sess.mesh, grads=True))
+        def capture(loss, **kw):   # the gradients before clipping and AdamW, as test_grpo's update_rank
+            grads.update({k: None if g is None else g.clone()
+                          for k, g in parallel.full_state(sess.policy, sess.mesh, grads=True).items()})
             return step(loss, **kw)
 
         sess.optimizer_step = capture
