@@ -157,6 +157,10 @@ class PosttrainConfig(Config):
             raise ConfigError("grpo.keep_sampling_mask=true keeps the sampler's top-p / top-k truncation, and "
                               "rollout.top_p = 1 with rollout.top_k = 0 truncates nothing, so it would do nothing; "
                               "set rollout.top_p < 1 or rollout.top_k > 0, or grpo.keep_sampling_mask=false")
+        if g.keep_sampling_mask and self.rollout.temperature == 0:
+            raise ConfigError("grpo.keep_sampling_mask=true keeps the sampler's truncation, and "
+                              "rollout.temperature = 0 samples greedily (no truncation to keep); set "
+                              "rollout.temperature > 0 or grpo.keep_sampling_mask=false")
         if not (g.offpolicy_mask >= 0 and math.isfinite(g.offpolicy_mask)):
             raise ConfigError(f"grpo.offpolicy_mask must be >= 0 (a KL threshold; 0: off), got {g.offpolicy_mask}")
         for key, value in (("grpo.ref_update_every", g.ref_update_every), ("eval.every", self.eval.every)):

@@ -211,3 +211,5 @@ def test_keep_sampling_mask_without_truncation_is_refused(task_dir, tmp_path):
     assert "grpo.keep_sampling_mask" in str(e.value)
     cfg = _config(task_dir, tmp_path / "run", "grpo.keep_sampling_mask=true", "rollout.top_k=20")
     assert cfg.grpo.keep_sampling_mask
+    with pytest.raises(ConfigError, match=r"rollout\.temperature = 0 samples greedily"):
+        _config(task_dir, tmp_path / "run", "grpo.keep_sampling_mask=true", "rollout.top_k=20", "rollout.temperature=0")
