@@ -24,9 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from posttrain.demo import (DATA, GRPO_CONFIG, SFT_CONFIG, _command, _finished, _metrics,  # noqa: E402
-                            _run_all)
-from posttrain.tasks import build_task_tokenizer, write_task_splits  # noqa: E402
+from posttrain.config import load_config  # noqa: E402
+from posttrain.demo import GRPO_CONFIG, SFT_CONFIG, _command, _metrics, _run_all, prepare_sft  # noqa: E402
 
 
 def mean(xs: list[float]) -> float | None:
@@ -46,19 +45,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     work = Path(args.work).resolve()
-    data, tokenizer = work / "data", work / "data" / "tokenizer.model"
-    if not tokenizer.exists():
-        write_task_splits(str(data), DATA["task"], DATA["n_train"], DATA["n_heldout"], seed=DATA["seed"],
-                          difficulty=DATA["difficulty"])
-        build_task_tokenizer(str(tokenizer), seed=DATA["seed"])
-    paths = [f"init.tokenizer={tokenizer}", f"data.train_files=[{data / 'arithmetic_train.jsonl'}]",
-             f"data.valid_files=[{data / 'arithmetic_heldout.jsonl'}]"]
-    sft_dir = work / "sft"
-    from posttrain.config import load_config
-    sft_steps = load_config(SFT_CONFIG, [*paths, f"logging.run_dir={sft_dir}"]).train.steps
-    if not _finished(sft_dir, sft_steps):
-        _run_all([("sft", _command("posttrain.sft", SFT_CONFIG, [*paths, f"logging.run_dir={sft_dir}"]),
-                   work / "logs" / "sft.log")], 1)
+    paths, sft_dir = prepare_sft(work)
     arms = {"frozen": 0.0, "trained": args.weight}
     jobs, dirs = [], {}
     for name, weight in arms.items():

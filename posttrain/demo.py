@@ -172,11 +172,9 @@ def plot(results: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def run_demo(out: Path, seeds: list[int], ep: int = 2, parallel: int = 2, overrides: list[str] = (),
-             sft_overrides: list[str] = (), png: Path | None = None, ep_seeds: list[int] | None = None) -> dict:
-    """SFT once, then GRPO once per seed in one process and once per ep_seeds seed (default: the first
-    seed) under parallel.ep=ep (0 or 1: none); returns the report that it also writes."""
-    out = out.resolve()
+def prepare_sft(out: Path, sft_overrides: list[str] = ()) -> tuple[list[str], Path]:
+    """The demo's data, task tokenizer and SFT stage in `out` (each made only if missing): returns the data
+    overrides every stage takes and the SFT run directory, whose checkpoints GRPO starts from."""
     data = out / "data"
     tokenizer = data / "tokenizer.model"
     if not tokenizer.exists():
@@ -185,14 +183,21 @@ def run_demo(out: Path, seeds: list[int], ep: int = 2, parallel: int = 2, overri
         build_task_tokenizer(str(tokenizer), seed=DATA["seed"])
     paths = [f"init.tokenizer={tokenizer}", f"data.train_files=[{data / 'arithmetic_train.jsonl'}]",
              f"data.valid_files=[{data / 'arithmetic_heldout.jsonl'}]"]
-
     from .config import load_config
     sft_dir = out / "sft"
-    sft_cfg = load_config(SFT_CONFIG, [*paths, f"logging.run_dir={sft_dir}", *sft_overrides])
-    if not _finished(sft_dir, sft_cfg.train.steps):
-        _run_all([("sft", _command("posttrain.sft", SFT_CONFIG, [*paths, f"logging.run_dir={sft_dir}", *sft_overrides]),
-                   out / "logs" / "sft.log")], 1)
+    sft_args = [*paths, f"logging.run_dir={sft_dir}", *sft_overrides]
+    if not _finished(sft_dir, load_config(SFT_CONFIG, sft_args).train.steps):
+        _run_all([("sft", _command("posttrain.sft", SFT_CONFIG, sft_args), out / "logs" / "sft.log")], 1)
+    return paths, sft_dir
 
+
+def run_demo(out: Path, seeds: list[int], ep: int = 2, parallel: int = 2, overrides: list[str] = (),
+             sft_overrides: list[str] = (), png: Path | None = None, ep_seeds: list[int] | None = None) -> dict:
+    """SFT once, then GRPO once per seed in one process and once per ep_seeds seed (default: the first
+    seed) under parallel.ep=ep (0 or 1: none); returns the report that it also writes."""
+    out = out.resolve()
+    paths, sft_dir = prepare_sft(out, sft_overrides)
+    from .config import load_config
     grpo_cfg = load_config(GRPO_CONFIG, [*paths, *overrides])
     runs, jobs = {}, []
     ep_seeds = ([seeds[0]] if ep_seeds is None else list(ep_seeds)) if ep > 1 else []

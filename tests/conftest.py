@@ -22,6 +22,15 @@ def _no_process_group_left():
         dist.destroy_process_group()
 
 
+@pytest.fixture
+def one_thread():
+    """2 shared cores: one intra-op thread avoids OpenMP barrier stalls under load (10x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """The embedded corpus at a small size (vocabulary 512, 400 KB), built once per session."""

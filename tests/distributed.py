@@ -28,3 +28,35 @@ def _entry(rank: int, world: int, port: int, fn, args):
 def run_ranks(world: int, fn, *args) -> None:
     """fn(*args) on `world` ranks; each rank may assert (the first failure fails the test)."""
     mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, start_method="spawn")
+
+
+# -- comparing an engine with one process ----------------------------------------------------------------
+def close(got, want, what: str, tol: float) -> None:
+    """got == want within tol, relative and relative to want's largest element."""
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(scale, 1e-12), msg=lambda m: f"{what}: {m}")
+
+
+def check_step(ref, engine, mesh, rterms: dict, got: dict, tol: float, what: str) -> None:
+    """One step of `engine` (its `step` returned `got`) against one process's `ref` (its accumulated loss
+    terms `rterms`, its gradients): every term, every gradient of every stage, and the clipped norm."""
+    import parallel
+    for k, v in rterms.items():
+        assert k in got, f"{k} missing from {sorted(got)}"
+        close(torch.tensor(got[k], dtype=torch.float64), torch.tensor(v, dtype=torch.float64), f"{what} {k}", tol)
+    rgrads = dict(ref.named_parameters())
+    for s in engine.stages:
+        for k, g in parallel.full_state(s, mesh, grads=True).items():
+            assert g is not None, f"{what}: no gradient for {k}"
+            close(g, rgrads[k].grad, f"{what} grad {k}", tol)
+    rnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    close(engine.clip_grad_norm_(1.0).to(rnorm.dtype), rnorm, f"{what} grad norm", tol)
+
+
+def check_params(ref, engine, mesh, tol: float, what: str) -> None:
+    """Every parameter of every stage of `engine` equals `ref`'s."""
+    import parallel
+    rparams = dict(ref.named_parameters())
+    for s in engine.stages:
+        for k, v in parallel.full_state(s, mesh).items():
+            close(v, rparams[k].detach(), f"{what} {k}", tol)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import check_params, check_step, close, run_ranks
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
 import parallel
@@ -43,10 +43,6 @@ def _data(cfg, step: int, batch: int = BATCH, seq: int = SEQ):
     labels[0, :3] = IGNORE_INDEX
     return tokens, labels, doc_ids
 
-
-def _close(got, want, what: str, tol: float):
-    scale = want.abs().max().item() if want.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(scale, 1e-12), msg=lambda m: f"{what}: {m}")
 
 
 def _equivalence(name: str, layout: dict, dtype, steps: int, overrides: dict, schedule: str = "1f1b"):
@@ -83,27 +79,13 @@ def _equivalence(name: str, layout: dict, dtype, steps: int, overrides: dict, sc
         opt.zero_grad()
         mine = slice(d * rows, (d + 1) * rows)
         got = engine.step(tokens[mine], labels[mine], doc_ids=doc_ids[mine])
-        for k, v in rterms.items():
-            assert k in got, f"{k} missing from {sorted(got)}"
-            _close(torch.tensor(got[k], dtype=torch.float64), torch.tensor(v, dtype=torch.float64),
-                   f"{name} {layout} step {step} {k}", tol)
-        rgrads = dict(ref.named_parameters())
-        for s in engine.stages:
-            for k, g in parallel.full_state(s, mesh, grads=True).items():
-                assert g is not None, f"no gradient for {k}"
-                _close(g, rgrads[k].grad, f"{name} {layout} step {step} grad {k}", tol)
-        rnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        norm = engine.clip_grad_norm_(1.0)
-        _close(norm.to(rnorm.dtype), rnorm, f"{name} {layout} grad norm", tol)
+        check_step(ref, engine, mesh, rterms, got, tol, f"{name} {layout} step {step}")
         ropt.step()
         opt.step()
         ref.update_expert_bias()
         engine.update_expert_bias()
     if steps > 1:
-        rparams = dict(ref.named_parameters())
-        for s in engine.stages:
-            for k, v in parallel.full_state(s, mesh).items():
-                _close(v, rparams[k].detach(), f"{name} {layout} param after {steps} steps {k}", tol)
+        check_params(ref, engine, mesh, tol, f"{name} {layout} param after {steps} steps")
 
 
 def equivalence_rank(cases: list):
@@ -164,9 +146,9 @@ def exchange_rank():
             base, base_grads = got, grads
             continue
         for k, v in base.items():
-            _close(torch.tensor(got[k]), torch.tensor(v), f"{key} {recompute} {k}", 1e-6)
+            close(torch.tensor(got[k]), torch.tensor(v), f"{key} {recompute} {k}", 1e-6)
         for k, g in base_grads.items():
-            _close(grads[k], g, f"{key} {recompute} grad {k}", 1e-6)
+            close(grads[k], g, f"{key} {recompute} grad {k}", 1e-6)
     # a cp model called on whole rows without its positions refuses (keys of every rank, queries of all)
     with pytest.raises(ValueError, match="queries against 32 keys without a mask: call the model with"):
         engine.stages[0].loss(tokens, labels)
@@ -220,7 +202,7 @@ def resume_rank(root: str, layout: dict, phase: str):
         ref.update_expert_bias()
     got = parallel.full_state(engine.stages[0], mesh)
     for k, p in ref.named_parameters():
-        _close(got[k], p.detach(), f"{layout} after resume: {k}", 1e-9)
+        close(got[k], p.detach(), f"{layout} after resume: {k}", 1e-9)
     for (k, b), (k2, b2) in zip(ref.named_buffers(), engine.stages[0].named_buffers()):
         if k.endswith("gate.bias"):
             assert k == k2 and torch.equal(b, b2), f"expert bias {k}"

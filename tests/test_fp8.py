@@ -41,13 +41,7 @@ MIN_NORMAL = 2.0 ** -6
 FP32_SLACK = 2.0 ** -20      # fp32 rounding of x / s and of q * s (a few units of 2^-24)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread avoids OpenMP barrier stalls under load (10x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,6 +3,7 @@ recipe's reference. Needs a GPU (skipped elsewhere; run on the lent H100/H200)."
 import pytest
 import torch
 
+from fp8_reference import grouped_both
 from parallel.fp8 import BLOCK, TILE, Emulated, Fp8Recipe, Fp8Tensor, TorchScaledMM, fp8_grouped_mm, fp8_linear
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -128,20 +129,13 @@ def test_grouped_triton_matches_emulation(counts, k, n, dtype):
     """Forward, dgrad and wgrad of the one-launch grouped kernels against the emulated recipe on the same
     inputs: the same FP8 products, tensor-core sums inside each 128-slice (~1e-4), bf16 outputs (~4e-3)."""
     from parallel import fp8_grouped as fg
-    from parallel.fp8 import AMAX_FLOOR, INV_E4M3_MAX
     torch.manual_seed(sum(counts) + k + n)
     t = sum(counts)
     x = torch.randn(t, k, device="cuda", dtype=dtype)
     w = (torch.randn(len(counts), n, k, device="cuda") * 0.05).to(dtype)
     dy = torch.randn(t, n, device="cuda", dtype=dtype)
     ct = torch.tensor(counts, device="cuda")
-    res = {}
-    for name, fn in (("emulate", lambda a, b: fp8_grouped_mm(a, b, ct, Fp8Recipe("emulate"))),
-                     ("triton", lambda a, b: fg.fp8_grouped_mm(a, b, ct, AMAX_FLOOR, INV_E4M3_MAX))):
-        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = fn(xr, wr)
-        y.backward(dy)
-        res[name] = (y, xr.grad, wr.grad)
+    res = grouped_both(fg, x, w, dy, ct)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
     for got, ref in zip(res["triton"], res["emulate"]):
         assert got.shape == ref.shape and got.dtype == ref.dtype

@@ -13,8 +13,9 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is in the test extra (pyproject); the kernels need it")
 
+from fp8_reference import grouped_both  # noqa: E402
 from parallel.fp8 import (AMAX_FLOOR, BLOCK, INV_E4M3_MAX, TILE, Fp8Recipe, Fp8Tensor, dequantize,  # noqa: E402
-                          fp8_grouped_mm, quantize_torch)
+                          quantize_torch)
 
 E4M3 = torch.float8_e4m3fn
 
@@ -45,12 +46,7 @@ def fg():
     _fresh_triton()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def same(a, b):
@@ -153,13 +149,7 @@ def test_grouped_gemms_match_emulation(fg, counts, k, n):
     w = torch.randn(len(counts), n, k) * 0.05
     dy = torch.randn(t, n)
     ct = torch.tensor(counts)
-    res = {}
-    for name, fn in (("emulate", lambda a, b: fp8_grouped_mm(a, b, ct, Fp8Recipe("emulate"))),
-                     ("triton", lambda a, b: fg.fp8_grouped_mm(a, b, ct, AMAX_FLOOR, INV_E4M3_MAX))):
-        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = fn(xr, wr)
-        y.backward(dy)
-        res[name] = (y, xr.grad, wr.grad)
+    res = grouped_both(fg, x, w, dy, ct)
     for got, ref in zip(res["triton"], res["emulate"]):
         assert got.shape == ref.shape and got.dtype == ref.dtype
         if ref.abs().sum() == 0:

@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import run_ranks
+from distributed import check_params, check_step, run_ranks
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
-import parallel
 from parallel import ParallelConfig, build_mesh
 from parallel.pipeline import attach_schedule, build_pipeline
 
@@ -27,10 +26,6 @@ def _data(cfg, step: int, batch: int):
     labels[:, -1] = IGNORE_INDEX
     return tokens, labels
 
-
-def _close(got, want, what: str, tol: float):
-    scale = want.abs().max().item() if want.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(scale, 1e-12), msg=lambda m: f"{what}: {m}")
 
 
 def pipeline_rank(name: str, layout: dict, schedule: str, n_micro: int, overrides: dict, dtype_name: str = "float32",
@@ -65,27 +60,13 @@ def pipeline_rank(name: str, layout: dict, schedule: str, n_micro: int, override
         rows = batch // dims.dp
         mine = slice(d * rows, (d + 1) * rows)
         got = pipe.step(tokens[mine], labels[mine])
-        for k, v in rterms.items():
-            assert k in got, f"{k} missing from the pipeline's metrics {sorted(got)}"
-            _close(torch.tensor(got[k], dtype=torch.float64), torch.tensor(v, dtype=torch.float64), k, tol)
-        rgrads = dict(ref.named_parameters())
-        for s in pipe.stages:
-            grads = parallel.full_state(s, mesh, grads=True)
-            for k, g in grads.items():
-                assert g is not None, f"stage {s.stage_index}: no gradient for {k}"
-                _close(g, rgrads[k].grad, f"stage {s.stage_index} grad {k}", tol)
-        rnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        norm = pipe.clip_grad_norm_(1.0)
-        _close(norm.to(rnorm.dtype), rnorm, "grad norm", tol)
+        check_step(ref, pipe, mesh, rterms, got, tol, f"step {step}")
         ropt.step()
         opt.step()
         ref.update_expert_bias()
         pipe.update_expert_bias()
     if steps > 1:
-        rparams = dict(ref.named_parameters())
-        for s in pipe.stages:
-            for k, v in parallel.full_state(s, mesh).items():
-                _close(v, rparams[k].detach(), f"stage {s.stage_index} param after {steps} steps {k}", tol)
+        check_params(ref, pipe, mesh, tol, f"param after {steps} steps")
     # together the ranks' stages hold every parameter of the model, each layer on one stage
     held = [None] * dist.get_world_size()
     dist.all_gather_object(held, sorted({k for s in pipe.stages for k, _ in s.named_parameters()}))
