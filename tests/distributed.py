@@ -1,22 +1,28 @@
 """Run a function on N gloo ranks in fresh processes (CPU); failures re-raise in pytest."""
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def job_store():
+    """The job's TCPStore, hosted by this (the parent) process as torchrun's agent hosts it; yields the env
+    a rank needs to join it. The server binds port 0 and keeps its socket, so no other process can take the
+    port between choosing and binding it (CI's EADDRINUSE when each rank-0 child bound a port chosen earlier)."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    finally:
+        del store
 
 
-def _entry(rank: int, world: int, port: int, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _entry(rank: int, world: int, env: dict, fn, args):
+    os.environ.update(env, RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -27,7 +33,8 @@ def _entry(rank: int, world: int, port: int, fn, args):
 
 def run_ranks(world: int, fn, *args) -> None:
     """fn(*args) on `world` ranks; each rank may assert (the first failure fails the test)."""
-    mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, start_method="spawn")
+    with job_store() as env:
+        mp.start_processes(_entry, args=(world, env, fn, args), nprocs=world, start_method="spawn")
 
 
 # -- comparing an engine with one process ----------------------------------------------------------------

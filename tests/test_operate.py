@@ -4,7 +4,6 @@ profiler window."""
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, WatchdogSection, load_config
-from distributed import run_ranks
+from distributed import job_store, run_ranks
 from test_train import _train_rank, base_overrides, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,12 +220,6 @@ def test_watchdog_reports_a_slow_step_from_its_own_thread(tmp_path):
     assert w.fired == [1] and "over watchdog.timeout = 0.2 s" in (tmp_path / "t/watchdog/step1/rank0.txt").read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_watchdog_on_a_stalled_rank_dumps_every_rank_and_exits(corpus, tmp_path):
     """Two gloo ranks launched as torchrun would; rank 1 stalls at step 6 (the test hook) while rank 0 waits
     for it inside a collective. Both watchdogs fire from their monitor threads: each writes its stacks and
@@ -241,22 +234,22 @@ def test_watchdog_on_a_stalled_rank_dumps_every_rank_and_exits(corpus, tmp_path)
     cmd = [sys.executable, "-m", "pretrain", "--config", str(ROOT / "configs/pretrain/tiny_v3.yaml"),
            "parallel.pp=1", "parallel.ep=1", "train.batch_ramp=[]", "train.mtp_lambda=[]", "train.bias_gamma=[]",
            "train.ema_decay=0", *args]
-    port = _free_port()
     procs, logs = [], []
     t0 = time.time()
-    for rank in (0, 1):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{STALL_ENV: "1:6:300"})
-        logs.append(open(tmp_path / f"rank{rank}.log", "w"))
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for f in logs:
-            f.close()
+    with job_store() as store_env:
+        for rank in (0, 1):
+            env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                       **store_env, **{STALL_ENV: "1:6:300"})
+            logs.append(open(tmp_path / f"rank{rank}.log", "w"))
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+        try:
+            codes = [p.wait(timeout=120) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            for f in logs:
+                f.close()
     took = time.time() - t0
     out = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
     assert codes == [WATCHDOG_EXIT, WATCHDOG_EXIT], (codes, out)

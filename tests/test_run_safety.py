@@ -87,11 +87,11 @@ def _refuse_rank(corpus, run_dir):
         _train(base_overrides(corpus, run_dir, **{"train.steps": 2, "checkpoint.resume": "none"}))
 
 
-def _entry(rank, world, port, fn, args):
+def _entry(rank, world, env, fn, args):
     """tests/distributed.py's entry with a short collective timeout: a rank left waiting fails, not hangs."""
     import torch
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(env, RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=180))
     try:
@@ -105,9 +105,10 @@ def test_refusal_agrees_across_ranks(corpus, done_run, tmp_path):
     """Rank 0 decides and every rank raises the same ConfigError before any other collective."""
     import torch.multiprocessing as mp
 
-    from distributed import _free_port
+    from distributed import job_store
     d = _copy(done_run, tmp_path)
-    mp.start_processes(_entry, args=(2, _free_port(), _refuse_rank, (corpus, d)), nprocs=2, start_method="spawn")
+    with job_store() as env:
+        mp.start_processes(_entry, args=(2, env, _refuse_rank, (corpus, d)), nprocs=2, start_method="spawn")
 
 
 def test_resume_past_the_last_step_is_refused(corpus, done_run, tmp_path):
