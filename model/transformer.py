@@ -300,13 +300,13 @@ class Transformer(nn.Module):
         return torch.func.functional_call(self.head, weights, (h,))
 
     def scored(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-               mtp_labels: torch.Tensor | None = None, temperature: float = 1.0):
+               mtp_labels: torch.Tensor | None = None, temperature: float = 1.0, h: torch.Tensor | None = None):
         """(logits, MTP cross-entropy or None) of whole rows: token_logprobs' forward, an FSDP2 entry point.
         With `mtp_labels` [batch, seq] (next-token labels, IGNORE_INDEX masked) also the MTP modules'
         cross-entropy on the main model's detached outputs at `temperature` (`_mtp_ce`), summed over depths
-        and tokens."""
+        and tokens. On the last pipeline stage `h` carries the previous stage's hidden states."""
         local, rope, mask = self._frame(tokens, 0, doc_ids, False, None)
-        h = self.norm(self._blocks(self.embed(local), rope, mask=mask))
+        h = self.norm(self._blocks(self.embed(local) if h is None else h, rope, mask=mask))
         mtp = None
         if mtp_labels is not None:
             if not len(self.mtp):
@@ -318,7 +318,8 @@ class Transformer(nn.Module):
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
                        entropy: bool = False, temperature: float = 1.0,
-                       mtp: bool = False, allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       mtp: bool = False, allowed: torch.Tensor | None = None,
+                       h: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """log pi(targets | prefix) per position [batch, seq] (0 where the target is IGNORE_INDEX), and
         with `entropy` the policy's entropy per position (no gradient). `temperature` scales the logits
         as the sampler did, so that ratios compare the distribution the samples came from. Under tensor
@@ -326,8 +327,9 @@ class Transformer(nn.Module):
         [tokens] values. With `mtp`, "mtp_ce": the MTP modules' cross-entropy on `targets` at `temperature`,
         summed over tokens and averaged over depths, whose gradient reaches the MTP modules only. With
         `allowed` [2, n] (flat position in batch x seq, token id) pairs, a position that appears in it keeps
-        only those tokens: the log-probs and entropy are the renormalised distribution's (restrict_vocab)."""
-        logits, mtp_ce = self.scored(tokens, doc_ids, targets if mtp else None, temperature)
+        only those tokens: the log-probs and entropy are the renormalised distribution's (restrict_vocab).
+        `h`: the previous pipeline stage's hidden states, on the last stage."""
+        logits, mtp_ce = self.scored(tokens, doc_ids, targets if mtp else None, temperature, h=h)
         logits = at_least_fp32(logits)
         if temperature != 1.0:
             logits = logits / temperature

@@ -50,15 +50,32 @@ class SingleStage:
         init_parallel_weights(self.stages[0], self.mesh, seed, device)
         prime_unsharded(self.stages[0])   # a step may skip units (post-training's forward skips MTP)
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, objective=None,
+             **inputs: torch.Tensor) -> dict[str, float]:
         """Gradients of the mean micro-batch loss; `inputs` are more per-row tensors of `loss()`
-        (e.g. doc_ids), split like the tokens."""
-        if self.overlap == "ep":
+        (e.g. doc_ids), split like the tokens. `objective`: a post-training objective in place of
+        `loss()`, objective(model, None, tokens, labels, **inputs) -> {term: scalar} per micro-batch
+        (Pipeline.step's contract); the terms of `objective.terms` are returned."""
+        if objective is not None:
+            out = self._losses(tokens, labels, inputs, backward=True, objective=objective)
+        elif self.overlap == "ep":
             out = overlapped_losses(self.stages[0], self.mesh, self.micro_batch_size, tokens, labels, inputs)
         else:
             out = self._losses(tokens, labels, inputs, backward=True)
         sync_expert_load(self.stages[0], self.mesh)  # the step's global load, for the stats and the bias step
         return out
+
+    @torch.no_grad()
+    def score(self, tokens: torch.Tensor, labels: torch.Tensor, fn, **inputs: torch.Tensor) -> torch.Tensor:
+        """Forward only, in the model's current mode: fn(model, None, tokens, labels, **inputs) per
+        micro-batch, concatenated [rows, seq] (fp32); Pipeline.score's contract."""
+        net, mbs = self.stages[0], self.micro_batch_size
+        try:
+            return torch.cat([fn(net, None, tokens[i:i + mbs], labels[i:i + mbs],
+                                 **{k: v[i:i + mbs] for k, v in inputs.items()}).float()
+                              for i in range(0, tokens.shape[0], mbs)])
+        finally:
+            reshard(net)
 
     @torch.no_grad()
     def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
@@ -71,15 +88,18 @@ class SingleStage:
             net.train()
             reshard(net)  # a forward without backward leaves FSDP2's root gathered
 
-    def _losses(self, tokens, labels, inputs: dict, backward: bool) -> dict[str, float]:
+    def _losses(self, tokens, labels, inputs: dict, backward: bool, objective=None) -> dict[str, float]:
         net, mbs = self.stages[0], self.micro_batch_size
         n = tokens.shape[0] // mbs
         sums: dict[str, torch.Tensor] = {}
         extra = cp_inputs(self.mesh, tokens.shape[1], net.cfg.is_moe, tokens.device)
         for i in range(n):
             rows = slice(i * mbs, (i + 1) * mbs)
-            out = net.loss(tokens=tokens[rows], labels=labels[rows], **{k: v[rows] for k, v in inputs.items()},
-                           **extra)
+            more = {k: v[rows] for k, v in inputs.items()}
+            if objective is None:
+                out = net.loss(tokens=tokens[rows], labels=labels[rows], **more, **extra)
+            else:
+                out = objective(net, None, tokens[rows], labels[rows], **more, **extra)
             if backward:
                 set_gradient_sync(net, i == n - 1)
                 (out["loss"] / n).backward()
@@ -87,7 +107,8 @@ class SingleStage:
                 sums[k] = sums.get(k, 0.0) + v.detach().double() / n  # fp64: what all_sum reduces in
         if backward:
             finish_grad_sync(net, self.mesh)
-        total = comm.all_sum({k: sums[k] for k in sorted(sums)}, self.mesh["dp"], self.mesh.device_type)
+        keys = sorted(sums) if objective is None else objective.terms
+        total = comm.all_sum({k: sums[k] for k in keys}, self.mesh["dp"], self.mesh.device_type)
         return {k: v / self.mesh.dims.dp for k, v in total.items()}
 
     def clip_grad_norm_(self, max_norm: float, apart: str = "") -> torch.Tensor:

@@ -68,17 +68,22 @@ class StageModel:
     fsdp_forward_methods = ()  # only forward is called on a stage; `loss`/`hidden` run inside it
 
     def forward(self, h: torch.Tensor | None = None, *, tokens: torch.Tensor, labels: torch.Tensor,
-                doc_ids: torch.Tensor | None = None):
+                doc_ids: torch.Tensor | None = None, **inputs: torch.Tensor):
         # under cp the stage computes (and passes on) its chunks of the whole rows (context_parallel.py)
         extra = {} if self.cp_positions is None else {"positions": self.cp_positions}
         if doc_ids is not None:  # packed documents: every stage's attention masks by them
             extra["doc_ids"] = doc_ids
         if self.is_last:
-            out = self.loss(tokens, labels, h=h, **extra)
-            self.record(out)
+            if self.objective is not None:   # a post-training objective (Pipeline.step's `objective`)
+                out = self.objective(self, h, tokens, labels, **extra, **inputs)
+                self.objective_terms.append({k: v.detach() for k, v in out.items()})
+            else:
+                out = self.loss(tokens, labels, h=h, **extra)
+                self.record(out)
             return torch.stack([out["loss"]])  # torch's schedules concatenate these; not a view (FSDP2 warns)
         h = self.hidden(tokens, h=h, **extra)
-        terms = self.balance_losses()
+        # a custom objective is the whole objective: post-training's (token_logprobs) has no balance losses
+        terms = self.balance_losses() if self.objective is None else {}
         self.record(terms)
         if terms and torch.is_grad_enabled():
             return AttachAuxLoss.apply(h, sum(terms.values()), self.aux_scale)
@@ -168,6 +173,7 @@ def cut_stage(model: nn.Module, layers: list[int], first: bool, last: bool, keep
     stage.__class__ = _stage_class(type(model))
     stage.is_first, stage.is_last = first, last
     stage.stage_metrics, stage.aux_scale, stage.cp_positions = [], 1.0, None
+    stage.objective, stage.objective_terms = None, []
     return stage
 
 
@@ -213,11 +219,18 @@ class Pipeline:
         for s in self.stages:
             init_parallel_weights(s, self.mesh, seed, device)
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, objective=None,
+             **inputs: torch.Tensor) -> dict[str, float]:
         """Run the schedule on this data-parallel rank's batch; gradients end synchronised over tp,
         dp, ep and the shared embedding, the expert load over the stage's ranks. Returns the
         objective's terms (mean over micro-batches, mean over dp) and each stage's, identical on every
-        rank. A batch of another micro-batch count (a batch-size ramp) gets its schedule rebuilt."""
+        rank. A batch of another micro-batch count (a batch-size ramp) gets its schedule rebuilt.
+
+        `objective` (post-training; `engine.SingleStage.step` takes the same): the last stage computes
+        objective(stage, h, tokens, labels, **inputs) -> {term: scalar} in place of the model's `loss`,
+        "loss" being what is back-propagated (mean over micro-batches) and every name of `objective.terms`
+        reported; no balance losses are attached. `inputs` are per-row tensors, chunked like the tokens and
+        given to every stage (only the last reads what the objective needs)."""
         n_micro = tokens.shape[0] // self.hidden_shape[0]
         if n_micro != self.n_microbatches:
             self.n_microbatches = n_micro
@@ -225,33 +238,78 @@ class Pipeline:
         self._set_positions(tokens)
         for s in self.stages:
             s.stage_metrics.clear()
+            s.objective_terms.clear()
             s.aux_scale = 1.0 / self.n_microbatches
+            s.objective = objective
         kwargs = dict(tokens=tokens, labels=labels, **inputs)  # inputs: more per-row tensors (doc_ids)
-        if any(s.is_last for s in self.stages):
-            self.schedule.step(target=labels, **kwargs)
-        else:
-            self.schedule.step(**kwargs)
+        try:
+            if any(s.is_last for s in self.stages):
+                self.schedule.step(target=labels, **kwargs)
+            else:
+                self.schedule.step(**kwargs)
+        finally:
+            for s in self.stages:
+                s.objective = None
         for s in self.stages:
             finish_grad_sync(s, self.mesh)
             sync_expert_load(s, self.mesh)  # the step's global load, for the stats and the bias step
         self._sum_shared_grads()
+        if objective is not None:
+            return self._objective_metrics(objective.terms, self.n_microbatches)
         return self._metrics(self.n_microbatches)
+
+    @torch.no_grad()
+    def score(self, tokens: torch.Tensor, labels: torch.Tensor, fn, **inputs: torch.Tensor) -> torch.Tensor:
+        """Forward only, in the stages' current mode: per position values [rows, seq] (fp32) that the last
+        stage computes as fn(stage, h, tokens, labels, **inputs) per micro-batch (e.g. a frozen reference's
+        token log-probabilities), on every rank: the last stage's rank sends them along the pp group."""
+        out: list[torch.Tensor] = []
+
+        def record(stage, h, tok, lab, **more):   # run inside the stage's forward (FSDP2 gathers there)
+            out.append(fn(stage, h, tok, lab, **more).float())
+            return {"loss": h.new_zeros(())}
+
+        def last(stage, h, tok, lab, more):
+            stage.objective = record
+            try:
+                stage(h, tokens=tok, labels=lab, **more)
+            finally:
+                stage.objective = None
+                stage.objective_terms.clear()
+
+        self._walk(tokens, labels, inputs, last)
+        owner = stage_to_rank(self.schedule_name, self.mesh.dims.pp, self.n_stages // self.mesh.dims.pp)
+        dims, me = self.mesh.dims, self.mesh.rank
+        values = torch.cat(out) if out else torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+        src = me + (owner[self.n_stages - 1] - dims.coords(me)["pp"]) * dims.stage_size
+        dist.broadcast(values, src, group=self.mesh["pp"].pg)
+        return values
 
     @torch.no_grad()
     def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor, **inputs: torch.Tensor) -> dict[str, float]:
         """Forward only, the stages in eval mode (no balance losses, no load counting); the same
-        metrics as `step`. Written here rather than with the schedules' own `eval`, which torch 2.13
+        metrics as `step`."""
+        for s in self.stages:
+            s.stage_metrics.clear()
+            s.eval()
+        try:
+            self._walk(tokens, labels, inputs, lambda net, h, tok, lab, more: net(h, tokens=tok, labels=lab, **more))
+        finally:
+            for s in self.stages:
+                s.train()
+        return self._metrics(-(-tokens.shape[0] // self.hidden_shape[0]))
+
+    def _walk(self, tokens: torch.Tensor, labels: torch.Tensor, inputs: dict, last) -> None:
+        """A forward-only pass, written here rather than with the schedules' own `eval`, which torch 2.13
         cannot run for the split-backward schedules (ZBV, DualPipeV assert on their B actions): each
         micro-batch walks the stages in order, the hidden states going point to point to the rank
-        holding the next stage (same dp/tp coordinates). Validation is rare; no overlap is needed."""
+        holding the next stage (same dp/tp coordinates); the last stage runs last(stage, h, tokens,
+        labels, inputs) instead of passing on. Validation and scoring need no overlap."""
         dims, me = self.mesh.dims, self.mesh.rank
         owner = stage_to_rank(self.schedule_name, dims.pp, self.n_stages // dims.pp)
         pp_i = dims.coords(me)["pp"]
         mine = dict(zip(self.stage_ids, self.stages))
         self._set_positions(tokens)
-        for s in self.stages:
-            s.stage_metrics.clear()
-            s.eval()
         try:
             mbs = self.hidden_shape[0]  # the micro-batch size the stages were given (attach_schedule)
             for i, (tok, lab) in enumerate(zip(tokens.split(mbs), labels.split(mbs))):
@@ -262,8 +320,11 @@ class Pipeline:
                         if h is None and sid > 0:  # sent by the previous stage's rank
                             h = torch.empty(self.hidden_shape, dtype=self.act_dtype, device=tok.device)
                             dist.recv(h, me + (owner[sid - 1] - pp_i) * dims.stage_size)
+                        if sid == self.n_stages - 1:
+                            last(mine[sid], h, tok, lab, more)
+                            break
                         h = mine[sid](h, tokens=tok, labels=lab, **more)
-                        nxt = owner[sid + 1] if sid + 1 < self.n_stages else pp_i
+                        nxt = owner[sid + 1]
                         if nxt != pp_i:
                             dist.send(h.contiguous(), me + (nxt - pp_i) * dims.stage_size)
                             h = None
@@ -271,9 +332,7 @@ class Pipeline:
                         h = None
         finally:
             for s in self.stages:
-                s.train()
-                reshard(s)
-        return self._metrics(-(-tokens.shape[0] // mbs))
+                reshard(s)   # a forward without backward leaves FSDP2's root gathered
 
     def _set_positions(self, tokens: torch.Tensor) -> None:
         positions = cp_inputs(self.mesh, tokens.shape[1], self.stages[0].cfg.is_moe, tokens.device).get("positions")
@@ -285,6 +344,10 @@ class Pipeline:
         copy get the sum of both gradients (and stay equal after the optimizer step)."""
         holders = [s for s in self.stages if s.is_first or s.is_last]
         for name in self.shared_names:
+            for s in holders:   # an objective without MTP leaves the last stage's copy without a gradient
+                p = s.get_parameter(name)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             grads = [_local(s.get_parameter(name).grad) for s in holders]
             if len(holders) == 2:  # V layouts: both on this rank
                 total = grads[0] + grads[1]
@@ -316,6 +379,17 @@ class Pipeline:
             if aux_s:
                 out[f"stage{sid}/aux_loss"] = aux_s
         return out
+
+    def _objective_metrics(self, terms: tuple[str, ...], n_micro: int) -> dict[str, float]:
+        """A custom objective's terms (recorded on the last stage): mean over micro-batches and dp ranks."""
+        vec = torch.zeros(len(terms), dtype=torch.float64)
+        for s in self.stages:
+            for rec in s.objective_terms:
+                for j, k in enumerate(terms):
+                    vec[j] += float(rec[k]) / n_micro
+        comm.all_reduce(vec, self.mesh["world"])
+        vec /= self.mesh.dims.stage_size   # one last stage per (dp, cp, tp) rank: tp and cp copies, dp averaged
+        return {k: float(v) for k, v in zip(terms, vec)}
 
     def clip_grad_norm_(self, max_norm: float, apart: str = "") -> torch.Tensor:
         """Global norm over every stage of every rank, each shared parameter counted once (`apart`:
