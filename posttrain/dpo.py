@@ -9,6 +9,8 @@ One step, top to bottom:
     loss   = -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))) averaged over the global batch
              (dpo.label_smoothing > 0: conservative DPO)
     opt    = micro-batches accumulate, FSDP2 reduces after the last; clip, AdamW at the scheduled lr
+             (the engine's step with DPOObjective: under pp > 1 the objective runs on the last stage and the
+             reference scores through the pipeline, with rows padded to data.seq_len)
     log, validate on data.valid_files pairs, checkpoint (the iterator position goes into it)
 
 Every rank runs the same number of forwards (the same pairs per rank and micro-batches per step), which
@@ -21,7 +23,7 @@ import sys
 import torch
 
 from model.transformer import IGNORE_INDEX
-from parallel import finish_grad_sync, sequence_multiple, set_gradient_sync
+from parallel import sequence_multiple
 from pretrain.config import ConfigError
 
 from .config import PosttrainConfig
@@ -58,11 +60,13 @@ def encode_pairs(located: list[tuple[str, dict]], tokenizer, template: str, seq_
     return out, stats
 
 
-def pair_rows(pairs: list[tuple[Example, Example]], multiple: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rows(pairs: list[tuple[Example, Example]], multiple: int, pad: int,
+              length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded rows [2n, L] (the n chosen, then the n rejected; L a multiple of `multiple`, the
-    token split under tp) and their targets: the next token where it is a reply token, else IGNORE_INDEX."""
+    token split under tp, or `length` when given) and their targets: the next token where it is a reply
+    token, else IGNORE_INDEX."""
     examples = [c for c, _ in pairs] + [r for _, r in pairs]
-    L = -(-max(map(len, examples)) // multiple) * multiple
+    L = length or -(-max(map(len, examples)) // multiple) * multiple
     tokens = torch.full((len(examples), L), pad, dtype=torch.long)
     targets = torch.full((len(examples), L), IGNORE_INDEX, dtype=torch.long)
     for i, ex in enumerate(examples):
@@ -70,6 +74,35 @@ def pair_rows(pairs: list[tuple[Example, Example]], multiple: int, pad: int) -> 
         tokens[i, :len(ids)] = ids
         targets[i, :len(ids) - 1] = torch.where(mask[1:], ids[1:], IGNORE_INDEX)
     return tokens, targets
+
+
+def token_logprobs(model, h, tokens, targets):
+    """The engines' scoring function: log pi(target | prefix) per position (h: a pipeline stage's input)."""
+    return model.token_logprobs(tokens, targets, h=h)["logprobs"]
+
+
+class DPOObjective:
+    """One micro-batch's DPO terms on the last stage (the engines' objective contract): the rows are its
+    pairs' chosen then rejected replies, `ref` the reference's summed log-probs per row. Each term is the
+    micro-batch's mean over pairs; the engine averages micro-batches (equal sizes) and dp ranks."""
+    terms = ("loss", "chosen", "rejected", "correct")
+
+    def __init__(self, beta: float, label_smoothing: float):
+        self.beta, self.label_smoothing = beta, label_smoothing
+
+    def __call__(self, model, h, tokens, targets, ref):
+        logp = token_logprobs(model, h, tokens, targets).sum(-1)
+        return dpo_terms(logp, ref, self.beta, self.label_smoothing)
+
+
+def dpo_terms(logp: torch.Tensor, ref: torch.Tensor, beta: float, label_smoothing: float) -> dict:
+    k = logp.shape[0] // 2
+    loss, _ = dpo_loss(logp[:k], logp[k:], ref[:k], ref[k:], beta=beta, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        rewards = beta * (logp.detach() - ref).double()
+        chosen, rejected = rewards[:k], rewards[k:]
+    return {"loss": loss.mean(), "chosen": chosen.mean(), "rejected": rejected.mean(),
+            "correct": (chosen > rejected).double().mean()}
 
 
 class _PairSet:
@@ -105,7 +138,7 @@ class DPOTrainer:
         # the data first: a bad or empty file stops the run before the model is built or loaded
         train = _read("data.train_files", d.train_files)
         valid = _read("data.valid_files", d.valid_files) if d.valid_files else []
-        self.session = sess = StageSession(cfg, "dpo")
+        self.session = sess = StageSession(cfg, "dpo", rows_per_item=2)   # a pair is two rows
         dp = sess.dims.dp
         if t.global_batch_size % (dp * t.micro_batch_size):
             raise ConfigError(f"train.global_batch_size = {t.global_batch_size} (pairs) must be a multiple of "
@@ -129,7 +162,7 @@ class DPOTrainer:
         self.steps = d.epochs * self.it.batches_per_epoch if d.epochs > 0 else t.steps
         sess.total_steps = self.steps
         self.last = min(t.exit_at_step or self.steps, self.steps)
-        self.ref = sess.build(trainable=False)
+        self.ref = sess.build_engine(trainable=False)   # the reference in the policy's layout
         sess.resume()
         if sess.stage_state:
             self.it.load_state_dict(sess.stage_state["iterator"])
@@ -138,40 +171,36 @@ class DPOTrainer:
         d = self.cfg.data
         return encode_pairs(located, self.session.tokenizer, d.template, d.seq_len, d.overflow)
 
+    def _rows(self, pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batches' rows stacked [2 x pairs, L]: L is data.seq_len under a pipeline (its stages
+        pass fixed shapes), else the longest reply row of the step (rounded to the tp split)."""
+        sess, mbs = self.session, self.cfg.train.micro_batch_size
+        L = self.cfg.data.seq_len if sess.dims.pp > 1 else 0
+        if not L:
+            L = -(-max(len(e.input_ids) for pair in pairs for e in pair) // self.multiple) * self.multiple
+        parts = [pair_rows(pairs[i:i + mbs], self.multiple, sess.tokenizer.eod_id, L)
+                 for i in range(0, len(pairs), mbs)]
+        return torch.cat([t for t, _ in parts]).to(sess.device), torch.cat([y for _, y in parts]).to(sess.device)
+
     def _terms(self, pairs: list, backward: bool) -> dict[str, float]:
         """Loss and implicit rewards over this rank's pairs, averaged over all dp ranks' pairs; with
-        `backward`, the gradient of that mean loss (synchronised)."""
-        sess, dpo, mbs = self.session, self.cfg.dpo, self.cfg.train.micro_batch_size
-        net, n_micro = sess.policy, len(pairs) // mbs
-        sums: dict[str, torch.Tensor] = {}
-        tokens_seen = 0
-        for m in range(n_micro):
-            micro = pairs[m * mbs:(m + 1) * mbs]
-            tokens, targets = pair_rows(micro, self.multiple, sess.tokenizer.eod_id)
-            tokens, targets = tokens.to(sess.device), targets.to(sess.device)
-            with torch.no_grad():
-                ref = self.ref.token_logprobs(tokens, targets)["logprobs"].sum(-1)
-            logp = net.token_logprobs(tokens, targets)["logprobs"].sum(-1)
-            k = tokens.shape[0] // 2
-            loss, _ = dpo_loss(logp[:k], logp[k:], ref[:k], ref[k:], beta=dpo.beta, label_smoothing=dpo.label_smoothing)
-            if backward:
-                set_gradient_sync(net, m == n_micro - 1)
-                (loss.sum() / len(pairs)).backward()    # FSDP2 averages over dp: the global mean
-            with torch.no_grad():
-                rewards = dpo.beta * (logp.detach() - ref).double()
-                chosen, rejected = rewards[:k], rewards[k:]
-                terms = {"loss": loss.detach().double().sum(), "chosen": chosen.sum(), "rejected": rejected.sum(),
-                         "correct": (chosen > rejected).double().sum()}
-                for name, v in terms.items():
-                    sums[name] = sums.get(name, 0.0) + v
-            tokens_seen += sum(len(c) + len(r) for c, r in micro)
+        `backward`, the gradient of that mean loss (synchronised). Through the engines (any layout, pp > 1
+        included): the reference scores the rows forward only, the policy's step runs DPOObjective."""
+        sess, dpo = self.session, self.cfg.dpo
+        tokens, targets = self._rows(pairs)
+        ref = self.ref.score(tokens, targets, token_logprobs).sum(-1)
         if backward:
-            finish_grad_sync(net, sess.mesh)
-        tot = sess.all_sum({**sums, "tokens": tokens_seen, "pairs": len(pairs)})
-        n = tot["pairs"]
-        return {"loss": tot["loss"] / n, "reward_chosen": tot["chosen"] / n, "reward_rejected": tot["rejected"] / n,
-                "reward_margin": (tot["chosen"] - tot["rejected"]) / n, "reward_accuracy": tot["correct"] / n,
-                "tokens": tot["tokens"]}
+            terms = sess.engine.step(tokens, targets, objective=DPOObjective(dpo.beta, dpo.label_smoothing), ref=ref)
+        else:   # validation: the policy scored forward only, the terms per micro-batch as the objective's
+            logp, mbs = sess.engine.score(tokens, targets, token_logprobs).sum(-1), 2 * self.cfg.train.micro_batch_size
+            parts = [dpo_terms(logp[i:i + mbs], ref[i:i + mbs], dpo.beta, dpo.label_smoothing)
+                     for i in range(0, tokens.shape[0], mbs)]
+            sums = sess.all_sum({k: sum(float(p[k]) for p in parts) for k in DPOObjective.terms})
+            terms = {k: v / (len(parts) * sess.dims.dp) for k, v in sums.items()}
+        tokens_seen = sess.all_sum({"t": float(sum(len(c) + len(r) for c, r in pairs))})["t"]
+        return {"loss": terms["loss"], "reward_chosen": terms["chosen"], "reward_rejected": terms["rejected"],
+                "reward_margin": terms["chosen"] - terms["rejected"], "reward_accuracy": terms["correct"],
+                "tokens": tokens_seen}
 
     def train_step(self, pairs: list) -> dict[str, float]:
         metrics = self._terms(pairs, backward=True)
@@ -185,9 +214,13 @@ class DPOTrainer:
         n = len(self.valid) // (sess.dims.dp * mbs) * mbs
         if n == 0:
             return {}
-        sess.policy.eval()
-        out = self._terms(self.valid[sess.dp_rank * n:(sess.dp_rank + 1) * n], backward=False)
-        sess.policy.train()
+        for net in sess.engine.stages:
+            net.eval()
+        try:
+            out = self._terms(self.valid[sess.dp_rank * n:(sess.dp_rank + 1) * n], backward=False)
+        finally:
+            for net in sess.engine.stages:
+                net.train()
         return {f"val_{k}": out[k] for k in ("loss", "reward_accuracy", "reward_margin")}
 
     def step(self) -> tuple[dict, dict]:

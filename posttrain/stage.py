@@ -6,10 +6,10 @@ builds its model (meta, parallelised, initialised, then loaded from `init.checkp
 `parallel.recompute` and `train.fp8` apply as there. `StageSession(cfg, stage, train=False)` (a
 stage that only samples) builds no optimizer.
 
-SFT (and distillation, which is SFT) trains under the full pretraining layout, pp > 1 included: its step is
-pretraining's (`engine.step(tokens, labels, doc_ids)`), so the pipeline engine runs it unchanged. The stages
-that score sequences (GRPO, DPO) and sample (rejection) run with pp = 1 (`PIPELINED` says which may not):
-tp (+sp), ep and FSDP2 dp apply unchanged.
+SFT (and distillation, which is SFT) and DPO train under the full pretraining layout, pp > 1 included: SFT's
+step is pretraining's (`engine.step(tokens, labels, doc_ids)`), DPO's runs its objective on the last stage
+(`engine.step(..., objective=)`) and scores through the engine (`engine.score`). The stages that sample
+(GRPO, rejection) run with pp = 1 (`PIPELINED` says which may not): tp (+sp), ep and FSDP2 dp apply unchanged.
 """
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ from pretrain.tokenizer import load_tokenizer
 from .config import PosttrainConfig
 
 
-PIPELINED = ("sft",)   # the stages whose step is pretraining's (distillation's student is an sft stage): pp > 1 allowed
+# the stages that train under pp > 1: SFT's step is pretraining's (distillation's student is an sft stage); DPO's
+# objective runs on the last stage (engine.step(objective=)), its reference scores through the pipeline
+PIPELINED = ("sft", "dpo")
 
 
 class StageError(RuntimeError):
@@ -65,12 +67,13 @@ def guarded(run) -> int:
             dist.destroy_process_group()
 
 
-def _build(cfg: PosttrainConfig, model_cfg, run: Run, trainable: bool):
+def _build(cfg: PosttrainConfig, model_cfg, run: Run, trainable: bool, rows_per_item: int = 1):
     """The engine (a SingleStage, or at pp > 1 this rank's pipeline stages under parallel.pp_schedule) with
     the starting weights (init.checkpoint, else the seeded init), on the FP8 backend when train.fp8 =
     blockwise; a trainable one recomputes as parallel.recompute says, a frozen one is in eval mode without
-    gradients."""
+    gradients. A micro-batch is train.micro_batch_size items of `rows_per_item` rows (DPO's pairs: 2)."""
     t, p = cfg.train, cfg.parallel
+    mbs = t.micro_batch_size * rows_per_item
     # a frozen model never runs backward: recompute would only cost time
     recompute = p.recompute if trainable else "none"
     pipeline = {}
@@ -85,7 +88,7 @@ def _build(cfg: PosttrainConfig, model_cfg, run: Run, trainable: bool):
         pipeline = dict(schedule=p.pp_schedule, n_microbatches=n_micro, vpp=p.vpp, layer_split=p.layer_split or None)
     try:
         engine = build_engine(build_model(model_cfg, device="meta").train(), run.mesh,
-                              micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len, seed=t.seed,
+                              micro_batch_size=mbs, seq_len=cfg.data.seq_len, seed=t.seed,
                               device=run.device, param_dtype=DTYPES[t.dtype], fp8=fp8_recipe(t, run.device),
                               recompute=recompute, **pipeline)
     except ValueError as e:   # layout constraints (the pipeline's cut, the schedule); their messages name the keys
@@ -104,9 +107,10 @@ class StageSession(Session):
     """A post-training stage's session: `policy` (the engine's model), `tokenizer`, `dims`, `dp_rank`;
     `step`, `stage_state` (what the stage keeps across a resume) and the rest of `Session`."""
 
-    def __init__(self, cfg: PosttrainConfig, stage: str, *, train: bool = True):
+    def __init__(self, cfg: PosttrainConfig, stage: str, *, train: bool = True, rows_per_item: int = 1):
         """train=False: a stage that only samples (rejection sampling): the policy is frozen like a reference
-        and there is no optimizer (no AdamW moments), so optimizer_step and save refuse."""
+        and there is no optimizer (no AdamW moments), so optimizer_step and save refuse. rows_per_item: the
+        rows of one train.micro_batch_size item (DPO's pair: 2), which the engine's micro-batches hold."""
         t = cfg.train
         if cfg.parallel.pp != 1 and stage not in PIPELINED:
             raise ConfigError(f"the {stage} stage runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): it scores "
@@ -128,7 +132,9 @@ class StageSession(Session):
         if self.tokenizer.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                               f"{model_cfg.vocab_size}; set model.vocab_size={self.tokenizer.vocab_size} (or more)")
-        super().__init__(cfg, run, _build(cfg, model_cfg, run, trainable=train), model_cfg, train=train, stage=stage)
+        self.rows_per_item = rows_per_item
+        super().__init__(cfg, run, _build(cfg, model_cfg, run, train, rows_per_item), model_cfg, train=train,
+                         stage=stage)
         self.policy = self.engine.stages[0]   # the whole model at pp = 1 (the stages that score and sample)
         self.dims = self.mesh.dims
         self.dp_rank = self.dims.coords(self.mesh.rank)["dp"]
@@ -136,8 +142,14 @@ class StageSession(Session):
 
     # -- models ------------------------------------------------------------------------------------
     def build(self, trainable: bool):
-        """Another copy of the starting model in the policy's layout (trainable=False: a frozen reference)."""
-        return _build(self.cfg, self.model_cfg, self._run, trainable).stages[0]
+        """Another copy of the starting model in the policy's layout (trainable=False: a frozen reference),
+        whole (pp = 1)."""
+        return self.build_engine(trainable).stages[0]
+
+    def build_engine(self, trainable: bool):
+        """Another copy of the starting model in the policy's layout, as an engine (its `score` runs any
+        layout, pp > 1 included)."""
+        return _build(self.cfg, self.model_cfg, self._run, trainable, self.rows_per_item)
 
     @torch.no_grad()
     def copy_weights(self, dst, src) -> None:

@@ -297,6 +297,48 @@ def test_dpo_update_under_tp2_and_dp2_equals_one_process(task_dir, dpo_run, tmp_
         torch.testing.assert_close(two["grads"][k], v, rtol=1e-5, atol=1e-5 * max(scale, 1e-12))
 
 
+def dpo_pipeline_rank(task_dir, run_dir, layout, out):
+    """The first update under a pipeline: every stage's synchronised gradients (gathered over tp/dp), per rank."""
+    import torch.distributed as dist
+
+    import parallel
+    from posttrain.dpo import DPOTrainer
+    tr = DPOTrainer(_load(_dpo_args(task_dir, run_dir) + layout))
+    sess, first = tr.session, {}
+    step = sess.optimizer_step
+
+    def capture(loss, **kw):
+        if not first:
+            first["loss"], first["grads"] = loss, {}
+            for stage in sess.engine.stages:
+                for k, g in parallel.full_state(stage, sess.mesh, grads=True).items():
+                    if g is not None:
+                        first["grads"][k] = g.detach().clone()
+        return step(loss, **kw)
+
+    sess.optimizer_step = capture
+    val = tr.evaluate()   # policy == reference: log 2 (through the pipeline's forward-only scoring)
+    metrics = tr.train_step(next(tr.it)["pairs"])
+    torch.save({**first, "metrics": metrics, "val": val}, f"{out}.{dist.get_rank()}")
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_dpo_update_under_pp2_equals_one_process(task_dir, dpo_run, tmp_path, schedule):
+    """DPO under a pipeline (issue 22 §1): the reference scores through the stages, the DPO objective runs on
+    the last; the first update's loss and gradients are one process's, and so is the validation."""
+    run_ranks(2, dpo_pipeline_rank, str(task_dir), str(tmp_path / "run"),
+              ["parallel.pp=2", f"parallel.pp_schedule={schedule}"], str(tmp_path / "pp"))
+    one = torch.load(dpo_run / "a.pt")
+    ranks = [torch.load(f"{tmp_path / 'pp'}.{r}") for r in range(2)]
+    grads = {k: v for r in ranks for k, v in r["grads"].items()}
+    assert ranks[0]["loss"] == ranks[1]["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert abs(ranks[0]["loss"] - math.log(2)) < 1e-6 and ranks[0]["val"]["val_loss"] == pytest.approx(math.log(2))
+    assert grads.keys() == one["grads"].keys() and len(grads) > 20
+    for k, v in one["grads"].items():
+        scale = v.abs().max().item()
+        torch.testing.assert_close(grads[k], v, rtol=1e-5, atol=1e-5 * max(scale, 1e-12), msg=k)
+
+
 @pytest.mark.parametrize("line, problem", [
     ('{"prompt": "q", "chosen": "a"}', 'missing "rejected"'),
     ('{"prompt": "q", "chosen": 7, "rejected": "b"}', '"chosen" must be a string'),
