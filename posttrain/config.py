@@ -45,6 +45,11 @@ class RolloutSection:
     draft_tokens: int = 0           # MTP drafts per decode step (V3 §5.4.3); needs model.n_mtp >= 1
     page_size: int = 16             # positions per cache page
     max_batch: int = 64             # sequences decoded together
+    # the rollout layout (issue 22 §1): generation on the same ranks with its own tp and ep, dp = world / tp and no
+    # pp; 0 = the training layout's. When it differs from training's (always under parallel.pp > 1), the weights
+    # are refreshed shard to shard after each update (parallel/refit.py)
+    tp: int = 0
+    ep: int = 0
 
 
 @dataclass
@@ -153,6 +158,12 @@ class PosttrainConfig(Config):
         if g.tis_cap and g.old_logprobs != "recompute":
             raise ConfigError("grpo.tis_cap weights each token by pi_old / pi_rollout, so pi_old must come from the "
                               "training path: set grpo.old_logprobs=recompute (or grpo.tis_cap=0)")
+        if self.parallel.pp != 1:   # what the pipelined GRPO step (grpo.GRPOObjective) does not carry yet
+            for on, key in ((g.keep_sampling_mask, "grpo.keep_sampling_mask=false"),
+                            (g.mtp_weight > 0, "grpo.mtp_weight=0")):
+                if on:
+                    raise ConfigError(f"under parallel.pp > 1 GRPO's step does not carry {key.split('=')[0]} yet; set "
+                                      f"{key} or parallel.pp=1")
         if g.keep_sampling_mask and self.rollout.top_p == 1 and self.rollout.top_k == 0:
             raise ConfigError("grpo.keep_sampling_mask=true keeps the sampler's top-p / top-k truncation, and "
                               "rollout.top_p = 1 with rollout.top_k = 0 truncates nothing, so it would do nothing; "
@@ -178,6 +189,10 @@ class PosttrainConfig(Config):
             if not self.model_config().is_moe:
                 raise ConfigError(f"grpo.routing_replay = {g.routing_replay} replays MoE routing, and this model has "
                                   "no MoE layer; set grpo.routing_replay=none")
+            if self.parallel.pp != 1:
+                raise ConfigError(f"grpo.routing_replay = {g.routing_replay} runs with parallel.pp = 1 (the pipeline's "
+                                  "stages do not take recorded routes yet); set parallel.pp=1 or "
+                                  "grpo.routing_replay=none")
             if self.parallel.tp != 1:
                 raise ConfigError(f"grpo.routing_replay = {g.routing_replay} needs parallel.tp = 1: under tp each "
                                   "rank's routers see a share of the tokens (the MoE token split), whose order the "
@@ -201,6 +216,10 @@ class PosttrainConfig(Config):
         for key in ("page_size", "max_batch"):
             if getattr(r, key) < 1:
                 raise ConfigError(f"rollout.{key} must be >= 1, got {getattr(r, key)}")
+        for key in ("tp", "ep"):
+            if getattr(r, key) < 0:
+                raise ConfigError(f"rollout.{key} must be >= 1 (or 0: the training layout's parallel.{key}), "
+                                  f"got {getattr(r, key)}")
         if r.draft_tokens < 0:
             raise ConfigError(f"rollout.draft_tokens must be >= 0 (MTP drafts per step; 0: no speculation), "
                               f"got {r.draft_tokens}")

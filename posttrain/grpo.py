@@ -28,9 +28,15 @@ import time
 
 import torch
 
+import torch.distributed as dist
+
+from model import build_model
 from model.transformer import IGNORE_INDEX
-from parallel import comm, finish_grad_sync, sequence_multiple, set_gradient_sync
+from parallel import (LayoutError, ParallelConfig, build_mesh, comm, finish_grad_sync, init_parallel_weights,
+                      parallelize, sequence_multiple, set_gradient_sync)
+from parallel.refit import Refit
 from pretrain.config import ConfigError
+from pretrain.session import DTYPES
 
 from .config import PosttrainConfig
 from .data import DataError, check_prompt_fit, encode_prompt, load_located_prompts
@@ -80,12 +86,12 @@ class PromptStream:
         self.epoch, self.index = int(state.get("epoch", 0)), int(state.get("index", 0))
 
 
-def training_rows(prompts: list[list[int]], completions, multiple: int, pad: int):
+def training_rows(prompts: list[list[int]], completions, multiple: int, pad: int, length: int = 0):
     """Right-padded rows prompt + completion [n, L] (L a multiple of `multiple`, the token split under
-    tp), targets (the next token on completion positions, else IGNORE_INDEX) and the rollout log-probs
-    at the same positions."""
+    tp, or `length` when given: a pipeline's fixed row length), targets (the next token on completion
+    positions, else IGNORE_INDEX) and the rollout log-probs at the same positions."""
     lens = [len(p) + len(c.ids) for p, c in zip(prompts, completions)]
-    L = -(-max(lens) // multiple) * multiple
+    L = length or -(-max(lens) // multiple) * multiple
     n = len(prompts)
     tokens = torch.full((n, L), pad, dtype=torch.long)
     targets = torch.full((n, L), IGNORE_INDEX, dtype=torch.long)
@@ -138,6 +144,37 @@ def routing_disagreement(chosen: torch.Tensor, routes: torch.Tensor, prompts, co
     return float((differ & comp).sum()), float(comp.sum())
 
 
+class GRPOObjective:
+    """GRPO's loss on one micro-batch on the last pipeline stage (the engines' objective contract; the pp = 1
+    step computes the same per micro-batch in GRPOTrainer.update). `scale` = dp x micro-batches undoes the
+    engine's two means (FSDP2's over dp, the pipeline's over micro-batches), so the gradient is that of the
+    rollout batch's aggregate; every other term is the micro-batch's sum, which the caller scales back."""
+    terms = ("loss", "objective", "clipped", "kl", "entropy", "mismatch", "ratio", "masked")
+
+    def __init__(self, grpo, temperature: float, norm: float, scale: float):
+        self.g, self.temperature, self.norm, self.scale = grpo, temperature, norm, scale
+
+    def __call__(self, model, h, tokens, targets, old, adv, mask, rollout, ref=None, weight=None):
+        g = self.g
+        out = model.token_logprobs(tokens, targets, entropy=True, temperature=self.temperature, h=h)
+        logp = out["logprobs"]
+        loss_tok, clipped, kl = grpo_token_terms(logp, old, adv, eps_low=g.eps_low, eps_high=g.eps_high, ref_logp=ref,
+                                                 beta=g.beta, kl_clamp=g.kl_clamp, ratio_clamp=g.kl_clamp,
+                                                 is_weight=weight)
+        masked = logp.new_zeros(())
+        if g.offpolicy_mask:
+            seq_keep = offpolicy_sequence_keep(rollout, logp, adv, mask, g.offpolicy_mask)
+            masked = ((1 - seq_keep) * (mask.sum(-1) > 0)).sum()
+            mask = mask * seq_keep[:, None]
+        loss = aggregate(loss_tok, mask, g.loss_agg, self.norm)
+        with torch.no_grad():
+            terms = {"objective": loss.detach(), "clipped": (clipped.float() * mask).sum(),
+                     "kl": (kl * mask).sum() if kl is not None else logp.new_zeros(()),
+                     "entropy": (out["entropy"] * mask).sum(), "mismatch": ((logp - old).abs() * mask).sum(),
+                     "ratio": ((logp - old).exp() * mask).sum(), "masked": masked}
+        return {"loss": loss * self.scale, **terms}
+
+
 class GRPOTrainer:
     def __init__(self, cfg: PosttrainConfig):
         self.cfg = cfg
@@ -152,7 +189,8 @@ class GRPOTrainer:
         valid = _load_prompts("data.valid_files", d.valid_files) if d.valid_files else []
         self.train_records = [r for _, r in train]
         self.valid_records = [r for _, r in valid]
-        self.session = sess = StageSession(cfg, "grpo")
+        self.session = sess = StageSession(cfg, "grpo", items=(g.prompts_per_step * g.group_size,
+                                                               "grpo.prompts_per_step x grpo.group_size"))
         dp = sess.dims.dp
         if g.prompts_per_step % dp:
             raise ConfigError(f"grpo.prompts_per_step = {g.prompts_per_step} must be a multiple of the data-parallel "
@@ -171,16 +209,21 @@ class GRPOTrainer:
             self._check_fit(valid[:n], e.max_new_tokens or cfg.rollout.max_new_tokens, budget, "data.valid_files")
         self.reward = build_reward(cfg.reward.weights)
         self.stream = PromptStream(self.train_records, cfg.train.seed)
-        self.ref = sess.build(trainable=False) if g.beta > 0 else None
-        self.gen = rollout_engine(sess.policy, sess.tokenizer, cfg.rollout)
+        # the reference in the policy's layout: an engine, whose `score` runs any layout (pp > 1 included)
+        self.ref_engine = sess.build_engine(trainable=False) if g.beta > 0 else None
+        self.ref = self.ref_engine.stages[0] if self.ref_engine is not None else None
+        self.gen_model, self.gen_mesh, self.refit = self._rollout_layout()
+        self.refreshed_at = -1
+        self.gen = rollout_engine(self.gen_model, sess.tokenizer, cfg.rollout)
         # routing replay (R3): the rollout records the trunk's experts when the router's token order is the
-        # rows' (tp = 1; config.py refuses replay otherwise), for the replay and the routing_mismatch metric
-        self.record_routes = bool(sess.policy.trunk_moe_layers()) and sess.dims.tp == 1
+        # rows' (tp = 1; config.py refuses replay otherwise) and the policy generates itself, for the replay and
+        # the routing_mismatch metric
+        self.record_routes = bool(sess.policy.trunk_moe_layers()) and sess.dims.tp == 1 and self.refit is None
         r = cfg.rollout
         self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                        top_k=r.top_k, stop=list(r.stop), keep_sampling_mask=g.keep_sampling_mask)
         self.low_streak = {"entropy": 0, "length": 0}
-        sess.resume(extra_models=[self.ref] if self.ref is not None else [])
+        sess.resume(extra_models=[self.ref_engine.stages] if self.ref_engine is not None else [])
         if sess.stage_state:
             self.stream.load(sess.stage_state.get("prompts", {}))
             self.low_streak.update(sess.stage_state.get("low_streak", {}))
@@ -191,6 +234,64 @@ class GRPOTrainer:
         if key not in self.prompt_ids:
             self.prompt_ids[key] = encode_prompt(self.cfg.data.template, self.session.tokenizer, record)
         return self.prompt_ids[key]
+
+    def _rollout_layout(self):
+        """(generating model, its mesh, the Refit that refreshes it) for rollout.tp / rollout.ep (0: the training
+        layout's), dp = world / tp, no pp. The training layout itself at pp = 1: the policy generates (no copy,
+        no Refit). Otherwise a copy in the rollout layout (FSDP2 over its dp, frozen), refreshed from the
+        training shards before each generation that follows an update (issue 22 §1)."""
+        cfg, sess = self.cfg, self.session
+        r, dims = cfg.rollout, sess.dims
+        tp, ep = r.tp or dims.tp, r.ep or dims.ep
+        if dims.pp == 1 and (tp, ep) == (dims.tp, dims.ep):
+            return sess.policy, sess.mesh, None
+        what = f"the rollout layout rollout.tp = {tp}, rollout.ep = {ep} (dp = world / tp = {dims.world // tp})"
+        try:
+            mesh = build_mesh(ParallelConfig(tp=tp, ep=ep, dp=dims.world // tp if dims.world % tp == 0 else 0,
+                                             node_size=cfg.parallel.node_size))
+            net = parallelize(build_model(sess.model_cfg, device="meta").eval(), mesh,
+                              param_dtype=DTYPES[cfg.train.dtype])
+            init_parallel_weights(net, mesh, cfg.train.seed, sess.device)
+            refit = Refit(sess.engine.stages, sess.mesh, [net], mesh)
+        except (LayoutError, ValueError) as e:   # RefitError is a ValueError: it names the tensor and both layouts
+            raise ConfigError(f"{what}: {e}; choose rollout.tp dividing the world size and the attention heads, and "
+                              "rollout.ep dividing the routed experts and world size") from None
+        for q in net.parameters():
+            q.requires_grad_(False)
+        gdp, G = mesh.dims.dp, cfg.grpo.group_size
+        n_eval = self._eval_count() * cfg.eval.samples if cfg.eval.every else 0
+        for count, key in ((cfg.grpo.prompts_per_step * G, "grpo.prompts_per_step x grpo.group_size"),
+                           (n_eval, "eval.prompts x eval.samples")):
+            if count % gdp:
+                raise ConfigError(f"{key} = {count} sequences must split evenly over the rollout layout's {gdp} "
+                                  f"data-parallel ranks ({what})")
+        return net, mesh, refit
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams, seed: int, record_routing: bool = False):
+        """(completions, stats) of this training dp rank's prompts (every rank of its group passes the same):
+        generated by the policy itself, or under the rollout layout, where each rollout dp rank generates its
+        share of every dp rank's prompts (seeded by its rollout dp rank) after a weight refresh, and the
+        completions travel back to the training dp ranks in order."""
+        sess = self.session
+        if self.refit is None:
+            return self.gen.generate(prompts, params, seed=seed + sess.dp_rank, record_routing=record_routing)
+        if self.refreshed_at != sess.step:   # the first generation after an update (or the load)
+            self.refit.refresh()
+            self.refreshed_at = sess.step
+        tdims, gdims, world = sess.dims, self.gen_mesh.dims, dist.get_world_size()
+        every = [None] * world
+        dist.all_gather_object(every, prompts)
+        leads = [q for rank in range(world) if tdims.coords(rank)["tp"] == 0 and tdims.coords(rank)["pp"] == 0
+                 for q in every[rank]]   # one rank per training dp rank, in dp order
+        g, n = gdims.coords(sess.rank), len(leads) // gdims.dp
+        comps, stats = self.gen.generate(leads[g["dp"] * n:(g["dp"] + 1) * n], params, seed=seed + g["dp"])
+        counts = {k: float(stats.get(k, 0)) for k in ("tokens", "drafted", "accepted")}
+        dist.all_gather_object(every, (comps, counts) if g["tp"] == 0 else None)
+        done = [every[rank] for rank in range(world) if gdims.coords(rank)["tp"] == 0]
+        allc = [c for part, _ in done for c in part]
+        # stats as the training dp ranks sum them (rollout_stats): each holds its share of the totals
+        stats = {k: sum(c[k] for _, c in done) / tdims.dp for k in counts}
+        return allc[sess.dp_rank * len(prompts):(sess.dp_rank + 1) * len(prompts)], stats
 
     def _check_fit(self, located: list[tuple[str, dict]], max_new_tokens: int, budget: str, key: str) -> None:
         """Stop at load when a prompt + max_new_tokens exceeds model.max_seq_len (the generator would fail on
@@ -206,6 +307,13 @@ class GRPOTrainer:
                              template=self.cfg.data.template)
         except DataError as err:
             raise ConfigError(f"{key}: {err}") from None
+        if self.session.dims.pp > 1 and key == "data.train_files" and encoded:   # the rows the stages pass
+            where, ids = max(encoded, key=lambda e: len(e[1]))
+            if len(ids) + max_new_tokens > self.cfg.data.seq_len:
+                raise ConfigError(f"under parallel.pp > 1 GRPO trains on rows of data.seq_len = "
+                                  f"{self.cfg.data.seq_len} tokens (the stages pass fixed shapes), and {where} is a "
+                                  f"{len(ids)}-token prompt "
+                                  f"+ {budget} = {max_new_tokens}; set data.seq_len >= {len(ids) + max_new_tokens}")
 
     def _eval_count(self) -> int:
         """Held-out prompts per evaluation: eval.prompts (at most all of them), a multiple of the dp size."""
@@ -221,8 +329,8 @@ class GRPOTrainer:
         cfg, sess, G = self.cfg, self.session, self.cfg.grpo.group_size
         records = self._local_slice(self.stream.take(cfg.grpo.prompts_per_step))
         prompts = [self.encode(r) for r in records for _ in range(G)]
-        seed = (cfg.train.seed * 1_000_003 + sess.step) * 4099 + sess.dp_rank    # tp ranks draw the same tokens
-        completions, gstats = self.gen.generate(prompts, self.sampling, seed=seed, record_routing=self.record_routes)
+        seed = (cfg.train.seed * 1_000_003 + sess.step) * 4099     # + the generating dp rank; tp ranks draw alike
+        completions, gstats = self.sample(prompts, self.sampling, seed, record_routing=self.record_routes)
         scores = [self.reward.score(c.text, rec) for c, rec in zip(completions, (r for r in records for _ in range(G)))]
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float64).view(-1, G)
         adv = group_advantages(rewards, cfg.grpo.std_normalize)
@@ -262,6 +370,8 @@ class GRPOTrainer:
     def update(self, prompts, completions, adv, keep) -> dict[str, float]:
         """grpo.inner_steps optimizer steps on this rollout batch."""
         cfg, sess, g = self.cfg, self.session, self.cfg.grpo
+        if sess.dims.pp > 1:
+            return self._update_pipelined(prompts, completions, adv, keep)
         net, mbs = sess.policy, cfg.train.micro_batch_size
         multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
         tokens, targets, old = training_rows(prompts, completions, multiple, sess.tokenizer.eod_id)
@@ -382,6 +492,56 @@ class GRPOTrainer:
         stats["train_tokens_per_s"] = trained / max(dt, 1e-9)
         return stats
 
+    def _update_pipelined(self, prompts, completions, adv, keep) -> dict[str, float]:
+        """`update` under parallel.pp > 1: the rows padded to data.seq_len (the stages pass fixed shapes), the
+        reference's and (grpo.old_logprobs=recompute) the policy's log-probs scored through the stages, each
+        optimizer step the engine's with GRPOObjective on the last stage; the same loss, gradients and metrics
+        as the pp = 1 step (tests/test_grpo.py). Without routing replay, keep_sampling_mask and mtp_weight
+        (config errors say so)."""
+        cfg, sess, g = self.cfg, self.session, self.cfg.grpo
+        multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
+        tokens, targets, old = (x.to(sess.device) for x in training_rows(prompts, completions, multiple,
+                                                                         sess.tokenizer.eod_id, cfg.data.seq_len))
+        adv, keep = adv.float().to(sess.device), keep.float().to(sess.device)
+        mask = (targets != IGNORE_INDEX).float() * keep[:, None]
+        norm = max(self.loss_normaliser(completions, keep), 1.0)
+        temperature = self.sampling.temperature or 1.0
+
+        def logprobs(model, h, tok, tgt):
+            return model.token_logprobs(tok, tgt, temperature=temperature, h=h)["logprobs"]
+
+        inputs = {"adv": adv, "mask": mask}
+        if self.ref_engine is not None:
+            inputs["ref"] = self.ref_engine.score(tokens, targets, logprobs)
+        rollout = old
+        if g.old_logprobs == "recompute":
+            old = sess.engine.score(tokens, targets, logprobs)
+        weight = truncated_is_weights(old, rollout, g.tis_cap) if g.tis_cap else None
+        if weight is not None:
+            inputs["weight"] = weight
+        correction = self.mismatch_stats(old, rollout, weight, mask)
+        n_micro, dp = tokens.shape[0] // cfg.train.micro_batch_size, sess.dims.dp
+        objective = GRPOObjective(g, temperature, norm, scale=dp * n_micro)
+        counts = sess.all_sum({"tokens": float(mask.sum()), "seqs": float((mask.sum(-1) > 0).sum())})
+        tok = max(counts["tokens"], 1.0)
+        stats: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for inner in range(g.inner_steps):
+            terms = sess.engine.step(tokens, targets, objective=objective, old=old, rollout=rollout, **inputs)
+            tot = {k: v * n_micro * dp for k, v in terms.items()}   # the engine's means back to sums
+            opt = sess.optimizer_step(tot["objective"])
+            if inner == 0:   # against the rollout's own log-probs, before any update: numerics only
+                stats.update(logprob_mismatch=tot["mismatch"] / tok, entropy=tot["entropy"] / tok)
+            stats.update(loss=tot["objective"], clip_fraction=tot["clipped"] / tok, kl=tot["kl"] / tok,
+                         ratio_mean=tot["ratio"] / tok, **opt)
+            if g.offpolicy_mask:
+                stats["offpolicy_masked_fraction"] = tot["masked"] / max(counts["seqs"], 1.0)
+        stats.update(correction)
+        dt = time.perf_counter() - t0
+        trained = sess.all_sum({"tokens": float((targets != IGNORE_INDEX).sum()) * g.inner_steps})["tokens"]
+        stats["train_tokens_per_s"] = trained / max(dt, 1e-9)
+        return stats
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy and format rate over eval.prompts prompts, split over dp ranks: greedy, or pass@1
@@ -397,8 +557,7 @@ class GRPOTrainer:
         k = e.samples
         params = SamplingParams(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
                                 temperature=e.temperature, top_p=e.top_p, stop=list(cfg.rollout.stop))
-        outs, _ = self.gen.generate([self.encode(r) for r in records for _ in range(k)], params,
-                                    seed=cfg.train.seed + sess.dp_rank)
+        outs, _ = self.sample([self.encode(r) for r in records for _ in range(k)], params, seed=cfg.train.seed)
         rows = []
         for i, r in enumerate(records):
             scores = [self.reward.score(c.text, r) for c in outs[i * k:(i + 1) * k]]
@@ -458,7 +617,7 @@ class GRPOTrainer:
     def run(self) -> int:
         cfg, sess = self.cfg, self.session
         last = cfg.train.steps
-        refs = [self.ref] if self.ref is not None else []
+        refs = [self.ref_engine.stages] if self.ref_engine is not None else []
         try:
             tools = sess.open_tools()
             if cfg.eval.every and sess.step == 0:
@@ -472,7 +631,8 @@ class GRPOTrainer:
                 sess.step += 1
                 metrics.update(self.rollout_stats(completions, scores, rewards, keep, gstats, t_roll))
                 if cfg.grpo.ref_update_every and self.ref is not None and sess.step % cfg.grpo.ref_update_every == 0:
-                    sess.copy_weights(self.ref, sess.policy)       # R1-Zero: the reference follows the policy
+                    for ref, net in zip(self.ref_engine.stages, sess.engine.stages):
+                        sess.copy_weights(ref, net)       # R1-Zero: the reference follows the policy
                     metrics["reference_updated"] = 1.0
                 stage_state = {"prompts": self.stream.state(), "low_streak": dict(self.low_streak)}
                 sess.end_step(metrics, last, self.evaluate, stage_state, extra_models=refs)

@@ -30,7 +30,7 @@ from .config import PosttrainConfig
 
 # the stages that train under pp > 1: SFT's step is pretraining's (distillation's student is an sft stage); DPO's
 # objective runs on the last stage (engine.step(objective=)), its reference scores through the pipeline
-PIPELINED = ("sft", "dpo")
+PIPELINED = ("sft", "dpo", "grpo")
 
 
 class StageError(RuntimeError):
@@ -67,24 +67,31 @@ def guarded(run) -> int:
             dist.destroy_process_group()
 
 
-def _build(cfg: PosttrainConfig, model_cfg, run: Run, trainable: bool, rows_per_item: int = 1):
+def _build(cfg: PosttrainConfig, model_cfg, run: Run, trainable: bool, rows_per_item: int = 1,
+           items: tuple[int, str] | None = None):
     """The engine (a SingleStage, or at pp > 1 this rank's pipeline stages under parallel.pp_schedule) with
     the starting weights (init.checkpoint, else the seeded init), on the FP8 backend when train.fp8 =
     blockwise; a trainable one recomputes as parallel.recompute says, a frozen one is in eval mode without
-    gradients. A micro-batch is train.micro_batch_size items of `rows_per_item` rows (DPO's pairs: 2)."""
+    gradients. A micro-batch is train.micro_batch_size items of `rows_per_item` rows (DPO's pairs: 2); a
+    step trains on `items` = (count over all dp ranks, the key that sets it), train.global_batch_size unless
+    the stage says (GRPO: its rollout batch)."""
     t, p = cfg.train, cfg.parallel
     mbs = t.micro_batch_size * rows_per_item
     # a frozen model never runs backward: recompute would only cost time
     recompute = p.recompute if trainable else "none"
     pipeline = {}
-    if run.mesh.dims.pp > 1:   # every step brings global_batch_size / dp rows: that many micro-batches
-        n_micro = t.global_batch_size // (run.mesh.dims.dp * t.micro_batch_size)
+    if run.mesh.dims.pp > 1:   # every step brings (items per step) / dp items: that many micro-batches
+        count, key = items or (t.global_batch_size, "train.global_batch_size")
+        dp = run.mesh.dims.dp
+        if count % (dp * t.micro_batch_size):
+            raise ConfigError(f"{key} = {count} must be a multiple of train.micro_batch_size ({t.micro_batch_size}) x "
+                              f"the data-parallel size ({dp}) under parallel.pp > 1 (whole micro-batches per rank)")
+        n_micro = count // (dp * t.micro_batch_size)
         from parallel.pp_schedules import check_microbatches
         try:
             check_microbatches(p.pp_schedule, p.pp, n_micro, p.vpp)
         except ValueError as e:
-            raise ConfigError(f"train.global_batch_size = {t.global_batch_size} gives {n_micro} micro-batches per "
-                              f"dp rank: {e}") from None
+            raise ConfigError(f"{key} = {count} gives {n_micro} micro-batches per dp rank: {e}") from None
         pipeline = dict(schedule=p.pp_schedule, n_microbatches=n_micro, vpp=p.vpp, layer_split=p.layer_split or None)
     try:
         engine = build_engine(build_model(model_cfg, device="meta").train(), run.mesh,
@@ -107,14 +114,16 @@ class StageSession(Session):
     """A post-training stage's session: `policy` (the engine's model), `tokenizer`, `dims`, `dp_rank`;
     `step`, `stage_state` (what the stage keeps across a resume) and the rest of `Session`."""
 
-    def __init__(self, cfg: PosttrainConfig, stage: str, *, train: bool = True, rows_per_item: int = 1):
+    def __init__(self, cfg: PosttrainConfig, stage: str, *, train: bool = True, rows_per_item: int = 1,
+                 items: tuple[int, str] | None = None):
         """train=False: a stage that only samples (rejection sampling): the policy is frozen like a reference
         and there is no optimizer (no AdamW moments), so optimizer_step and save refuse. rows_per_item: the
-        rows of one train.micro_batch_size item (DPO's pair: 2), which the engine's micro-batches hold."""
+        rows of one train.micro_batch_size item (DPO's pair: 2), which the engine's micro-batches hold; items:
+        (items per step over all dp ranks, its key) when not train.global_batch_size (GRPO's rollout batch)."""
         t = cfg.train
         if cfg.parallel.pp != 1 and stage not in PIPELINED:
-            raise ConfigError(f"the {stage} stage runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): it scores "
-                              "or samples whole sequences on one model, which a pipeline would serialise; set "
+            raise ConfigError(f"the {stage} stage runs with parallel.pp = 1 (tp, ep, sp and FSDP2 dp apply): it "
+                              "samples whole sequences on one model, which a pipeline would serialise; set "
                               f"parallel.pp=1 (only {' and '.join(PIPELINED)} train under pp > 1)")
         self._run = run = open_run(cfg, train=train)   # train=False writes no checkpoints: none checked
         try:
@@ -132,8 +141,8 @@ class StageSession(Session):
         if self.tokenizer.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                               f"{model_cfg.vocab_size}; set model.vocab_size={self.tokenizer.vocab_size} (or more)")
-        self.rows_per_item = rows_per_item
-        super().__init__(cfg, run, _build(cfg, model_cfg, run, train, rows_per_item), model_cfg, train=train,
+        self.rows_per_item, self.items = rows_per_item, items
+        super().__init__(cfg, run, _build(cfg, model_cfg, run, train, rows_per_item, items), model_cfg, train=train,
                          stage=stage)
         self.policy = self.engine.stages[0]   # the whole model at pp = 1 (the stages that score and sample)
         self.dims = self.mesh.dims
@@ -149,7 +158,7 @@ class StageSession(Session):
     def build_engine(self, trainable: bool):
         """Another copy of the starting model in the policy's layout, as an engine (its `score` runs any
         layout, pp > 1 included)."""
-        return _build(self.cfg, self.model_cfg, self._run, trainable, self.rows_per_item)
+        return _build(self.cfg, self.model_cfg, self._run, trainable, self.rows_per_item, self.items)
 
     @torch.no_grad()
     def copy_weights(self, dst, src) -> None:
@@ -181,9 +190,9 @@ class StageSession(Session):
         return all_sum(values, self.mesh[group], self.mesh.device_type)
 
     def gather_dp(self, obj) -> list | None:
-        """Every dp rank's `obj`, in dp-rank order, on global rank 0 (None elsewhere). tp ranks hold copies,
-        so only tp rank 0 of each dp group takes part."""
-        if self.dims.coords(self.rank)["tp"] != 0:
+        """Every dp rank's `obj`, in dp-rank order, on global rank 0 (None elsewhere). tp ranks and pipeline
+        stages hold copies, so only the dp group of global rank 0 (tp rank 0, pp rank 0) takes part."""
+        if self.dims.coords(self.rank)["tp"] != 0 or self.dims.coords(self.rank)["pp"] != 0:
             return None
         group = self.mesh["dp"].pg
         if group is None:

@@ -397,3 +397,118 @@ def test_a_prompt_too_long_for_its_reply_is_named_at_load(task_dir, tmp_path, ca
         import torch.distributed as dist
         if dist.is_initialized():  # the trainer joined a one-rank group in this process: leave none behind
             dist.destroy_process_group()
+
+
+# -- GRPO under a pipeline, generating under its own layout (issue 22 §1) ----------------------------------------
+PP = ["data.seq_len=64", "train.micro_batch_size=4"]
+
+
+def update_pipeline_rank(task_dir, run_dir, layout, out):
+    """update_rank under a pipeline: every stage's synchronised gradients, per rank."""
+    import torch.distributed as dist
+    import parallel
+    tr = GRPOTrainer(_config(task_dir, run_dir, *PP, *layout))
+    prompts, comps, adv, keep = _fixed_batch(tr, 4, 4)
+    sess = tr.session
+    n = len(prompts) // sess.dims.dp
+    sl = slice(sess.dp_rank * n, (sess.dp_rank + 1) * n)
+    grads, step = {}, sess.optimizer_step
+
+    def capture(loss, **kw):
+        for stage in sess.engine.stages:
+            grads.update({k: g.detach().clone() for k, g in parallel.full_state(stage, sess.mesh, grads=True).items()
+                          if g is not None})
+        return step(loss, **kw)
+
+    sess.optimizer_step = capture
+    stats = tr.update(prompts[sl], comps[sl], adv[sl], keep[sl])
+    torch.save({"grads": grads, "stats": stats}, f"{out}.{dist.get_rank()}")
+
+
+def _check_update_equal(one, ranks):
+    grads = {k: v for r in ranks for k, v in r["grads"].items()}
+    for r in ranks:
+        for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "logprob_mismatch"):
+            assert r["stats"][key] == pytest.approx(one["stats"][key], rel=1e-5, abs=1e-7), key
+    assert grads.keys() == one["grads"].keys() and len(grads) > 20
+    for k, v in one["grads"].items():
+        scale = v.abs().max().item()
+        torch.testing.assert_close(grads[k], v, rtol=1e-5, atol=1e-5 * max(scale, 1e-12), msg=k)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_update_under_pp2_equals_one_process(task_dir, tmp_path, schedule, one_process_update):
+    """The GRPO step through a pipeline (the objective on the last stage, the reference scored through the
+    stages, rows padded to data.seq_len) gives one process's loss terms and gradients."""
+    run_ranks(2, update_pipeline_rank, str(task_dir), str(tmp_path / "run"),
+              ["parallel.pp=2", f"parallel.pp_schedule={schedule}"], str(tmp_path / "pp"))
+    _check_update_equal(one_process_update, [torch.load(f"{tmp_path / 'pp'}.{r}") for r in range(2)])
+
+
+@pytest.mark.slow
+def test_update_under_pp2_ep2_equals_one_process(task_dir, tmp_path, one_process_update):
+    run_ranks(4, update_pipeline_rank, str(task_dir), str(tmp_path / "run"), ["parallel.pp=2", "parallel.ep=2"],
+              str(tmp_path / "pp"))
+    _check_update_equal(one_process_update, [torch.load(f"{tmp_path / 'pp'}.{r}") for r in range(4)])
+
+
+def pipeline_run_rank(task_dir, run_dir, extra, out):
+    """A greedy GRPO run (its rollouts and evaluations then depend on the weights alone, not on how the
+    sequences are seeded or split), with the generating model's weights after the last refresh."""
+    import torch.distributed as dist
+    import parallel
+    tr = GRPOTrainer(_config(task_dir, run_dir, *PP, "rollout.temperature=0", "eval.every=1", *extra))
+    tr.run()
+    tr.sample([tr.encode(tr.train_records[0])] * 2, tr.sampling, 0)   # refreshes after the last update
+    state = parallel.full_state(tr.gen_model, tr.gen_mesh)
+    if dist.get_rank() == 0:
+        torch.save({k: v.detach().clone() for k, v in state.items()}, out)
+
+
+def test_pp2_run_generates_under_its_rollout_layout(task_dir, tmp_path):
+    """pp2 training with rollouts under ep2 (dp2): after each update the rollout copy is refreshed shard to shard,
+    and the run logs one process's rollouts, evaluations and updates (greedy sampling, so the sequences do not
+    depend on the generating rank's seed)."""
+    run_ranks(1, pipeline_run_rank, str(task_dir), str(tmp_path / "one"), [], str(tmp_path / "one.pt"))
+    run_ranks(2, pipeline_run_rank, str(task_dir), str(tmp_path / "pp"), ["parallel.pp=2", "rollout.ep=2"],
+              str(tmp_path / "pp.pt"))
+    rows = {}
+    for name in ("one", "pp"):
+        rows[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows["pp"]] == [r["step"] for r in rows["one"]] == [0, 1, 2]
+    for a, b in zip(rows["pp"], rows["one"]):
+        for key in ("eval_accuracy", "eval_format", "reward_mean", "response_length_mean", "accuracy", "loss", "kl",
+                    "grad_norm"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
+    one, pp = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "pp.pt")
+    assert one.keys() == pp.keys()
+    for k, v in one.items():
+        torch.testing.assert_close(pp[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["rollout.tp=3"], "rollout.tp = 3"),
+    (["rollout.ep=-1"], "rollout.ep must be >= 1"),
+    (["grpo.keep_sampling_mask=true", "rollout.top_p=0.9"], "set grpo.keep_sampling_mask=false or parallel.pp=1"),
+    (["grpo.mtp_weight=0.1"], "set grpo.mtp_weight=0 or parallel.pp=1"),
+    (["data.seq_len=16"], "set data.seq_len >= "),
+])
+def test_pipelined_grpo_settings_are_checked(task_dir, tmp_path, extra, words):
+    run_ranks(2, refused_rank, str(task_dir), str(tmp_path / "r"), ["parallel.pp=2", *PP, *extra],
+              str(tmp_path / "msg.txt"))
+    msg = (tmp_path / "msg.txt").read_text()
+    assert words in msg, msg
+
+
+def refused_rank(task_dir, run_dir, extra, out):
+    import torch.distributed as dist
+    from pretrain.config import ConfigError
+    try:
+        GRPOTrainer(_config(task_dir, run_dir, *extra))
+        message = "not refused"
+    except ConfigError as e:
+        message = str(e)
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            f.write(message)

@@ -1,7 +1,7 @@
 """SFT under pipeline parallelism (issue 22 §1: post-training in the pretraining layout): the SFT step is
 pretraining's, so under pp2 (1F1B and DualPipeV) it gives one process's loss terms and gradients on packed,
-document-masked rows with MTP on; a checkpoint written under pp2 resumes in one process. The stages that score
-or sample whole sequences refuse pp > 1 with the key to change."""
+document-masked rows with MTP on; a checkpoint written under pp2 resumes in one process. Rejection sampling, which
+only generates, refuses pp > 1 with the key to change (DPO and GRPO under pp: test_posttrain_stages, test_grpo)."""
 import json
 
 import pytest
@@ -111,9 +111,10 @@ def test_a_pp2_checkpoint_loads_and_resumes_in_one_process(task_dir, tmp_path):
     assert [r["step"] for r in _metrics(run)] == [1, 2]
 
 
-def test_the_scoring_stages_refuse_pp(task_dir, tmp_path):
-    from posttrain.grpo import GRPOTrainer
+def test_the_sampling_stage_refuses_pp(task_dir, tmp_path):
+    """Rejection sampling only generates: a pipeline would serialise its decoding, so pp > 1 is refused by name."""
+    from posttrain.stage import StageSession
     from pretrain.config import ConfigError
     from test_grpo import _config
-    with pytest.raises(ConfigError, match=r"the grpo stage runs with parallel\.pp = 1.*set parallel\.pp=1"):
-        GRPOTrainer(_config(task_dir, tmp_path / "g", "parallel.pp=2"))
+    with pytest.raises(ConfigError, match=r"the rejection stage runs with parallel\.pp = 1.*set parallel\.pp=1"):
+        StageSession(_config(task_dir, tmp_path / "g", "parallel.pp=2"), "rejection", train=False)
