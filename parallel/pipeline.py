@@ -68,7 +68,32 @@ class StageModel:
     fsdp_forward_methods = ()  # only forward is called on a stage; `loss`/`hidden` run inside it
 
     def forward(self, h: torch.Tensor | None = None, *, tokens: torch.Tensor, labels: torch.Tensor,
-                doc_ids: torch.Tensor | None = None, **inputs: torch.Tensor):
+                doc_ids: torch.Tensor | None = None, routes: torch.Tensor | None = None,
+                route_pairs: torch.Tensor | None = None, **inputs: torch.Tensor):
+        """`routes` [rows, seq, trunk MoE layers, k]: routing replay (R3) through the pipeline. The routes of
+        this micro-batch are forced on this stage's MoE layers for this forward only (when `route_replay`),
+        so a schedule may interleave micro-batches; a recomputation in backward would run unforced
+        (post-training refuses replay with recompute under pp). With `route_pairs` [rows, seq] (bool: the
+        pairs to compare) the router's own choices are compared with `routes` into `route_counts`."""
+        cols = routes[..., self.moe_columns, :] if routes is not None and self.moe_columns else None
+        if cols is None:
+            return self._forward(h, tokens, labels, doc_ids, inputs)
+        if self.route_replay:
+            self.replay_routing(cols)
+        if route_pairs is not None:
+            self.record_routing()
+        try:
+            out = self._forward(h, tokens, labels, doc_ids, inputs)
+            if route_pairs is not None:   # (token, layer) pairs whose top-k set differs, of the pairs compared
+                chosen = self.recorded_routing(forced=False)[-1].view(cols.shape)
+                pairs = route_pairs[..., None] & (cols >= 0).all(-1)
+                differ = (chosen.sort(-1).values != cols.sort(-1).values).any(-1)
+                self.route_counts += torch.stack([(differ & pairs).sum(), pairs.sum()]).double().cpu()
+            return out
+        finally:
+            self.clear_routing()
+
+    def _forward(self, h, tokens, labels, doc_ids, inputs: dict):
         # under cp the stage computes (and passes on) its chunks of the whole rows (context_parallel.py)
         extra = {} if self.cp_positions is None else {"positions": self.cp_positions}
         if doc_ids is not None:  # packed documents: every stage's attention masks by them
@@ -174,6 +199,11 @@ def cut_stage(model: nn.Module, layers: list[int], first: bool, last: bool, keep
     stage.is_first, stage.is_last = first, last
     stage.stage_metrics, stage.aux_scale, stage.cp_positions = [], 1.0, None
     stage.objective, stage.objective_terms = None, []
+    # routing replay: this stage's trunk MoE layers as columns of the whole model's (StageModel.forward)
+    trunk = {id(m) for m in model.trunk_moe_layers()}
+    moe = [int(i) for i, b in model.layers.items() if id(getattr(b, "ffn", None)) in trunk]
+    stage.moe_columns = [moe.index(i) for i in layers if i in moe]
+    stage.route_replay, stage.route_counts = False, torch.zeros(2, dtype=torch.float64)
     return stage
 
 

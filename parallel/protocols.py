@@ -63,6 +63,11 @@ The hooks (HOOKS has each one's readers and full contract; docs/contract.md prin
     restrict_vocab        seam             model               logits outside allowed token sets masked; per tp slice
     gather_logits         seam             model               full-vocabulary logits; an all-gather under tp
     set_expert_placement  method           model               (n_devices, devices_per_node) for limited routing
+    trunk_moe_layers      method           model               the decoder stack's MoE modules, in layer order
+    replay_routing        method           model               force recorded experts until clear_routing (R3)
+    record_routing        method           model               record every forward's chosen experts
+    recorded_routing      method           model               the recorded experts, used or the routers' own
+    clear_routing         method           model               stop replaying and recording
     update_expert_bias    method           model               aux-loss-free bias step from the summed load
     init_value            method           model               the fp32 global initial value of one parameter
     init_buffers          method           model               rebuild non-persistent buffers after to_empty
@@ -89,6 +94,11 @@ The hooks (HOOKS has each one's readers and full contract; docs/contract.md prin
     stage_metrics         runtime          stage               loss terms recorded per micro-batch
     aux_scale             runtime          stage               weight of a micro-batch's balance losses
     cp_positions          runtime          stage               this cp rank's global positions (None at cp = 1)
+    objective             runtime          stage               this step's post-training objective (None: loss)
+    objective_terms       runtime          stage               the objective's terms, one dict per micro-batch
+    moe_columns           runtime          stage               the stage's MoE layers among the model's (replay)
+    route_replay          runtime          stage               a forward given routes forces them
+    route_counts          runtime          stage               router-vs-given disagreements, pairs compared
     stage_index           runtime          stage               global index of the stage
     ep_levels             runtime          expert group        the ep group(s) tokens are dispatched over
     ep_total              runtime          expert group        experts in the whole ep group
@@ -308,6 +318,24 @@ HOOKS: tuple[Hook, ...] = (
          "routing and device-level losses use it. Raises ValueError for a placement it cannot route "
          "(reported as a LayoutError).",
          "model/transformer.py Transformer.set_expert_placement", call=((1, 1), {})),
+    Hook("trunk_moe_layers", "method", "model", (f"{_PP}:cut_stage",),
+         "optional; () -> the decoder stack's MoE modules in layer order (the MTP modules' excluded): the "
+         "layers a routes tensor [..., n, k] lists, in that order.",
+         "model/transformer.py Transformer.trunk_moe_layers", call=((), {})),
+    Hook("replay_routing", "method", "model", (f"{_PP}:StageModel.forward",),
+         "optional; (routes [*tokens' shape, n_moe_layers, k]) forces those experts (-1: route normally) in "
+         "every forward until clear_routing, the gates still scoring (routing replay, R3).",
+         "model/transformer.py Transformer.replay_routing"),
+    Hook("record_routing", "method", "model", (f"{_PP}:StageModel.forward",),
+         "optional; (on=True) from now on every forward records, per trunk MoE layer, the experts chosen.",
+         "model/transformer.py Transformer.record_routing", call=((), {})),
+    Hook("recorded_routing", "method", "model", (f"{_PP}:StageModel.forward",),
+         "optional; (forced=True) -> per recorded forward [*tokens' shape, n_moe_layers, k]: the experts used, "
+         "or (forced=False) those the routers chose themselves.",
+         "model/transformer.py Transformer.recorded_routing", call=((), {})),
+    Hook("clear_routing", "method", "model", (f"{_PP}:StageModel.forward",),
+         "optional; () stops recording and replaying and drops what was recorded.",
+         "model/transformer.py Transformer.clear_routing", call=((), {})),
     Hook("update_expert_bias", "method", "model",
          ("parallel/apply.py:update_expert_bias", "parallel/engine.py:SingleStage.update_expert_bias",
           "pretrain/train.py:Trainer.train_step"),
@@ -324,7 +352,7 @@ HOOKS: tuple[Hook, ...] = (
          "optional; () re-creates the non-persistent buffers after `to_empty` (rotary frequencies, zeroed "
          "load counters and routing biases).",
          "model/transformer.py Transformer.init_buffers", call=((), {})),
-    Hook("loss", "method", "model", (f"{_PP}:StageModel.forward", "parallel/engine.py:SingleStage._losses"),
+    Hook("loss", "method", "model", (f"{_PP}:StageModel._forward", "parallel/engine.py:SingleStage._losses"),
          "(tokens [b, s], labels [b, s], h=None, doc_ids=None, positions=None, ...) -> dict with \"loss\" (the "
          "scalar to backpropagate) and its terms (lm_loss, mtp_loss, balance_*, aux_loss). Given h (hidden "
          "states from the previous stage) it starts from them instead of the embedding; tokens still give "
@@ -332,7 +360,7 @@ HOOKS: tuple[Hook, ...] = (
          "positions of the whole rows tokens/labels/doc_ids, normalised by the whole rows' token count.",
          "model/transformer.py Transformer.loss", required=True,
          call=(("tokens", "labels"), {"h": None, "doc_ids": None, "positions": None})),
-    Hook("hidden", "method", "model", (f"{_PP}:StageModel.forward",),
+    Hook("hidden", "method", "model", (f"{_PP}:StageModel._forward",),
          "(tokens, h=None, doc_ids=None, positions=None) -> the hidden states after the layers held (before the "
          "final norm); from h when given, else from the embedding; with positions those of the tokens there.",
          "model/transformer.py Transformer.hidden", required=True,
@@ -343,7 +371,7 @@ HOOKS: tuple[Hook, ...] = (
          "one call by one that returns h (and records rope, start_pos, mask), so that hidden gives the "
          "embedding and loss(h=...) the loss from the last layer's output, while it runs the layers itself.",
          "model/transformer.py Transformer._blocks"),
-    Hook("balance_losses", "method", "model", (f"{_PP}:StageModel.forward",),
+    Hook("balance_losses", "method", "model", (f"{_PP}:StageModel._forward",),
          "() -> {name: scalar} of the balance losses of the last forward of the layers held (names "
          "balance_expert, balance_device, balance_comm); empty without experts or in eval mode.",
          "model/transformer.py Transformer.balance_losses", required=True, call=((), {})),
@@ -370,7 +398,8 @@ HOOKS: tuple[Hook, ...] = (
          "first MTP module (V3 eq. 21-22), for speculative decoding; ValueError on a model without one.",
          "model/transformer.py Transformer.draft", call=(("h", "tokens", "positions", "cache", "mask"), {})),
     Hook("token_logprobs", "method", "model",
-         ("posttrain/grpo.py:GRPOTrainer.update", "posttrain/dpo.py:DPOTrainer._terms"),
+         ("posttrain/grpo.py:GRPOTrainer.update", "posttrain/grpo.py:GRPOObjective.__call__",
+          "posttrain/dpo.py:token_logprobs"),
          "post-training; (tokens, targets, doc_ids=None, entropy=False, temperature=1.0, mtp=False, allowed=None) "
          "-> {\"logprobs\": [b, s]} (and \"entropy\"; with mtp, \"mtp_ce\": the MTP modules' summed CE on the main "
          "model's detached outputs, for grpo.mtp_weight; with allowed, renormalised over each position's allowed "
@@ -419,17 +448,31 @@ HOOKS: tuple[Hook, ...] = (
          "names of the parameters another stage also holds and counts in the gradient norm."),
     Hook("is_first", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:Pipeline._sum_shared_grads"),
          "the stage is the pipeline's first (holds the embedding input)."),
-    Hook("is_last", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel.forward", f"{_PP}:Pipeline.step"),
+    Hook("is_last", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel._forward", f"{_PP}:Pipeline.step"),
          "the stage is the pipeline's last (computes the loss)."),
     Hook("stage_metrics", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel.record",
                                                f"{_PP}:Pipeline._metrics"),
          "the loss terms the stage recorded, one dict per micro-batch."),
-    Hook("aux_scale", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel.forward", f"{_PP}:Pipeline.step"),
+    Hook("aux_scale", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel._forward", f"{_PP}:Pipeline.step"),
          "the weight of one micro-batch's balance losses in the objective (1 / micro-batches)."),
-    Hook("cp_positions", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel.forward",
+    Hook("cp_positions", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel._forward",
                                               f"{_PP}:Pipeline._set_positions"),
          "this cp rank's global positions [seq / cp] for the step's rows (None at cp = 1): the stage passes them "
          "to loss/hidden and sends on the hidden states of those positions."),
+    Hook("objective", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel._forward", f"{_PP}:Pipeline.step",
+                                           f"{_PP}:Pipeline.score"),
+         "the post-training objective of this step (Pipeline.step's objective=, Pipeline.score's recorder), "
+         "which the last stage calls in place of loss; None otherwise."),
+    Hook("objective_terms", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel._forward",
+                                                 f"{_PP}:Pipeline._objective_metrics"),
+         "the objective's terms the last stage recorded, one dict per micro-batch."),
+    Hook("moe_columns", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel.forward"),
+         "the stage's trunk MoE layers as indices into the whole model's (trunk_moe_layers order): the columns "
+         "of a routes tensor that this stage replays."),
+    Hook("route_replay", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel.forward"),
+         "True: a forward given routes forces them (routing replay); False: it only compares (route_pairs)."),
+    Hook("route_counts", "runtime", "stage", (f"{_PP}:cut_stage", f"{_PP}:StageModel.forward"),
+         "fp64 [2]: (token, layer) pairs whose router choice differed from the given routes, and pairs compared."),
     Hook("stage_index", "runtime", "stage", (f"{_PP}:build_pipeline",),
          "the stage's global index (for callers and tests)."),
     Hook("ep_levels", "runtime", "expert group", (f"{_EP}:apply_ep", f"{_EP}:ExpertParallel._dispatch"),

@@ -215,10 +215,12 @@ class GRPOTrainer:
         self.gen_model, self.gen_mesh, self.refit = self._rollout_layout()
         self.refreshed_at = -1
         self.gen = rollout_engine(self.gen_model, sess.tokenizer, cfg.rollout)
-        # routing replay (R3): the rollout records the trunk's experts when the router's token order is the
-        # rows' (tp = 1; config.py refuses replay otherwise) and the policy generates itself, for the replay and
-        # the routing_mismatch metric
-        self.record_routes = bool(sess.policy.trunk_moe_layers()) and sess.dims.tp == 1 and self.refit is None
+        # routing replay (R3): the rollout records the trunk's experts when the routers' token order is the rows'
+        # (tp = 1 in both layouts; config.py refuses replay otherwise), for the replay and the routing_mismatch metric
+        self.record_routes = (bool(self.gen_model.trunk_moe_layers()) and sess.dims.tp == 1
+                              and self.gen_mesh.dims.tp == 1)
+        for stage in sess.engine.stages if sess.dims.pp > 1 else ():
+            stage.route_replay = g.routing_replay == "rollout"
         r = cfg.rollout
         self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                        top_k=r.top_k, stop=list(r.stop), keep_sampling_mask=g.keep_sampling_mask)
@@ -284,7 +286,8 @@ class GRPOTrainer:
         leads = [q for rank in range(world) if tdims.coords(rank)["tp"] == 0 and tdims.coords(rank)["pp"] == 0
                  for q in every[rank]]   # one rank per training dp rank, in dp order
         g, n = gdims.coords(sess.rank), len(leads) // gdims.dp
-        comps, stats = self.gen.generate(leads[g["dp"] * n:(g["dp"] + 1) * n], params, seed=seed + g["dp"])
+        comps, stats = self.gen.generate(leads[g["dp"] * n:(g["dp"] + 1) * n], params, seed=seed + g["dp"],
+                                         record_routing=record_routing)
         counts = {k: float(stats.get(k, 0)) for k in ("tokens", "drafted", "accepted")}
         dist.all_gather_object(every, (comps, counts) if g["tp"] == 0 else None)
         done = [every[rank] for rank in range(world) if gdims.coords(rank)["tp"] == 0]
@@ -496,8 +499,8 @@ class GRPOTrainer:
         """`update` under parallel.pp > 1: the rows padded to data.seq_len (the stages pass fixed shapes), the
         reference's and (grpo.old_logprobs=recompute) the policy's log-probs scored through the stages, each
         optimizer step the engine's with GRPOObjective on the last stage; the same loss, gradients and metrics
-        as the pp = 1 step (tests/test_grpo.py). Without routing replay, keep_sampling_mask and mtp_weight
-        (config errors say so)."""
+        as the pp = 1 step (tests/test_grpo.py). Routing replay goes through the stages (without recompute);
+        keep_sampling_mask and mtp_weight are not carried yet (config errors say so)."""
         cfg, sess, g = self.cfg, self.session, self.cfg.grpo
         multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
         tokens, targets, old = (x.to(sess.device) for x in training_rows(prompts, completions, multiple,
@@ -511,11 +514,23 @@ class GRPOTrainer:
             return model.token_logprobs(tok, tgt, temperature=temperature, h=h)["logprobs"]
 
         inputs = {"adv": adv, "mask": mask}
-        if self.ref_engine is not None:
+        if self.ref_engine is not None:   # the reference keeps its own routing (what its log-probs mean)
             inputs["ref"] = self.ref_engine.score(tokens, targets, logprobs)
+        # routing replay through the stages: each stage forces its MoE layers' columns of the recorded routes for
+        # the micro-batch's forward (StageModel.forward); the first step also compares the routers' own choices
+        replay, compare = {}, {}
+        if self.record_routes:
+            routes = training_routes(completions, tokens.shape[1], len(self.gen_model.trunk_moe_layers()),
+                                     sess.model_cfg.n_activated_experts).to(sess.device)
+            fed = torch.zeros(tokens.shape, dtype=torch.bool)
+            for i, (p, c) in enumerate(zip(prompts, completions)):
+                fed[i, len(p):len(p) + len(c.ids) - 1] = True   # the generated tokens fed back (routing_disagreement)
+            compare = {"routes": routes, "route_pairs": fed.to(sess.device)}
+            if g.routing_replay == "rollout":
+                replay = {"routes": routes}
         rollout = old
         if g.old_logprobs == "recompute":
-            old = sess.engine.score(tokens, targets, logprobs)
+            old = sess.engine.score(tokens, targets, logprobs, **replay)
         weight = truncated_is_weights(old, rollout, g.tis_cap) if g.tis_cap else None
         if weight is not None:
             inputs["weight"] = weight
@@ -527,11 +542,18 @@ class GRPOTrainer:
         stats: dict[str, float] = {}
         t0 = time.perf_counter()
         for inner in range(g.inner_steps):
-            terms = sess.engine.step(tokens, targets, objective=objective, old=old, rollout=rollout, **inputs)
+            for stage in sess.engine.stages:
+                stage.route_counts.zero_()
+            terms = sess.engine.step(tokens, targets, objective=objective, old=old, rollout=rollout, **inputs,
+                                     **(compare if inner == 0 else replay))
             tot = {k: v * n_micro * dp for k, v in terms.items()}   # the engine's means back to sums
             opt = sess.optimizer_step(tot["objective"])
             if inner == 0:   # against the rollout's own log-probs, before any update: numerics only
                 stats.update(logprob_mismatch=tot["mismatch"] / tok, entropy=tot["entropy"] / tok)
+                if compare:   # every (token, layer) pair once: stages hold distinct layers, dp ranks distinct rows
+                    mine = sum(s.route_counts for s in sess.engine.stages)
+                    rc = sess.all_sum({"differ": float(mine[0]), "pairs": float(mine[1])}, group="world")
+                    stats["routing_mismatch"] = rc["differ"] / max(rc["pairs"], 1.0)
             stats.update(loss=tot["objective"], clip_fraction=tot["clipped"] / tok, kl=tot["kl"] / tok,
                          ratio_mean=tot["ratio"] / tok, **opt)
             if g.offpolicy_mask:

@@ -189,3 +189,57 @@ def test_routing_replay_settings_are_checked(task_dir, tmp_path, extra, words):
     from test_grpo import _config
     with pytest.raises(ConfigError, match=words):
         _config(task_dir, tmp_path, *extra)
+
+
+def pipeline_replay_rank(task_dir, run_dir, extra, out):
+    """GRPO under a pipeline, rollouts under the rollout layout (recording the routes), the training routers then
+    moved: each stage's gates, spied on, must use the rollout's experts wherever a route was recorded."""
+    import torch.distributed as dist
+    from posttrain.grpo import GRPOTrainer
+    from test_grpo import PP, _config
+    tr = GRPOTrainer(_config(task_dir, run_dir, *PP, "grpo.beta=0", "eval.every=0", "rollout.temperature=1.0",
+                             *extra))
+    prompts, comps, _, _, adv, keep, _ = tr.rollout()
+    assert all(c.routes is not None for c in comps)
+    seen = []
+    for stage in tr.session.engine.stages:
+        for m in stage.trunk_moe_layers():
+            forward = m.gate.forward
+
+            def spy(x, forced=None, forward=forward):
+                out = forward(x, forced)
+                seen.append((out[1].detach().cpu(), None if forced is None else forced.detach().cpu()))
+                return out
+            m.gate.forward = spy
+            with torch.no_grad():
+                m.gate.weight.add_(0.05 * torch.randn_like(m.gate.weight))
+    stats = tr.update(prompts, comps, adv, torch.ones_like(keep))
+    forced = [(used, f) for used, f in seen if f is not None]
+    hit = sum(int((f >= 0).all(-1).sum()) for _, f in forced)
+    for used, f in forced:
+        rec = (f >= 0).all(-1, keepdim=True)
+        assert torch.equal(torch.where(rec, used, f), f)
+    torch.save({"stats": stats, "forced_forwards": len(forced), "forced_tokens": hit}, f"{out}.{dist.get_rank()}")
+
+
+@pytest.mark.parametrize("layout", [["parallel.pp=2"], pytest.param(["parallel.pp=2", "parallel.ep=2",
+                                                                     "rollout.ep=4"], marks=pytest.mark.slow)])
+def test_grpo_under_pp_replays_the_rollout_routing_on_every_stage(task_dir, tmp_path, layout):
+    """Routing replay through the pipeline (issue 22 §2): every stage's MoE layers take the rollout's experts
+    (recorded by the rollout copy in its own layout), while the moved routers' own choices differ
+    (routing_mismatch > 0)."""
+    from distributed import run_ranks
+    world = 4 if "parallel.ep=2" in layout else 2
+    run_ranks(world, pipeline_replay_rank, str(task_dir), str(tmp_path / "r"),
+              ["grpo.routing_replay=rollout", *layout], str(tmp_path / "r.pt"))
+    for r in range(world):
+        res = torch.load(f"{tmp_path / 'r.pt'}.{r}")
+        assert res["forced_forwards"] > 0 and res["forced_tokens"] > 0
+        assert 0.0 < res["stats"]["routing_mismatch"] <= 1.0
+
+
+def test_replay_under_pp_refuses_recompute(task_dir, tmp_path):
+    from pretrain.config import ConfigError
+    from test_grpo import _config
+    with pytest.raises(ConfigError, match="set parallel.recompute=none or grpo.routing_replay=none"):
+        _config(task_dir, tmp_path, "grpo.routing_replay=rollout", "parallel.pp=2", "parallel.recompute=full")
