@@ -6,7 +6,9 @@
             column method from worked solutions and stops while only partly competent
             (configs/posttrain/sft_tiny.yaml: 48% held out)
     grpo    rule-based accuracy + format rewards only (configs/posttrain/r1_zero_tiny.yaml), once per
-            seed in one process and once more under expert parallelism (parallel.ep=2, 2 gloo ranks)
+            seed in one process and once more under expert parallelism (parallel.ep=2, 2 gloo ranks);
+            with --pipeline-seeds also with the trainer under pp2 x ep2 and rollouts under ep4 (4 ranks,
+            routing replay on)
     report  held-out accuracy before and after GRPO on the same N prompts (greedy, or pass@1 over
             eval.samples samples) with Wilson 95% intervals, the gain with its paired 95% interval, and
             the reward / accuracy / response-length curves as a PNG
@@ -135,7 +137,10 @@ def summarise(run_dir: Path) -> dict:
         raise RuntimeError(f"{run_dir}/eval: the evaluations at steps 0 and {last} scored different prompts")
     keys = sorted(before)
     train = [r for r in rows if "reward_mean" in r]
-    return {"run_dir": str(run_dir), "prompts": n, "samples_per_prompt": k, "steps": last,
+    routing = [r["routing_mismatch"] for r in train if "routing_mismatch" in r]
+    extra = {"routing_mismatch_mean": sum(routing) / len(routing), "routing_mismatch_max": max(routing)} \
+        if routing else {}
+    return {"run_dir": str(run_dir), "prompts": n, "samples_per_prompt": k, "steps": last, **extra,
             "before": p0, "before_ci95": wilson(p0 * n, n), "after": p1, "after_ci95": wilson(p1 * n, n),
             "gain": p1 - p0, "gain_ci95": paired_interval([before[i] for i in keys], [after[i] for i in keys]),
             "curves": {"step": [r["step"] for r in train], "reward_mean": [r["reward_mean"] for r in train],
@@ -191,25 +196,37 @@ def prepare_sft(out: Path, sft_overrides: list[str] = ()) -> tuple[list[str], Pa
     return paths, sft_dir
 
 
+# issue 22's layout row: the trainer under pp2 x ep2 (4 ranks), rollouts under ep4 (dp4, no pp) refreshed shard to
+# shard after each update, routing replay on; rows padded to data.seq_len (the stages pass fixed shapes)
+PIPELINE_LAYOUT = ("pp2 x ep2 -> ep4 rollouts, replay", 4,
+                   ["parallel.pp=2", "parallel.ep=2", "rollout.ep=4", "grpo.routing_replay=rollout",
+                    "data.seq_len=128"])
+
+
 def run_demo(out: Path, seeds: list[int], ep: int = 2, parallel: int = 2, overrides: list[str] = (),
-             sft_overrides: list[str] = (), png: Path | None = None, ep_seeds: list[int] | None = None) -> dict:
-    """SFT once, then GRPO once per seed in one process and once per ep_seeds seed (default: the first
-    seed) under parallel.ep=ep (0 or 1: none); returns the report that it also writes."""
+             sft_overrides: list[str] = (), png: Path | None = None, ep_seeds: list[int] | None = None,
+             pipeline_seeds: list[int] = ()) -> dict:
+    """SFT once, then GRPO once per seed in one process, once per ep_seeds seed (default: the first seed)
+    under parallel.ep=ep (0 or 1: none) and once per pipeline_seeds seed under PIPELINE_LAYOUT; returns the
+    report that it also writes."""
     out = out.resolve()
     paths, sft_dir = prepare_sft(out, sft_overrides)
     from .config import load_config
     grpo_cfg = load_config(GRPO_CONFIG, [*paths, *overrides])
     runs, jobs = {}, []
     ep_seeds = ([seeds[0]] if ep_seeds is None else list(ep_seeds)) if ep > 1 else []
-    # the ep runs first: two processes with a collective per MoE layer and decode step make them the slowest
-    layouts = [(f"seed {s}, ep{ep}", s, ep) for s in ep_seeds] + [(f"seed {s}", s, 1) for s in seeds]
-    for name, seed, nproc in layouts:
-        run_dir = out / (f"grpo_seed{seed}" + (f"_ep{nproc}" if nproc > 1 else ""))
+    label, pp_ranks, pp_overrides = PIPELINE_LAYOUT
+    # the multi-rank runs first: a collective per MoE layer and decode step makes them the slowest
+    layouts = ([(f"seed {s}, {label}", s, pp_ranks, "_pp2ep2", pp_overrides) for s in pipeline_seeds]
+               + [(f"seed {s}, ep{ep}", s, ep, f"_ep{ep}", [f"parallel.ep={ep}"]) for s in ep_seeds]
+               + [(f"seed {s}", s, 1, "", []) for s in seeds])
+    for name, seed, nproc, suffix, layout in layouts:
+        run_dir = out / f"grpo_seed{seed}{suffix}"
         runs[name] = run_dir
         if _finished(run_dir, grpo_cfg.train.steps):
             continue
         extra = [*paths, f"init.checkpoint={sft_dir / 'checkpoints'}", f"train.seed={seed}",
-                 f"logging.run_dir={run_dir}", *([f"parallel.ep={nproc}"] if nproc > 1 else []), *overrides]
+                 f"logging.run_dir={run_dir}", *layout, *overrides]
         jobs.append((name, _command("posttrain.grpo", GRPO_CONFIG, extra, nproc), out / "logs" / f"{run_dir.name}.log"))
     _run_all(jobs, parallel)
 
@@ -232,13 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ep", type=int, default=2, help="also run under expert parallelism of this size (0: skip)")
     ap.add_argument("--ep-seeds", type=int, nargs="+", help="the seeds run under ep (default: the first seed)")
+    ap.add_argument("--pipeline-seeds", type=int, nargs="*", default=[],
+                    help="seeds also run with the trainer under pp2 x ep2 and rollouts under ep4 (4 ranks)")
     ap.add_argument("--parallel", type=int, default=2, help="GRPO runs side by side")
     ap.add_argument("--png", help="curves PNG (default OUT/demo.png)")
     ap.add_argument("overrides", nargs="*", help="GRPO config overrides, e.g. train.steps=30")
     args = ap.parse_args(argv)
     try:
         run_demo(Path(args.out), args.seeds, args.ep, args.parallel, args.overrides,
-                 png=Path(args.png) if args.png else None, ep_seeds=args.ep_seeds)
+                 png=Path(args.png) if args.png else None, ep_seeds=args.ep_seeds, pipeline_seeds=args.pipeline_seeds)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
