@@ -158,12 +158,6 @@ class PosttrainConfig(Config):
         if g.tis_cap and g.old_logprobs != "recompute":
             raise ConfigError("grpo.tis_cap weights each token by pi_old / pi_rollout, so pi_old must come from the "
                               "training path: set grpo.old_logprobs=recompute (or grpo.tis_cap=0)")
-        if self.parallel.pp != 1:   # what the pipelined GRPO step (grpo.GRPOObjective) does not carry yet
-            for on, key in ((g.keep_sampling_mask, "grpo.keep_sampling_mask=false"),
-                            (g.mtp_weight > 0, "grpo.mtp_weight=0")):
-                if on:
-                    raise ConfigError(f"under parallel.pp > 1 GRPO's step does not carry {key.split('=')[0]} yet; set "
-                                      f"{key} or parallel.pp=1")
         if g.keep_sampling_mask and self.rollout.top_p == 1 and self.rollout.top_k == 0:
             raise ConfigError("grpo.keep_sampling_mask=true keeps the sampler's top-p / top-k truncation, and "
                               "rollout.top_p = 1 with rollout.top_k = 0 truncates nothing, so it would do nothing; "

@@ -122,6 +122,27 @@ def training_allowed(prompts: list[list[int]], completions, length: int) -> torc
     return torch.stack([torch.cat(pos), torch.cat(ids)])
 
 
+def allowed_rows(allowed: torch.Tensor | None, n: int, length: int) -> torch.Tensor | None:
+    """training_allowed's flat pairs as per-row sets [n, length, K] (token ids, -1 padded), which a pipeline
+    schedule can split into micro-batches along the rows like every other input."""
+    if allowed is None:
+        return None
+    pos, ids = allowed[0], allowed[1]
+    count = torch.bincount(pos, minlength=n * length)
+    out = torch.full((n * length, max(int(count.max()), 1)), -1, dtype=torch.long)
+    order = torch.argsort(pos, stable=True)
+    pos, ids = pos[order], ids[order]
+    slot = torch.arange(len(pos)) - (torch.cumsum(count, 0) - count)[pos]
+    out[pos, slot] = ids
+    return out.view(n, length, -1)
+
+
+def flat_allowed(rows: torch.Tensor) -> torch.Tensor:
+    """allowed_rows' sets [n, length, K] back to token_logprobs' flat pairs [2, m] of those rows."""
+    r, t, j = (rows >= 0).nonzero(as_tuple=True)
+    return torch.stack([r * rows.shape[1] + t, rows[r, t, j]])
+
+
 def training_routes(completions, length: int, n_layers: int, k: int) -> torch.Tensor:
     """The rollout's recorded experts aligned to training_rows' rows [n, length, n_layers, k]: each
     completion's routes (prompt + completion, the last token excepted) at their positions, -1 elsewhere
@@ -151,12 +172,15 @@ class GRPOObjective:
     rollout batch's aggregate; every other term is the micro-batch's sum, which the caller scales back."""
     terms = ("loss", "objective", "clipped", "kl", "entropy", "mismatch", "ratio", "masked")
 
-    def __init__(self, grpo, temperature: float, norm: float, scale: float):
-        self.g, self.temperature, self.norm, self.scale = grpo, temperature, norm, scale
+    def __init__(self, grpo, temperature: float, norm: float, scale: float, mtp_norm: float = 1.0):
+        self.g, self.temperature, self.norm, self.scale, self.mtp_norm = grpo, temperature, norm, scale, mtp_norm
+        if grpo.mtp_weight > 0:
+            self.terms = (*self.terms, "mtp")
 
-    def __call__(self, model, h, tokens, targets, old, adv, mask, rollout, ref=None, weight=None):
+    def __call__(self, model, h, tokens, targets, old, adv, mask, rollout, ref=None, weight=None, allowed=None):
         g = self.g
-        out = model.token_logprobs(tokens, targets, entropy=True, temperature=self.temperature, h=h)
+        out = model.token_logprobs(tokens, targets, entropy=True, temperature=self.temperature, h=h,
+                                   mtp=g.mtp_weight > 0, allowed=None if allowed is None else flat_allowed(allowed))
         logp = out["logprobs"]
         loss_tok, clipped, kl = grpo_token_terms(logp, old, adv, eps_low=g.eps_low, eps_high=g.eps_high, ref_logp=ref,
                                                  beta=g.beta, kl_clamp=g.kl_clamp, ratio_clamp=g.kl_clamp,
@@ -172,6 +196,10 @@ class GRPOObjective:
                      "kl": (kl * mask).sum() if kl is not None else logp.new_zeros(()),
                      "entropy": (out["entropy"] * mask).sum(), "mismatch": ((logp - old).abs() * mask).sum(),
                      "ratio": ((logp - old).exp() * mask).sum(), "masked": masked}
+        if g.mtp_weight > 0:   # issue 23 §4: the MTP modules' own CE, their inputs detached (token_logprobs(mtp=))
+            mtp = out["mtp_ce"] / self.mtp_norm
+            terms["mtp"] = mtp.detach()
+            loss = loss + g.mtp_weight * mtp
         return {"loss": loss * self.scale, **terms}
 
 
@@ -499,8 +527,8 @@ class GRPOTrainer:
         """`update` under parallel.pp > 1: the rows padded to data.seq_len (the stages pass fixed shapes), the
         reference's and (grpo.old_logprobs=recompute) the policy's log-probs scored through the stages, each
         optimizer step the engine's with GRPOObjective on the last stage; the same loss, gradients and metrics
-        as the pp = 1 step (tests/test_grpo.py). Routing replay goes through the stages (without recompute);
-        keep_sampling_mask and mtp_weight are not carried yet (config errors say so)."""
+        as the pp = 1 step (tests/test_grpo.py), routing replay (through the stages, without recompute), the
+        Keep Sampling Mask (the allowed sets as per-row tensors) and the MTP modules' detached loss included."""
         cfg, sess, g = self.cfg, self.session, self.cfg.grpo
         multiple = sequence_multiple(sess.dims, sess.model_cfg.is_moe)
         tokens, targets, old = (x.to(sess.device) for x in training_rows(prompts, completions, multiple,
@@ -510,12 +538,18 @@ class GRPOTrainer:
         norm = max(self.loss_normaliser(completions, keep), 1.0)
         temperature = self.sampling.temperature or 1.0
 
-        def logprobs(model, h, tok, tgt):
-            return model.token_logprobs(tok, tgt, temperature=temperature, h=h)["logprobs"]
+        def logprobs(model, h, tok, tgt, allowed=None):
+            return model.token_logprobs(tok, tgt, temperature=temperature, h=h,
+                                        allowed=None if allowed is None else flat_allowed(allowed))["logprobs"]
 
         inputs = {"adv": adv, "mask": mask}
+        # Keep Sampling Mask: the sampler's allowed sets per row (the reference is masked too, as at pp = 1)
+        allowed = allowed_rows(training_allowed(prompts, completions, tokens.shape[1]), tokens.shape[0],
+                               tokens.shape[1]) if g.keep_sampling_mask else None
+        masking = {} if allowed is None else {"allowed": allowed.to(sess.device)}
+        inputs.update(masking)
         if self.ref_engine is not None:   # the reference keeps its own routing (what its log-probs mean)
-            inputs["ref"] = self.ref_engine.score(tokens, targets, logprobs)
+            inputs["ref"] = self.ref_engine.score(tokens, targets, logprobs, **masking)
         # routing replay through the stages: each stage forces its MoE layers' columns of the recorded routes for
         # the micro-batch's forward (StageModel.forward); the first step also compares the routers' own choices
         replay, compare = {}, {}
@@ -530,13 +564,14 @@ class GRPOTrainer:
                 replay = {"routes": routes}
         rollout = old
         if g.old_logprobs == "recompute":
-            old = sess.engine.score(tokens, targets, logprobs, **replay)
+            old = sess.engine.score(tokens, targets, logprobs, **replay, **masking)
         weight = truncated_is_weights(old, rollout, g.tis_cap) if g.tis_cap else None
         if weight is not None:
             inputs["weight"] = weight
         correction = self.mismatch_stats(old, rollout, weight, mask)
         n_micro, dp = tokens.shape[0] // cfg.train.micro_batch_size, sess.dims.dp
-        objective = GRPOObjective(g, temperature, norm, scale=dp * n_micro)
+        mtp_norm = max(sess.all_sum({"t": float((targets != IGNORE_INDEX).sum())})["t"], 1.0) if g.mtp_weight else 1.0
+        objective = GRPOObjective(g, temperature, norm, scale=dp * n_micro, mtp_norm=mtp_norm)
         counts = sess.all_sum({"tokens": float(mask.sum()), "seqs": float((mask.sum(-1) > 0).sum())})
         tok = max(counts["tokens"], 1.0)
         stats: dict[str, float] = {}
@@ -547,7 +582,9 @@ class GRPOTrainer:
             terms = sess.engine.step(tokens, targets, objective=objective, old=old, rollout=rollout, **inputs,
                                      **(compare if inner == 0 else replay))
             tot = {k: v * n_micro * dp for k, v in terms.items()}   # the engine's means back to sums
-            opt = sess.optimizer_step(tot["objective"])
+            opt = sess.optimizer_step(tot["objective"], apart="mtp." if g.mtp_weight else "")
+            if g.mtp_weight:
+                stats["mtp_loss"] = tot["mtp"]
             if inner == 0:   # against the rollout's own log-probs, before any update: numerics only
                 stats.update(logprob_mismatch=tot["mismatch"] / tok, entropy=tot["entropy"] / tok)
                 if compare:   # every (token, layer) pair once: stages hold distinct layers, dp ranks distinct rows

@@ -490,8 +490,8 @@ def test_pp2_run_generates_under_its_rollout_layout(task_dir, tmp_path):
 @pytest.mark.parametrize("extra, words", [
     (["rollout.tp=3"], "rollout.tp = 3"),
     (["rollout.ep=-1"], "rollout.ep must be >= 1"),
-    (["grpo.keep_sampling_mask=true", "rollout.top_p=0.9"], "set grpo.keep_sampling_mask=false or parallel.pp=1"),
-    (["grpo.mtp_weight=0.1"], "set grpo.mtp_weight=0 or parallel.pp=1"),
+    (["rollout.ep=3"], "rollout.ep = 3"),
+    (["parallel.recompute=full", "grpo.routing_replay=rollout"], "set parallel.recompute=none"),
     (["data.seq_len=16"], "set data.seq_len >= "),
 ])
 def test_pipelined_grpo_settings_are_checked(task_dir, tmp_path, extra, words):

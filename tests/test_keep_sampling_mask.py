@@ -169,8 +169,9 @@ def masked_update_rank(task_dir, run_dir, layout, out):
     step = tr.session.optimizer_step
 
     def capture(loss, **kw):   # the synchronised gradients, cloned now: in one process they are the .grad tensors,
-        full = parallel.full_state(tr.session.policy, tr.session.mesh, grads=True)   # which the step clips in place
-        grads.update({k: v.detach().clone() for k, v in full.items() if v is not None})
+        for stage in tr.session.engine.stages:                               # which the step clips in place
+            full = parallel.full_state(stage, tr.session.mesh, grads=True)
+            grads.update({k: v.detach().clone() for k, v in full.items() if v is not None})
         return step(loss, **kw)
 
     tr.session.optimizer_step = capture
@@ -184,15 +185,24 @@ def masked_update_rank(task_dir, run_dir, layout, out):
                      net.token_logprobs(tokens, targets,
                                         allowed=training_allowed(prompts, comps, tokens.shape[1]))["logprobs"],
                      targets)
+    every = [None] * dist.get_world_size()   # under pp each rank holds its stages' gradients
+    dist.all_gather_object(every, grads)
     if dist.get_rank() == 0:
-        torch.save({"grads": grads, "stats": stats, "plain": plain}, out)
+        torch.save({"grads": {k: v for g in every for k, v in g.items()}, "stats": stats, "plain": plain}, out)
 
 
-def test_masked_update_under_tp2_equals_one_process(task_dir, tmp_path):
-    run_ranks(1, masked_update_rank, str(task_dir), str(tmp_path / "one"), [], str(tmp_path / "one.pt"))
-    run_ranks(2, masked_update_rank, str(task_dir), str(tmp_path / "two"), ["parallel.tp=2"],
-              str(tmp_path / "two.pt"))
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+@pytest.fixture(scope="module")
+def masked_one(task_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("masked_one")
+    run_ranks(1, masked_update_rank, str(task_dir), str(d / "one"), [], str(d / "one.pt"))
+    return torch.load(d / "one.pt")
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"],
+                                    ["parallel.pp=2", "data.seq_len=64", "train.micro_batch_size=4"]])
+def test_masked_update_under_tp2_and_pp2_equals_one_process(task_dir, tmp_path, layout, masked_one):
+    run_ranks(2, masked_update_rank, str(task_dir), str(tmp_path / "two"), layout, str(tmp_path / "two.pt"))
+    one, two = masked_one, torch.load(tmp_path / "two.pt")
     for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "logprob_mismatch", "mismatch_kl"):
         assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-5, abs=1e-7), key
     assert one["stats"]["grad_norm"] > 0 and one["stats"]["kl"] == 0.0   # the reference (masked too) equals the policy

@@ -56,16 +56,21 @@ def mtp_update_rank(task_dir, run_dir, extra, out):
 
     def capture(loss, **kw):   # the first inner step's synchronised gradients, before clipping and AdamW
         if not grads:   # (copies: in one process full_state returns the .grad tensors, which clipping scales)
-            grads.update({k: None if g is None else g.clone()
-                          for k, g in parallel.full_state(tr.session.policy, tr.session.mesh, grads=True).items()})
+            for stage in tr.session.engine.stages:
+                grads.update({k: None if g is None else g.clone()
+                              for k, g in parallel.full_state(stage, tr.session.mesh, grads=True).items()})
         return step(loss, **kw)
 
     tr.session.optimizer_step = capture
     stats = tr.update(prompts[sl], comps[sl], adv[sl], keep[sl])
-    state = parallel.full_state(tr.session.policy, tr.session.mesh)
+    state = {}
+    for stage in tr.session.engine.stages:
+        state.update({k: v.detach().clone() for k, v in parallel.full_state(stage, tr.session.mesh).items()})
+    every = [None] * dist.get_world_size()   # under pp each rank holds its stages' share
+    dist.all_gather_object(every, (state, {k: v for k, v in grads.items() if v is not None}))
     if dist.get_rank() == 0:
-        torch.save({"params": {k: v.detach().clone() for k, v in state.items()}, "stats": stats,
-                    "grads": {k: v for k, v in grads.items() if v is not None}}, out)
+        torch.save({"params": {k: v for s, _ in every for k, v in s.items()}, "stats": stats,
+                    "grads": {k: v for _, g in every for k, v in g.items()}}, out)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +101,8 @@ def test_training_mtp_leaves_the_policys_update_unchanged(updates):
     assert moved > 10
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"],
+                                    ["parallel.pp=2", "data.seq_len=64", "train.micro_batch_size=4"]])
 def test_mtp_training_under_tp_and_ep_equals_one_process(task_dir, tmp_path, layout, updates):
     run_ranks(2, mtp_update_rank, str(task_dir), str(tmp_path / "two"), ["grpo.mtp_weight=0.5", *layout],
               str(tmp_path / "two.pt"))
