@@ -18,6 +18,7 @@ student's (`posttrain.distill` runs both).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -145,6 +146,10 @@ class RejectionSampler:
             raise ConfigError(f"data.train_files: {e}") from None
         self.records = [rec for _, rec in located]
         cfg.checkpoint.resume = "none"      # sampling writes no checkpoint: resume() only opens the logger
+        if cfg.parallel.pp > 1:   # no trainer here: the stage samples in its rollout layout (GRPO's rollout.tp/ep)
+            p, ro = cfg.parallel, cfg.rollout
+            cfg.parallel = dataclasses.replace(p, pp=1, dp=0, tp=ro.tp or p.tp, ep=ro.ep or p.ep, sp=False,
+                                               recompute="none")
         self.session = sess = StageSession(cfg, "rejection", train=False)   # samples only: a frozen policy
         self.prompt_ids = []
         for where, rec in located:

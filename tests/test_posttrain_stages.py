@@ -163,6 +163,8 @@ def rejection_two_ranks(task_dir, out_dir):
     from posttrain.rejection import RejectionSampler
     from pretrain.config import ConfigError
     rejection_rank(task_dir, f"{out_dir}/tp2", ["parallel.tp=2"])    # tp rank 1 holds copies: written once
+    # a trainer's pp2 layout: sampling only, the stage generates in its rollout layout (here ep2, dp2)
+    rejection_rank(task_dir, f"{out_dir}/pp2", ["parallel.pp=2", "rollout.ep=2"])
     rejection_rank(task_dir, out_dir, [])
     before = (Path(out_dir) / "sft.jsonl").read_bytes()
     with pytest.raises(ConfigError, match="already exists"):        # every rank refuses, before any work
@@ -177,8 +179,8 @@ def rejection_two_ranks(task_dir, out_dir):
 def test_rejection_under_dp2_and_tp2_writes_what_one_process_writes(task_dir, rejection_dir, tmp_path):
     run_ranks(2, rejection_two_ranks, str(task_dir), str(tmp_path))
     for name in ("sft.jsonl", "pairs.jsonl", "samples.jsonl"):
-        assert (tmp_path / name).read_text() == (rejection_dir / name).read_text(), name
-        assert (tmp_path / "tp2" / name).read_text() == (rejection_dir / name).read_text(), name
+        for sub in (".", "tp2", "pp2"):
+            assert (tmp_path / sub / name).read_text() == (rejection_dir / name).read_text(), (sub, name)
 
 
 def test_rejection_cli_refuses_to_overwrite(task_dir, rejection_dir, tmp_path):
