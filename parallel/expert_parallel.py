@@ -14,6 +14,11 @@ back one gate-weighted sum per token, which the source adds up. When an ep group
 dispatch is hierarchical: first across nodes (once per node, to the rank with the same in-node
 index), then inside the node (once per device). Node-limited routing (M nodes per token) thus
 bounds the cross-node payload to M copies of a token, which `comm.STATS` shows.
+
+Under train.fp8=blockwise the rows travel as their 1x128 E4M3 tiles and fp32 scales (V3 §3.3.3: 1 + 4/128
+bytes per element, `plan.planner.FP8_BYTES`), quantized once at the source; the experts' FP8 GEMM takes
+the tiles as they arrive (`fp8.Fp8Rows`), bit for bit what it would make of the BF16 rows. Combine and
+every backward all-to-all stay in the activations' dtype.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from torch import nn
 
 from . import comm
 from .comm import Group
+from .fp8 import TILE, Fp8Rows, Fp8Tensor, dequantize, row_tiles
 from .mesh import LayoutError
 from .tensor_parallel import ParamLayout, Split, take_local
 
@@ -75,11 +81,43 @@ class Dispatch:
     flows through x_r and w_r (their backward all-to-alls are synchronous in autograd; the overlap executor,
     parallel/overlap.py, runs them asynchronously itself)."""
 
-    def __init__(self, route: Route, works: tuple):
-        self.route, self._works = route, works
+    def __init__(self, route: Route, works: tuple, rows=None):
+        self.route, self._works, self._rows = route, works, rows
 
     def wait(self):
-        return tuple(w.wait() for w in self._works)
+        if self._rows is None:
+            return tuple(w.wait() for w in self._works)
+        return (self._rows(), *(w.wait() for w in self._works))
+
+
+class _Fp8Arrival(torch.autograd.Function):
+    """The rows an FP8 dispatch delivered, as a differentiable function of the rows sent: forward, their
+    dequantized values (the tiles arrived apart); backward, the gradient goes back in x's dtype (BF16: V3
+    §3.3.3 keeps the backward's combine-like all-to-all in BF16), as the BF16 dispatch's backward does."""
+
+    @staticmethod
+    def forward(ctx, x_s, q_r, s_r, send, recv, group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return dequantize(q_r, s_r, TILE).to(x_s.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return comm.all_to_all(g.contiguous(), ctx.recv, ctx.send, ctx.group), None, None, None, None, None
+
+
+def fp8_rows_issue(x_s: torch.Tensor, send: list[int], recv: list[int], group: Group, recipe):
+    """FP8 dispatch of the rows x_s (V3 §3.3.3), issued: their 1x128 E4M3 tiles (1 byte per element) and fp32
+    scales (4 bytes per 128 elements) travel instead of BF16, quantized once at the first level (a second
+    level forwards the tiles it received). Returns (the two Works, finish) where finish() gives the arrived
+    rows as `Fp8Rows`, whose tiles the experts' FP8 GEMM consumes without quantizing again."""
+    tiles = row_tiles(x_s, recipe)
+    q = comm.all_to_all_async(tiles.data.view(torch.uint8), send, recv, group, "all_to_all")
+    sc = comm.all_to_all_async(tiles.scale, send, recv, group, "all_to_all_scales")
+
+    def finish():
+        q_r, s_r = q.wait().view(tiles.data.dtype), sc.wait()
+        return Fp8Rows.wrap(_Fp8Arrival.apply(x_s, q_r, s_r, send, recv, group), Fp8Tensor(q_r, s_r, TILE))
+    return finish
 
 
 class _IssuedAllToAll(torch.autograd.Function):
@@ -126,7 +164,9 @@ class ExpertParallel:
         route = Route(self.ep_levels[level], indices, base, span).exchange()
         group, send, recv = route.group, route.send, route.recv
         x_s, w_s = route.gather(x, weights)
-        x_r = comm.all_to_all_autograd(x_s, send, recv, group)
+        recipe = getattr(self, "fp8_dispatch", None)   # train.fp8=blockwise: the rows travel as FP8 tiles
+        x_r = comm.all_to_all_autograd(x_s, send, recv, group) if recipe is None or group.size == 1 \
+            else fp8_rows_issue(x_s, send, recv, group, recipe)()
         idx_r = comm.all_to_all(route.idx_s, send, recv, group, label="all_to_all_routing")
         w_r = comm.all_to_all_autograd(w_s, send, recv, group, "all_to_all_routing")
         y_r = self._dispatch(x_r, idx_r, w_r, level + 1, route.child_base, route.per)
@@ -134,8 +174,13 @@ class ExpertParallel:
         return route.scatter_add(y_s, x)
 
     # -- the dispatch cut into issue and wait (parallel/overlap.py; DualPipeV's F&B chunks can use the same) --
-    def ep_local(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, base: int, span: int):
-        """The experts held here on the rows received: [rows, dim] gate-weighted partial sums."""
+    def ep_local(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, base: int, span: int,
+                 tiles: Fp8Tensor | None = None):
+        """The experts held here on the rows received: [rows, dim] gate-weighted partial sums. `tiles`: the
+        rows' FP8 tiles when they came apart from x (the overlap executor enters here through FSDP2's forward
+        hooks, whose autograd wrapper returns plain tensors)."""
+        if tiles is not None:
+            x = Fp8Rows.wrap(x, tiles)
         local = indices - base
         local = local.masked_fill((local < 0) | (local >= span), span)
         return super().forward(x, local, weights, partial=True)
@@ -148,9 +193,11 @@ class ExpertParallel:
         route = Route(self.ep_levels[level], indices, base, self.ep_total if span is None else span).exchange()
         x_s, w_s = route.gather(x, weights)
         g, send, recv = route.group, route.send, route.recv
-        return Dispatch(route, (issue_all_to_all(x_s, send, recv, g),
-                                comm.all_to_all_async(route.idx_s, send, recv, g, "all_to_all_routing"),
-                                issue_all_to_all(w_s, send, recv, g, "all_to_all_routing")))
+        recipe = getattr(self, "fp8_dispatch", None)
+        rows = fp8_rows_issue(x_s, send, recv, g, recipe) if recipe is not None and g.size > 1 else None
+        works = (comm.all_to_all_async(route.idx_s, send, recv, g, "all_to_all_routing"),
+                 issue_all_to_all(w_s, send, recv, g, "all_to_all_routing"))
+        return Dispatch(route, works if rows else (issue_all_to_all(x_s, send, recv, g), *works), rows)
 
     @staticmethod
     def combine_issue(y_r: torch.Tensor, dispatch: Dispatch) -> comm.Work:

@@ -198,6 +198,38 @@ class Fp8Tensor:
         return dequantize(self.data, self.scale, self.group)
 
 
+class Fp8Rows(torch.Tensor):
+    """Token rows that travelled as FP8 (V3 §3.3.3: the dispatch carries the 1x128-tile E4M3 activations the
+    experts' up-projections consume): the tensor's values are their dequantization, `fp8` their tiles. Row
+    indexing (the experts' sort by expert) gathers the tiles with the rows, and the routed experts' FP8
+    GEMM takes `fp8` as its operand instead of quantizing again: quantizing a row needs only that row, so
+    the result is the bits a destination quantizing the BF16 rows would get. Every other op gives a
+    plain tensor."""
+
+    fp8: "Fp8Tensor"
+
+    @staticmethod
+    def wrap(x: torch.Tensor, fp8: "Fp8Tensor") -> "Fp8Rows":
+        out = x.as_subclass(Fp8Rows)   # the same storage and autograd history
+        out.fp8 = fp8
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__ and isinstance(args[0], Fp8Rows) \
+                and isinstance(args[1], (torch.Tensor, slice)) and out.dim() == 2:   # rows only
+            tiles = args[0].fp8
+            return Fp8Rows.wrap(out, Fp8Tensor(tiles.data[args[1]], tiles.scale[args[1]], TILE))
+        return out
+
+
+def row_tiles(x: torch.Tensor, recipe: "Fp8Recipe") -> "Fp8Tensor":
+    """x's 1x128 E4M3 tiles as the routed experts' FP8 GEMM would make them (those it carries, if any)."""
+    return x.fp8 if isinstance(x, Fp8Rows) else Fp8Tensor.of(x.detach(), TILE, recipe.pow2_scales)
+
+
 # -- GEMM backends: C = A @ B^T, A [M, K] in 1x128 tiles, B [N, K] in 1x128 tiles or 128x128 blocks ---
 def spans(counts: list[int]):
     """(expert, first row, rows) of each non-empty segment."""
@@ -417,7 +449,7 @@ class _Fp8GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, counts, backend, recipe: Fp8Recipe):
-        xq = Fp8Tensor.of(x, TILE, recipe.pow2_scales)
+        xq = row_tiles(x, recipe)   # as dispatched (FP8 dispatch), else quantized here
         wq = Fp8Tensor.of(w, BLOCK, recipe.pow2_scales)            # [E, N, K]: blocks per expert
         y = backend.grouped_gemm(xq, wq, counts, x.dtype)
         ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
@@ -503,10 +535,11 @@ def apply_fp8(model: nn.Module, recipe: Fp8Recipe) -> Fp8Conversion:
             converted.append(path)
         elif hasattr(module, "grouped_gemm") and getattr(type(module), "ep_params", None):
             module.grouped_gemm = lambda x, w, counts, r=recipe: fp8_grouped_mm(x, w, counts, r)
+            module.fp8_dispatch = recipe   # under ep the dispatch carries the FP8 tiles (expert_parallel.py)
             converted.append(path)
     return Fp8Conversion(converted, bf16)
 
 
 __all__ = ["Fp8Recipe", "Fp8Error", "Fp8Conversion", "BF16_BELOW",
-           "Fp8Tensor", "quantize", "dequantize", "fp8_linear", "fp8_grouped_mm",
+           "Fp8Tensor", "Fp8Rows", "row_tiles", "quantize", "dequantize", "fp8_linear", "fp8_grouped_mm",
            "apply_fp8", "get_backend", "E4M3_MAX", "TILE", "BLOCK"]

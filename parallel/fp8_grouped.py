@@ -357,8 +357,10 @@ class GroupedFp8MM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, counts, floor, inv, pow2):
+        from .fp8 import Fp8Rows
         row_offs, tile_offs = offsets(counts)
-        xq, xs = quant_rows(x, floor, inv, pow2)                  # the FP8 copy kept for backward (V3 §3.3.3)
+        # the FP8 copy kept for backward (V3 §3.3.3): as dispatched (FP8 dispatch, the same bits), else made here
+        xq, xs = (x.fp8.data, x.fp8.scale) if isinstance(x, Fp8Rows) else quant_rows(x, floor, inv, pow2)
         (wq, ws), (wqt, wst) = quant_blocks_t(w, floor, inv, pow2)
         y = grouped_gemm(xq, xs, wq, ws, row_offs, _gemm_dtype(x.dtype)).to(x.dtype)
         ctx.save_for_backward(xq, xs, wqt, wst, row_offs, tile_offs)   # W^T cached: dgrad needs no transpose

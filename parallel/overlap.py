@@ -56,7 +56,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import comm
 from .data_parallel import finish_grad_sync, set_gradient_sync
-from .expert_parallel import ExpertParallel, Route, issue_all_to_all
+from .expert_parallel import ExpertParallel, Route, _Fp8Arrival, issue_all_to_all
+from .fp8 import TILE, Fp8Rows, Fp8Tensor, dequantize, row_tiles
 from .mesh import LayoutError, ParallelDims
 from .recompute import _find, _Recorder, _restore, _snapshot, _unpack, recompute_mode
 
@@ -190,15 +191,26 @@ class _MicroBatch:
         self.steps.append(_Step(outputs, leaves, [x for x in inputs if _differentiable(x)]))
         return tree_unflatten(flat, spec)
 
-    def _all_to_all(self, sends: list, meanwhile=None):
+    def _all_to_all(self, sends: list, meanwhile=None, fp8=None):
         """Issue [(tensor, send, recv, group, label)], yield while they fly, run `meanwhile()` (parts that do
         not need them), then wait: (the received leaves, what meanwhile returned). The all-to-all's step is
-        recorded before meanwhile's parts, so that their backward runs before its gradients are sent back."""
+        recorded before meanwhile's parts, so that their backward runs before its gradients are sent back.
+        `fp8` = (rows sent, their tiles): FP8 dispatch (V3 §3.3.3); the first two sends are the tiles' E4M3
+        bytes and scales, which arrive as one `Fp8Rows` whose gradient goes back to the rows in their dtype."""
+        if fp8 is not None:
+            x_s, tiles = fp8
+            s, r, g = sends[0][1:4]
+            sends = [(tiles.data.view(torch.uint8), s, r, g, "all_to_all"),
+                     (tiles.scale, s, r, g, "all_to_all_scales"), *sends[1:]]
         if self.connected:  # autograd's all-to-alls, issued now, waited below; their backward is blocking
             works = [issue_all_to_all(t, s, r, g, label) for t, s, r, g, label in sends]
             yield
             extra = meanwhile() if meanwhile is not None else None
-            return [w.wait() for w in works], extra
+            got = [w.wait() for w in works]
+            if fp8 is not None:
+                q_r, s_r = got[0].view(tiles.data.dtype), got[1]
+                got = [Fp8Rows.wrap(_Fp8Arrival.apply(x_s, q_r, s_r, s, r, g), Fp8Tensor(q_r, s_r, TILE)), *got[2:]]
+            return got, extra
         works = [comm.all_to_all_async(t.detach(), s, r, g, label) for t, s, r, g, label in sends]
         yield
         at = len(self.steps)
@@ -210,6 +222,11 @@ class _MicroBatch:
                 y = y.requires_grad_()
                 record.append((t, y, s, r, g, label))
             got.append(y)
+        if fp8 is not None:   # a leaf of the rows' values, its gradient sent back like a BF16 payload's
+            q_r, s_r = got[0].view(tiles.data.dtype), got[1]
+            y = dequantize(q_r, s_r, TILE).to(x_s.dtype).requires_grad_()
+            record.insert(0, (x_s, y, s, r, g, "all_to_all"))
+            got = [Fp8Rows.wrap(y, Fp8Tensor(q_r, s_r, TILE)), *got[2:]]
         self.steps.insert(at, _Step(a2a=record))
         return got, extra
 
@@ -246,15 +263,18 @@ class _MicroBatch:
             x_s, w_s = self._compute(route.gather, [xs, ws])
             s, r = route.send, route.recv
             # the shared experts need no dispatch: they run while the last level's payload flies
+            recipe = getattr(experts, "fp8_dispatch", None)   # the rows as FP8 tiles (expert_parallel.py)
             (xs, idx, ws), got = yield from self._all_to_all(
                 [(x_s, s, r, group, "all_to_all"), (route.idx_s, s, r, group, "all_to_all_routing"),
                  (w_s, s, r, group, "all_to_all_routing")],
                 (lambda: self._compute(lambda u_: entry(mode, block.moe_shared, u_), [u])) if i == len(levels) - 1
-                else None)
+                else None, fp8=(x_s, row_tiles(x_s, recipe)) if recipe is not None and group.size > 1 else None)
             shared = got if i == len(levels) - 1 else shared
             routes.append(route)
             base, span = route.child_base, route.per
-        y = self._compute(lambda x_, w_: _entry(experts)(mode, experts.ep_local, x_, idx, w_, base, span), [xs, ws])
+        tiles = xs.fp8 if isinstance(xs, Fp8Rows) else None   # passed apart: FSDP2's entry returns plain tensors
+        y = self._compute(lambda x_, w_: _entry(experts)(mode, experts.ep_local, x_, idx, w_, base, span, tiles),
+                          [xs, ws])
         for route in reversed(routes):           # combine, level by level back
             (y_s,), _ = yield from self._all_to_all([(y, route.recv, route.send, route.group, "all_to_all")])
             y = self._compute(lambda t: route.scatter_add(t, u), [y_s])

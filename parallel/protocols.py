@@ -102,6 +102,7 @@ The hooks (HOOKS has each one's readers and full contract; docs/contract.md prin
     stage_index           runtime          stage               global index of the stage
     ep_levels             runtime          expert group        the ep group(s) tokens are dispatched over
     ep_total              runtime          expert group        experts in the whole ep group
+    fp8_dispatch          runtime          expert group        the recipe whose FP8 tiles the dispatch carries
     fp8_recipe            runtime          module              the FP8 recipe of a converted linear
     _fsdp                 runtime          model               apply_fsdp has wrapped the model
     _overlap_entry        runtime          module              a part of a block run inside its FSDP2 unit (overlap)
@@ -479,6 +480,10 @@ HOOKS: tuple[Hook, ...] = (
          "the ep group, or its cross-node then in-node groups, that tokens are dispatched over."),
     Hook("ep_total", "runtime", "expert group", (f"{_EP}:apply_ep", f"{_EP}:ExpertParallel.forward"),
          "experts in the whole ep group (the ep_count attribute becomes the local count)."),
+    Hook("fp8_dispatch", "runtime", "expert group", (f"{_FP8}:apply_fp8", f"{_EP}:ExpertParallel._dispatch",
+                                                     f"{_EP}:ExpertParallel.dispatch_issue",
+                                                     f"{_OV}:_MicroBatch._moe_block"),
+         "the FP8 recipe whose 1x128 tiles the dispatch carries (train.fp8=blockwise), None: the rows' dtype."),
     Hook("fp8_recipe", "runtime", "module", (f"{_FP8}:apply_fp8", f"{_FP8}:Fp8Linear.forward"),
          "the FP8 recipe of a converted linear layer."),
     Hook("_fsdp", "runtime", "model", (f"{_DP}:apply_fsdp",), "set when apply_fsdp has wrapped the model."),
