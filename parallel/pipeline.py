@@ -72,8 +72,8 @@ class StageModel:
                 route_pairs: torch.Tensor | None = None, **inputs: torch.Tensor):
         """`routes` [rows, seq, trunk MoE layers, k]: routing replay (R3) through the pipeline. The routes of
         this micro-batch are forced on this stage's MoE layers for this forward only (when `route_replay`),
-        so a schedule may interleave micro-batches; a recomputation in backward would run unforced
-        (post-training refuses replay with recompute under pp). With `route_pairs` [rows, seq] (bool: the
+        so a schedule may interleave micro-batches (full recomputation re-runs a block with the attributes
+        its forward had: recompute.py). With `route_pairs` [rows, seq] (bool: the
         pairs to compare) the router's own choices are compared with `routes` into `route_counts`."""
         cols = routes[..., self.moe_columns, :] if routes is not None and self.moe_columns else None
         if cols is None:

@@ -29,7 +29,10 @@ column-parallel linears) before or after this is applied.
 
 Side effects: recomputation must not repeat them. "full" re-runs the whole forward, so each
 recomputation restores the unit's buffers (values and identity) and public attributes as they were
-before it: the MoE's `tokens_per_expert` is counted once and `aux_losses` stays the forward's.
+before it: the MoE's `tokens_per_expert` is counted once and `aux_losses` stays the forward's. It also
+runs with the public attributes the forward had (restored after): under a pipeline schedule other
+micro-batches' forwards run in between and may set per-micro-batch steering, such as routing replay's
+`forced_routes`, which the recomputation must see as its own forward did.
 "selective" re-runs only the listed submodules, which must be deterministic, RNG-free, and must
 not mutate their inputs or other state (RMSNorm and linear layers are); the number, shapes and
 dtypes of the tensors a re-run saves are checked against the forward's, and an input changed in
@@ -105,11 +108,14 @@ def _full_forward(unit: nn.Module, *args, **kwargs):
     runs = []
 
     def run(*a, **k):
-        if not runs:
-            runs.append(True)
+        if not runs:   # the forward: its public attributes are kept for the recomputation
+            runs.append(_attributes(unit))
             return forward(*a, **k)
         state = _snapshot(unit)
         try:  # the recomputation may also stop early (checkpoint's early stop raises through here)
+            # in the state of the forward it recomputes: a pipeline runs other micro-batches' forwards in
+            # between, which may have set other steering (routing replay's forced experts, per micro-batch)
+            _set_attributes(runs[0])
             return forward(*a, **k)
         finally:
             _restore(unit, state)
@@ -124,6 +130,17 @@ def _snapshot(unit: nn.Module):
         attrs = {k: v for k, v in vars(m).items() if not k.startswith("_")}
         state.append((m, buffers, attrs))
     return state
+
+
+def _attributes(unit: nn.Module):
+    return [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in unit.modules()]
+
+
+def _set_attributes(attributes) -> None:
+    for m, attrs in attributes:
+        for k, v in attrs.items():
+            if vars(m).get(k) is not v:
+                setattr(m, k, v)
 
 
 @torch.no_grad()

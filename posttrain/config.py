@@ -183,11 +183,6 @@ class PosttrainConfig(Config):
             if not self.model_config().is_moe:
                 raise ConfigError(f"grpo.routing_replay = {g.routing_replay} replays MoE routing, and this model has "
                                   "no MoE layer; set grpo.routing_replay=none")
-            if self.parallel.pp != 1 and self.parallel.recompute != "none":
-                raise ConfigError(f"grpo.routing_replay = {g.routing_replay} under parallel.pp > 1 forces each "
-                                  "micro-batch's routes for its forward only (the schedule interleaves micro-batches), "
-                                  "so a recomputation in backward would route on its own; set parallel.recompute=none "
-                                  "or grpo.routing_replay=none")
             if self.parallel.tp != 1:
                 raise ConfigError(f"grpo.routing_replay = {g.routing_replay} needs parallel.tp = 1: under tp each "
                                   "rank's routers see a share of the tokens (the MoE token split), whose order the "

@@ -491,7 +491,6 @@ def test_pp2_run_generates_under_its_rollout_layout(task_dir, tmp_path):
     (["rollout.tp=3"], "rollout.tp = 3"),
     (["rollout.ep=-1"], "rollout.ep must be >= 1"),
     (["rollout.ep=3"], "rollout.ep = 3"),
-    (["parallel.recompute=full", "grpo.routing_replay=rollout"], "set parallel.recompute=none"),
     (["data.seq_len=16"], "set data.seq_len >= "),
 ])
 def test_pipelined_grpo_settings_are_checked(task_dir, tmp_path, extra, words):

@@ -214,6 +214,9 @@ def pipeline_replay_rank(task_dir, run_dir, extra, out):
             with torch.no_grad():
                 m.gate.weight.add_(0.05 * torch.randn_like(m.gate.weight))
     stats = tr.update(prompts, comps, adv, torch.ones_like(keep))
+    # every gate call of the update forced (beta = 0: no reference; old log-probs from the rollout), the
+    # recomputations in backward included
+    assert seen and all(f is not None for _, f in seen), sum(f is None for _, f in seen)
     forced = [(used, f) for used, f in seen if f is not None]
     hit = sum(int((f >= 0).all(-1).sum()) for _, f in forced)
     for used, f in forced:
@@ -222,12 +225,15 @@ def pipeline_replay_rank(task_dir, run_dir, extra, out):
     torch.save({"stats": stats, "forced_forwards": len(forced), "forced_tokens": hit}, f"{out}.{dist.get_rank()}")
 
 
-@pytest.mark.parametrize("layout", [["parallel.pp=2"], pytest.param(["parallel.pp=2", "parallel.ep=2",
-                                                                     "rollout.ep=4"], marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", [["parallel.pp=2"], ["parallel.pp=2", "parallel.recompute=full"],
+                                    ["parallel.pp=2", "parallel.recompute=selective"],
+                                    pytest.param(["parallel.pp=2", "parallel.ep=2", "rollout.ep=4"],
+                                                 marks=pytest.mark.slow)])
 def test_grpo_under_pp_replays_the_rollout_routing_on_every_stage(task_dir, tmp_path, layout):
     """Routing replay through the pipeline (issue 22 §2): every stage's MoE layers take the rollout's experts
     (recorded by the rollout copy in its own layout), while the moved routers' own choices differ
-    (routing_mismatch > 0)."""
+    (routing_mismatch > 0); under full recomputation the re-run forwards in backward, which 1F1B runs after
+    the next micro-batch's forward, force the same experts (each spied gate call counts)."""
     from distributed import run_ranks
     world = 4 if "parallel.ep=2" in layout else 2
     run_ranks(world, pipeline_replay_rank, str(task_dir), str(tmp_path / "r"),
@@ -236,10 +242,3 @@ def test_grpo_under_pp_replays_the_rollout_routing_on_every_stage(task_dir, tmp_
         res = torch.load(f"{tmp_path / 'r.pt'}.{r}")
         assert res["forced_forwards"] > 0 and res["forced_tokens"] > 0
         assert 0.0 < res["stats"]["routing_mismatch"] <= 1.0
-
-
-def test_replay_under_pp_refuses_recompute(task_dir, tmp_path):
-    from pretrain.config import ConfigError
-    from test_grpo import _config
-    with pytest.raises(ConfigError, match="set parallel.recompute=none or grpo.routing_replay=none"):
-        _config(task_dir, tmp_path, "grpo.routing_replay=rollout", "parallel.pp=2", "parallel.recompute=full")
