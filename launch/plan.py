@@ -6,6 +6,12 @@
 
 The model and its constants are plan/planner.py's (the GPU table plan/hardware.py's); docs/planner.md
 explains every term.
+
+    python -m launch.plan --posttrain configs/posttrain/recipes/r1_zero.yaml --gpus 512 --gpu h800
+
+prints a post-training stage's memory per rank instead (plan/posttrain.py: the policy, its reference, the
+rollout copy and the engine's cache), and exits 1 when it does not fit; the stage comes from the config's
+sections (grpo, dpo, rejection, else sft) unless --stage names it; KEY=VALUE overrides apply as in the stage.
 """
 from __future__ import annotations
 
@@ -14,8 +20,43 @@ import json
 import sys
 
 
+def posttrain_main(argv: list[str]) -> int:
+    """`--posttrain CONFIG`: the memory per rank of a post-training stage (plan/posttrain.py)."""
+    from plan import posttrain as PT
+    from plan.planner import GPUS
+
+    ap = argparse.ArgumentParser(prog="python -m launch.plan --posttrain", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--posttrain", required=True, metavar="CONFIG", help="a post-training YAML (posttrain.config)")
+    ap.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    ap.add_argument("--gpu", default="H800", help=f"GPU kind: {', '.join(GPUS)} (default H800)")
+    ap.add_argument("--stage", choices=PT.STAGES, help="default: from the config's sections")
+    ap.add_argument("--prompt-tokens", type=int, help="the longest prompt (GRPO, rejection; default: data.seq_len - "
+                    "rollout.max_new_tokens)")
+    ap.add_argument("--gpus-per-node", type=int, help="default: parallel.node_size")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. parallel.pp=16")
+    args = ap.parse_args(argv)
+
+    from posttrain.config import load_config, user_errors
+    try:
+        stage = args.stage or PT.stage_of(args.posttrain)
+        cfg = load_config(args.posttrain, args.overrides)
+        m = PT.posttrain_memory(cfg, stage, args.gpus, args.gpu, prompt_tokens=args.prompt_tokens,
+                                gpus_per_node=args.gpus_per_node)
+    except (*user_errors(), ValueError, OSError) as e:   # ConfigError, PlanError: messages name the key
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(m.as_dict(), indent=1) if args.json else PT.report(m))
+    return 0 if m.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from plan import planner as P
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--posttrain" or a.startswith("--posttrain=") for a in argv):
+        return posttrain_main(argv)
 
     ap = argparse.ArgumentParser(prog="python -m launch.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

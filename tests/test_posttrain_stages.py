@@ -424,7 +424,8 @@ CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/posttr
 @pytest.mark.parametrize("path", CONFIGS)
 def test_every_posttrain_config_loads(path):
     cfg = _load_file(ROOT / path, [])
-    assert cfg.parallel.pp == 1
+    # the tiny configs run in one process; the V3 recipes train pipelined (their fit: tests/test_posttrain_plan.py)
+    assert cfg.parallel.pp == 1 or "/recipes/" in path
     if "/recipes/" in path:
         assert cfg.model["preset"] in ("deepseek-v3", "qwen2.5-1.5b", "llama-3-8b"), path
 
