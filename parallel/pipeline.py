@@ -34,7 +34,7 @@ from torch.distributed.pipelining import PipelineStage
 from . import comm
 from .apply import parallelize
 from .context_parallel import check_sequence, cp_inputs
-from .data_parallel import _local, clip_grad_norm_, finish_grad_sync, reshard, sync_expert_load
+from .data_parallel import _local, clip_grad_norm_, finish_grad_sync, prime_unsharded, reshard, sync_expert_load
 from .mesh import LayoutError, Mesh
 from .pp_schedules import build_schedule, n_stages, rank_stages, schedule_spec, stage_to_rank
 from .recompute import apply_recompute
@@ -248,6 +248,7 @@ class Pipeline:
     def init_weights(self, seed: int = 0, device=None) -> None:
         for s in self.stages:
             init_parallel_weights(s, self.mesh, seed, device)
+            prime_unsharded(s)   # a post-training objective's forward skips units (the MTP blocks)
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor, objective=None,
              **inputs: torch.Tensor) -> dict[str, float]:

@@ -17,9 +17,10 @@ engine.py, parallel/refit.py; docs/posttrain.md "Training and rollout layouts"):
   dp = world / tp, pp = 1, FSDP2 over its dp), + the paged engine's latent cache, + the refresh's buffers;
 - rejection (pp = 1, no training): the frozen policy, its gathered units while generating, the cache.
 
-The frozen copies and the cache are held in fp32: FSDP2 keeps a module's parameters in their own dtype (fp32
-as built) and casts them to train.dtype for compute (parallel/apply.py), and the engine allocates its pages
-in the parameters' dtype (model.new_cache). Two phases share the rest of the memory: the update (activations,
+The reference and the policy's own cache are held in fp32: FSDP2 keeps a module's parameters in their own
+dtype (fp32 as built) and casts them to train.dtype for compute (parallel/apply.py), and the engine allocates
+its pages in the parameters' dtype (model.new_cache). The rollout copy, which only generates, is converted
+to train.dtype after it is built (posttrain/grpo.py), and so are its pages. Two phases share the rest of the memory: the update (activations,
 logits, the policy's gathered units) and generation (the rollout copy's gathered units); the peak is the
 larger. The worst rank is the pp rank where the planner's training memory peaks; `bound` also covers every
 other pp rank (each rank's own state and reference, with at most the planner's peak training memory).
@@ -86,13 +87,13 @@ def _gathered(pl, r: int, tp: int, ep: int) -> float:
     return sum((p.params - p.expert_params) / tp + p.expert_params / ep for p in pl.slot_parts[r])
 
 
-def cache_bytes_per_token(cfg, mtp: bool = False) -> int:
+def cache_bytes_per_token(cfg, mtp: bool = False, element: int = CACHE_BYTES) -> int:
     """The paged cache's bytes per token over all layers (+ the MTP block when drafting). MLA caches only the
     latent c^KV and the rotated key k^R (V2 §2.1.3): kv_lora_rank + qk_rope_head_dim = 576 elements per token
     per layer for V3, whole on every tp rank (all heads share them); GQA caches keys and values of its
     kv heads."""
     per = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) if cfg.attention == "mla" else 2 * cfg.kv_heads * cfg.gqa_head_dim
-    return (cfg.n_layers + (1 if mtp else 0)) * per * CACHE_BYTES
+    return (cfg.n_layers + (1 if mtp else 0)) * per * element
 
 
 def pool_pages(max_batch: int, tokens: int, page_size: int) -> int:
@@ -158,14 +159,15 @@ def _prompt_tokens(cfg, stage: str, prompt_tokens: int | None, model_cfg) -> int
     return prompt
 
 
-def _cache(cfg, model_cfg, tokens: int, per_call: int) -> float:
+def _cache(cfg, model_cfg, tokens: int, per_call: int, element: int = CACHE_BYTES) -> float:
     """Bytes of the generator's cache on one rank for sequences of `tokens`: the paged engine's pool (sized
-    by rollout.max_batch), or the static generator's one cache for the `per_call` sequences of a call."""
+    by rollout.max_batch), or the static generator's one cache for the `per_call` sequences of a call;
+    `element`: the generating model's parameter bytes (the pages take its dtype)."""
     r = cfg.rollout
     if r.engine == "paged":
         return pool_pages(r.max_batch, tokens, r.page_size) * r.page_size * cache_bytes_per_token(
-            model_cfg, r.draft_tokens > 0)
-    return per_call * tokens * cache_bytes_per_token(model_cfg)
+            model_cfg, r.draft_tokens > 0, element)
+    return per_call * tokens * cache_bytes_per_token(model_cfg, element=element)
 
 
 def posttrain_memory(cfg, stage: str, n_gpus: int, gpu: str = "H800", *, prompt_tokens: int | None = None,
@@ -254,11 +256,13 @@ def posttrain_memory(cfg, stage: str, n_gpus: int, gpu: str = "H800", *, prompt_
         copy = p.pp > 1 or (rtp, rep) != (p.tp, p.ep)
         gdp, gen = _rollout(cfg, n_gpus, rtp, rep, copy, shape, cluster, dims, notes)
         rollout_label = f"tp{rtp} ep{rep} dp{gdp} pp1" + ("" if copy else " (the policy itself)")
+        # the rollout copy is held in train.dtype (posttrain/grpo.py: it only generates), and so are its pages
+        element = (2 if t.dtype == "bf16" else PARAM_BYTES) if copy else CACHE_BYTES
         if copy:
-            parts["rollout_copy"] = FROZEN_BYTES * gen["shard"]   # every weight once more, sharded over all ranks
+            parts["rollout_copy"] = element * gen["shard"]   # every weight once more, sharded over all ranks
             parts["refit_buffers"] = REFIT_BUFFERS
         tokens = prompt + max(new, e.max_new_tokens if e.every else 0)
-        parts["kv_cache"] = _cache(cfg, model_cfg, tokens, g.prompts_per_step * g.group_size // gdp)
+        parts["kv_cache"] = _cache(cfg, model_cfg, tokens, g.prompts_per_step * g.group_size // gdp, element)
         # generation gathers the copy's units, or the policy's own (its gradients' share is not needed then)
         rollout_working = gen["gathered"] if copy else mem["weights"] - planned["weights"]
         parts["rollout_gathered"] = rollout_working

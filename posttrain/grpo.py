@@ -282,6 +282,8 @@ class GRPOTrainer:
             net = parallelize(build_model(sess.model_cfg, device="meta").eval(), mesh,
                               param_dtype=DTYPES[cfg.train.dtype])
             init_parallel_weights(net, mesh, cfg.train.seed, sess.device)
+            if DTYPES[cfg.train.dtype] is not None:   # it only generates: stored in the compute dtype, whose values
+                net.to(DTYPES[cfg.train.dtype])        # FSDP2 would cast to anyway (the pages follow: model.new_cache)
             refit = Refit(sess.engine.stages, sess.mesh, [net], mesh)
         except (LayoutError, ValueError) as e:   # RefitError is a ValueError: it names the tensor and both layouts
             raise ConfigError(f"{what}: {e}; choose rollout.tp dividing the world size and the attention heads, and "

@@ -511,3 +511,32 @@ def refused_rank(task_dir, run_dir, extra, out):
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             f.write(message)
+
+
+def bf16_copy_rank(task_dir, run_dir, out):
+    import torch.distributed as dist
+    import parallel
+    tr = GRPOTrainer(_config(task_dir, run_dir, *PP, "parallel.pp=2", "rollout.ep=2", "train.dtype=bf16",
+                             "train.steps=1", "eval.every=0"))
+    tr.run()
+    tr.sample([tr.encode(tr.train_records[0])] * 2, tr.sampling, 0)   # refreshes after the update
+    copy = parallel.full_state(tr.gen_model, tr.gen_mesh)
+    policy = {}
+    for stage in tr.session.engine.stages:
+        policy.update(parallel.full_state(stage, tr.session.mesh))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, policy)
+    if dist.get_rank() == 0:
+        torch.save({"copy": copy, "policy": {k: v for p in every for k, v in p.items()}}, out)
+
+
+def test_pp2_bf16_rollout_copy_is_the_policy_in_bf16(task_dir, tmp_path):
+    """Under train.dtype=bf16 the rollout copy (it only generates) is held in bf16: after an update it is the
+    fp32 policy rounded to bf16, element for element (the routing biases stay fp32)."""
+    run_ranks(2, bf16_copy_rank, str(task_dir), str(tmp_path / "run"), str(tmp_path / "w.pt"))
+    got = torch.load(tmp_path / "w.pt")
+    assert got["copy"].keys() == got["policy"].keys()
+    for k, v in got["copy"].items():
+        want = got["policy"][k]
+        assert v.dtype == (torch.float32 if k.endswith("gate.bias") else torch.bfloat16), (k, v.dtype)
+        assert torch.equal(v, want.to(v.dtype)), k
