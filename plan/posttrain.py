@@ -20,10 +20,11 @@ engine.py, parallel/refit.py; docs/posttrain.md "Training and rollout layouts"):
 The reference and the policy's own cache are held in fp32: FSDP2 keeps a module's parameters in their own
 dtype (fp32 as built) and casts them to train.dtype for compute (parallel/apply.py), and the engine allocates
 its pages in the parameters' dtype (model.new_cache). The rollout copy, which only generates, is converted
-to train.dtype after it is built (posttrain/grpo.py), and so are its pages. Two phases share the rest of the memory: the update (activations,
-logits, the policy's gathered units) and generation (the rollout copy's gathered units); the peak is the
-larger. The worst rank is the pp rank where the planner's training memory peaks; `bound` also covers every
-other pp rank (each rank's own state and reference, with at most the planner's peak training memory).
+to train.dtype after it is built (posttrain/grpo.py), and so are its pages. Two phases share the rest of
+the memory: the update (activations, logits, the policy's gathered units) and generation (the rollout
+copy's gathered units); the peak is the larger. The worst rank is the pp rank where the planner's training
+memory peaks; `bound` also covers every other pp rank (each rank's own state and reference, with at most
+the planner's peak training memory).
 """
 from __future__ import annotations
 
