@@ -20,6 +20,12 @@ max_new_tokens) and the batch has room, so no running sequence ever waits for a 
 group that does not fit whole is split. Each step decodes every running sequence at its own position; a sequence that
 finishes leaves the batch and its pages return to the pool, and waiting prompts take its place.
 
+Per step cost. On a small model a step's time is mostly fixed (the forward's per-op overhead), so the
+engine keeps its own work per step to a few tensor ops: each running sequence holds a batch slot, whose
+row of the block-table tensor `table` (and, speculating, of the hidden buffer `hbuf`) is updated only
+when a page is taken or copied; a forward's write slots, gather indices and mask are computed from those
+rows; sampling, log-probs and (at T = 0) the acceptance of drafts are one call each for the whole batch.
+
 Exactness. A sequence's arithmetic is the static engine's up to the order of floating-point sums, so at
 temperature 0 the tokens are the same and the log-probs equal to rounding. Each sequence samples from its
 own generator (`seeds`, or seed * 1_000_003 + index), so a sampled sequence is the same alone or in any
@@ -108,7 +114,10 @@ class PagedCache:
     def write(self, name: str, start_pos: int, value: torch.Tensor) -> torch.Tensor:
         buf = getattr(self.pages, name)
         flat = buf.view(-1, *buf.shape[2:])
-        flat.index_copy_(0, self.slots, value.flatten(0, 1).to(flat.dtype))   # padding: all into scratch slot 0
+        value = value.flatten(0, 1)
+        if value.dtype != flat.dtype:
+            value = value.to(flat.dtype)
+        flat.index_copy_(0, self.slots, value)   # padding: all into scratch slot 0
         return flat.index_select(0, self.gather).view(*self.shape, *flat.shape[1:])
 
 
@@ -116,8 +125,8 @@ class PagedCache:
 class Sequence:
     """One prompt's sample in flight: tokens are the prompt's then the sampled ones. Its cache holds
     positions [0, length); tokens[length] is the last token sampled, not yet fed back. The MTP cache holds
-    [0, mtp_len); `hidden` are the main model's hidden states at [mtp_len, length), which it still has to
-    catch up on."""
+    [0, mtp_len); the main model's hidden states at [mtp_len, length), which it still has to catch up on,
+    wait in row `slot` of the engine's hidden buffer (as its pages wait in row `slot` of the block table)."""
 
     index: int
     gen: torch.Generator
@@ -126,7 +135,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     length: int = 0
     mtp_len: int = 0
-    hidden: torch.Tensor | None = None
+    slot: int = 0
     out: list[int] = field(default_factory=list)
     logps: list[float] = field(default_factory=list)
     finish: str = ""
@@ -167,26 +176,29 @@ class Engine:
         return torch.rand((), generator=gen).item() * q < p
 
     # -- one forward over a ragged batch ------------------------------------------------------------------
-    def _forward(self, tables: list[list[int]], starts: list[int], chunks: list[list[int]],
+    def _forward(self, table: torch.Tensor, starts: list[int], tokens: torch.Tensor, lens: list[int] | None = None,
                  hidden: torch.Tensor | None = None):
-        """(logits [b, s, vocab], h [b, s, dim]) of chunks[i] at positions starts[i] + 0, 1, ... for the
-        sequences whose pages are tables[i]; through the main model, or with `hidden` [b, s, dim] through
-        the first MTP module (chunks then hold the tokens one ahead). Short chunks are right-padded."""
+        """(logits [b, s, vocab], h [b, s, dim]) of tokens [b, s] at positions starts[i] + 0, 1, ... for the
+        sequences whose pages are the rows of `table` [b, >= the pages their contexts span]; through the main
+        model, or with `hidden` [b, s, dim] through the first MTP module (tokens then are the ones one ahead).
+        lens[i]: row i's own chunk length, the rest right padding (None: every row is s long). Every index
+        is built from `table` and two small tensors, with no Python loop over the batch."""
         P, dev = self.page_size, self.device
-        b, s = len(chunks), max(len(c) for c in chunks)
-        lens = torch.tensor([len(c) for c in chunks], device=dev)
+        b, s = tokens.shape
+        keys = max(starts) + s if lens is None else max(st + n for st, n in zip(starts, lens))
+        width = -(-keys // P)
+        table = table[:, :width]
+        ar = self._arange(max(s, keys, P))
         start = torch.tensor(starts, device=dev)
-        tokens = torch.tensor([c + [self.pad] * (s - len(c)) for c in chunks], device=dev)
-        pos = start[:, None] + torch.arange(s, device=dev)
-        valid = torch.arange(s, device=dev)[None] < lens[:, None]
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=dev)
-        page_of = lambda p: table.gather(1, (p // P).clamp(max=width - 1)) * P + p % P   # noqa: E731
-        slots = torch.where(valid, page_of(pos), 0)                       # padding writes go to scratch
-        keys = int((start + lens).max())
-        t = torch.arange(keys, device=dev)
-        gather = page_of(t.expand(b, keys))
-        mask = torch.where(valid[..., None], t <= pos[..., None], t == 0)  # padding queries see key 0 only
+        pos = start[:, None] + ar[:s]
+        t = ar[:keys]
+        slots = table.gather(1, (pos // P).clamp(max=width - 1)) * P + pos % P
+        mask = t <= pos[..., None]
+        if lens is not None:
+            valid = ar[:s] < torch.tensor(lens, device=dev)[:, None]
+            slots = torch.where(valid, slots, 0)                              # padding writes go to scratch
+            mask = torch.where(valid[..., None], mask, t == 0)               # padding queries see key 0 only
+        gather = (table[:, :, None] * P + ar[:P]).flatten(1)[:, :keys]   # position t: page t // P, slot t % P
         caches = [PagedCache(c, slots, gather) for c in self.pool.caches]
         self.forwards += 1
         if hidden is None:
@@ -196,6 +208,22 @@ class Engine:
                 self.model.record_routing()
             return out
         return self.model.draft(hidden, tokens, pos, caches[self.n_layers], mask)
+
+    def _arange(self, n: int) -> torch.Tensor:
+        if self._ar is None or len(self._ar) < n:
+            self._ar = torch.arange(max(n, 2 * self.page_size), device=self.device)
+        return self._ar
+
+    def _slots(self, seqs: list[Sequence]) -> torch.Tensor:
+        return torch.tensor([s.slot for s in seqs], device=self.device)
+
+    def _tokens(self, chunks: list[list[int]]) -> tuple[torch.Tensor, list[int] | None]:
+        """(tokens [b, longest] right-padded, the chunks' lengths or None when all are equally long)."""
+        lens = [len(c) for c in chunks]
+        s = max(lens)
+        if min(lens) == s:
+            return torch.tensor(chunks, device=self.device), None
+        return torch.tensor([c + [self.pad] * (s - len(c)) for c in chunks], device=self.device), lens
 
     def _anyone(self, flag: bool) -> bool:
         """Whether any rank needs the next forward (every rank then runs one: ep's all-to-alls are collective)."""
@@ -209,7 +237,8 @@ class Engine:
         """A one-token forward into the scratch page, for a rank with nothing to run when another has."""
         p = next(self.model.parameters())
         hidden = torch.zeros(1, 1, self.model.cfg.dim, dtype=p.dtype, device=self.device) if draft else None
-        self._forward([[0]], [0], [[self.pad]], hidden)
+        zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self._forward(zero, [0], zero + self.pad, None, hidden)
         self.forwards -= 1
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -224,18 +253,22 @@ class Engine:
             if i == len(seq.pages):
                 seq.pages.append(self.pool.take())
                 seq.promise -= 1
+                self.table[seq.slot, i] = seq.pages[i]
             elif self.pool.refs[seq.pages[i]] > 1:
                 page = self.pool.take()
                 seq.promise -= 1
                 self.pool.copy(seq.pages[i], page)
                 self.pool.release(seq.pages[i])
                 seq.pages[i] = page
+                self.table[seq.slot, i] = page
 
     def _retire(self, seq: Sequence) -> None:
         for page in seq.pages:
             self.pool.release(page)
         self.pool.promised -= seq.promise
-        seq.pages, seq.promise, seq.hidden = [], 0, None
+        self.table[seq.slot].zero_()   # the scratch page: a stale row would still be masked, but stays clean
+        self.slots.append(seq.slot)
+        seq.pages, seq.promise = [], 0
 
     # -- sampling -----------------------------------------------------------------------------------------
     @staticmethod
@@ -322,6 +355,11 @@ class Engine:
                              f"sequence: a {longest}-token prompt + max_new_tokens {new} needs {worst} pages; "
                              f"raise n_pages to at least {worst + 1} or lower max_new_tokens")
         self.pool = PagePool(net, n_pages, P, mtp=self.draft_tokens > 0)
+        # the running sequences' block tables, one row per batch slot (unused entries: the scratch page 0), and
+        # with speculation the main model's hidden states the MTP module still has to catch up on, per slot
+        self.table = torch.zeros(self.max_batch, -(-self.max_seq_len // P), dtype=torch.long, device=self.device)
+        self.slots = list(range(self.max_batch - 1, -1, -1))
+        self.hbuf, self._ar = None, None
         self.forwards = self.prefilled = self.steps = 0
         self.drafted = [0] * self.draft_tokens
         self.accepted = [0] * self.draft_tokens
@@ -355,9 +393,10 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        if len(self.pool.free) != n_pages - 1 or self.pool.promised:   # every page and promise came back
-            raise RuntimeError(f"page accounting: {n_pages - 1 - len(self.pool.free)} pages and "
-                               f"{self.pool.promised} promises outstanding after the batch")
+        if len(self.pool.free) != n_pages - 1 or self.pool.promised or len(self.slots) != self.max_batch:
+            raise RuntimeError(f"page accounting: {n_pages - 1 - len(self.pool.free)} pages, {self.pool.promised} "
+                               f"promises and {self.max_batch - len(self.slots)} batch slots outstanding after the "
+                               "batch")   # every page, promise and slot came back
         completions = []
         for i, q in enumerate(prompts):
             seq = seqs[i]
@@ -377,7 +416,7 @@ class Engine:
             stats["acceptance"] = sum(self.accepted) / max(sum(self.drafted), 1)
             stats["drafted"], stats["accepted"] = sum(self.drafted), sum(self.accepted)
             stats["acceptance_per_position"] = [a / max(d, 1) for a, d in zip(self.accepted, self.drafted)]
-        self.pool = None
+        self.pool = self.table = self.hbuf = None
         return completions, stats
 
     def _admit(self, waiting: deque, running: list, prompts, params, seed, seeds) -> list:
@@ -402,7 +441,7 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(
                     seeds[i] if seeds is not None else seed * 1_000_003 + i)
                 promise = fresh + copy * (n < g - 1)   # which child copies is the pool's concern, not the sum
-                children.append(Sequence(i, gen, [], promise, tokens=list(q), length=len(q)))
+                children.append(Sequence(i, gen, [], promise, tokens=list(q), length=len(q), slot=self.slots.pop()))
             admitted.append((q, children))
             room -= g
         return admitted
@@ -425,53 +464,74 @@ class Engine:
                 self._idle(draft=True)
             return []
         tables = [[self.pool.take() for _ in range(math.ceil(len(q) / self.page_size))] for q, _ in admitted]
+        width = max(map(len, tables))
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device)
         prompts = [q for q, _ in admitted]
         self.prefilled += sum(map(len, prompts))
-        logits, h = self._forward(tables, [0] * len(prompts), prompts)
+        tokens, lens = self._tokens(prompts)
+        logits, h = self._forward(table, [0] * len(prompts), tokens, lens)
         prompt_routes = self.routes
         if self.draft_tokens:   # the MTP cache over the prompt but its last position (which needs the sample)
             spans = [q[1:] for q in prompts]
             idx = [i for i, sp in enumerate(spans) if sp]
             if self._anyone(bool(idx)):
                 if idx:
-                    self._forward([tables[i] for i in idx], [0] * len(idx), [spans[i] for i in idx],
-                                  hidden=h[idx, :max(len(spans[i]) for i in idx)])
+                    tokens, lens = self._tokens([spans[i] for i in idx])
+                    self._forward(table[idx], [0] * len(idx), tokens, lens, hidden=h[idx, :tokens.shape[1]])
                 else:
                     self._idle(draft=True)
-        last = self._logits(logits[torch.arange(len(prompts)), torch.tensor([len(q) - 1 for q in prompts])])
+            if self.hbuf is None:
+                self.hbuf = h.new_zeros(self.max_batch, self.draft_tokens + 1, h.shape[-1])
+        ends = torch.tensor([len(q) - 1 for q in prompts], device=self.device)
+        last = self._logits(logits[torch.arange(len(prompts), device=self.device), ends])
         logp, probs, keep = self._distributions(last, params)
         sets = allowed_ids(keep) if keep is not None else None
+        if self.draft_tokens:   # each child's pending hidden state: the prompt's last
+            rows = [g for g, (_, children) in enumerate(admitted) for _ in children]
+            slots = torch.tensor([c.slot for _, children in admitted for c in children], device=self.device)
+            self.hbuf[slots, 0] = h[rows, ends[rows]]
         out = []
-        for g, ((q, children), table) in enumerate(zip(admitted, tables)):
+        for g, ((q, children), pages) in enumerate(zip(admitted, tables)):
             tokens = self._draw(last[g:g + 1].expand(len(children), -1),
                                 None if probs is None else probs[g:g + 1].expand(len(children), -1), children)
-            for seq, token in zip(children, tokens):
-                for page in table:
+            lps = logp[g, tokens].tolist()
+            slots = torch.tensor([c.slot for c in children], device=self.device)
+            self.table[slots, :len(pages)] = table[g, :len(pages)]
+            for seq, token, lp in zip(children, tokens, lps):
+                for page in pages:
                     self.pool.share(page)
-                seq.pages = list(table)
+                seq.pages = list(pages)
                 if self.record:   # the children share the prompt's prefill, and so its routing
                     seq.routes = [prompt_routes[g, :len(q)]]
-                if self.draft_tokens:
-                    seq.mtp_len, seq.hidden = len(q) - 1, h[g, len(q) - 1:len(q)]
-                if not self._emit(seq, token, float(logp[g, token]), params, None if sets is None else sets[g]):
+                seq.mtp_len = len(q) - 1
+                if not self._emit(seq, token, lp, params, None if sets is None else sets[g]):
                     out.append(seq)
-            for page in table:   # the group's own reference: the children hold theirs
+            for page in pages:   # the group's own reference: the children hold theirs
                 self.pool.release(page)
         return out
 
     def _decode(self, running: list[Sequence], params: SamplingParams):
-        """One token for every running sequence."""
+        """One token for every running sequence: a fresh page only where a sequence crosses into one (or
+        its first write lands in a shared page), then one forward and one sampling call for the batch."""
         if not running:   # another rank decodes
             return self._idle()
+        P, refs = self.page_size, self.pool.refs
         for seq in running:
-            self._pages_for(seq, seq.length, seq.length + 1)
-        logits, _ = self._forward([s.pages for s in running], [s.length for s in running],
-                                  [[s.tokens[s.length]] for s in running])
+            i = seq.length // P
+            if i == len(seq.pages) or refs[seq.pages[i]] > 1:
+                self._pages_for(seq, seq.length, seq.length + 1)
+        tokens = torch.tensor([s.tokens[s.length] for s in running], device=self.device)[:, None]
+        logits, _ = self._forward(self.table[self._slots(running)], [s.length for s in running], tokens)
         logits = self._logits(logits[:, 0])
         logp, probs, keep = self._distributions(logits, params)
-        tokens = self._draw(logits, probs, running)
+        if probs is None:
+            ids = logits.argmax(-1)
+            tokens = ids.tolist()
+        else:
+            tokens = self._draw(logits, probs, running)
+            ids = torch.tensor(tokens, device=logp.device)
         sets = allowed_ids(keep) if keep is not None else [None] * len(running)
-        logps = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+        logps = logp.gather(1, ids[:, None])[:, 0].tolist()
         for b, (seq, token, lp) in enumerate(zip(running, tokens, logps)):
             if self.record:
                 seq.routes.append(self.routes[b, :1])
@@ -481,107 +541,142 @@ class Engine:
     def _speculate(self, running: list[Sequence], params: SamplingParams):
         """One verify step: the MTP module catches up and drafts up to draft_tokens tokens per sequence (no
         more than it may still emit, less one), the main model scores [pending, drafts] in one forward, and
-        the speculative-sampling rule decides what is emitted (V3 §5.4.3; Leviathan et al. 2023, alg. 1)."""
-        k = {id(s): min(self.draft_tokens, params.max_new_tokens - len(s.out) - 1) for s in running}
-        for seq in running:   # the MTP writes from mtp_len, the verify up to length + k
-            self._pages_for(seq, seq.mtp_len, seq.length + 1 + k[id(seq)])
-        drafts = {id(s): [] for s in running}
-        row = {id(s): b for b, s in enumerate(running)}
+        the speculative-sampling rule decides what is emitted (V3 §5.4.3; Leviathan et al. 2023, alg. 1).
+        The drafts stay a tensor [batch, draft_tokens] and the catch-up's hidden states rows of the hidden
+        buffer; at T = 0 acceptance is one comparison with the verify's argmax for the whole batch."""
+        K, dev = self.draft_tokens, self.device
+        ks = [min(K, params.max_new_tokens - len(s.out) - 1) for s in running]
+        P, refs = self.page_size, self.pool.refs
+        for seq, k in zip(running, ks):   # the MTP writes from mtp_len, the verify up to length + k
+            end = -(-(seq.length + 1 + k) // P)
+            if end > len(seq.pages) or any(refs[page] > 1 for page in seq.pages[seq.mtp_len // P:end]):
+                self._pages_for(seq, seq.mtp_len, seq.length + 1 + k)
+        width = max(ks, default=0)        # the verify scores [pending, drafts]: 1 + width positions
+        drafts = torch.full((len(running), max(width, 1)), self.pad, dtype=torch.long, device=dev)
         q_all = None   # the drafts' sampling distributions [running, draft_tokens, vocab] (T > 0)
-        drafting = [s for s in running if k[id(s)] > 0]
+        rows = [b for b, k in enumerate(ks) if k > 0]
+        drafting = [running[b] for b in rows]
         if self._anyone(bool(drafting)) and not drafting:   # another rank drafts: as many forwards as it
             self._idle(draft=True)
-            for _ in range(1, self.draft_tokens):
+            for _ in range(1, K):
                 if not self._anyone(False):
                     break
                 self._idle(draft=True)
         elif drafting:
             # catch up on [mtp_len, length) with the main model's hidden states; the last position drafts
-            spans = [s.tokens[s.mtp_len + 1:s.length + 1] for s in drafting]
-            width = max(map(len, spans))
-            hid = torch.stack([torch.nn.functional.pad(s.hidden, (0, 0, 0, width - len(s.hidden)))
-                               for s in drafting])
-            logits, g = self._forward([s.pages for s in drafting], [s.mtp_len for s in drafting], spans, hidden=hid)
-            last = torch.tensor([len(sp) - 1 for sp in spans], device=self.device)
-            rows = torch.arange(len(drafting), device=self.device)
-            logits, g = self._logits(logits[rows, last]), g[rows, last][:, None]
+            slots = self._slots(drafting)
+            table = self.table[slots]
+            tokens, lens = self._tokens([s.tokens[s.mtp_len + 1:s.length + 1] for s in drafting])
+            logits, g = self._forward(table, [s.mtp_len for s in drafting], tokens, lens,
+                                      hidden=self.hbuf[slots, :tokens.shape[1]])
+            if lens is not None:
+                last = torch.tensor(lens, device=dev) - 1
+                at = torch.arange(len(drafting), device=dev)
+                logits, g = logits[at, last], g[at, last][:, None]
+            else:
+                logits, g = logits[:, -1], g[:, -1:]
+            logits = self._logits(logits)
             for seq in drafting:
-                seq.mtp_len, seq.hidden = seq.length, None
-            for j in range(self.draft_tokens):
+                seq.mtp_len = seq.length
+            rows_t, ids = torch.tensor(rows, device=dev), None
+            for j in range(K):
                 if j:   # chain: the module on its own hidden state and its last draft, one position on
                     if not self._anyone(bool(drafting)):
                         break
                     if not drafting:
                         self._idle(draft=True)
                         continue
-                    logits, g = self._forward([s.pages for s in drafting],
-                                              [s.length + j - 1 for s in drafting],
-                                              [[drafts[id(s)][-1]] for s in drafting], hidden=g)
+                    logits, g = self._forward(table, [s.length + j - 1 for s in drafting], ids[:, None], hidden=g)
                     logits = self._logits(logits[:, 0])
-                _, q, _ = self._distributions(logits, params)
-                if q is not None:
+                if params.temperature == 0:
+                    ids = logits.argmax(-1)
+                else:
+                    _, q, _ = self._distributions(logits, params)
                     if q_all is None:   # ones where nothing was drafted: never read, never divides by zero
-                        q_all = q.new_ones(len(running), self.draft_tokens, q.shape[-1])
-                    q_all[[row[id(s)] for s in drafting], j] = q
-                for seq, token in zip(drafting, self._draw(logits, q, drafting)):
-                    drafts[id(seq)].append(token)
-                keep = [i for i, s in enumerate(drafting) if k[id(s)] > j + 1]
-                drafting = [drafting[i] for i in keep]
-                logits, g = logits[keep], g[keep]
+                        q_all = q.new_ones(len(running), K, q.shape[-1])
+                    q_all[rows_t, j] = q
+                    ids = torch.tensor(self._draw(logits, q, drafting), device=dev)
+                drafts[rows_t, j] = ids
+                keep = [i for i, b in enumerate(rows) if ks[b] > j + 1]
+                if len(keep) < len(rows):
+                    rows = [rows[i] for i in keep]
+                    drafting = [running[b] for b in rows]
+                    keep = torch.tensor(keep, dtype=torch.long, device=dev)
+                    rows_t, table, logits, g, ids = rows_t[keep], table[keep], logits[keep], g[keep], ids[keep]
         if not running:   # another rank verifies
             return self._idle()
-        logits, h = self._forward([s.pages for s in running], [s.length for s in running],
-                                  [[s.tokens[s.length]] + drafts[id(s)] for s in running])
+        pending = torch.tensor([s.tokens[s.length] for s in running], device=dev)[:, None]
+        tokens = torch.cat([pending, drafts[:, :width]], 1)
+        slots = self._slots(running)
+        logits, h = self._forward(self.table[slots], [s.length for s in running], tokens,
+                                  None if min(ks) == width else [1 + k for k in ks])
         verify_routes = self.routes
         logits = self._logits(logits)
         # the emitted tokens' allowed sets are the truncation of the main model's p, whose support the residual
         # resample norm(max(0, p - q)) also stays in
         logp, p, keep = self._distributions(logits, params)
-        greedy = logits.argmax(-1).tolist() if p is None else None
-        if p is not None:   # p(draft) and q(draft) of every draft at once
-            width = max(1, max(len(d) for d in drafts.values()))
-            d_idx = torch.tensor([drafts[id(s)] + [0] * (width - len(drafts[id(s)])) for s in running])
-            p_d = p[:, :width].gather(2, d_idx[..., None])[..., 0].tolist()
-            if q_all is None:   # nothing drafted anywhere: every sequence is on its last token
-                q_all = p.new_ones(len(running), width, p.shape[-1])
-            q_d = q_all[:, :width].gather(2, d_idx[..., None])[..., 0].tolist()
+        for j in range(K):   # acceptance per position: accepted over drafted, whatever came before
+            self.drafted[j] += sum(k > j for k in ks)
+        if p is None:   # T = 0: a draft is accepted while it is the argmax; the argmax follows the accepted run
+            greedy = logits.argmax(-1)
+            drafted = self._arange(width)[:width] < torch.tensor(ks, device=dev)[:, None]
+            ok = (greedy[:, :width] == drafts[:, :width]) & drafted
+            n_ok = ok.long().cumprod(1).sum(1).tolist()
+            for j in range(K):
+                self.accepted[j] += sum(a > j for a in n_ok)
+            greedy_l = greedy.tolist()
+            lps_all = logp.gather(2, greedy[..., None])[..., 0].tolist()
+            picks = [greedy_l[b][:a + 1] for b, a in enumerate(n_ok)]
+            lps = [lps_all[b][:a + 1] for b, a in enumerate(n_ok)]
+            sets = [[None] * len(t) for t in picks]
+        else:
+            picks = self._accept_sampled(running, ks, drafts, width, p, q_all)
+            flat_r = [b for b, t in enumerate(picks) for _ in t]
+            flat_c = [j for t in picks for j in range(len(t))]
+            flat = logp[flat_r, flat_c, [x for t in picks for x in t]].tolist()
+            flat_s = allowed_ids(keep[flat_r, flat_c]) if keep is not None else [None] * len(flat_r)
+            lps, sets, n = [], [], 0
+            for t in picks:
+                lps.append(flat[n:n + len(t)])
+                sets.append(flat_s[n:n + len(t)])
+                n += len(t)
+        self.hbuf[slots, :tokens.shape[1]] = h
+        for b, seq in enumerate(running):
+            emitted = 0
+            for token, lp, allowed in zip(picks[b], lps[b], sets[b]):
+                emitted += 1
+                if self._emit(seq, token, lp, params, allowed):
+                    break
+            if self.record:   # the pending token and the accepted drafts: the positions now in the cache
+                seq.routes.append(verify_routes[b, :emitted])
+            seq.length += emitted
+
+    def _accept_sampled(self, running, ks, drafts, width, p, q_all) -> list[list[int]]:
+        """T > 0: each sequence's emitted tokens by the speculative-sampling rule, drawn with its own
+        generator: draft j accepted with probability min(1, p/q), a rejected one replaced by a sample of
+        norm(max(0, p - q)), a fully accepted run followed by a sample of p."""
+        w = max(width, 1)
+        d_idx = drafts[:, :w, None]
+        p_d = p[:, :w].gather(2, d_idx)[..., 0].tolist()
+        if q_all is None:   # nothing drafted anywhere: every sequence is on its last token
+            q_all = p.new_ones(len(running), w, p.shape[-1])
+        q_d = q_all[:, :w].gather(2, d_idx)[..., 0].tolist()
+        d_l = drafts.tolist()
         picks = []
         for b, seq in enumerate(running):
-            d = drafts[id(seq)]
-            for j in range(len(d)):   # acceptance per position: accepted over drafted, whatever came before
-                self.drafted[j] += 1
             tokens = []
-            for j, token in enumerate(d):
-                ok = greedy[b][j] == token if p is None else self.accept(p_d[b][j], q_d[b][j], seq.gen)
-                if not ok:   # the residual norm(max(0, p - q)) keeps the output distributed as p
-                    if p is None:
-                        tokens.append(greedy[b][j])
-                    else:
-                        residual = (p[b, j] - q_all[b, j]).clamp(min=0)
-                        tokens.append(int(torch.multinomial(residual / residual.sum(), 1, generator=seq.gen)))
+            for j in range(ks[b]):
+                token = d_l[b][j]
+                if not self.accept(p_d[b][j], q_d[b][j], seq.gen):   # the residual keeps the output distributed as p
+                    residual = (p[b, j] - q_all[b, j]).clamp(min=0)
+                    tokens.append(int(torch.multinomial(residual / residual.sum(), 1, generator=seq.gen)))
                     break
                 self.accepted[j] += 1
                 tokens.append(token)
             else:            # every draft accepted: one more token from the last verified position
-                j = len(d)
-                tokens.append(greedy[b][j] if p is None else int(torch.multinomial(p[b, j], 1, generator=seq.gen)))
+                tokens.append(int(torch.multinomial(p[b, ks[b]], 1, generator=seq.gen)))
             picks.append(tokens)
-        rows = [b for b, t in enumerate(picks) for _ in t]
-        cols = [j for t in picks for j in range(len(t))]
-        lps = logp[rows, cols, [x for t in picks for x in t]].tolist()
-        sets = allowed_ids(keep[rows, cols]) if keep is not None else [None] * len(rows)
-        n = 0
-        for b, (seq, tokens) in enumerate(zip(running, picks)):
-            emitted = 0
-            for token, lp, allowed in zip(tokens, lps[n:n + len(tokens)], sets[n:n + len(tokens)]):
-                emitted += 1
-                if self._emit(seq, token, lp, params, allowed):
-                    break
-            n += len(tokens)
-            seq.hidden = h[b, :emitted]
-            if self.record:   # the pending token and the accepted drafts: the positions now in the cache
-                seq.routes.append(verify_routes[b, :emitted])
-            seq.length += emitted
+        return picks
 
 
 def rollout_engine(model, tokenizer, rollout) -> Engine | Generator:

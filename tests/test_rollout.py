@@ -102,6 +102,26 @@ def test_sampled_tokens_do_not_depend_on_the_batch():
     torch.testing.assert_close(lp, torch.tensor(c.logprobs, dtype=lp.dtype), rtol=1e-6, atol=1e-6)
 
 
+def test_speculative_samples_do_not_depend_on_the_batch():
+    """With drafts too (two per step, T > 0): a sequence samples the same alone or in any batch, with
+    sequences leaving and joining (their batch slots, block-table rows and pending hidden states reused), pages
+    of 4 (a verify step spans two), and the last steps drafting less than draft_tokens."""
+    net, cfg = _net()
+    _teach_mtp(net, cfg)
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompts = _mixed(cfg)
+    seeds = [100 + i for i in range(len(prompts))]
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, stop=["A", "B"])
+    kw = dict(pad_id=3, draft_tokens=2)
+    full, stats = Engine(net, tok, **kw).generate(prompts, params, seeds=seeds)
+    assert 0 < stats["acceptance"] < 1 and len({len(c.ids) for c in full}) > 2
+    small, _ = Engine(net, tok, max_batch=3, page_size=4, **kw).generate(prompts[::-1], params, seeds=seeds[::-1])
+    assert [c.ids for c in small[::-1]] == [c.ids for c in full]
+    for i in (0, 6):
+        alone, _ = Engine(net, tok, **kw).generate([prompts[i]], params, seeds=[seeds[i]])
+        assert alone[0].ids == full[i].ids
+
+
 def test_shared_prefix_prefills_once_and_copies_on_write():
     """A group of G samples prefills its prompt once; the children diverge in private copies of the
     prompt's last page, so each gets what it would alone (a missing copy would let siblings overwrite
