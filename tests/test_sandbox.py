@@ -262,18 +262,27 @@ def test_fork_and_thread_bombs_are_capped():
 
 @isolated
 def test_memory_is_capped_for_the_whole_sandbox():
-    # six children each touching 400 MiB: 2.4 GiB without a sandbox-wide cap, at most 1 GiB with it
+    # six children each touching 400 MiB: 2.4 GiB without a sandbox-wide cap, at most 1 GiB with it. Each
+    # holds its block until the parent releases them all, so that a child which finished early cannot
+    # free room for a later one (a race CI lost: 3 finished): at the release at most two blocks are alive
     r = run("""
         import os
+        import time
         done = 0
         r, w = os.pipe()
+        go_r, go_w = os.pipe()
         for _ in range(6):
             if os.fork() == 0:
+                os.close(go_w)
                 block = bytearray(400 * 2 ** 20)
                 block[::4096] = b"x" * len(block[::4096])
+                os.read(go_r, 1)      # hold the memory until the release (EOF)
                 os.write(w, b"1")
                 os._exit(0)
         os.close(w)
+        os.close(go_r)
+        time.sleep(3)                 # every child allocates, or the cap's OOM killer ends it, meanwhile
+        os.close(go_w)                # the release
         for _ in range(6):
             try:
                 os.wait()
