@@ -154,13 +154,19 @@ def training_routes(completions, length: int, n_layers: int, k: int) -> torch.Te
     return out
 
 
+def generated_fed(prompts, completions, shape) -> torch.Tensor:
+    """[n, L] bool: the positions of the generated tokens fed back through the model (each completion's
+    tokens but its last), whose routing the rollout recorded."""
+    fed = torch.zeros(shape, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        fed[i, len(p):len(p) + len(c.ids) - 1] = True
+    return fed
+
+
 def routing_disagreement(chosen: torch.Tensor, routes: torch.Tensor, prompts, completions) -> tuple[float, float]:
     """(pairs whose top-k set differs, pairs) over the (generated token fed, MoE layer) pairs of the
     completions: chosen [n, L, layers, k] by the training forward, routes the rollout's (-1: no record)."""
-    comp = torch.zeros(chosen.shape[:2], dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        comp[i, len(p):len(p) + len(c.ids) - 1] = True
-    comp = comp[..., None] & (routes >= 0).all(-1)
+    comp = generated_fed(prompts, completions, chosen.shape[:2])[..., None] & (routes >= 0).all(-1)
     differ = (chosen.sort(-1).values != routes.sort(-1).values).any(-1)
     return float((differ & comp).sum()), float(comp.sum())
 
@@ -558,10 +564,8 @@ class GRPOTrainer:
         if self.record_routes:
             routes = training_routes(completions, tokens.shape[1], len(self.gen_model.trunk_moe_layers()),
                                      sess.model_cfg.n_activated_experts).to(sess.device)
-            fed = torch.zeros(tokens.shape, dtype=torch.bool)
-            for i, (p, c) in enumerate(zip(prompts, completions)):
-                fed[i, len(p):len(p) + len(c.ids) - 1] = True   # the generated tokens fed back (routing_disagreement)
-            compare = {"routes": routes, "route_pairs": fed.to(sess.device)}
+            fed = generated_fed(prompts, completions, tokens.shape).to(sess.device)
+            compare = {"routes": routes, "route_pairs": fed}
             if g.routing_replay == "rollout":
                 replay = {"routes": routes}
         rollout = old
