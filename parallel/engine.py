@@ -131,9 +131,8 @@ def parallel_engine(model: nn.Module, mesh: Mesh, *, micro_batch_size: int, seq_
             apply_recompute(model, recompute)
         return SingleStage(parallelize(model, mesh, param_dtype=param_dtype, fp8=fp8), mesh, micro_batch_size,
                            overlap)
-    check_overlap(overlap, mesh.dims)
     return build_pipeline(model, mesh, schedule, n_microbatches, vpp=vpp, layer_split=layer_split, seq_len=seq_len,
-                          recompute=recompute, param_dtype=param_dtype, fp8=fp8)
+                          recompute=recompute, param_dtype=param_dtype, fp8=fp8, overlap=overlap)
 
 
 def build_engine(model: nn.Module, mesh: Mesh, *, micro_batch_size: int, seq_len: int, seed: int = 0, device=None,

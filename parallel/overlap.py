@@ -64,22 +64,24 @@ from .recompute import _find, _Recorder, _restore, _snapshot, _unpack, recompute
 MODES = ("none", "ep")
 
 
-def check_overlap(mode: str, dims: ParallelDims) -> None:
-    """`parallel.overlap` against the layout: a LayoutError naming the key and where it applies. At pp > 1
-    the setting is the DualPipeV F&B overlap's (issue 19 §1), which checks its own schedule."""
+def check_overlap(mode: str, dims: ParallelDims, schedule: str | None = None) -> None:
+    """`parallel.overlap` against the layout: a LayoutError naming the key and where it applies. At pp = 1 it
+    pairs micro-batches (ep > 1); at pp > 1 it runs DualPipeV's F&B chunks part by part (`FBRunner`)."""
     if mode not in MODES:
         raise LayoutError(f"parallel.overlap = {mode!r} is not one of {', '.join(MODES)}")
     if mode == "none":
         return
-    if dims.pp > 1:
-        raise LayoutError("parallel.overlap = ep pairs micro-batches at pp = 1 only; DualPipeV's F&B overlap at pp > 1 "
-                          "is not built yet (issue 19 §1): set parallel.overlap=none for this layout")
-    if dims.ep == 1:
+    if dims.pp > 1 and schedule is not None and schedule != "dualpipev":
+        raise LayoutError(f"parallel.overlap = ep at pp > 1 overlaps DualPipeV's F&B chunks; parallel.pp_schedule is "
+                          f"{schedule!r}: set parallel.pp_schedule=dualpipev or parallel.overlap=none")
+    if dims.pp == 1 and dims.ep == 1:
         raise LayoutError("parallel.overlap = ep overlaps the expert all-to-alls, so it needs parallel.ep > 1; "
                           "set parallel.overlap=none for this layout")
-    if dims.pp == 1 and (dims.tp > 1 or dims.cp > 1):
-        raise LayoutError(f"parallel.overlap = ep at pp = 1 runs with tp = 1 and cp = 1 (got tp = {dims.tp}, "
-                          f"cp = {dims.cp}); set parallel.overlap=none or parallel.tp=1, parallel.cp=1")
+    if dims.cp > 1 or (dims.tp > 1 and (dims.ep > 1 or dims.pp == 1)):
+        raise LayoutError(f"parallel.overlap = ep runs with cp = 1, and with tp = 1 where experts are dispatched "
+                          f"(got tp = {dims.tp}, ep = {dims.ep}, cp = {dims.cp}): the MoE's tp token split and the "
+                          f"cp exchange sit outside the parts; set parallel.overlap=none or parallel.tp=1, "
+                          f"parallel.cp=1")
 
 
 # -- the parts ------------------------------------------------------------------------------------------------
@@ -235,15 +237,31 @@ class _MicroBatch:
         seen: list = []
         with _layers_skipped(model, seen):
             h = self._compute(lambda: model.hidden(self.tokens, **self.inputs), [])
-        rope, start_pos, _caches, mask = _seen_args(*seen[0])
-        for block in model.layers.values():
-            if isinstance(getattr(getattr(block, "ffn", None), "experts", None), ExpertParallel):
-                h = yield from self._moe_block(block, h, rope, start_pos, mask)
-            else:
-                h = self._compute(lambda x: block(x, rope, start_pos, None, mask), [h])
+        h = yield from self._trunk(h, *_seen_args(*seen[0]))
         with _layers_skipped(model):
             self.out = model.loss(self.tokens, self.labels, h=h, **self.inputs)
         self.steps.append(_Step([self.out["loss"] / self.n]))  # the seed of the backward, as SingleStage's
+
+    def _trunk(self, h, rope, start_pos, _caches, mask):
+        """The layer loop, part by part: a MoE block under expert parallelism in its parts, any other as one."""
+        for block in self.model.layers.values():
+            if isinstance(getattr(getattr(block, "ffn", None), "experts", None), ExpertParallel):
+                h = yield from self._moe_block(block, h, rope, start_pos, mask)
+            else:
+                h = self._whole(block, h, rope, start_pos, mask)
+        return h
+
+    def _whole(self, block: nn.Module, h, rope, start_pos, mask):
+        """A block as one part. A MoE block's balance losses (kept on the module until the stage's end sums
+        them) are outputs of the part too, so that their graph is cut at its end like the hidden states'."""
+        ffn = getattr(block, "ffn", None)
+
+        def run(x):
+            return block(x, rope, start_pos, None, mask), dict(getattr(ffn, "aux_losses", None) or {})
+        h, aux = self._compute(run, [h])
+        if aux:
+            ffn.aux_losses = aux
+        return h
 
     def _moe_block(self, block: nn.Module, x, rope, start_pos, mask):
         mode, experts = recompute_mode(block), block.ffn.experts
@@ -283,11 +301,12 @@ class _MicroBatch:
         return out if fsdp is None else fsdp._post_forward(block, (x,), out)
 
     # -- backward -----------------------------------------------------------------------------------------
-    def backward(self):
-        """The parts' backward in reverse order; yields after issuing each reverse all-to-all."""
+    def backward(self, outputs=None, grads=None):
+        """The parts' backward in reverse order; yields after issuing each reverse all-to-all. The seed is the
+        last step's outputs, or `outputs` with their `grads` (a pipeline stage's output and its gradient)."""
         steps, self.steps = self.steps, []
         seed = steps.pop()
-        torch.autograd.backward(seed.outputs)
+        torch.autograd.backward(seed.outputs if outputs is None else outputs, grads)
         if self.connected:
             return
         while steps:
@@ -366,3 +385,107 @@ def overlapped_losses(model: nn.Module, mesh, micro_batch_size: int, tokens: tor
     finish_grad_sync(model, mesh)
     total = comm.all_sum({k: sums[k] for k in sorted(sums)}, mesh["dp"], mesh.device_type)
     return {k: v / mesh.dims.dp for k, v in total.items()}
+
+
+# -- DualPipeV's F&B chunks (pp > 1; V3 §3.2.1, Figure 4) -------------------------------------------------------
+class _StagePass(_MicroBatch):
+    """One micro-batch through one pipeline stage, part by part: forward from the stage's input `h_in` (None on
+    the first stage) to its output (the hidden states it sends, carrying its balance losses; the [1] loss on the
+    last stage), what `StageModel._forward` computes; backward from that output and its gradient."""
+
+    def __init__(self, stage: nn.Module, h_in, kwargs: dict):
+        kw = dict(kwargs)
+        if kw.get("routes") is not None:
+            raise LayoutError("routing replay (grpo.routing_replay) is not built into the pipeline's F&B overlap: "
+                              "set parallel.overlap=none for this layout")
+        tokens, labels = kw.pop("tokens"), kw.pop("labels")
+        kw.pop("routes", None), kw.pop("route_pairs", None)
+        super().__init__(stage, tokens, labels, kw, n=1)
+        self.h_in, self.output = h_in, None
+
+    def forward(self):
+        stage = self.model
+        doc_ids = self.inputs.get("doc_ids")
+        rest = {k: v for k, v in self.inputs.items() if k != "doc_ids"}
+        frame = {} if doc_ids is None else {"doc_ids": doc_ids}
+        entry = _entry(stage)   # the stage's own parameters (embedding, norm, head, MTP) in its FSDP2 unit
+        seen: list = []
+        with _layers_skipped(stage, seen):
+            if self.h_in is None:
+                h = self._compute(lambda: entry("none", lambda: stage.hidden(self.tokens, **frame)), [])
+            else:
+                h = self._compute(lambda x: entry("none", lambda x_: stage.hidden(self.tokens, h=x_, **frame), x),
+                                  [self.h_in])
+        h = yield from self._trunk(h, *_seen_args(*seen[0]))
+        with _layers_skipped(stage):   # the balance losses attached, or the loss (objective) of the last stage
+            self.output = entry("none", lambda h_: stage._forward(h_, self.tokens, self.labels, doc_ids, rest), h)
+        self.steps.append(_Step([self.output]))
+
+
+class FBRunner:
+    """Runs every forward and backward of this rank's stages under torch's DualPipeV runtime part by part, and
+    its OVERLAP_F_B actions (the forward of one micro-batch on one stage, the backward of another on the other
+    stage) interleaved, so that each all-to-all of one runs while the other computes (V3 §3.2.1, Figure 4).
+    Registered for FORWARD, FULL_BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT and OVERLAP_F_B
+    (`register_custom_function`), doing what the runtime's own handlers do around the compute: wait for the
+    received activations or gradients, cache the output for the send, compute the loss, hand over locally
+    between the two stages of the V on this rank. A part's backward computes its weight gradients with its
+    input gradients, so BACKWARD_INPUT runs the whole backward and BACKWARD_WEIGHT finds nothing left: the
+    zero-bubble deferral of W in DualPipeV's cool-down is not kept (measured in benchmarks/overlap.py)."""
+
+    def __init__(self, schedule, stages: list):
+        from torch.distributed.pipelining.schedules import (BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, FULL_BACKWARD,
+                                                            OVERLAP_F_B)
+        self.stages = {s.stage_index: s for s in stages}
+        self.passes: dict[tuple[int, int], _StagePass] = {}
+        schedule.register_custom_function(FORWARD, lambda a, ctx: _interleave(self._forward(a, ctx)))
+        schedule.register_custom_function(FULL_BACKWARD, lambda a, ctx: _interleave(self._backward(a, ctx)))
+        schedule.register_custom_function(BACKWARD_INPUT, lambda a, ctx: _interleave(self._backward(a, ctx)))
+        schedule.register_custom_function(BACKWARD_WEIGHT, lambda a, ctx: None)
+        schedule.register_custom_function(
+            OVERLAP_F_B, lambda a, ctx: _interleave(self._forward(a.sub_actions[0], ctx),
+                                                    self._backward(a.sub_actions[1], ctx)))
+
+    def _forward(self, action, ctx):
+        from torch.distributed.pipelining.schedules import _wait_batch_p2p
+        sched, idx, mb = ctx.schedule_ref, action.stage_index, action.microbatch_index
+        stage = self.stages[idx]
+        sched._assert_unsharded(stage)
+        if not stage.is_first and idx - 1 not in self.stages:   # received (else handed over on this rank)
+            _wait_batch_p2p(sched.fwd_recv_ops.pop((idx, mb)))
+        h_in = None if stage.is_first else stage._retrieve_recv_activations(mb)[0]
+        part = self.passes[(idx, mb)] = _StagePass(stage.submod, h_in, ctx.kwarg_mbs[mb])
+        yield from part.forward()
+        out = part.output
+        stage.fwd_cache[mb] = ((out,), [] if h_in is None else [h_in])   # what the SEND_F action sends
+        if stage.is_last:
+            stage.output_chunks.append(out)
+        sched._maybe_compute_loss(stage, out, ctx.target_mbs, mb)
+        if idx + 1 in self.stages:
+            self.stages[idx + 1].set_local_fwd_input(out, mb)
+
+    def _backward(self, action, ctx):
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.pipelining.schedules import _wait_batch_p2p
+        sched, idx, mb = ctx.schedule_ref, action.stage_index, action.microbatch_index
+        stage = self.stages[idx]
+        sched._assert_unsharded(stage)
+        if not stage.is_last and idx + 1 not in self.stages:
+            _wait_batch_p2p(sched.bwd_recv_ops.pop((idx, mb)))
+        part = self.passes.pop((idx, mb))
+        stage.fwd_cache.pop(mb)
+        if stage.is_last:
+            outputs, grads = [sched._maybe_get_loss(stage, mb)], None
+        else:
+            outputs, grads = [part.output], [stage._retrieve_recv_grads(mb)[0]]
+        if isinstance(stage.submod, FSDPModule):   # as the runtime's backward: reduce once, in REDUCE_GRAD
+            stage.submod.set_is_last_backward(False)
+            stage.submod.set_reshard_after_backward(False)
+            stage.submod.set_requires_gradient_sync(False)
+        yield from part.backward(outputs, grads)
+        grad_in = ()
+        if part.h_in is not None:
+            grad_in, part.h_in.grad = (part.h_in.grad,), None
+        stage.bwd_cache[mb] = grad_in                    # what the SEND_B action sends
+        if idx - 1 in self.stages:
+            self.stages[idx - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)

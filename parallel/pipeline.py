@@ -36,6 +36,7 @@ from .apply import parallelize
 from .context_parallel import check_sequence, cp_inputs
 from .data_parallel import _local, clip_grad_norm_, finish_grad_sync, prime_unsharded, reshard, sync_expert_load
 from .mesh import LayoutError, Mesh
+from .overlap import FBRunner, check_overlap
 from .pp_schedules import build_schedule, n_stages, rank_stages, schedule_spec, stage_to_rank
 from .recompute import apply_recompute
 from .state import init_parallel_weights
@@ -239,6 +240,7 @@ class Pipeline:
     act_dtype: torch.dtype = torch.float32
     seq_len: int = 0                   # as attach_schedule was given them, to rebuild the schedule
     device: object = None
+    overlap: str = "none"              # "ep": DualPipeV's F&B chunks part by part (overlap.FBRunner)
     _shared_group: object = None
 
     def parameters(self):
@@ -437,14 +439,16 @@ class Pipeline:
 def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_microbatches: int = 0, *,
                    vpp: int = 2, layer_split: list[list[int]] | None = None, seq_len: int | None = None,
                    recompute: str | list[str] = "none", param_dtype: torch.dtype | None = None,
-                   fp8=None) -> Pipeline:
+                   fp8=None, overlap: str = "none") -> Pipeline:
     """Cut `model` (best on the meta device: each rank allocates only its stages) into the stages of
     `schedule`, apply tp/ep/FSDP2 to each (`parallelize`) and build the schedule.
 
     layer_split: explicit layers per stage (global stage order); otherwise split by
     `model.stage_costs(seq_len)` so that the slowest stage is as fast as possible. recompute: one mode
-    ("none" | "selective" | "full") or one per global stage. fp8: an `Fp8Recipe` for every stage."""
+    ("none" | "selective" | "full") or one per global stage. fp8: an `Fp8Recipe` for every stage.
+    overlap: "ep" runs DualPipeV's F&B chunks part by part, each all-to-all under the other chunk's compute."""
     dims = mesh.dims
+    check_overlap(overlap, dims, schedule)
     pp = dims.pp
     total = n_stages(schedule, pp, vpp)
     if total < 2:
@@ -477,7 +481,7 @@ def build_pipeline(model: nn.Module, mesh: Mesh, schedule: str = "1f1b", n_micro
     shared = tuple(sorted(first_names & last_names))
     for s in stages:  # the last stage's copies are not counted again in the gradient norm
         s.grad_norm_skip = set(shared) if (s.is_last and not s.is_first) else set()
-    pipe = Pipeline(stages, ids, total, layer_split, schedule, n_microbatches, mesh, shared)
+    pipe = Pipeline(stages, ids, total, layer_split, schedule, n_microbatches, mesh, shared, overlap=overlap)
     pipe._shared_group = _shared_embedding_group(mesh, schedule, vpp) if shared else None
     return pipe
 
@@ -538,4 +542,6 @@ def attach_schedule(pipe: Pipeline, micro_batch_size: int, seq_len: int, dtype: 
         pipe.pp_stages.append(PipelineStage(s, sid, pipe.n_stages, device, input_args=inputs,
                                             output_args=outputs, group=mesh["pp"].pg))
     pipe.schedule = build_schedule(pipe.schedule_name, pipe.pp_stages, n, loss_fn)
+    if pipe.overlap == "ep":
+        FBRunner(pipe.schedule, pipe.pp_stages)
     return pipe
