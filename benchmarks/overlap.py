@@ -40,12 +40,12 @@ MODEL = dict(dim=512, n_layers=4, n_dense_layers=0, n_heads=8, q_lora_rank=128, 
              n_activated_experts=2, n_expert_groups=1, n_limited_groups=1, n_mtp=0, vocab_size=2048)
 
 
-def _rank(rank, world, port, args, out_path):
+def _rank(rank, world, port, args, out_path, pp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = _measure(args, world)
+        result = _measure(args, world, pp)
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(result, f)
@@ -53,31 +53,49 @@ def _rank(rank, world, port, args, out_path):
         dist.destroy_process_group()
 
 
-def _measure(args, ep: int) -> dict:
+def _measure(args, world: int, pp: int) -> dict:
     import parallel
     from model import build_model, preset
     from model.transformer import IGNORE_INDEX
     from parallel import ParallelConfig, build_mesh, comm, parallelize
-    from parallel.engine import SingleStage
+    from parallel.engine import SingleStage, build_engine
     from parallel.overlap import overlapped_losses
 
-    cfg = preset("tiny-deepseek-v3", **MODEL, max_seq_len=args.seq)
-    mesh = build_mesh(ParallelConfig(ep=ep, node_size=ep))
-    net = parallelize(build_model(cfg, device="meta").train(), mesh)
-    parallel.init_parallel_weights(net, mesh, seed=0)
-    engine = SingleStage(net, mesh, args.mbs)
+    ep = world // pp
+    # at pp > 1 two layers per stage chunk, as V3's 61 layers over DualPipe's 32 chunks (PP16 x 2)
+    cfg = preset("tiny-deepseek-v3", **{**MODEL, "n_layers": MODEL["n_layers"] if pp == 1 else 4 * pp},
+                 max_seq_len=args.seq)
+    mesh = build_mesh(ParallelConfig(ep=ep, pp=pp, node_size=world))
+    rows = args.micro * args.mbs // mesh.dims.dp if pp > 1 else args.micro * args.mbs
+    if pp == 1:
+        net = parallelize(build_model(cfg, device="meta").train(), mesh)
+        parallel.init_parallel_weights(net, mesh, seed=0)
+        engine = SingleStage(net, mesh, args.mbs)
+        nets = [net]
+    else:   # DualPipeV: the same global batch over dp = ep ranks per stage, one engine per mode; every stage
+        # holds MoE layers (the cost-balanced split would leave the last stage, with the head, none: its chunks
+        # would have no all-to-all to pair, and the F&B pairs of its rank nothing to hide)
+        per = cfg.n_layers // (2 * pp)
+        split = [list(range(i * per, (i + 1) * per)) for i in range(2 * pp)]
+        pipes = {mode: build_engine(build_model(cfg, device="meta").train(), mesh, micro_batch_size=args.mbs,
+                                    seq_len=args.seq, schedule="dualpipev", n_microbatches=rows // args.mbs,
+                                    layer_split=split, overlap=mode) for mode in ("none", "ep")}
+        nets = [s for p in pipes.values() for s in p.stages]
     g = torch.Generator().manual_seed(dist.get_rank())
-    tokens = torch.randint(0, cfg.vocab_size, (args.micro * args.mbs, args.seq), generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (rows, args.seq), generator=g)
     labels = tokens.roll(-1, dims=1)
     labels[:, -1] = IGNORE_INDEX
 
     def step(overlap: bool):
-        net.zero_grad(set_to_none=True)
+        for n in nets:
+            n.zero_grad(set_to_none=True)
         comm.STATS.reset()
         comm.LINK.reset()
         dist.barrier()
         t0 = time.perf_counter()
-        if overlap:
+        if pp > 1:
+            pipes["ep" if overlap else "none"].step(tokens, labels)
+        elif overlap:
             overlapped_losses(net, mesh, args.mbs, tokens, labels)
         else:
             engine._losses(tokens, labels, {}, backward=True)
@@ -102,7 +120,8 @@ def _measure(args, ep: int) -> dict:
     # link time of a step = compute time of a step: latency per call + bytes / bandwidth (max over ranks)
     bw = worst(nbytes / max(compute_s - calls * args.latency, 1e-3 * compute_s))
     bw = worst(bw, dist.ReduceOp.MIN)
-    out = {"ep": ep, "world": ep, "micro_batches": args.micro, "micro_batch_size": args.mbs, "seq": args.seq,
+    out = {"ep": ep, "pp": pp, "n_layers": cfg.n_layers, "schedule": "dualpipev" if pp > 1 else None, "world": world,
+           "micro_batches": args.micro, "micro_batch_size": args.mbs, "seq": args.seq,
            "compute_step_s": compute_s, "overlap_compute_step_s": parts_s, "a2a_bytes_per_step": nbytes,
            "a2a_calls_per_step": calls,
            "latency_s": args.latency, "bytes_per_s": bw}
@@ -114,9 +133,61 @@ def _measure(args, ep: int) -> dict:
             out[f"{name}_link_s"] = worst(statistics.median(r[1]["link_s"] for r in runs))
             out[f"{name}_exposed_s"] = worst(statistics.median(r[1]["exposed_s"] for r in runs))
             out[f"{name}_exposed_fraction"] = worst(statistics.median(r[1]["exposed_fraction"] for r in runs))
+        if pp > 1:   # one more overlapped step, traced: the actions and the all-to-alls of every rank
+            pipe = pipes["ep"]
+            pipe.fb_runner.trace, comm.LINK.events = [], []
+            dist.barrier()
+            t0 = time.perf_counter()
+            step(True)
+            mine = {"rank": dist.get_rank(), "pp": mesh.dims.coords(mesh.rank)["pp"],
+                    "actions": [(k, subs, a - t0, b - t0) for k, subs, a, b in pipe.fb_runner.trace],
+                    "a2a": [tuple(x - t0 for x in e) for e in comm.LINK.events]}
+            pipe.fb_runner.trace, comm.LINK.events = None, None
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+            out["timeline"] = ranks
     out["exposed_fraction"] = out["overlap_exposed_fraction"]
     out["speedup"] = out["serial_step_s"] / out["overlap_step_s"]
     return out
+
+
+def plot(case: str, c: dict, path: str) -> None:
+    """One overlapped DualPipeV step: per rank, the actions (F, B, F&B pairs) on the compute thread and, below
+    them, each all-to-all from issue to completion with the time the compute thread waited on it in red."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colors = {"F": "#4C72B0", "B": "#DD8452", "F&B": "#8172B2", "a2a": "#55A868", "exposed": "#C44E52"}
+    ranks = sorted(c["timeline"], key=lambda r: (r["pp"], r["rank"]))
+    fig, ax = plt.subplots(figsize=(16, 1.0 * len(ranks) + 1.6))
+    ticks, labels = [], []
+    for i, r in enumerate(ranks):
+        y = 2 * i
+        for kind, subs, a, b in r["actions"]:
+            ax.barh(y, b - a, left=a, height=0.8, color=colors[kind], edgecolor="black", linewidth=0.3)
+            ax.text((a + b) / 2, y, ";".join(f"{s}.{m}" for s, m in subs), ha="center", va="center", fontsize=4,
+                    color="white", rotation=90 if b - a < 0.08 else 0)
+        for k, (issued, done, w0, w1) in enumerate(r["a2a"]):
+            lane = y + 0.75 + 0.22 * (k % 2)   # alternate sub-lanes so that back-to-back transfers stay apart
+            ax.barh(lane, done - issued, left=issued, height=0.2, color=colors["a2a"], linewidth=0)
+            if w1 - w0 > 1e-4:
+                ax.barh(lane, w1 - w0, left=w0, height=0.2, color=colors["exposed"], linewidth=0)
+        ticks += [y, y + 0.86]
+        labels += [f"rank {r['rank']} (pp {r['pp']}) compute", "all-to-all"]
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from the step's start; label = stage.micro-batch (an F&B pair: forward;backward)")
+    ax.legend(handles=[Patch(color=colors[k], label=t) for k, t in (
+        ("F", "forward"), ("B", "backward"), ("F&B", "overlapped forward + backward pair"),
+        ("a2a", "all-to-all in flight (simulated link)"), ("exposed", "compute thread waiting on it"))],
+        loc="upper right", fontsize=7, ncols=5)
+    ax.set_title(f"{case}: one overlapped DualPipeV step (gloo, CPU, simulated link); exposed "
+                 f"{c['overlap_exposed_fraction']:.0%} of link time (serial {c['serial_exposed_fraction']:.0%})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def _port() -> int:
@@ -127,7 +198,8 @@ def _port() -> int:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ep", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--cases", nargs="+", default=["ep2_pp1", "ep4_pp1", "ep2_pp2"],
+                    help="epE_ppP: ep E at pp P (P > 1: DualPipeV with its F&B overlap; world E x P)")
     ap.add_argument("--micro", type=int, default=16, help="micro-batches per step")
     ap.add_argument("--mbs", type=int, default=1, help="rows per micro-batch")
     ap.add_argument("--seq", type=int, default=128)
@@ -136,16 +208,22 @@ def main():
     ap.add_argument("--out", default=os.path.join(here, "results", "overlap_cpu.json"))
     args = ap.parse_args()
     cases = {}
-    for ep in args.ep:
-        path = f"{args.out}.ep{ep}.tmp"
-        mp.start_processes(_rank, args=(ep, _port(), args, path), nprocs=ep, start_method="spawn")
+    for case in args.cases:
+        ep, pp = (int(x) for x in case.removeprefix("ep").split("_pp"))
+        path = f"{args.out}.{case}.tmp"
+        mp.start_processes(_rank, args=(ep * pp, _port(), args, path, pp), nprocs=ep * pp, start_method="spawn")
         with open(path) as f:
-            cases[f"ep{ep}_pp1"] = json.load(f)
+            cases[case] = json.load(f)
         os.remove(path)
-        c = cases[f"ep{ep}_pp1"]
-        print(f"ep{ep}: compute {c['compute_step_s']:.3f} s/step; serial {c['serial_step_s']:.3f} s "
+        c = cases[case]
+        print(f"{case}: compute {c['compute_step_s']:.3f} s/step; serial {c['serial_step_s']:.3f} s "
               f"(exposed {c['serial_exposed_fraction']:.0%}), overlap {c['overlap_step_s']:.3f} s "
               f"(exposed {c['overlap_exposed_fraction']:.0%}), x{c['speedup']:.2f}", flush=True)
+    for case, c in cases.items():
+        if "timeline" in c:
+            png = os.path.join(os.path.dirname(args.out), f"overlap_timeline_{case}.png")
+            plot(case, c, png)
+            print("wrote", png)
     result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                           "torch": torch.__version__, "threads_per_rank": 1},
               "model": {**MODEL, "preset": "tiny-deepseek-v3"},

@@ -185,16 +185,21 @@ class MLA(nn.Module):
         return self.wo(o.transpose(1, 2).reshape(b, s, -1))
 
     def _forward_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos: int, cache: KVCache, mask=None):
-        b, s = kv.shape[:2]
-        wkv_b = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)          # W^UK absorbed into the query
+        # the contractions as explicit batched GEMMs (what einsum lowers them to, without its per-call planning:
+        # a decode step's cost is mostly such fixed per-op work)
+        (b, s), h, dn, c = kv.shape[:2], self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
+        wkv_b = self.wkv_b.weight.view(h, dn + self.v_head_dim, c)
+        w_uk, w_uv = wkv_b[:, :dn], wkv_b[:, dn:]
+        q_lat = torch.bmm(q_nope.reshape(b * s, h, dn).transpose(0, 1), w_uk)   # W^UK absorbed into the query
+        q_lat = q_lat.transpose(0, 1).reshape(b, s * h, c)
         kv_all, pe_all = cache.write("kv", start_pos, kv), cache.write("pe", start_pos, k_pe)
-        scores = (torch.einsum("bshc,btc->bsht", q_lat, kv_all.to(q_lat.dtype))
-                  + torch.einsum("bshr,btr->bsht", q_pe, pe_all.to(q_pe.dtype))) * self.softmax_scale
+        t = kv_all.shape[1]
+        scores = torch.bmm(q_lat, kv_all.to(q_lat.dtype).transpose(1, 2))
+        scores += torch.bmm(q_pe.reshape(b, s * h, -1), pe_all.to(q_pe.dtype).transpose(1, 2))
+        scores = scores.view(b, s, h, t).mul_(self.softmax_scale)
         if mask is None:
-            mask = attention_mask(s, kv_all.shape[1], start_pos, kv.device)
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf")).softmax(-1, dtype=torch.float32)
-        o = torch.einsum("bsht,btc->bshc", scores.to(kv.dtype), kv_all.to(kv.dtype))
-        o = torch.einsum("bshc,hdc->bshd", o, w_uv)                   # W^UV absorbed into the output
-        return self.wo(o.reshape(b, s, -1))
+            mask = attention_mask(s, t, start_pos, kv.device)
+        scores = torch.where(mask[:, :, None, :], scores, float("-inf")).softmax(-1, dtype=torch.float32)
+        o = torch.bmm(scores.to(kv.dtype).view(b, s * h, t), kv_all.to(kv.dtype))
+        o = torch.bmm(o.view(b * s, h, c).transpose(0, 1), w_uv.transpose(1, 2))  # W^UV absorbed into the output
+        return self.wo(o.transpose(0, 1).reshape(b, s, -1))

@@ -54,6 +54,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _apex_rms_norm is not None and x.is_cuda:
             return _apex_rms_norm(x, self.weight, self.weight.shape, self.eps)
+        if x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            # inference in fp32: the same products in one call (a decode step's cost is mostly per-op overhead)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # fp32 normalisation, then the weight in the input dtype: transformers' DeepseekV3RMSNorm
         return self.weight * F.rms_norm(at_least_fp32(x), (x.shape[-1],), eps=self.eps).to(x.dtype)
 

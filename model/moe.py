@@ -163,6 +163,9 @@ class Experts(nn.Module):
     # runtime hooks (ep_count, ep_params, grouped_gemm, forward): parallel/protocols.py
     ep_count, ep_params = "n_experts", ("w1", "w2", "w3")  # expert parallelism splits these on dim 0
     grouped_gemm = staticmethod(grouped_mm)  # a GEMM backend (FP8) may replace it from outside
+    # inference on at most this many (token, expert) products runs every expert densely (`_dense`): on a decode
+    # step of a few tokens the per-expert GEMMs' fixed cost exceeds the unchosen experts' products
+    dense_products = 1024
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
@@ -180,6 +183,9 @@ class Experts(nn.Module):
                 partial: bool = True) -> torch.Tensor:
         """partial=False promises every pair is present: no host sync on the count."""
         t, k = indices.shape
+        if t * self.n_experts <= self.dense_products and not torch.is_grad_enabled() and type(x) is torch.Tensor \
+                and "grouped_gemm" not in self.__dict__:
+            return self._dense(x, indices, weights)
         order, counts = permute(indices, self.n_experts)
         if partial:
             order = order[: int(counts.sum())]
@@ -190,6 +196,17 @@ class Experts(nn.Module):
         slots = out.new_zeros(t * k, dim) if partial else torch.empty_like(out)
         slots = slots.index_copy(0, order, out).view(t, k, dim)
         return (slots * weights.to(x.dtype).unsqueeze(-1)).sum(1)
+
+    def _dense(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """forward for a few tokens without gradients (a decode step): every expert held here on every token,
+        one GEMM per matrix over the experts side by side, the gate weights (0 for an unchosen or absent
+        expert) applied between the two halves of each FFN. The same sum as forward's to rounding; cheaper
+        while sorting the pairs and one GEMM per expert cost more than the extra products (a few tokens)."""
+        t, (e, inter, dim) = x.shape[0], self.w1.shape
+        gate = x.new_zeros(t, e + 1).scatter_add_(1, indices.clamp(max=e), weights.to(x.dtype))[:, :e]
+        h = F.silu(x @ self.w1.view(e * inter, dim).t()) * (x @ self.w3.view(e * inter, dim).t())
+        return (h.view(t, e, inter) * gate[:, :, None]).view(t, e * inter) @ self.w2.transpose(1, 2).reshape(
+            e * inter, dim)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -278,6 +278,7 @@ class LinkStats:
         self.latency_s: float | None = None     # None: no simulation (real transfer times only)
         self.bytes_per_s: float = math.inf
         self.labels: tuple[str, ...] = ("all_to_all", "all_to_all_routing")  # the collectives it simulates
+        self.events: list | None = None         # a list: each wait appends (issued, done_at, wait_from, wait_to)
         self.reset()
 
     @property
@@ -345,6 +346,8 @@ class Work:
             if left > 0:
                 _time.sleep(left)
             end = _time.perf_counter()
+            if LINK.events is not None:   # a timeline (benchmarks/overlap.py)
+                LINK.events.append((self._issued, end if end - t0 > 1e-4 else self._done_at, t0, end))
             LINK.exposed_s += end - t0
             LINK.link_s += max(0.0, end - max(self._done_at, t0))  # done later than simulated: in flight till now
             self._waited, self._work = True, None

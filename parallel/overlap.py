@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import torch
 from torch import nn
@@ -438,13 +439,25 @@ class FBRunner:
                                                             OVERLAP_F_B)
         self.stages = {s.stage_index: s for s in stages}
         self.passes: dict[tuple[int, int], _StagePass] = {}
-        schedule.register_custom_function(FORWARD, lambda a, ctx: _interleave(self._forward(a, ctx)))
-        schedule.register_custom_function(FULL_BACKWARD, lambda a, ctx: _interleave(self._backward(a, ctx)))
-        schedule.register_custom_function(BACKWARD_INPUT, lambda a, ctx: _interleave(self._backward(a, ctx)))
+        self.trace: list | None = None   # a list: each action appends (kind, [(stage, micro-batch)], start, end)
+        schedule.register_custom_function(FORWARD, self._timed("F", lambda a, ctx: (self._forward(a, ctx),)))
+        schedule.register_custom_function(FULL_BACKWARD, self._timed("B", lambda a, ctx: (self._backward(a, ctx),)))
+        schedule.register_custom_function(BACKWARD_INPUT, self._timed("B", lambda a, ctx: (self._backward(a, ctx),)))
         schedule.register_custom_function(BACKWARD_WEIGHT, lambda a, ctx: None)
-        schedule.register_custom_function(
-            OVERLAP_F_B, lambda a, ctx: _interleave(self._forward(a.sub_actions[0], ctx),
-                                                    self._backward(a.sub_actions[1], ctx)))
+        # the backward leads (V3 Figure 4): its combine's gradient flies under the forward's attention, the
+        # forward's dispatch under the backward's experts, and so on, each all-to-all under the other's compute
+        schedule.register_custom_function(OVERLAP_F_B, self._timed("F&B", lambda a, ctx: (
+            self._backward(a.sub_actions[1], ctx), self._forward(a.sub_actions[0], ctx))))
+
+    def _timed(self, kind: str, generators):
+        def run(action, ctx):
+            t0 = time.perf_counter()
+            _interleave(*generators(action, ctx))
+            if self.trace is not None:
+                subs = action.sub_actions or (action,)
+                self.trace.append((kind, [(a.stage_index, a.microbatch_index) for a in subs], t0,
+                                   time.perf_counter()))
+        return run
 
     def _forward(self, action, ctx):
         from torch.distributed.pipelining.schedules import _wait_batch_p2p

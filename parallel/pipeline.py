@@ -241,6 +241,7 @@ class Pipeline:
     seq_len: int = 0                   # as attach_schedule was given them, to rebuild the schedule
     device: object = None
     overlap: str = "none"              # "ep": DualPipeV's F&B chunks part by part (overlap.FBRunner)
+    fb_runner: object = None           # that runner, once attach_schedule built the schedule
     _shared_group: object = None
 
     def parameters(self):
@@ -543,5 +544,5 @@ def attach_schedule(pipe: Pipeline, micro_batch_size: int, seq_len: int, dtype: 
                                             output_args=outputs, group=mesh["pp"].pg))
     pipe.schedule = build_schedule(pipe.schedule_name, pipe.pp_stages, n, loss_fn)
     if pipe.overlap == "ep":
-        FBRunner(pipe.schedule, pipe.pp_stages)
+        pipe.fb_runner = FBRunner(pipe.schedule, pipe.pp_stages)
     return pipe

@@ -52,6 +52,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -152,7 +153,7 @@ class Engine:
     drafts per step (0: none; needs a model with MTP modules)."""
 
     def __init__(self, model, tokenizer, *, page_size: int = 16, n_pages: int | None = None, max_batch: int = 64,
-                 pad_id: int | None = None, share_prefix: bool = True, draft_tokens: int = 0):
+                 pad_id: int | None = None, share_prefix: bool = True, draft_tokens: int = 0, compile: bool = False):
         if page_size < 1 or max_batch < 1 or draft_tokens < 0:
             raise ValueError(f"page_size ({page_size}) and max_batch ({max_batch}) must be >= 1, draft_tokens "
                              f"({draft_tokens}) >= 0")
@@ -166,6 +167,7 @@ class Engine:
         self.n_layers = model.cfg.n_layers
         self.page_size, self.n_pages, self.max_batch = page_size, n_pages, max_batch
         self.share_prefix, self.draft_tokens = share_prefix, draft_tokens
+        self.compile, self.compile_tokens = compile, COMPILE_TOKENS
         self.record, self.routes = False, None   # routing replay: record the trunk's experts per forward
 
     # -- the acceptance rule (speculative sampling) -----------------------------------------------------
@@ -201,13 +203,16 @@ class Engine:
         gather = (table[:, :, None] * P + ar[:P]).flatten(1)[:, :keys]   # position t: page t // P, slot t % P
         caches = [PagedCache(c, slots, gather) for c in self.pool.caches]
         self.forwards += 1
+        step = self.compile and b * s <= self.compile_tokens   # a decode-sized forward: the compiled program
         if hidden is None:
-            out = self.model.decode(tokens, pos, caches[:self.n_layers], mask)
+            decode = partial(compiled(type(self.model).decode), self.model) if step else self.model.decode
+            out = decode(tokens, pos, caches[:self.n_layers], mask)
             if self.record:   # the trunk's experts per row [b, s, n_moe_layers, k]; padding rows are sliced off
                 self.routes = self.model.recorded_routing()[-1].cpu()
                 self.model.record_routing()
             return out
-        return self.model.draft(hidden, tokens, pos, caches[self.n_layers], mask)
+        draft = partial(compiled(type(self.model).draft), self.model) if step else self.model.draft
+        return draft(hidden, tokens, pos, caches[self.n_layers], mask)
 
     def _arange(self, n: int) -> torch.Tensor:
         if self._ar is None or len(self._ar) < n:
@@ -677,6 +682,22 @@ class Engine:
                 tokens.append(int(torch.multinomial(p[b, ks[b]], 1, generator=seq.gen)))
             picks.append(tokens)
         return picks
+
+
+# forwards of at most this many tokens run compiled (Engine(compile=True), Generator(compile=True)): a decode or
+# verify step, whose MoE layers then take the dense inference path (model/moe.py Experts.dense_products), which
+# traces; a prefill runs eagerly
+COMPILE_TOKENS = 128
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """torch.compile(fn, dynamic=True), once per function (Transformer.decode, .draft, .forward) for the process:
+    shapes (batch, chunk, context) are symbolic, so one program serves every decode step of every call; the
+    first call of each shape class compiles (tens of seconds on a CPU: inductor's C++ kernels)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 def rollout_engine(model, tokenizer, rollout) -> Engine | Generator:

@@ -66,7 +66,7 @@ class ParallelSection:
     vpp: int = 2                    # stages per rank of interleaved_1f1b
     layer_split: list[list[int]] = field(default_factory=list)   # layers per stage; [] = by cost
     recompute: str = "none"         # none | selective | full
-    overlap: str = "none"           # none | ep: at pp = 1, forward k+1 under backward k (parallel/overlap.py)
+    overlap: str = "none"           # none | ep: pp = 1: forward k+1 under backward k; pp > 1: DualPipeV F&B pairs
 
 
 @dataclass
