@@ -1,18 +1,21 @@
-"""Exposed expert communication with and without the pp = 1 overlap (parallel/overlap.py), on gloo ranks on CPU
-with the simulated link of `parallel.comm` (DESIGN.md decision 8):
+"""Exposed expert communication with and without overlap (parallel/overlap.py), on gloo ranks on CPU with the
+simulated link of `parallel.comm` (DESIGN.md decision 8):
 
-    python benchmarks/overlap.py            # writes benchmarks/results/overlap_cpu.json
+    python benchmarks/overlap.py            # writes benchmarks/results/overlap_cpu.json and the timeline PNG
 
-Per case (ep2, ep4 at pp = 1; dp = ep, so FSDP2 shards the dense weights): a V3-shaped model wide enough that
-compute is not noise (dim 512, MoE in every layer, no MTP, whose own dispatch runs blocking in the loss part),
-gradient accumulation over `--micro` micro-batches. First the serial step without a link measures the compute
-time and the all-to-all bytes per step; the bandwidth is then set so that the link time of a step equals that
-compute time (latency `--latency`). Then, under the link, the serial step (SingleStage's loop) and the
-overlapped step (`overlapped_losses`) each `--steps` times: the step time (median) and, per rank and step,
-the time blocked in all-to-all waits (exposed) over the time they were in flight (link), max over ranks.
-`overlap_compute_step_s`: the overlapped step without the link (what cutting the step into parts costs:
-more autograd calls, and FSDP2 gathering a block's parameters again for each part, since the other
-micro-batch's backward parts end with FSDP2's callback that reshards every unit).
+Cases `epE_ppP`: ep2 and ep4 at pp = 1 (micro-batch pairing, `overlapped_losses`; dp = ep, so FSDP2 shards the
+dense weights) and ep2 x pp2 under DualPipeV (its F&B pairs, `FBRunner`; dp2, FSDP2 ZeRO-2, each of the 4
+stage chunks holding two MoE layers, as V3's 61 layers over DualPipe's 32 chunks). A V3-shaped model wide
+enough that compute is not noise (dim 512, MoE in every layer, no MTP, whose own dispatch runs blocking in the
+loss part), `--micro` micro-batches per step on each rank. First the serial step without a link measures the
+compute time and the all-to-all bytes per step; the bandwidth is then set so that the link time of a step
+equals that compute time (latency `--latency`). Then, under the link, the serial step and the overlapped step
+each `--steps` times: the step time (median) and, per rank and step, the time blocked in all-to-all waits
+(exposed) over the time they were in flight (link), max over ranks. `overlap_compute_step_s`: the overlapped
+step without the link (what cutting the step into parts costs). For DualPipeV one more overlapped step is
+traced (every rank's actions and all-to-alls: `timeline`, and the PNG), and its exposure split into the
+all-to-alls issued inside F&B pairs and those of lone warm-up forwards and cool-down backwards, which have no
+partner (the planner's DualPipeV term, plan/planner.py).
 """
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ def _measure(args, world: int, pp: int) -> dict:
     cfg = preset("tiny-deepseek-v3", **{**MODEL, "n_layers": MODEL["n_layers"] if pp == 1 else 4 * pp},
                  max_seq_len=args.seq)
     mesh = build_mesh(ParallelConfig(ep=ep, pp=pp, node_size=world))
-    rows = args.micro * args.mbs // mesh.dims.dp if pp > 1 else args.micro * args.mbs
+    rows = args.micro * args.mbs   # this rank's rows: --micro micro-batches through its engine per step
     if pp == 1:
         net = parallelize(build_model(cfg, device="meta").train(), mesh)
         parallel.init_parallel_weights(net, mesh, seed=0)
@@ -146,6 +149,20 @@ def _measure(args, world: int, pp: int) -> dict:
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
             out["timeline"] = ranks
+            # the traced step's all-to-alls split by where they were issued: inside an F&B pair or in a lone
+            # forward / backward (warm-up, cool-down), over every rank: what the planner's DualPipeV term uses
+            sums = {"pair": [0.0, 0.0], "alone": [0.0, 0.0]}
+            for r in ranks:
+                pairs = [(a, b) for k, _, a, b in r["actions"] if k == "F&B"]
+                for issued, done, w0, w1 in r["a2a"]:
+                    where = "pair" if any(a <= issued <= b for a, b in pairs) else "alone"
+                    sums[where][0] += done - issued
+                    sums[where][1] += w1 - w0
+            link = sum(v[0] for v in sums.values())
+            out["traced_link_share_in_pairs"] = sums["pair"][0] / link
+            out["traced_exposed_fraction_in_pairs"] = sums["pair"][1] / sums["pair"][0]
+            out["traced_exposed_fraction_alone"] = sums["alone"][1] / sums["alone"][0]
+            out["traced_exposed_fraction"] = (sums["pair"][1] + sums["alone"][1]) / link
     out["exposed_fraction"] = out["overlap_exposed_fraction"]
     out["speedup"] = out["serial_step_s"] / out["overlap_step_s"]
     return out
@@ -200,7 +217,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=["ep2_pp1", "ep4_pp1", "ep2_pp2"],
                     help="epE_ppP: ep E at pp P (P > 1: DualPipeV with its F&B overlap; world E x P)")
-    ap.add_argument("--micro", type=int, default=16, help="micro-batches per step")
+    ap.add_argument("--micro", type=int, default=16, help="micro-batches per step on each rank (each pipeline)")
     ap.add_argument("--mbs", type=int, default=1, help="rows per micro-batch")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2)

@@ -9,6 +9,7 @@ micro-batch): F forward, B = I + W full backward, W its weight-gradient part, F&
 forward + backward pair; p is the number of pp ranks, m the micro-batches per step."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -181,3 +182,23 @@ def build_schedule(name: str, stages: list, n_microbatches: int, loss_fn, vpp: i
     if spec.fixed_chunks == 1 and spec.cls in (ScheduleGPipe, Schedule1F1B):
         return spec.cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return spec.cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+
+
+def dualpipev_paired_share(pp: int, n_microbatches: int) -> float:
+    """The share of a rank's chunk computations (forwards and backwards) that torch's DualPipeV order runs
+    inside OVERLAP_F_B pairs, mean over ranks: the rest (warm-up forwards, cool-down backwards) have no
+    partner to hide their all-to-alls under (the planner's exposed term for parallel.overlap=ep at pp > 1)."""
+    return _paired_share(pp, n_microbatches)
+
+
+@functools.lru_cache(maxsize=256)
+def _paired_share(pp: int, m: int) -> float:
+    from torch.distributed.pipelining.schedules import OVERLAP_F_B
+    order = ScheduleDualPipeV.__new__(ScheduleDualPipeV)   # the order alone: no stages needed
+    order._n_microbatches, order.pp_group_size = m, pp
+    shares = []
+    for rank in range(pp):
+        acts = [a for a in order._calculate_single_rank_operations(rank) if a is not None]
+        paired = sum(2 for a in acts if a.computation_type == OVERLAP_F_B)
+        shares.append(paired / (4 * m))   # 2 chunks x (F + B) x m micro-batches
+    return sum(shares) / len(shares)

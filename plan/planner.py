@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from model.config import ModelConfig
 from parallel.mesh import LayoutError, ParallelConfig, ParallelDims
 from parallel.pipeline import split_layers
-from parallel.pp_schedules import ALL_SCHEDULES, SCHEDULES, check_microbatches, chunks_per_rank, stage_to_rank
+from parallel.pp_schedules import (ALL_SCHEDULES, SCHEDULES, check_microbatches, chunks_per_rank,
+                                   dualpipev_paired_share, stage_to_rank)
 
 from . import cost
 from .memory import MOMENT_BYTES, state_bytes
@@ -45,14 +46,18 @@ NON_GEMM = 0.25
 MOE_OVERHEAD = 0.57      # extra in MoE blocks (router, permutes, grouped GEMMs, syncs): Megatron's DeepSeek-V3 H100 run
 COMM_SMS = 20            # SMs the all-to-all kernels hold while they overlap compute (V3 §3.2.2)
 # Which expert all-to-all overlap a plan assumes (evaluate's ep_overlap):
-#   runtime   what whaletron runs: parallel.overlap=ep pairs micro-batches at pp = 1 (ep > 1, tp = cp = 1), leaving
-#             EP_EXPOSED_RUNTIME of the all-to-all time exposed; nothing overlaps at pp > 1 (DualPipeV's F&B overlap,
-#             issue 19 §1, is not built), nor at tp > 1 or cp > 1
+#   runtime   what whaletron runs (parallel.overlap=ep, tp = 1 where experts are dispatched, cp = 1): at pp = 1
+#             micro-batch pairing leaves EP_EXPOSED_RUNTIME of the all-to-all time exposed; under DualPipeV the
+#             F&B pairs leave EP_EXPOSED_PAIRED of theirs, the lone warm-up forwards and cool-down backwards
+#             EP_EXPOSED_ALONE, weighted by the share of chunks torch's order pairs (dualpipev_paired_share);
+#             other pp schedules overlap nothing
 #   dualpipe  DeepSeek's runtime (V3 §3.2.1-3.2.2): DualPipe's F&B pairs hide the all-to-all completely at pp > 1
 #             (what the 180K GPU-hours calibration assumes; Megatron's EP overlap likewise)
 #   none      no overlap
 EP_OVERLAP = ("runtime", "dualpipe", "none")
-EP_EXPOSED_RUNTIME = 0.20   # measured: benchmarks/results/overlap_cpu.json, 17% (ep2) and 20% (ep4) of link time
+EP_EXPOSED_RUNTIME = 0.20   # measured: benchmarks/results/overlap_cpu.json, 17% (ep2), 16-20% (ep4, two runs)
+EP_EXPOSED_PAIRED = 0.22    # measured: the same file, ep2_pp2's traced step, all-to-alls issued inside F&B pairs
+EP_EXPOSED_ALONE = 0.92     # measured: the same, those of lone forwards / backwards (shared experts hide a little)
 # BW_EFF: achieved / given bandwidth: the defaults are achieved rates (DeepEP: 153-158 of 160, 50-51 of 50)
 BW_EFF = 1.0
 FP8_BYTES = 1 + 4 / 128  # an FP8 element with its fp32 scale per 1x128 tile (V3 §3.3.2)
@@ -503,16 +508,23 @@ def _link(cluster: Cluster, stride: int, group: int) -> float:
 
 
 # -- one layout --------------------------------------------------------------------------------------
-def _overlap_exposed(mode: str, lay: "Layout") -> float | None:
-    """The share of the expert all-to-all time a layout leaves exposed under `mode` (EP_OVERLAP), or None when
-    nothing overlaps it."""
+def _overlap_exposed(mode: str, lay: "Layout", m: int) -> float | None:
+    """The share of the expert all-to-all time a layout leaves exposed under `mode` (EP_OVERLAP) with m
+    micro-batches per step, or None when nothing overlaps it."""
     if mode not in EP_OVERLAP:
         raise PlanError(f"ep_overlap {mode!r}: use one of {', '.join(EP_OVERLAP)}")
     if lay.ep == 1 or mode == "none":
         return None
     if mode == "dualpipe":
         return 0.0 if lay.pp > 1 and lay.schedule != "gpipe" else None
-    return EP_EXPOSED_RUNTIME if lay.pp == 1 and lay.tp == 1 and lay.cp == 1 else None
+    if lay.tp > 1 or lay.cp > 1:
+        return None
+    if lay.pp == 1:
+        return EP_EXPOSED_RUNTIME
+    if lay.schedule != "dualpipev":
+        return None
+    paired = dualpipev_paired_share(lay.pp, m)
+    return paired * EP_EXPOSED_PAIRED + (1 - paired) * EP_EXPOSED_ALONE
 
 
 def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: int, *, ep_overlap: str = "runtime",
@@ -551,7 +563,7 @@ def evaluate(shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: 
     r_hp = peak["bf16"] * GEMM_EFF["bf16"]
     r_attn = peak["bf16"] * ATTN_EFF
     nvl, ib = cluster.nvlink_gbps * GB * BW_EFF, cluster.ib_gbps * GB * BW_EFF
-    exposed_share = _overlap_exposed(ep_overlap, lay)
+    exposed_share = _overlap_exposed(ep_overlap, lay, m)
     overlap = exposed_share is not None
     sm_share = 1.0 - COMM_SMS / gpu.sms if overlap else 1.0
     again = 1.5 if lay.recompute == "full" else 1.0    # full recompute replays the forward's collectives
@@ -903,7 +915,8 @@ def parse_layout(text: str) -> dict[str, int]:
 
 def constants() -> dict:
     return dict(GEMM_EFF=dict(GEMM_EFF), ATTN_EFF=ATTN_EFF, NON_GEMM=NON_GEMM, MOE_OVERHEAD=MOE_OVERHEAD,
-                COMM_SMS=COMM_SMS, BW_EFF=BW_EFF, EP_EXPOSED_RUNTIME=EP_EXPOSED_RUNTIME)
+                COMM_SMS=COMM_SMS, BW_EFF=BW_EFF, EP_EXPOSED_RUNTIME=EP_EXPOSED_RUNTIME,
+                EP_EXPOSED_PAIRED=EP_EXPOSED_PAIRED, EP_EXPOSED_ALONE=EP_EXPOSED_ALONE)
 
 
 def report(plans: list[Plan], shape: ModelShape, cluster: Cluster, global_batch: int, top: int = 10,
@@ -936,10 +949,12 @@ def report(plans: list[Plan], shape: ModelShape, cluster: Cluster, global_batch:
               + (f", context parallel {t['cp_comm']:.2f} s (exposed: no overlap assumed)" if b.layout.cp > 1 else ""),
               f"  layers per stage: {b.layer_split}",
               {"runtime": f"  --ep-overlap runtime: the all-to-all overlaps compute only where whaletron's runtime "
-                          f"overlaps it (parallel.overlap=ep at pp = 1, tp = cp = 1; {EP_EXPOSED_RUNTIME:.0%} of it "
-                          "left exposed, as measured); --ep-overlap dualpipe models DeepSeek's DualPipe",
-               "dualpipe": "  --ep-overlap dualpipe: the all-to-all hides under compute at pp > 1 (DeepSeek's "
-                           "DualPipe, Megatron's EP overlap), not what whaletron runs at pp > 1 today",
+                          f"overlaps it (parallel.overlap=ep, tp = cp = 1: pp = 1 pairing, {EP_EXPOSED_RUNTIME:.0%} "
+                          f"left exposed; DualPipeV's F&B pairs, {EP_EXPOSED_PAIRED:.0%} of theirs and "
+                          f"{EP_EXPOSED_ALONE:.0%} of lone chunks', as measured); --ep-overlap dualpipe models "
+                          "DeepSeek's DualPipe",
+               "dualpipe": "  --ep-overlap dualpipe: the all-to-all hides under compute at pp > 1 completely "
+                           "(DeepSeek's DualPipe, Megatron's EP overlap), more than whaletron's runtime measures",
                "none": "  --ep-overlap none: no all-to-all/compute overlap"}[ep_overlap],
               f"  constants (docs/planner.md): {constants()}"]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ plan/cost.py.
 No processes, no GPU: the models are built on the meta device."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -82,11 +83,21 @@ def test_moe_calibration_megatron_v3_1024_h100(v3):
 
 def test_ep_overlap_describes_the_runtime(v3):
     """--ep-overlap runtime (the default) overlaps only where whaletron does: micro-batch pairing at pp = 1
-    (tp = cp = 1), EP_EXPOSED_RUNTIME of the all-to-all left exposed; at pp > 1 it is no overlap at all,
-    while dualpipe hides it there completely (V3 §3.2.1)."""
+    (tp = cp = 1), EP_EXPOSED_RUNTIME of the all-to-all left exposed; DualPipeV's F&B pairs at pp > 1, by the
+    share of chunks torch's order pairs; nothing under DeepSeek's two-copy DualPipe, which whaletron only
+    plans, while dualpipe hides it there completely (V3 §3.2.1)."""
     none, runtime, dualpipe = (_run(v3, "H800", 2048, V3_RUN, 15360, ep_overlap=m) for m in ("none", "runtime",
                                                                                           "dualpipe"))
     assert runtime.time == none.time and dualpipe.time["step"] < none.time["step"]
+    v = dataclasses.replace(V3_RUN, pp=8, dp=256, vpp=2, schedule="dualpipev")   # the V fold: 16 stages on 8
+    none, runtime, dualpipe = (_run(v3, "H800", 2048, v, 15360, ep_overlap=m).time for m in ("none", "runtime",
+                                                                                          "dualpipe"))
+    assert dualpipe["step"] < runtime["step"] < none["step"]
+    m = 15360 // 256
+    share = P.dualpipev_paired_share(8, m)
+    assert 0.8 < share < 1
+    x = share * P.EP_EXPOSED_PAIRED + (1 - share) * P.EP_EXPOSED_ALONE
+    assert P._overlap_exposed("runtime", v, m) == pytest.approx(x)
     lite = P.model_shape(build_model(preset("deepseek-v2-lite"), device="meta"), 4096)
     pp1 = P.Layout(tp=1, pp=1, ep=8, dp=64, zero=1, recompute="selective", precision="bf16")
     t = {m: _run(lite, "H800", 64, pp1, 512, ep_overlap=m).time for m in P.EP_OVERLAP}
@@ -532,3 +543,19 @@ def test_cli_cp_layout(cli):
     assert (d["layout"]["cp"], d["layout"]["dp"]) == (8, 16) and d["time"]["cp_comm"] > 0 and d["memory_gb"] < 80
     rc, out, err = cli(*args, "--top", 1)
     assert rc == 0 and "context parallel" in out and "cp8" in out, err
+
+
+def test_dualpipev_exposed_term_matches_the_measurement():
+    """The planner's DualPipeV term against benchmarks/overlap.py's ep2 x pp2 run: the share of chunks torch's
+    order pairs is the share of the link time the traced step spent in F&B pairs, the constants are that
+    step's exposed fractions in and out of pairs, and together they give the step's measured exposure."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "overlap_cpu.json")) as f:
+        c = json.load(f)["cases"]["ep2_pp2"]
+    lay = P.Layout(tp=1, pp=c["pp"], ep=c["ep"], dp=c["world"] // c["pp"], schedule="dualpipev", zero=1,
+                   recompute="none", precision="bf16")
+    m = c["micro_batches"]
+    assert P.dualpipev_paired_share(c["pp"], m) == pytest.approx(c["traced_link_share_in_pairs"], abs=0.03)
+    assert P.EP_EXPOSED_PAIRED == pytest.approx(c["traced_exposed_fraction_in_pairs"], abs=0.01)
+    assert P.EP_EXPOSED_ALONE == pytest.approx(c["traced_exposed_fraction_alone"], abs=0.01)
+    assert P._overlap_exposed("runtime", lay, m) == pytest.approx(c["traced_exposed_fraction"], abs=0.02)
+    assert P._overlap_exposed("runtime", lay, m) == pytest.approx(c["overlap_exposed_fraction"], abs=0.05)
