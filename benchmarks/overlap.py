@@ -128,8 +128,13 @@ def _measure(args, world: int, pp: int) -> dict:
            "compute_step_s": compute_s, "overlap_compute_step_s": parts_s, "a2a_bytes_per_step": nbytes,
            "a2a_calls_per_step": calls,
            "latency_s": args.latency, "bytes_per_s": bw}
+    modes = [("serial", False), ("overlap", True)]
+    if pp > 1:   # the F&B pairs with each part's backward whole, for comparison (W not deferred)
+        modes.insert(1, ("overlap_whole_backward", True))
     with comm.simulate_link(args.latency, bw):
-        for name, overlap in (("serial", False), ("overlap", True)):
+        for name, overlap in modes:
+            if pp > 1:
+                pipes["ep"].fb_runner.defer_weights = name != "overlap_whole_backward"
             step(overlap)  # warm-up under the link
             runs = [step(overlap) for _ in range(args.steps)]
             out[f"{name}_step_s"] = worst(statistics.median(r[0] for r in runs))
@@ -165,6 +170,8 @@ def _measure(args, world: int, pp: int) -> dict:
             out["traced_exposed_fraction"] = (sums["pair"][1] + sums["alone"][1]) / link
     out["exposed_fraction"] = out["overlap_exposed_fraction"]
     out["speedup"] = out["serial_step_s"] / out["overlap_step_s"]
+    if pp > 1:
+        out["speedup_whole_backward"] = out["serial_step_s"] / out["overlap_whole_backward_step_s"]
     return out
 
 
@@ -176,7 +183,8 @@ def plot(case: str, c: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    colors = {"F": "#4C72B0", "B": "#DD8452", "F&B": "#8172B2", "a2a": "#55A868", "exposed": "#C44E52"}
+    colors = {"F": "#4C72B0", "B": "#DD8452", "I": "#DD8452", "W": "#937860", "F&B": "#8172B2", "a2a": "#55A868",
+              "exposed": "#C44E52"}
     ranks = sorted(c["timeline"], key=lambda r: (r["pp"], r["rank"]))
     fig, ax = plt.subplots(figsize=(16, 1.0 * len(ranks) + 1.6))
     ticks, labels = [], []
@@ -197,7 +205,8 @@ def plot(case: str, c: dict, path: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds from the step's start; label = stage.micro-batch (an F&B pair: forward;backward)")
     ax.legend(handles=[Patch(color=colors[k], label=t) for k, t in (
-        ("F", "forward"), ("B", "backward"), ("F&B", "overlapped forward + backward pair"),
+        ("F", "forward"), ("B", "backward (I: input gradients)"), ("W", "deferred weight gradients"),
+        ("F&B", "overlapped forward + backward pair"),
         ("a2a", "all-to-all in flight (simulated link)"), ("exposed", "compute thread waiting on it"))],
         loc="upper right", fontsize=7, ncols=5)
     ax.set_title(f"{case}: one overlapped DualPipeV step (gloo, CPU, simulated link); exposed "
@@ -233,6 +242,9 @@ def main():
             cases[case] = json.load(f)
         os.remove(path)
         c = cases[case]
+        if "speedup_whole_backward" in c:
+            print(f"{case}: without W deferral: overlap {c['overlap_whole_backward_step_s']:.3f} s (exposed "
+                  f"{c['overlap_whole_backward_exposed_fraction']:.0%}), x{c['speedup_whole_backward']:.2f}")
         print(f"{case}: compute {c['compute_step_s']:.3f} s/step; serial {c['serial_step_s']:.3f} s "
               f"(exposed {c['serial_exposed_fraction']:.0%}), overlap {c['overlap_step_s']:.3f} s "
               f"(exposed {c['overlap_exposed_fraction']:.0%}), x{c['speedup']:.2f}", flush=True)

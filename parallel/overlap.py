@@ -176,6 +176,11 @@ class _MicroBatch:
         self.connected = connected
         self.steps: list[_Step] = []
         self.out: dict[str, torch.Tensor] = {}
+        # weights: {gradient accumulator: parameter} whose gradients a part's backward may defer (DualPipe's W,
+        # V3 Figure 4): each part then computes its input gradients first and keeps what its weight gradients need
+        self.weights: dict | None = None
+        self.deferred: list = []
+        self.n_deferred = 0
 
     # -- forward ------------------------------------------------------------------------------------------
     def _compute(self, fn, inputs: list, *args):
@@ -318,12 +323,94 @@ class _MicroBatch:
                     grad = got.grad if got.grad is not None else torch.zeros_like(got)
                     works.append(comm.all_to_all_async(grad, r, s, g, label))
                 yield
+                self.weight_grads()   # deferred weight gradients run while the all-to-alls fly
                 for (sent, _got, *_), work in zip(step.a2a, works):
                     _accumulate(sent, work.wait())
                 continue
             pairs = [(o, leaf.grad) for o, leaf in zip(step.outputs, step.leaves) if leaf.grad is not None]
             if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                outs, grads_ = [o for o, _ in pairs], [g for _, g in pairs]
+                later = _input_grads(outs, grads_, step.inputs, self.weights) if self.weights and step.inputs else None
+                if later is None:
+                    torch.autograd.backward(outs, grads_)
+                else:
+                    self.deferred.append(later)
+                    self.n_deferred += 1
+
+    def weight_grads(self) -> None:
+        """The weight gradients the parts' backward deferred (`weights` set), in the order they were deferred."""
+        while self.deferred:
+            _weight_grads(self.weights, self.deferred.pop(0))
+
+
+def _input_grads(outputs: list, grads: list, inputs: list, weights: dict):
+    """A part's input gradients (accumulated on its input leaves) with the gradients at the nodes where its
+    weights join recorded for `_weight_grads` (torch.distributed.pipelining's I/W split, per part). None (do
+    the whole backward) when some weight of the part would not be reached that way."""
+    from torch.distributed.pipelining._backward import (_get_grad_fn_or_grad_acc, construct_reverse_graph,
+                                                        get_param_groups)
+    if any(isinstance(x, Fp8Rows) for x in inputs):
+        return None   # an FP8-dispatched payload (a tensor subclass): split, its experts' gradients came out wrong
+                      # (tests/test_overlap_pipeline.py's FP8 case), so that part's backward stays whole
+    reverse = construct_reverse_graph([o.grad_fn for o in outputs if o.grad_fn is not None])
+    accs = {acc: w for acc, w in weights.items() if acc in reverse}   # this part's weights
+    if not accs:
+        return None
+    groups = get_param_groups([_get_grad_fn_or_grad_acc(x) for x in inputs], list(accs), reverse)
+    if set().union(*(g["params"] for g in groups)) != set(accs):
+        return None
+    handles = []
+    for group in groups:
+        group["intermediates"] = list(group["intermediates"])
+        group["grads"] = [None] * len(group["intermediates"])
+        for i, node in enumerate(group["intermediates"]):
+            def keep(grad_outputs, group=group, i=i):
+                group["grads"][i] = grad_outputs
+            handles.append(node.register_prehook(keep))
+    try:
+        dinputs = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for x, g in zip(inputs, dinputs):
+        if g is not None:
+            _accumulate(x, g)
+    return groups, accs
+
+
+def _grad_acc(p: torch.Tensor):
+    """The autograd node that accumulates a leaf's gradient (the node a graph of it ends in)."""
+    from torch.distributed.pipelining._backward import _get_grad_fn_or_grad_acc
+    return _get_grad_fn_or_grad_acc(p)
+
+
+def _weight_grads(weights, later) -> None:
+    """W of one part: each group's weight gradients from the gradients `_input_grads` kept at its nodes."""
+    from torch.autograd.graph import GradientEdge
+    groups, accs = later
+    for group in groups:
+        edges, outs = [], []
+        for grads, node in zip(group["grads"], group["intermediates"]):
+            for i, g in enumerate(grads or ()):
+                if g is not None:
+                    edges.append(GradientEdge(node, i))
+                    outs.append(g)
+        params = list(group["params"])
+        if not edges:
+            continue
+        # a node of the group below another gets its recorded gradient, not that plus what flows into it again
+        clamps = [node.register_prehook(lambda _g, kept=grads: kept)
+                  for grads, node in zip(group["grads"], group["intermediates"]) if grads is not None] \
+            if len(group["intermediates"]) > 1 else []
+        try:
+            dws = torch.autograd.grad(edges, [GradientEdge(a, 0) for a in params], outs, retain_graph=True,
+                                      allow_unused=True)
+        finally:
+            for h in clamps:
+                h.remove()
+        for acc, dw in zip(params, dws):
+            if dw is not None:
+                _accumulate(accs[acc], dw)
 
 
 def _fsdp_state(module: nn.Module):
@@ -430,20 +517,29 @@ class FBRunner:
     Registered for FORWARD, FULL_BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT and OVERLAP_F_B
     (`register_custom_function`), doing what the runtime's own handlers do around the compute: wait for the
     received activations or gradients, cache the output for the send, compute the loss, hand over locally
-    between the two stages of the V on this rank. A part's backward computes its weight gradients with its
-    input gradients, so BACKWARD_INPUT runs the whole backward and BACKWARD_WEIGHT finds nothing left: the
-    zero-bubble deferral of W in DualPipeV's cool-down is not kept (measured in benchmarks/overlap.py)."""
+    between the two stages of the V on this rank.
+
+    Weight gradients (DualPipe's W, V3 Figure 4): without recomputation each part's backward first computes
+    its input gradients only (torch.distributed.pipelining's I/W split, applied per part) and keeps what its
+    weight gradients need; they run after the backward issues its next all-to-all, so they hide it (and, in a
+    pair, the forward's), and the rest at the backward's end, or at the BACKWARD_WEIGHT action after a
+    BACKWARD_INPUT (the zero-bubble deferral kept). Under recomputation, and for an FP8-dispatched payload's
+    experts, a part's backward runs whole."""
 
     def __init__(self, schedule, stages: list):
         from torch.distributed.pipelining.schedules import (BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, FULL_BACKWARD,
                                                             OVERLAP_F_B)
         self.stages = {s.stage_index: s for s in stages}
         self.passes: dict[tuple[int, int], _StagePass] = {}
+        self.waiting_w: dict[tuple[int, int], _StagePass] = {}   # after BACKWARD_INPUT, before BACKWARD_WEIGHT
         self.trace: list | None = None   # a list: each action appends (kind, [(stage, micro-batch)], start, end)
+        self.defer_weights = True        # W deferred into the all-to-alls' flight (off: each part's backward whole)
+        self.deferred_parts = 0          # parts whose W was deferred, since construction (tests read it)
         schedule.register_custom_function(FORWARD, self._timed("F", lambda a, ctx: (self._forward(a, ctx),)))
         schedule.register_custom_function(FULL_BACKWARD, self._timed("B", lambda a, ctx: (self._backward(a, ctx),)))
-        schedule.register_custom_function(BACKWARD_INPUT, self._timed("B", lambda a, ctx: (self._backward(a, ctx),)))
-        schedule.register_custom_function(BACKWARD_WEIGHT, lambda a, ctx: None)
+        schedule.register_custom_function(BACKWARD_INPUT, self._timed("I", lambda a, ctx: (
+            self._backward(a, ctx, input_only=True),)))
+        schedule.register_custom_function(BACKWARD_WEIGHT, self._timed("W", lambda a, ctx: (self._weights(a),)))
         # the backward leads (V3 Figure 4): its combine's gradient flies under the forward's attention, the
         # forward's dispatch under the backward's experts, and so on, each all-to-all under the other's compute
         schedule.register_custom_function(OVERLAP_F_B, self._timed("F&B", lambda a, ctx: (
@@ -477,7 +573,11 @@ class FBRunner:
         if idx + 1 in self.stages:
             self.stages[idx + 1].set_local_fwd_input(out, mb)
 
-    def _backward(self, action, ctx):
+    def _weights(self, action):
+        self.waiting_w.pop((action.stage_index, action.microbatch_index)).weight_grads()
+        yield from ()
+
+    def _backward(self, action, ctx, input_only: bool = False):
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.pipelining.schedules import _wait_batch_p2p
         sched, idx, mb = ctx.schedule_ref, action.stage_index, action.microbatch_index
@@ -495,7 +595,15 @@ class FBRunner:
             stage.submod.set_is_last_backward(False)
             stage.submod.set_reshard_after_backward(False)
             stage.submod.set_requires_gradient_sync(False)
+        if self.defer_weights and all(recompute_mode(b) == "none" for b in stage.submod.layers.values()):
+            # DualPipe's W (V3 Figure 4): each part's weight gradients wait for an all-to-all to hide under
+            part.weights = {_grad_acc(p): p for p in stage.submod.parameters() if p.requires_grad}
         yield from part.backward(outputs, grads)
+        self.deferred_parts += part.n_deferred
+        if input_only:
+            self.waiting_w[(idx, mb)] = part
+        else:
+            part.weight_grads()
         grad_in = ()
         if part.h_in is not None:
             grad_in, part.h_in.grad = (part.h_in.grad,), None

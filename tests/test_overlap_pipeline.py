@@ -1,7 +1,8 @@
 """DualPipeV's F&B overlap (parallel/overlap.py `FBRunner`, issue 19 §1): every forward and backward of a rank's
 stages runs part by part, the OVERLAP_F_B pairs interleaved at each all-to-all. The overlapped step gives the
 same layout's serial step bit for bit (loss terms and every gradient) and one process's (fp32 1e-5; fp64
-parameters after 3 AdamW steps 1e-9), with packed documents, MTP and the balance losses on:
+parameters after 3 AdamW steps 1e-9), with packed documents, MTP and the balance losses on, each part's
+weight gradients deferred into the all-to-alls' flight (without recomputation):
 pp2 x ep2 (FSDP2 dp2) with no, selective and full recomputation and with FP8 (dispatch in FP8),
 pp2 x tp2 with sequence parallelism, and pp4 on 4 ranks. Layouts of one world share a spawn."""
 from __future__ import annotations
@@ -85,6 +86,9 @@ def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute
             opt.zero_grad()
             outs.append(e.step(tokens[mine], labels[mine], doc_ids=doc_ids[mine]))
         _same(outs[0], outs[1], engines, mesh, f"{what} step {step}")
+        # W deferred into the all-to-alls' flight without recomputation; with it each part's backward runs whole
+        deferred = engines[1].fb_runner.deferred_parts
+        assert (deferred > 0) == (recompute == "none"), (what, deferred)
         if not fp8:   # FP8 against one process's full precision is not a 1e-5 comparison; against serial it is bits
             ropt.zero_grad()
             rterms: dict[str, float] = {}
@@ -128,8 +132,8 @@ def test_dualpipev_overlap_pp2_ep2_fsdp_recompute():
 def test_dualpipev_overlap_fp8_tp2_sp_and_pp4():
     """FP8 (blockwise, emulated; the dispatch carries E4M3 tiles) under pp2 x ep2; pp2 x tp2 with sequence
     parallelism (no expert all-to-all: the pairs run whole blocks); pp4 with 8 stages over 4 ranks."""
-    run_ranks(4, _ranks, [(V3, dict(pp=2, ep=2), dict(n_layers=4, dim=256, inter_dim=256, moe_inter_dim=128, vocab_size=256),
-                           dict(fp8=True)),
+    fp8_widths = dict(n_layers=4, dim=256, inter_dim=256, moe_inter_dim=128, vocab_size=256)   # 128-wide tiles
+    run_ranks(4, _ranks, [(V3, dict(pp=2, ep=2), fp8_widths, dict(fp8=True)),
                           (V3, dict(pp=2, tp=2, sp=True), dict(n_layers=4), {}),
                           (V3, dict(pp=4), dict(n_layers=8), {})])
 
