@@ -519,12 +519,14 @@ class FBRunner:
     received activations or gradients, cache the output for the send, compute the loss, hand over locally
     between the two stages of the V on this rank.
 
-    Weight gradients (DualPipe's W, V3 Figure 4): without recomputation each part's backward first computes
-    its input gradients only (torch.distributed.pipelining's I/W split, applied per part) and keeps what its
-    weight gradients need; they run after the backward issues its next all-to-all, so they hide it (and, in a
-    pair, the forward's), and the rest at the backward's end, or at the BACKWARD_WEIGHT action after a
-    BACKWARD_INPUT (the zero-bubble deferral kept). Under recomputation, and for an FP8-dispatched payload's
-    experts, a part's backward runs whole."""
+    A part's backward computes its weight gradients with its input gradients, so BACKWARD_INPUT runs the whole
+    backward and BACKWARD_WEIGHT finds nothing left. With `defer_weights` (DualPipe's W, V3 Figure 4) each
+    part's backward, without recomputation, first computes its input gradients only (torch.distributed.
+    pipelining's I/W split, applied per part) and keeps what its weight gradients need; they run after the
+    backward issues its next all-to-all, hiding it (and, in a pair, the forward's), the rest at the
+    backward's end or at the BACKWARD_WEIGHT action after a BACKWARD_INPUT (the zero-bubble deferral kept).
+    Off by default: measured slower on CPU (above). Under recomputation, and for an FP8-dispatched payload's
+    experts, a part's backward runs whole either way."""
 
     def __init__(self, schedule, stages: list):
         from torch.distributed.pipelining.schedules import (BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, FULL_BACKWARD,
@@ -533,7 +535,9 @@ class FBRunner:
         self.passes: dict[tuple[int, int], _StagePass] = {}
         self.waiting_w: dict[tuple[int, int], _StagePass] = {}   # after BACKWARD_INPUT, before BACKWARD_WEIGHT
         self.trace: list | None = None   # a list: each action appends (kind, [(stage, micro-batch)], start, end)
-        self.defer_weights = True        # W deferred into the all-to-alls' flight (off: each part's backward whole)
+        # W deferred into the all-to-alls' flight: exposes less, but the split costs more than it hides on CPU
+        # (benchmarks/overlap.py: 28% exposed against 38%, yet 1.38x the serial step against 1.48x), so off
+        self.defer_weights = False
         self.deferred_parts = 0          # parts whose W was deferred, since construction (tests read it)
         schedule.register_custom_function(FORWARD, self._timed("F", lambda a, ctx: (self._forward(a, ctx),)))
         schedule.register_custom_function(FULL_BACKWARD, self._timed("B", lambda a, ctx: (self._backward(a, ctx),)))

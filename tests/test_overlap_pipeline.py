@@ -1,8 +1,8 @@
 """DualPipeV's F&B overlap (parallel/overlap.py `FBRunner`, issue 19 §1): every forward and backward of a rank's
 stages runs part by part, the OVERLAP_F_B pairs interleaved at each all-to-all. The overlapped step gives the
 same layout's serial step bit for bit (loss terms and every gradient) and one process's (fp32 1e-5; fp64
-parameters after 3 AdamW steps 1e-9), with packed documents, MTP and the balance losses on, each part's
-weight gradients deferred into the all-to-alls' flight (without recomputation):
+parameters after 3 AdamW steps 1e-9), with packed documents, MTP and the balance losses on, with each part's
+backward whole (the default) and with its weight gradients deferred into the all-to-alls' flight:
 pp2 x ep2 (FSDP2 dp2) with no, selective and full recomputation and with FP8 (dispatch in FP8),
 pp2 x tp2 with sequence parallelism, and pp4 on 4 ranks. Layouts of one world share a spawn."""
 from __future__ import annotations
@@ -58,9 +58,10 @@ def _same(serial: dict, got: dict, engines, mesh, what: str) -> None:
             assert g is None or torch.equal(g, g2[k]), f"{what}: grad {k} differs from the serial step"
 
 
-def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute: str = "none", fp8: bool = False):
+def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute: str = "none", fp8: bool = False,
+          defer: bool = False):
     tol = 1e-5 if dtype == torch.float32 else 1e-9
-    what = f"{layout} {overrides} recompute={recompute} fp8={fp8} {dtype}"
+    what = f"{layout} {overrides} recompute={recompute} fp8={fp8} defer={defer} {dtype}"
     torch.manual_seed(0)
     cfg = preset(name, **overrides)
     mesh = build_mesh(ParallelConfig(**layout))
@@ -71,6 +72,7 @@ def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute
         recipe = Fp8Recipe(backend="emulate")
     n_micro = 2 * dims.pp                                   # DualPipeV: at least its 2pp stages
     engines = [_engine(cfg, mesh, dtype, mode, recompute, recipe, n_micro) for mode in ("none", "ep")]
+    engines[1].fb_runner.defer_weights = defer
     ref = build_model(cfg, seed=0, dtype=dtype).train()
     ref.set_expert_placement(dims.ep, dims.ep // dims.ep_nodes)
     opts = [torch.optim.AdamW(list(e.parameters()), lr=1e-3, weight_decay=0.1, foreach=True) for e in engines]
@@ -86,9 +88,9 @@ def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute
             opt.zero_grad()
             outs.append(e.step(tokens[mine], labels[mine], doc_ids=doc_ids[mine]))
         _same(outs[0], outs[1], engines, mesh, f"{what} step {step}")
-        # W deferred into the all-to-alls' flight without recomputation; with it each part's backward runs whole
+        # with defer_weights, W deferred into the all-to-alls' flight where nothing is recomputed
         deferred = engines[1].fb_runner.deferred_parts
-        assert (deferred > 0) == (recompute == "none"), (what, deferred)
+        assert (deferred > 0) == (defer and recompute == "none"), (what, deferred)
         if not fp8:   # FP8 against one process's full precision is not a 1e-5 comparison; against serial it is bits
             ropt.zero_grad()
             rterms: dict[str, float] = {}
@@ -112,10 +114,15 @@ def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute
 
 
 def _ranks(cases: list) -> None:
+    """Each case in fp32 for a step, and where nothing is recomputed with the weight gradients deferred
+    too and in fp64 for 3 steps (default runner and deferred W)."""
     for name, layout, overrides, kw in cases:
         _case(name, layout, overrides, torch.float32, 1, **kw)
-        if kw.get("recompute", "none") == "none" and not kw.get("fp8"):
-            _case(name, layout, overrides, torch.float64, STEPS, **kw)
+        if kw.get("recompute", "none") == "none":
+            _case(name, layout, overrides, torch.float32, 1, **kw, defer=True)
+            if not kw.get("fp8"):
+                _case(name, layout, overrides, torch.float64, STEPS, **kw)
+                _case(name, layout, overrides, torch.float64, STEPS, **kw, defer=True)
 
 
 V3 = "tiny-deepseek-v3"
