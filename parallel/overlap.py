@@ -385,32 +385,33 @@ def _grad_acc(p: torch.Tensor):
 
 
 def _weight_grads(weights, later) -> None:
-    """W of one part: each group's weight gradients from the gradients `_input_grads` kept at its nodes."""
+    """W of one part: its weight gradients from the gradients `_input_grads` kept at the nodes where they join,
+    in one autograd call."""
     from torch.autograd.graph import GradientEdge
     groups, accs = later
+    edges, outs, kept = [], [], []
     for group in groups:
-        edges, outs = [], []
         for grads, node in zip(group["grads"], group["intermediates"]):
-            for i, g in enumerate(grads or ()):
+            if grads is None:
+                continue
+            kept.append((node, grads))
+            for i, g in enumerate(grads):
                 if g is not None:
                     edges.append(GradientEdge(node, i))
                     outs.append(g)
-        params = list(group["params"])
-        if not edges:
-            continue
-        # a node of the group below another gets its recorded gradient, not that plus what flows into it again
-        clamps = [node.register_prehook(lambda _g, kept=grads: kept)
-                  for grads, node in zip(group["grads"], group["intermediates"]) if grads is not None] \
-            if len(group["intermediates"]) > 1 else []
-        try:
-            dws = torch.autograd.grad(edges, [GradientEdge(a, 0) for a in params], outs, retain_graph=True,
-                                      allow_unused=True)
-        finally:
-            for h in clamps:
-                h.remove()
-        for acc, dw in zip(params, dws):
-            if dw is not None:
-                _accumulate(accs[acc], dw)
+    if not edges:
+        return
+    params = [a for group in groups for a in group["params"]]
+    # a kept node below another gets its kept gradient, not that plus what flows into it again
+    clamps = [node.register_prehook(lambda _g, grads=grads: grads) for node, grads in kept] if len(kept) > 1 else []
+    try:
+        dws = torch.autograd.grad(edges, [GradientEdge(a, 0) for a in params], outs, allow_unused=True)
+    finally:
+        for h in clamps:
+            h.remove()
+    for acc, dw in zip(params, dws):
+        if dw is not None:
+            _accumulate(accs[acc], dw)
 
 
 def _fsdp_state(module: nn.Module):
