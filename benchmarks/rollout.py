@@ -19,7 +19,19 @@ shared_prefix at the best k, acceptance = accepted / drafted); the same at --tem
 --small-batch distinct prompts (low load, where a verify step costs little more than a decode step), for
 context. Every engine row's tokens are checked against the static engine's at T = 0 before they count.
 
+Compiled (the default; --no-compile: eager only). At this width a decode forward's time is mostly fixed
+per-op cost (a few hundred small kernels launched from Python), which continuous batching and speculation
+cannot shrink; the GPU answer is CUDA graphs over fixed batch buckets, the CPU one here torch.compile. Both
+sides are compiled alike: the static Generator's decode steps and the engine's decode, verify and MTP
+draft forwards of at most COMPILE_TOKENS (512) tokens run through torch.compile(dynamic=True) (inductor's C++
+kernels, built with gcc; symbolic batch, chunk and context sizes, so one program per function and chunk of one or
+more serves every step), prefills stay eager. Each row runs once untimed first: that warm-up (compilation
+included) is reported per row in the JSON's `compile`, and the timed rows are the fastest of --repeats
+after it. The compiled static Generator's T = 0 tokens are checked against the eager one's, and the T = 0
+rows are run eagerly too (`eager_temperature_0`, with its own speedups), for context.
+
 Usage: python benchmarks/rollout.py [--out PATH] [--train-steps N] [--prompts N] [--group G] [--repeats R]
+                                    [--no-compile]
 """
 from __future__ import annotations
 
@@ -38,7 +50,7 @@ from _machine import cpu_name
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
 from posttrain.engine import Engine
-from posttrain.generate import Generator, SamplingParams
+from posttrain.generate import COMPILE_TOKENS, Generator, SamplingParams
 
 VOCAB, EOD = 256, 0
 
@@ -136,6 +148,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--small-batch", type=int, default=4, help="sequences of the low-load speculation rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="decode steps of the static Generator and of the engine through torch.compile (warmed up "
+                         "untimed first); --no-compile: eager only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -149,17 +164,26 @@ def main(argv=None) -> dict:
     prompts = [q for q in (eval_task.prompt() for _ in range(args.prompts)) for _ in range(args.group)]
     new = args.max_len + 16
 
-    def rows_at(temperature: float, prompts: list[list[int]]) -> dict:
+    warmup: dict = {}
+    refs: dict = {}
+
+    def rows_at(temperature: float, prompts: list[list[int]], compile: bool = args.compile) -> dict:
         params = SamplingParams(max_new_tokens=new, temperature=temperature)
         seeds = list(range(len(prompts)))
         engines = {"continuous": dict(share_prefix=False), "shared_prefix": dict()}
         engines.update({f"speculative_k{k}": dict(draft_tokens=k) for k in args.draft_tokens})
-        runs = {"static": lambda: Generator(net, tok).generate(prompts, params, seed=0)}
+        runs = {"static": lambda: Generator(net, tok, compile=compile).generate(prompts, params, seed=0)}
         for name, kw in engines.items():
-            runs[name] = (lambda kw: lambda: Engine(net, tok, max_batch=args.max_batch, **kw).generate(
+            runs[name] = (lambda kw: lambda: Engine(net, tok, max_batch=args.max_batch, compile=compile, **kw).generate(
                 prompts, params, seeds=seeds))(kw)
+        if compile:   # untimed: the first call of each program shape compiles it (inductor's C++ build)
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                warmup[name] = round(warmup.get(name, 0.0) + time.perf_counter() - t0, 1)
         best = interleaved(runs, args.repeats)
         ref = best["static"][0]
+        refs[compile, temperature, len(prompts)] = [c.ids for c in ref]
         lengths = sorted(len(c.ids) for c in ref)
         out = {}
         for name, (outs, st) in best.items():
@@ -180,6 +204,7 @@ def main(argv=None) -> dict:
     greedy = rows_at(0.0, prompts)
     sampled = rows_at(args.temperature, prompts)
     small = rows_at(0.0, prompts[::args.group][:args.small_batch])   # distinct prompts, one sample each
+    eager = rows_at(0.0, prompts, compile=False) if args.compile else None   # the same rows uncompiled, for context
     r = greedy["rows"]
     best_k = max(args.draft_tokens, key=lambda k: r[f"speculative_k{k}"]["tokens_per_s"])
     spec = r[f"speculative_k{best_k}"]
@@ -204,16 +229,30 @@ def main(argv=None) -> dict:
         "acceptance_per_position": spec["acceptance_per_position"],
         "speedup_speculative_small_batch": round(small["rows"][f"speculative_k{best_k}"]["tokens_per_s"]
                                                  / small["rows"]["shared_prefix"]["tokens_per_s"], 2),
+        "compiled": args.compile,
+        "compile": ({"what": "the static Generator's decode steps and the engine's decode, verify and MTP draft "
+                             f"forwards of <= {COMPILE_TOKENS} tokens (prefills eager): torch.compile(dynamic=True), "
+                             "inductor C++ kernels (gcc); every row warmed up untimed first",
+                     "warmup_seconds_per_row_incl_compile": warmup} if args.compile else None),
         "temperature_0": greedy,
         f"temperature_{args.temperature}": sampled,
         f"small_batch_{args.small_batch}_temperature_0": small,
     }
+    if eager is not None:
+        assert refs[True, 0.0, len(prompts)] == refs[False, 0.0, len(prompts)], "compiled static differs from eager"
+        e = eager["rows"]
+        best_e = max(args.draft_tokens, key=lambda k: e[f"speculative_k{k}"]["tokens_per_s"])
+        result["eager_temperature_0"] = {
+            "speedup_continuous": round(e["shared_prefix"]["tokens_per_s"] / e["static"]["tokens_per_s"], 2),
+            "speedup_speculative": round(e[f"speculative_k{best_e}"]["tokens_per_s"]
+                                         / e["shared_prefix"]["tokens_per_s"], 2),
+            "speculative_draft_tokens": best_e, "compiled_equal_to_eager": True, **eager}   # asserted above
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
     for label, block in (("T=0", greedy), (f"T={args.temperature}", sampled),
-                         (f"T=0, {args.small_batch} sequences", small)):
+                         (f"T=0, {args.small_batch} sequences", small)) + ((("T=0, eager", eager),) if eager else ()):
         print(f"{label}: reply lengths {block['reply_lengths']}")
         for name, row in block["rows"].items():
             print(f"  {name:<18}{row['tokens_per_s']:>10.1f} tokens/s  {row['seconds']:>8.2f} s"

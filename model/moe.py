@@ -164,7 +164,8 @@ class Experts(nn.Module):
     ep_count, ep_params = "n_experts", ("w1", "w2", "w3")  # expert parallelism splits these on dim 0
     grouped_gemm = staticmethod(grouped_mm)  # a GEMM backend (FP8) may replace it from outside
     # inference on at most this many (token, expert) products runs every expert densely (`_dense`): on a decode
-    # step of a few tokens the per-expert GEMMs' fixed cost exceeds the unchosen experts' products
+    # step of a few tokens the per-expert GEMMs' fixed cost exceeds the unchosen experts' products. Compiled
+    # inference always does (the CPU grouped GEMM does not trace in fp32; posttrain/generate.py `compiled`)
     dense_products = 1024
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
@@ -183,8 +184,8 @@ class Experts(nn.Module):
                 partial: bool = True) -> torch.Tensor:
         """partial=False promises every pair is present: no host sync on the count."""
         t, k = indices.shape
-        if t * self.n_experts <= self.dense_products and not torch.is_grad_enabled() and type(x) is torch.Tensor \
-                and "grouped_gemm" not in self.__dict__:
+        dense = t * self.n_experts <= self.dense_products or torch.compiler.is_compiling()
+        if dense and not torch.is_grad_enabled() and type(x) is torch.Tensor and "grouped_gemm" not in self.__dict__:
             return self._dense(x, indices, weights)
         order, counts = permute(indices, self.n_experts)
         if partial:

@@ -25,6 +25,10 @@ engine keeps its own work per step to a few tensor ops: each running sequence ho
 row of the block-table tensor `table` (and, speculating, of the hidden buffer `hbuf`) is updated only
 when a page is taken or copied; a forward's write slots, gather indices and mask are computed from those
 rows; sampling, log-probs and (at T = 0) the acceptance of drafts are one call each for the whole batch.
+With compile=True (one process) every decode, verify and draft forward of at most COMPILE_TOKENS tokens runs
+through torch.compile with symbolic batch, chunk and context sizes (posttrain/generate.py `compiled`): the
+CPU analogue of CUDA graphs over batch buckets, which removes most of the per-op cost of the model's
+hundreds of small kernels. The first step of each shape class compiles (tens of seconds on a CPU).
 
 Exactness. A sequence's arithmetic is the static engine's up to the order of floating-point sums, so at
 temperature 0 the tokens are the same and the log-probs equal to rounding. Each sequence samples from its
@@ -52,14 +56,14 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from parallel.data_parallel import reshard
 
-from .generate import Completion, Generator, SamplingParams, allowed_ids, restricted_logprobs, sampling_distribution
+from .generate import (COMPILE_TOKENS, Completion, Generator, SamplingParams, allowed_ids, compiled,
+                       restricted_logprobs, sampling_distribution)
 
 __all__ = ["Engine", "PagePool", "PagedCache", "rollout_engine"]
 
@@ -150,7 +154,8 @@ class Engine:
 
     page_size: positions per page; n_pages: the pool (default: room for max_batch worst-case sequences);
     max_batch: sequences decoded together; share_prefix: identical prompts prefill once; draft_tokens: MTP
-    drafts per step (0: none; needs a model with MTP modules)."""
+    drafts per step (0: none; needs a model with MTP modules); compile: decode-sized forwards through
+    torch.compile (one process only; not with record_routing)."""
 
     def __init__(self, model, tokenizer, *, page_size: int = 16, n_pages: int | None = None, max_batch: int = 64,
                  pad_id: int | None = None, share_prefix: bool = True, draft_tokens: int = 0, compile: bool = False):
@@ -203,16 +208,20 @@ class Engine:
         gather = (table[:, :, None] * P + ar[:P]).flatten(1)[:, :keys]   # position t: page t // P, slot t % P
         caches = [PagedCache(c, slots, gather) for c in self.pool.caches]
         self.forwards += 1
-        step = self.compile and b * s <= self.compile_tokens   # a decode-sized forward: the compiled program
+        step = self.compile and not self.record and b * s <= self.compile_tokens   # a decode-sized forward: compiled
         if hidden is None:
-            decode = partial(compiled(type(self.model).decode), self.model) if step else self.model.decode
-            out = decode(tokens, pos, caches[:self.n_layers], mask)
+            if step:
+                out = compiled(type(self.model).decode)(self.model, tokens, pos, caches[:self.n_layers], mask)
+            else:
+                out = self.model.decode(tokens, pos, caches[:self.n_layers], mask)
             if self.record:   # the trunk's experts per row [b, s, n_moe_layers, k]; padding rows are sliced off
                 self.routes = self.model.recorded_routing()[-1].cpu()
                 self.model.record_routing()
             return out
-        draft = partial(compiled(type(self.model).draft), self.model) if step else self.model.draft
-        return draft(hidden, tokens, pos, caches[self.n_layers], mask)
+        if step:
+            return compiled(type(self.model).draft)(self.model, hidden.contiguous(), tokens, pos,
+                                                    caches[self.n_layers], mask)
+        return self.model.draft(hidden, tokens, pos, caches[self.n_layers], mask)
 
     def _arange(self, n: int) -> torch.Tensor:
         if self._ar is None or len(self._ar) < n:
@@ -682,22 +691,6 @@ class Engine:
                 tokens.append(int(torch.multinomial(p[b, ks[b]], 1, generator=seq.gen)))
             picks.append(tokens)
         return picks
-
-
-# forwards of at most this many tokens run compiled (Engine(compile=True), Generator(compile=True)): a decode or
-# verify step, whose MoE layers then take the dense inference path (model/moe.py Experts.dense_products), which
-# traces; a prefill runs eagerly
-COMPILE_TOKENS = 128
-_COMPILED: dict = {}
-
-
-def compiled(fn):
-    """torch.compile(fn, dynamic=True), once per function (Transformer.decode, .draft, .forward) for the process:
-    shapes (batch, chunk, context) are symbolic, so one program serves every decode step of every call; the
-    first call of each shape class compiles (tens of seconds on a CPU: inductor's C++ kernels)."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn]
 
 
 def rollout_engine(model, tokenizer, rollout) -> Engine | Generator:

@@ -30,10 +30,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.fx.experimental._config
 import yaml
 
 from model import ModelConfig, build_model
@@ -44,7 +46,7 @@ from pretrain.corpus import embedded_tokenizer_path
 from pretrain.tokenizer import load_tokenizer
 
 __all__ = ["SamplingParams", "Completion", "Generator", "sample_tokens", "sampling_distribution", "restricted_logprobs",
-           "allowed_ids", "load_for_sampling", "main"]
+           "allowed_ids", "load_for_sampling", "main", "compiled", "COMPILE_TOKENS"]
 
 
 @dataclass
@@ -132,10 +134,34 @@ def allowed_ids(keep: torch.Tensor) -> list[torch.Tensor]:
     return [row.nonzero()[:, 0].to(torch.int32) for row in keep.cpu()]
 
 
+# forwards of at most this many tokens run compiled (Engine(compile=True), Generator(compile=True)): a decode or
+# verify step, whose MoE layers then take the dense inference path (model/moe.py Experts.dense_products), which
+# traces; a prefill runs eagerly
+COMPILE_TOKENS = 512
+COMPILE_BACKEND = "inductor"   # tests trace with "eager" (dynamo's graphs run by eager kernels: no C++ build)
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """torch.compile(fn, dynamic=True), once per function (Transformer.decode, .draft, .forward) for the process:
+    shapes (batch, chunk, context) are symbolic, so one program serves every decode step of every call; the
+    first call of each shape class compiles (tens of seconds on a CPU: inductor's C++ kernels)."""
+    if fn not in _COMPILED:
+        program = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND)
+
+        def run(*args, **kwargs):
+            # no shape specialised: not a batch of 1 or a chunk of 1, nor a batch as wide as the model (duck sizing)
+            with torch.fx.experimental._config.patch(use_duck_shape=False, backed_size_oblivious=True):
+                return program(*args, **kwargs)
+        _COMPILED[fn] = run
+    return _COMPILED[fn]
+
+
 # model hooks read here (cfg, new_cache, gather_logits): parallel/protocols.py
 class Generator:
-    def __init__(self, model, tokenizer, *, pad_id: int | None = None):
+    def __init__(self, model, tokenizer, *, pad_id: int | None = None, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        self.compile = compile   # decode steps of at most COMPILE_TOKENS tokens through torch.compile (one process)
         self.eod = tokenizer.eod_id
         self.pad = self.eod if pad_id is None else pad_id
         self.max_seq_len = model.cfg.max_seq_len
@@ -185,8 +211,10 @@ class Generator:
             raise ValueError("record_routing: this model has no MoE layer whose routing could be recorded")
         if record_routing:
             net.record_routing()
+        forward = partial(compiled(type(net).forward), net) if self.compile and not record_routing else None
         for step in range(params.max_new_tokens):
-            logits = net.gather_logits(net(step_in, pos, caches, doc_ids=doc)[:, -1])
+            small = forward is not None and step_in.numel() <= COMPILE_TOKENS   # a decode step, not the prefill
+            logits = net.gather_logits((forward if small else net)(step_in, pos, caches, doc_ids=doc)[:, -1])
             if record:   # the same draw as sample_tokens; the log-prob renormalised over the truncation
                 logp, probs, keep = sampling_distribution(logits, params, with_keep=True)
                 ids = torch.multinomial(probs, 1, generator=gen)[:, 0]

@@ -261,3 +261,30 @@ def test_rollout_under_tp_and_ep_equals_one_process(kw):
         ref = engine.generate(prompts, params, seeds=seeds)[0]
     assert len({len(c.ids) for c in ref}) > 2
     run_ranks(2, parallel_rollout_rank, kw, [c.ids for c in ref], params, seeds)
+
+
+def test_compiled_steps_equal_eager(monkeypatch):
+    """Engine(compile=True) and Generator(compile=True) (benchmarks/rollout.py): the decode, verify and draft
+    forwards trace (paged caches, the dense MoE inference path, symbolic batch and context) and give the eager
+    tokens at T = 0, with sequences leaving and joining. Traced by dynamo and run by eager kernels here
+    (the "eager" backend): inductor's C++ build takes minutes on a small CPU, and the benchmark checks its
+    tokens against the eager static engine's."""
+    import posttrain.generate as generate
+    monkeypatch.setattr(generate, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(generate, "_COMPILED", {})
+    torch._dynamo.reset()
+    try:
+        net, cfg = _net()
+        _teach_mtp(net, cfg)
+        tok = ToyTokenizer(cfg.vocab_size)
+        prompts = _mixed(cfg)
+        params = SamplingParams(max_new_tokens=10, temperature=0)
+        ref, _ = Generator(net, tok, pad_id=3).generate(prompts, params)
+        outs, _ = Generator(net, tok, pad_id=3, compile=True).generate(prompts, params)
+        _assert_same(ref, outs)
+        for kw in (dict(max_batch=4, page_size=4), dict(max_batch=4, draft_tokens=2)):
+            outs, stats = Engine(net, tok, pad_id=3, compile=True, **kw).generate(prompts, params)
+            _assert_same(ref, outs)
+        assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft}
+    finally:
+        torch._dynamo.reset()
