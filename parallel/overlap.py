@@ -53,6 +53,7 @@ import time
 
 import torch
 from torch import nn
+from torch.distributed.pipelining._backward import _get_grad_fn_or_grad_acc, construct_reverse_graph, get_param_groups
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import comm
@@ -340,15 +341,13 @@ class _MicroBatch:
     def weight_grads(self) -> None:
         """The weight gradients the parts' backward deferred (`weights` set), in the order they were deferred."""
         while self.deferred:
-            _weight_grads(self.weights, self.deferred.pop(0))
+            _weight_grads(self.deferred.pop(0))
 
 
 def _input_grads(outputs: list, grads: list, inputs: list, weights: dict):
     """A part's input gradients (accumulated on its input leaves) with the gradients at the nodes where its
     weights join recorded for `_weight_grads` (torch.distributed.pipelining's I/W split, per part). None (do
     the whole backward) when some weight of the part would not be reached that way."""
-    from torch.distributed.pipelining._backward import (_get_grad_fn_or_grad_acc, construct_reverse_graph,
-                                                        get_param_groups)
     if any(isinstance(x, Fp8Rows) for x in inputs):
         return None   # an FP8-dispatched payload (a tensor subclass): split, its experts' gradients came out wrong
                       # (tests/test_overlap_pipeline.py's FP8 case), so that part's backward stays whole
@@ -378,13 +377,7 @@ def _input_grads(outputs: list, grads: list, inputs: list, weights: dict):
     return groups, accs
 
 
-def _grad_acc(p: torch.Tensor):
-    """The autograd node that accumulates a leaf's gradient (the node a graph of it ends in)."""
-    from torch.distributed.pipelining._backward import _get_grad_fn_or_grad_acc
-    return _get_grad_fn_or_grad_acc(p)
-
-
-def _weight_grads(weights, later) -> None:
+def _weight_grads(later) -> None:
     """W of one part: its weight gradients from the gradients `_input_grads` kept at the nodes where they join,
     in one autograd call."""
     from torch.autograd.graph import GradientEdge
@@ -484,11 +477,11 @@ class _StagePass(_MicroBatch):
 
     def __init__(self, stage: nn.Module, h_in, kwargs: dict):
         kw = dict(kwargs)
-        if kw.get("routes") is not None:
+        if kw.pop("routes", None) is not None:
             raise LayoutError("routing replay (grpo.routing_replay) is not built into the pipeline's F&B overlap: "
                               "set parallel.overlap=none for this layout")
+        kw.pop("route_pairs", None)
         tokens, labels = kw.pop("tokens"), kw.pop("labels")
-        kw.pop("routes", None), kw.pop("route_pairs", None)
         super().__init__(stage, tokens, labels, kw, n=1)
         self.h_in, self.output = h_in, None
 
@@ -602,7 +595,7 @@ class FBRunner:
             stage.submod.set_requires_gradient_sync(False)
         if self.defer_weights and all(recompute_mode(b) == "none" for b in stage.submod.layers.values()):
             # DualPipe's W (V3 Figure 4): each part's weight gradients wait for an all-to-all to hide under
-            part.weights = {_grad_acc(p): p for p in stage.submod.parameters() if p.requires_grad}
+            part.weights = {_get_grad_fn_or_grad_acc(p): p for p in stage.submod.parameters() if p.requires_grad}
         yield from part.backward(outputs, grads)
         self.deferred_parts += part.n_deferred
         if input_only:

@@ -184,16 +184,13 @@ def build_schedule(name: str, stages: list, n_microbatches: int, loss_fn, vpp: i
     return spec.cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
 
 
+@functools.lru_cache(maxsize=256)
 def dualpipev_paired_share(pp: int, n_microbatches: int) -> float:
     """The share of a rank's chunk computations (forwards and backwards) that torch's DualPipeV order runs
     inside OVERLAP_F_B pairs, mean over ranks: the rest (warm-up forwards, cool-down backwards) have no
     partner to hide their all-to-alls under (the planner's exposed term for parallel.overlap=ep at pp > 1)."""
-    return _paired_share(pp, n_microbatches)
-
-
-@functools.lru_cache(maxsize=256)
-def _paired_share(pp: int, m: int) -> float:
     from torch.distributed.pipelining.schedules import OVERLAP_F_B
+    m = n_microbatches
     order = ScheduleDualPipeV.__new__(ScheduleDualPipeV)   # the order alone: no stages needed
     order._n_microbatches, order.pp_group_size = m, pp
     shares = []

@@ -37,7 +37,27 @@ def run_ranks(world: int, fn, *args) -> None:
         mp.start_processes(_entry, args=(world, env, fn, args), nprocs=world, start_method="spawn")
 
 
-# -- comparing an engine with one process ----------------------------------------------------------------
+# -- data and comparing an engine with one process ----------------------------------------------------------------
+def packed_rows(vocab: int, batch: int, seq: int, seed: int):
+    """(tokens, labels, doc_ids): rows of packed documents (two boundaries drawn per row), the first row
+    left-padded (the padding is a document of its own with ignored labels); each document's last label is
+    masked, as a loader does."""
+    from model.transformer import IGNORE_INDEX
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    doc_ids = torch.zeros(batch, seq, dtype=torch.long)
+    for r in range(batch):
+        for c in sorted(torch.randint(1, seq, (2,), generator=g).tolist()):
+            doc_ids[r, c:] += 1
+    doc_ids[0, :3] = -1  # left padding
+    labels = tokens.roll(-1, dims=1)
+    last = doc_ids != doc_ids.roll(-1, dims=1)
+    last[:, -1] = True
+    labels[last] = IGNORE_INDEX
+    labels[0, :3] = IGNORE_INDEX
+    return tokens, labels, doc_ids
+
+
 def close(got, want, what: str, tol: float) -> None:
     """got == want within tol, relative and relative to want's largest element."""
     scale = want.abs().max().item() if want.numel() else 0.0

@@ -13,9 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import check_params, check_step, close, run_ranks
+from distributed import check_params, check_step, close, packed_rows, run_ranks
 from model import build_model, preset
-from model.transformer import IGNORE_INDEX
 import parallel
 from parallel import ParallelConfig, build_mesh, comm
 from parallel.context_parallel import cp_exchange_bytes, local_positions
@@ -26,23 +25,7 @@ MODELS = {"mla": "tiny-deepseek-v3", "gqa": "tiny-llama-3-8b"}
 
 
 def _data(cfg, step: int, batch: int = BATCH, seq: int = SEQ):
-    """Rows of packed documents (boundaries drawn per row), the first row left-padded (the padding is a
-    document of its own with ignored labels); each document's last label is masked, as a loader does."""
-    g = torch.Generator().manual_seed(100 + step)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-    doc_ids = torch.zeros(batch, seq, dtype=torch.long)
-    for r in range(batch):
-        cuts = sorted(torch.randint(1, seq, (2,), generator=g).tolist())
-        for c in cuts:
-            doc_ids[r, c:] += 1
-    doc_ids[0, :3] = -1  # left padding
-    labels = tokens.roll(-1, dims=1)
-    last = doc_ids != doc_ids.roll(-1, dims=1)
-    last[:, -1] = True
-    labels[last] = IGNORE_INDEX
-    labels[0, :3] = IGNORE_INDEX
-    return tokens, labels, doc_ids
-
+    return packed_rows(cfg.vocab_size, batch, seq, 100 + step)
 
 
 def _equivalence(name: str, layout: dict, dtype, steps: int, overrides: dict, schedule: str = "1f1b"):

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import check_params, check_step, run_ranks
+from distributed import check_params, check_step, packed_rows, run_ranks
 from model import build_model, preset
-from model.transformer import IGNORE_INDEX
 import parallel
 from parallel import ParallelConfig, build_mesh
 from parallel.engine import parallel_engine
@@ -22,20 +21,7 @@ BATCH, SEQ, STEPS = 8, 16, 3
 
 
 def _data(cfg, step: int):
-    """Rows of packed documents, the first left-padded; each document's last label masked."""
-    g = torch.Generator().manual_seed(200 + step)
-    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=g)
-    doc_ids = torch.zeros(BATCH, SEQ, dtype=torch.long)
-    for r in range(BATCH):
-        for c in sorted(torch.randint(1, SEQ, (2,), generator=g).tolist()):
-            doc_ids[r, c:] += 1
-    doc_ids[0, :3] = -1
-    labels = tokens.roll(-1, dims=1)
-    last = doc_ids != doc_ids.roll(-1, dims=1)
-    last[:, -1] = True
-    labels[last] = IGNORE_INDEX
-    labels[0, :3] = IGNORE_INDEX
-    return tokens, labels, doc_ids
+    return packed_rows(cfg.vocab_size, BATCH, SEQ, 200 + step)
 
 
 def _engine(cfg, mesh, dtype, overlap: str, recompute: str, fp8, n_micro: int):
