@@ -22,8 +22,8 @@ finishes leaves the batch and its pages return to the pool, and waiting prompts 
 
 Per step cost. On a small model a step's time is mostly fixed (the forward's per-op overhead), so the
 engine keeps its own work per step to a few tensor ops: each running sequence holds a batch slot, whose
-row of the block-table tensor `table` (and, speculating, of the hidden buffer `hbuf`) is updated only
-when a page is taken or copied; a forward's write slots, gather indices and mask are computed from those
+row of the block-table tensor `table` is updated only when a page is taken or copied (speculating, its
+row of the draft buffer `dbuf` each step); a forward's write slots, gather indices and mask are computed from those
 rows; sampling, log-probs and (at T = 0) the acceptance of drafts are one call each for the whole batch.
 With compile=True (one process) every decode, verify and draft forward of at most COMPILE_TOKENS tokens runs
 through torch.compile with symbolic batch, chunk and context sizes (posttrain/generate.py `compiled`): the
@@ -40,13 +40,18 @@ hidden state past the first, as vLLM and SGLang do with V3's single module; the 
 [pending token, drafts] in one forward, and each draft is accepted with probability min(1, p/q), a
 rejected one replaced by a sample of norm(max(0, p - q)), and a fully accepted run ends with a sample of
 p (Leviathan et al. 2023, Chen et al. 2023): the emitted tokens are distributed exactly as the model's,
-and at temperature 0 they are its greedy tokens. The MTP cache lags the main one: each step it first
-catches up on the positions the main model accepted last step, with the main model's hidden states.
+and at temperature 0 they are its greedy tokens. Each step drafts the next one's tokens at its end: the
+MTP module runs over the verified positions with the main model's hidden states and the tokens one ahead
+(the accepted drafts, then the last emitted token) and drafts from the last emitted position, so the MTP
+cache keeps pace with the main one; a new sequence's first drafts come from the prompt's last position at
+admission. At T = 0 the acceptance needs no random draw, so the whole step (verify, acceptance, the MTP
+pass and the chained drafts) is one call, one compiled program with compile=True (`greedy_speculation`):
+on a small model a step costs about a decode plus the MTP block's share, not three calls' fixed costs.
 
 Parallel layouts. Under tp every rank holds the same prompts and seeds and gathers the same logits, so all
 run the same schedule. Under ep (and any layout whose forward is a collective) the ranks hold different
-prompts: each forward of the schedule (prefill, MTP prefill, MTP catch-up, each chained draft, decode or
-verify) is preceded by an all-reduce of "does any rank need it", and a rank that does not runs a one-token
+prompts: each forward of the schedule (prefill, MTP prefill, first drafts, decode, or verify and its drafts)
+is preceded by an all-reduce of "does any rank need it", and a rank that does not runs a one-token
 forward into the scratch page, so that every rank enters every collective. Pipeline parallelism is not
 handled: post-training rolls out at pp = 1.
 """
@@ -68,6 +73,35 @@ from .generate import (COMPILE_TOKENS, Completion, Generator, SamplingParams, al
 __all__ = ["Engine", "PagePool", "PagedCache", "rollout_engine"]
 
 TOO_LONG = "prompt_too_long"   # the finish of a prompt that cannot fit: reported, never truncated
+
+
+def greedy_speculation(model, tokens, pos, caches, mask, drafted, limit, n_draft: int):
+    """One temperature-0 speculation step as one program (compiled like the decode-sized forwards): the main
+    model verifies tokens [b, 1 + w] = [pending, drafts] at positions pos (drafted [b]: how many of a row's
+    drafts are real) and a draft is accepted while it is the argmax; then the MTP module runs over the same
+    positions with the main model's hidden states and the tokens one ahead, which along the accepted run are
+    the argmax tokens (V3 eq. 21), and drafts the next step's first token from the last accepted position,
+    the rest chained on its own hidden state, one position on (clamped to each row's `limit`: a draft past
+    what a row may still emit is never used), through a `ChainCache`. caches: the trunk's layers' then the
+    MTP block's.
+    Returns (greedy [b, 1 + w], their log-probs, accepted drafts per row [b], next drafts [b, n_draft])."""
+    logits, h = model.decode(tokens, pos, caches[:-1], mask)
+    logits = model.gather_logits(logits).float()
+    greedy = logits.argmax(-1)
+    logp = logits.log_softmax(-1).gather(2, greedy[..., None])[..., 0]
+    real = torch.arange(tokens.shape[1] - 1, device=tokens.device) < drafted[:, None]
+    ok = (greedy[:, :-1] == tokens[:, 1:]) & real
+    accepted = ok.long().cumprod(1).sum(1)
+    at = torch.arange(tokens.shape[0], device=tokens.device)
+    d_logits, g = model.draft(h, greedy, pos, caches[-1], mask)
+    d_logits, g, p = d_logits[at, accepted], g[at, accepted][:, None], pos[at, accepted]
+    drafts = [model.gather_logits(d_logits).float().argmax(-1)]
+    keys, chain = torch.arange(mask.shape[-1], device=mask.device), ChainCache(caches[-1])
+    for _ in range(1, n_draft):
+        p = chain.pos = torch.minimum(p + 1, limit)
+        d_logits, g = model.draft(g, drafts[-1][:, None], p[:, None], chain, (keys <= p[:, None])[:, None])
+        drafts.append(model.gather_logits(d_logits[:, 0]).float().argmax(-1))
+    return greedy, logp, accepted, torch.stack(drafts, 1)
 
 
 class PagePool:
@@ -126,12 +160,33 @@ class PagedCache:
         return flat.index_select(0, self.gather).view(*self.shape, *flat.shape[1:])
 
 
+class ChainCache:
+    """The MTP block's cache as chained drafts inside one program see it: the pages gathered once, and
+    each chained position's values put into that copy instead of into the pages. A chained draft's entry is
+    overwritten by the next step's MTP pass before anything else reads it, so the pages need not hold it,
+    and a program writing a buffer twice would copy the whole buffer. `pos` [b]: the position written next."""
+
+    def __init__(self, paged: PagedCache):
+        self.paged, self.pos, self.values = paged, None, {}
+
+    def write(self, name: str, start_pos: int, value: torch.Tensor) -> torch.Tensor:
+        if name not in self.values:
+            buf = getattr(self.paged.pages, name)
+            flat = buf.view(-1, *buf.shape[2:])
+            self.values[name] = flat.index_select(0, self.paged.gather).view(*self.paged.shape, *flat.shape[1:])
+        old = self.values[name]
+        hit = torch.arange(old.shape[1], device=old.device) == self.pos[:, None]   # [b, keys]
+        self.values[name] = torch.where(hit.view(*hit.shape, *[1] * (old.dim() - 2)), value.to(old.dtype), old)
+        return self.values[name]
+
+
 @dataclass
 class Sequence:
     """One prompt's sample in flight: tokens are the prompt's then the sampled ones. Its cache holds
-    positions [0, length); tokens[length] is the last token sampled, not yet fed back. The MTP cache holds
-    [0, mtp_len); the main model's hidden states at [mtp_len, length), which it still has to catch up on,
-    wait in row `slot` of the engine's hidden buffer (as its pages wait in row `slot` of the block table)."""
+    positions [0, length); tokens[length] is the last token sampled, not yet fed back; `limit` is the last
+    position it may ever write (prompt + max_new_tokens - 1). Its pages are row `slot` of the engine's
+    block table; speculating, the MTP cache holds [0, length) too, and the next step's drafts wait in row
+    `slot` of the engine's draft buffer."""
 
     index: int
     gen: torch.Generator
@@ -139,7 +194,7 @@ class Sequence:
     promise: int
     tokens: list[int] = field(default_factory=list)
     length: int = 0
-    mtp_len: int = 0
+    limit: int = 0
     slot: int = 0
     out: list[int] = field(default_factory=list)
     logps: list[float] = field(default_factory=list)
@@ -183,16 +238,15 @@ class Engine:
         return torch.rand((), generator=gen).item() * q < p
 
     # -- one forward over a ragged batch ------------------------------------------------------------------
-    def _forward(self, table: torch.Tensor, starts: list[int], tokens: torch.Tensor, lens: list[int] | None = None,
-                 hidden: torch.Tensor | None = None):
-        """(logits [b, s, vocab], h [b, s, dim]) of tokens [b, s] at positions starts[i] + 0, 1, ... for the
-        sequences whose pages are the rows of `table` [b, >= the pages their contexts span]; through the main
-        model, or with `hidden` [b, s, dim] through the first MTP module (tokens then are the ones one ahead).
-        lens[i]: row i's own chunk length, the rest right padding (None: every row is s long). Every index
-        is built from `table` and two small tensors, with no Python loop over the batch."""
+    def _frame(self, table: torch.Tensor, starts: list[int], s: int, lens: list[int] | None, reach: int = 0):
+        """(positions [b, s], mask [b, s, keys], every layer's PagedCache) of chunks
+        of s tokens at positions starts[i] + 0, 1, ... for the sequences whose pages are the rows of `table`;
+        lens[i]: row i's own chunk length, the rest right padding (None: every row is s long); the keys reach
+        `reach` positions past the longest chunk's end (the chained drafts', capped at max_seq_len). Every
+        index is built from `table` and two small tensors, with no Python loop over the batch."""
         P, dev = self.page_size, self.device
-        b, s = tokens.shape
-        keys = max(starts) + s if lens is None else max(st + n for st, n in zip(starts, lens))
+        end = max(starts) + s if lens is None else max(st + n for st, n in zip(starts, lens))
+        keys = min(end + reach, self.max_seq_len) if reach else end
         width = -(-keys // P)
         table = table[:, :width]
         ar = self._arange(max(s, keys, P))
@@ -206,22 +260,37 @@ class Engine:
             slots = torch.where(valid, slots, 0)                              # padding writes go to scratch
             mask = torch.where(valid[..., None], mask, t == 0)               # padding queries see key 0 only
         gather = (table[:, :, None] * P + ar[:P]).flatten(1)[:, :keys]   # position t: page t // P, slot t % P
-        caches = [PagedCache(c, slots, gather) for c in self.pool.caches]
+        return pos, mask, [PagedCache(c, slots, gather) for c in self.pool.caches]
+
+    def _compiles(self, tokens: torch.Tensor) -> bool:
+        """Whether a forward over tokens [b, s] runs compiled: a decode-sized one, with compile on."""
+        return self.compile and not self.record and tokens.numel() <= self.compile_tokens
+
+    def _forward(self, table: torch.Tensor, starts: list[int], tokens: torch.Tensor, lens: list[int] | None = None,
+                 hidden: torch.Tensor | None = None):
+        """(logits [b, s, vocab], h [b, s, dim]) of tokens [b, s] at positions starts[i] + 0, 1, ... (see
+        `_frame`), through the main model, or with `hidden` [b, s, dim] through the first MTP module (tokens
+        then are the ones one ahead)."""
+        pos, mask, caches = self._frame(table, starts, tokens.shape[1], lens)
         self.forwards += 1
-        step = self.compile and not self.record and b * s <= self.compile_tokens   # a decode-sized forward: compiled
         if hidden is None:
-            if step:
+            if self._compiles(tokens):
                 out = compiled(type(self.model).decode)(self.model, tokens, pos, caches[:self.n_layers], mask)
             else:
                 out = self.model.decode(tokens, pos, caches[:self.n_layers], mask)
-            if self.record:   # the trunk's experts per row [b, s, n_moe_layers, k]; padding rows are sliced off
-                self.routes = self.model.recorded_routing()[-1].cpu()
-                self.model.record_routing()
+            self._recorded()
             return out
-        if step:
+        if self._compiles(tokens):
             return compiled(type(self.model).draft)(self.model, hidden.contiguous(), tokens, pos,
                                                     caches[self.n_layers], mask)
         return self.model.draft(hidden, tokens, pos, caches[self.n_layers], mask)
+
+    def _recorded(self) -> None:
+        """With routing replay's recording on: the trunk's experts of the last forward per row [b, s,
+        n_moe_layers, k] (padding rows are sliced off by the caller); the MTP's are not recorded."""
+        if self.record:
+            self.routes = self.model.recorded_routing()[-1].cpu()
+            self.model.record_routing()
 
     def _arange(self, n: int) -> torch.Tensor:
         if self._ar is None or len(self._ar) < n:
@@ -370,10 +439,12 @@ class Engine:
                              f"raise n_pages to at least {worst + 1} or lower max_new_tokens")
         self.pool = PagePool(net, n_pages, P, mtp=self.draft_tokens > 0)
         # the running sequences' block tables, one row per batch slot (unused entries: the scratch page 0), and
-        # with speculation the main model's hidden states the MTP module still has to catch up on, per slot
+        # with speculation their next drafts (at T > 0 also the drafts' sampling distributions), per slot
         self.table = torch.zeros(self.max_batch, -(-self.max_seq_len // P), dtype=torch.long, device=self.device)
         self.slots = list(range(self.max_batch - 1, -1, -1))
-        self.hbuf, self._ar = None, None
+        self.dbuf = torch.full((self.max_batch, max(self.draft_tokens, 1)), self.pad, dtype=torch.long,
+                               device=self.device)
+        self.qbuf, self._ar = None, None
         self.forwards = self.prefilled = self.steps = 0
         self.drafted = [0] * self.draft_tokens
         self.accepted = [0] * self.draft_tokens
@@ -430,7 +501,7 @@ class Engine:
             stats["acceptance"] = sum(self.accepted) / max(sum(self.drafted), 1)
             stats["drafted"], stats["accepted"] = sum(self.drafted), sum(self.accepted)
             stats["acceptance_per_position"] = [a / max(d, 1) for a, d in zip(self.accepted, self.drafted)]
-        self.pool = self.table = self.hbuf = None
+        self.pool = self.table = self.dbuf = self.qbuf = None
         return completions, stats
 
     def _admit(self, waiting: deque, running: list, prompts, params, seed, seeds) -> list:
@@ -455,7 +526,8 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(
                     seeds[i] if seeds is not None else seed * 1_000_003 + i)
                 promise = fresh + copy * (n < g - 1)   # which child copies is the pool's concern, not the sum
-                children.append(Sequence(i, gen, [], promise, tokens=list(q), length=len(q), slot=self.slots.pop()))
+                children.append(Sequence(i, gen, [], promise, tokens=list(q), length=len(q),
+                                         limit=len(q) + params.max_new_tokens - 1, slot=self.slots.pop()))
             admitted.append((q, children))
             room -= g
         return admitted
@@ -476,6 +548,8 @@ class Engine:
             self._idle()
             if self.draft_tokens and self._anyone(False):
                 self._idle(draft=True)
+            if self.draft_tokens and self._anyone(False):
+                self._draft([], None, [], None, None, None, [], params)
             return []
         tables = [[self.pool.take() for _ in range(math.ceil(len(q) / self.page_size))] for q, _ in admitted]
         width = max(map(len, tables))
@@ -494,17 +568,11 @@ class Engine:
                     self._forward(table[idx], [0] * len(idx), tokens, lens, hidden=h[idx, :tokens.shape[1]])
                 else:
                     self._idle(draft=True)
-            if self.hbuf is None:
-                self.hbuf = h.new_zeros(self.max_batch, self.draft_tokens + 1, h.shape[-1])
         ends = torch.tensor([len(q) - 1 for q in prompts], device=self.device)
         last = self._logits(logits[torch.arange(len(prompts), device=self.device), ends])
         logp, probs, keep = self._distributions(last, params)
         sets = allowed_ids(keep) if keep is not None else None
-        if self.draft_tokens:   # each child's pending hidden state: the prompt's last
-            rows = [g for g, (_, children) in enumerate(admitted) for _ in children]
-            slots = torch.tensor([c.slot for _, children in admitted for c in children], device=self.device)
-            self.hbuf[slots, 0] = h[rows, ends[rows]]
-        out = []
+        out, rows = [], []
         for g, ((q, children), pages) in enumerate(zip(admitted, tables)):
             tokens = self._draw(last[g:g + 1].expand(len(children), -1),
                                 None if probs is None else probs[g:g + 1].expand(len(children), -1), children)
@@ -517,11 +585,20 @@ class Engine:
                 seq.pages = list(pages)
                 if self.record:   # the children share the prompt's prefill, and so its routing
                     seq.routes = [prompt_routes[g, :len(q)]]
-                seq.mtp_len = len(q) - 1
                 if not self._emit(seq, token, lp, params, None if sets is None else sets[g]):
                     out.append(seq)
+                    rows.append(g)
             for page in pages:   # the group's own reference: the children hold theirs
                 self.pool.release(page)
+        if self.draft_tokens and self._anyone(bool(out)):
+            # the first drafts: the MTP module at the prompt's last position, on its hidden state and the
+            # first sampled token; its writes, and the chain's past it, copy a still shared page first
+            for seq in out:
+                self._pages_for(seq, seq.length - 1, min(seq.length - 1 + self.draft_tokens, seq.limit + 1))
+            rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+            tokens = torch.tensor([[seq.tokens[seq.length]] for seq in out], dtype=torch.long, device=self.device)
+            self._draft(out, self.table[self._slots(out)], [seq.length - 1 for seq in out], tokens, None,
+                        h[rows_t, ends[rows_t]][:, None], [0] * len(out), params)
         return out
 
     def _decode(self, running: list[Sequence], params: SamplingParams):
@@ -553,98 +630,55 @@ class Engine:
             self._emit(seq, token, lp, params, sets[b])
 
     def _speculate(self, running: list[Sequence], params: SamplingParams):
-        """One verify step: the MTP module catches up and drafts up to draft_tokens tokens per sequence (no
-        more than it may still emit, less one), the main model scores [pending, drafts] in one forward, and
-        the speculative-sampling rule decides what is emitted (V3 §5.4.3; Leviathan et al. 2023, alg. 1).
-        The drafts stay a tensor [batch, draft_tokens] and the catch-up's hidden states rows of the hidden
-        buffer; at T = 0 acceptance is one comparison with the verify's argmax for the whole batch."""
+        """One verify step (V3 §5.4.3; Leviathan et al. 2023, alg. 1): the main model scores [pending token,
+        its drafts] in one forward (up to draft_tokens drafts, no more than the sequence may still emit, less
+        one), the speculative-sampling rule decides what is emitted, and the MTP module drafts the next step's
+        tokens from the verified positions' hidden states. At T = 0 all of it is one call for the batch
+        (`greedy_speculation`); at T > 0 the acceptance draws from each sequence's own generator between the
+        verify and the drafts."""
         K, dev = self.draft_tokens, self.device
+        if not running:   # another rank verifies: the same collectives, into the scratch page
+            if params.temperature == 0:
+                zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
+                self._verify_greedy(zero, [0], zero + self.pad, None, zero[0], zero[0])
+                self.forwards -= 1 + K
+            else:
+                self._idle()
+                self._draft([], None, [], None, None, None, [], params)
+            return
         ks = [min(K, params.max_new_tokens - len(s.out) - 1) for s in running]
         P, refs = self.page_size, self.pool.refs
-        for seq, k in zip(running, ks):   # the MTP writes from mtp_len, the verify up to length + k
-            end = -(-(seq.length + 1 + k) // P)
-            if end > len(seq.pages) or any(refs[page] > 1 for page in seq.pages[seq.mtp_len // P:end]):
-                self._pages_for(seq, seq.mtp_len, seq.length + 1 + k)
-        width = max(ks, default=0)        # the verify scores [pending, drafts]: 1 + width positions
-        drafts = torch.full((len(running), max(width, 1)), self.pad, dtype=torch.long, device=dev)
-        q_all = None   # the drafts' sampling distributions [running, draft_tokens, vocab] (T > 0)
-        rows = [b for b, k in enumerate(ks) if k > 0]
-        drafting = [running[b] for b in rows]
-        if self._anyone(bool(drafting)) and not drafting:   # another rank drafts: as many forwards as it
-            self._idle(draft=True)
-            for _ in range(1, K):
-                if not self._anyone(False):
-                    break
-                self._idle(draft=True)
-        elif drafting:
-            # catch up on [mtp_len, length) with the main model's hidden states; the last position drafts
-            slots = self._slots(drafting)
-            table = self.table[slots]
-            tokens, lens = self._tokens([s.tokens[s.mtp_len + 1:s.length + 1] for s in drafting])
-            logits, g = self._forward(table, [s.mtp_len for s in drafting], tokens, lens,
-                                      hidden=self.hbuf[slots, :tokens.shape[1]])
-            if lens is not None:
-                last = torch.tensor(lens, device=dev) - 1
-                at = torch.arange(len(drafting), device=dev)
-                logits, g = logits[at, last], g[at, last][:, None]
-            else:
-                logits, g = logits[:, -1], g[:, -1:]
-            logits = self._logits(logits)
-            for seq in drafting:
-                seq.mtp_len = seq.length
-            rows_t, ids = torch.tensor(rows, device=dev), None
-            for j in range(K):
-                if j:   # chain: the module on its own hidden state and its last draft, one position on
-                    if not self._anyone(bool(drafting)):
-                        break
-                    if not drafting:
-                        self._idle(draft=True)
-                        continue
-                    logits, g = self._forward(table, [s.length + j - 1 for s in drafting], ids[:, None], hidden=g)
-                    logits = self._logits(logits[:, 0])
-                if params.temperature == 0:
-                    ids = logits.argmax(-1)
-                else:
-                    _, q, _ = self._distributions(logits, params)
-                    if q_all is None:   # ones where nothing was drafted: never read, never divides by zero
-                        q_all = q.new_ones(len(running), K, q.shape[-1])
-                    q_all[rows_t, j] = q
-                    ids = torch.tensor(self._draw(logits, q, drafting), device=dev)
-                drafts[rows_t, j] = ids
-                keep = [i for i, b in enumerate(rows) if ks[b] > j + 1]
-                if len(keep) < len(rows):
-                    rows = [rows[i] for i in keep]
-                    drafting = [running[b] for b in rows]
-                    keep = torch.tensor(keep, dtype=torch.long, device=dev)
-                    rows_t, table, logits, g, ids = rows_t[keep], table[keep], logits[keep], g[keep], ids[keep]
-        if not running:   # another rank verifies
-            return self._idle()
-        pending = torch.tensor([s.tokens[s.length] for s in running], device=dev)[:, None]
-        tokens = torch.cat([pending, drafts[:, :width]], 1)
+        for seq, k in zip(running, ks):   # the verify and the MTP write [length, length + 1 + k), the chain past it
+            end = min(seq.length + k + K, seq.limit + 1)
+            if -(-end // P) > len(seq.pages) or refs[seq.pages[seq.length // P]] > 1:
+                self._pages_for(seq, seq.length, end)
+        width = max(ks)                   # the verify scores [pending, drafts]: 1 + width positions
         slots = self._slots(running)
-        logits, h = self._forward(self.table[slots], [s.length for s in running], tokens,
-                                  None if min(ks) == width else [1 + k for k in ks])
-        verify_routes = self.routes
-        logits = self._logits(logits)
-        # the emitted tokens' allowed sets are the truncation of the main model's p, whose support the residual
-        # resample norm(max(0, p - q)) also stays in
-        logp, p, keep = self._distributions(logits, params)
+        table, starts = self.table[slots], [s.length for s in running]
+        pending = torch.tensor([s.tokens[s.length] for s in running], device=dev)[:, None]
+        tokens = torch.cat([pending, self.dbuf[slots, :width]], 1)
+        lens = None if min(ks) == width else [1 + k for k in ks]
         for j in range(K):   # acceptance per position: accepted over drafted, whatever came before
             self.drafted[j] += sum(k > j for k in ks)
-        if p is None:   # T = 0: a draft is accepted while it is the argmax; the argmax follows the accepted run
-            greedy = logits.argmax(-1)
-            drafted = self._arange(width)[:width] < torch.tensor(ks, device=dev)[:, None]
-            ok = (greedy[:, :width] == drafts[:, :width]) & drafted
-            n_ok = ok.long().cumprod(1).sum(1).tolist()
+        if params.temperature == 0:
+            drafted, limit = torch.tensor([ks, [s.limit for s in running]], device=dev)
+            greedy, logp, n_ok, drafts = self._verify_greedy(table, starts, tokens, lens, drafted, limit)
+            verify_routes = self.routes
+            self.dbuf[slots] = drafts
+            n_ok = n_ok.tolist()
             for j in range(K):
                 self.accepted[j] += sum(a > j for a in n_ok)
-            greedy_l = greedy.tolist()
-            lps_all = logp.gather(2, greedy[..., None])[..., 0].tolist()
-            picks = [greedy_l[b][:a + 1] for b, a in enumerate(n_ok)]
-            lps = [lps_all[b][:a + 1] for b, a in enumerate(n_ok)]
+            greedy, logp = greedy.tolist(), logp.tolist()
+            picks = [greedy[b][:a + 1] for b, a in enumerate(n_ok)]
+            lps = [logp[b][:a + 1] for b, a in enumerate(n_ok)]
             sets = [[None] * len(t) for t in picks]
         else:
-            picks = self._accept_sampled(running, ks, drafts, width, p, q_all)
+            logits, h = self._forward(table, starts, tokens, lens)
+            verify_routes = self.routes
+            # the emitted tokens' allowed sets are the truncation of the main model's p, whose support the
+            # residual resample norm(max(0, p - q)) also stays in
+            logp, p, keep = self._distributions(self._logits(logits), params)
+            picks = self._accept_sampled(running, ks, tokens[:, 1:], width, p, self.qbuf[slots])
             flat_r = [b for b, t in enumerate(picks) for _ in t]
             flat_c = [j for t in picks for j in range(len(t))]
             flat = logp[flat_r, flat_c, [x for t in picks for x in t]].tolist()
@@ -654,7 +688,10 @@ class Engine:
                 lps.append(flat[n:n + len(t)])
                 sets.append(flat_s[n:n + len(t)])
                 n += len(t)
-        self.hbuf[slots, :tokens.shape[1]] = h
+            # the MTP module over the verified positions, fed the tokens one ahead: the accepted drafts, then
+            # the last emitted token; it drafts from the last emitted one's position
+            ahead = torch.tensor([t + [self.pad] * (1 + width - len(t)) for t in picks], device=dev)
+            self._draft(running, table, starts, ahead, lens, h, [len(t) - 1 for t in picks], params)
         for b, seq in enumerate(running):
             emitted = 0
             for token, lp, allowed in zip(picks[b], lps[b], sets[b]):
@@ -664,6 +701,51 @@ class Engine:
             if self.record:   # the pending token and the accepted drafts: the positions now in the cache
                 seq.routes.append(verify_routes[b, :emitted])
             seq.length += emitted
+
+    def _verify_greedy(self, table, starts, tokens, lens, drafted, limit):
+        """`greedy_speculation` over the batch (compiled when decode-sized): (greedy tokens, their log-probs,
+        accepted drafts per row, next drafts)."""
+        pos, mask, caches = self._frame(table, starts, tokens.shape[1], lens, reach=self.draft_tokens - 1)
+        self.forwards += 1 + self.draft_tokens
+        fn = compiled(greedy_speculation) if self._compiles(tokens) else greedy_speculation
+        out = fn(self.model, tokens, pos, caches, mask, drafted, limit, self.draft_tokens)
+        self._recorded()
+        return out
+
+    def _draft(self, seqs: list[Sequence], table, starts: list[int], tokens, lens, hidden, at: list[int],
+               params: SamplingParams) -> None:
+        """Each sequence's next draft_tokens drafts into the draft buffer (and at T > 0 their sampling
+        distributions into its q buffer): the MTP module over chunks tokens [b, s] at positions starts with
+        the main model's hidden states [b, s, dim] (tokens one ahead of them), the first draft from position
+        at[i] of each chunk, the rest chained on the module's own hidden state one position on (V3 §5.4.3),
+        drawn with each sequence's own generator at T > 0. Exactly draft_tokens forwards on every rank (a
+        rank with no sequence runs them into the scratch page)."""
+        K = self.draft_tokens
+        if not seqs:
+            for _ in range(K):
+                self._idle(draft=True)
+            return
+        dev = self.device
+        slots = self._slots(seqs)
+        logits, g = self._forward(table, starts, tokens, lens, hidden=hidden)
+        rows, at_t = torch.arange(len(seqs), device=dev), torch.tensor(at, device=dev)
+        logits, g = logits[rows, at_t], g[rows, at_t][:, None]
+        pos, ids = [st + a for st, a in zip(starts, at)], None
+        for j in range(K):
+            if j:   # chained: one position on, clamped where the sequence may not emit that far (never read)
+                pos = [min(p + 1, s.limit) for p, s in zip(pos, seqs)]
+                logits, g = self._forward(table, pos, ids[:, None], hidden=g)
+                logits = logits[:, 0]
+            logits = self._logits(logits)
+            if params.temperature == 0:
+                ids = logits.argmax(-1)
+            else:
+                _, q, _ = self._distributions(logits, params)
+                if self.qbuf is None:
+                    self.qbuf = q.new_ones(self.max_batch, K, q.shape[-1])
+                self.qbuf[slots, j] = q
+                ids = torch.tensor(self._draw(logits, q, seqs), device=dev)
+            self.dbuf[slots, j] = ids
 
     def _accept_sampled(self, running, ks, drafts, width, p, q_all) -> list[list[int]]:
         """T > 0: each sequence's emitted tokens by the speculative-sampling rule, drawn with its own

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
-from posttrain.engine import TOO_LONG, Engine
+from posttrain.engine import TOO_LONG, Engine, greedy_speculation
 from posttrain.generate import Generator, SamplingParams
 from distributed import run_ranks
 from test_generate import ToyTokenizer, _net, _prompts
@@ -285,6 +285,37 @@ def test_compiled_steps_equal_eager(monkeypatch):
         for kw in (dict(max_batch=4, page_size=4), dict(max_batch=4, draft_tokens=2)):
             outs, stats = Engine(net, tok, pad_id=3, compile=True, **kw).generate(prompts, params)
             _assert_same(ref, outs)
-        assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft}
+        assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft, greedy_speculation}
     finally:
         torch._dynamo.reset()
+
+
+def test_chain_cache_sees_what_a_page_write_would():
+    """Chained drafts inside the T = 0 program (`greedy_speculation`) put their keys into a gathered copy
+    (`ChainCache`) instead of the pages: each chained position must read exactly what writing the pages and
+    gathering them again reads, the earlier chained positions' values included."""
+    from posttrain.engine import ChainCache, PagedCache
+
+    class Pages(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("kv", torch.randn(6, 4, 3))   # 6 pages of 4 positions, width 3
+            self.register_buffer("pe", torch.randn(6, 4, 2))
+
+    torch.manual_seed(0)
+    pages, P = Pages(), 4
+    table = torch.tensor([[2, 5, 0], [1, 3, 4]])              # two sequences' block tables (0: scratch)
+    keys = 11
+    gather = (table[:, :, None] * P + torch.arange(P)).flatten(1)[:, :keys]
+    chain = ChainCache(PagedCache(pages, torch.zeros(2, 1, dtype=torch.long), gather))
+    written, before = Pages(), {k: v.clone() for k, v in pages.state_dict().items()}
+    written.load_state_dict(pages.state_dict())
+    for pos in ([5, 9], [6, 10], [6, 10]):                     # the last: clamped to the limit, rewritten
+        pos = torch.tensor(pos)
+        slots = (table.gather(1, (pos // P)[:, None]) * P + (pos % P)[:, None])
+        ref = PagedCache(written, slots, gather)
+        for name, width in (("kv", 3), ("pe", 2)):
+            value = torch.randn(2, 1, width)
+            chain.pos = pos
+            torch.testing.assert_close(chain.write(name, 0, value), ref.write(name, 0, value), rtol=0, atol=0)
+    assert torch.equal(pages.kv, before["kv"]) and torch.equal(pages.pe, before["pe"])   # no page written
