@@ -16,8 +16,10 @@ Rows, each on the same --prompts prompts x --group samples (a GRPO batch, the de
   speculative     Engine(draft_tokens=k): + MTP drafts verified by the model (T = 0 rows must equal plain)
 T = 0 for the headline (speedup_continuous = shared_prefix / static, speedup_speculative = speculative /
 shared_prefix at the best k, acceptance = accepted / drafted); the same at --temperature, and at T = 0 on
---small-batch distinct prompts (low load, where a verify step costs little more than a decode step), for
-context. Every engine row's tokens are checked against the static engine's at T = 0 before they count.
+--small-batch distinct prompts (low load, where a verify step costs little more than a decode step: SGLang's
+and vLLM's speculation figures are at batch 1 and low load), with its own best k
+(speedup_speculative_small_batch). Every engine row's tokens are checked against the static engine's at T = 0
+before they count.
 
 Compiled (the default; --no-compile: eager only). At this width a decode forward's time is mostly fixed
 per-op cost (a few hundred small kernels launched from Python), which continuous batching and speculation
@@ -142,9 +144,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=160, help="the longest reply the task asks for")
     ap.add_argument("--max-batch", type=int, default=128)
-    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--small-batch", type=int, default=4, help="sequences of the low-load speculation rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -208,6 +210,7 @@ def main(argv=None) -> dict:
     r = greedy["rows"]
     best_k = max(args.draft_tokens, key=lambda k: r[f"speculative_k{k}"]["tokens_per_s"])
     spec = r[f"speculative_k{best_k}"]
+    best_small = max(args.draft_tokens, key=lambda k: small["rows"][f"speculative_k{k}"]["tokens_per_s"])
     result = {
         "benchmark": "rollout",
         "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
@@ -227,10 +230,12 @@ def main(argv=None) -> dict:
         "speculative_draft_tokens": best_k,
         "acceptance": spec["acceptance"],
         "acceptance_per_position": spec["acceptance_per_position"],
-        "speedup_speculative_small_batch": round(small["rows"][f"speculative_k{best_k}"]["tokens_per_s"]
+        "speedup_speculative_small_batch": round(small["rows"][f"speculative_k{best_small}"]["tokens_per_s"]
                                                  / small["rows"]["shared_prefix"]["tokens_per_s"], 2),
+        "speculative_draft_tokens_small_batch": best_small,
         "compiled": args.compile,
-        "compile": ({"what": "the static Generator's decode steps and the engine's decode, verify and MTP draft "
+        "compile": ({"what": "the static Generator's decode steps and the engine's decode forwards, T = 0 "
+                             "speculation steps (verify + acceptance + MTP drafts, one program) and MTP draft "
                              f"forwards of <= {COMPILE_TOKENS} tokens (prefills eager): torch.compile(dynamic=True), "
                              "inductor C++ kernels (gcc); every row warmed up untimed first",
                      "warmup_seconds_per_row_incl_compile": warmup} if args.compile else None),
@@ -259,7 +264,8 @@ def main(argv=None) -> dict:
                   + (f"  acceptance {row['acceptance']:.2f} {row['acceptance_per_position']}" if "acceptance" in row
                      else ""))
     print(f"speedup_continuous {result['speedup_continuous']}, speedup_speculative {result['speedup_speculative']} "
-          f"(k={best_k}; {result['speedup_speculative_small_batch']} at {args.small_batch} sequences), acceptance "
+          f"(k={best_k}; {result['speedup_speculative_small_batch']} at {args.small_batch} sequences, k={best_small}), "
+          f"acceptance "
           f"{result['acceptance']}; wrote {args.out}")
     return result
 

@@ -184,7 +184,7 @@ class Experts(nn.Module):
                 partial: bool = True) -> torch.Tensor:
         """partial=False promises every pair is present: no host sync on the count."""
         t, k = indices.shape
-        dense = t * self.n_experts <= self.dense_products or torch.compiler.is_compiling()
+        dense = torch.compiler.is_compiling() or t * self.n_experts <= self.dense_products   # no size guard traced
         if dense and not torch.is_grad_enabled() and type(x) is torch.Tensor and "grouped_gemm" not in self.__dict__:
             return self._dense(x, indices, weights)
         order, counts = permute(indices, self.n_experts)

@@ -109,8 +109,10 @@ class PagePool:
     (shared prefixes) and promises (pages admitted sequences may still take). Page 0 is scratch."""
 
     def __init__(self, model, n_pages: int, page_size: int, mtp: bool):
-        # a KVCache of batch n_pages and length page_size: its batch rows are the pages
+        # a KVCache of batch n_pages and length page_size: its batch rows are the pages; forwards take its
+        # buffers as plain tensors (a compiled step guarding on a freed pool's module would recompile)
         self.caches = model.new_cache(n_pages, page_size, mtp=mtp)
+        self.pages = [dict(c.named_buffers()) for c in self.caches]
         self.n_pages, self.page_size = n_pages, page_size
         self.free = list(range(n_pages - 1, 0, -1))
         self.refs = [0] * n_pages
@@ -142,16 +144,16 @@ class PagePool:
 
 
 class PagedCache:
-    """One layer's pages seen by the attention as a cache, for one forward: `write` stores the step's
-    values at `slots` [b, s] (flat page * page_size + offset) and returns each sequence's values in
-    position order, gathered at `gather` [b, keys]."""
+    """One layer's pages (its cache's buffers by name) seen by the attention as a cache, for one forward:
+    `write` stores the step's values at `slots` [b, s] (flat page * page_size + offset) and returns each
+    sequence's values in position order, gathered at `gather` [b, keys]."""
 
-    def __init__(self, pages, slots: torch.Tensor, gather: torch.Tensor):
+    def __init__(self, pages: dict[str, torch.Tensor], slots: torch.Tensor, gather: torch.Tensor):
         # flat indices: index_copy_ / index_select run ~4x faster than advanced indexing on CPU
         self.pages, self.slots, self.gather, self.shape = pages, slots.flatten(), gather.flatten(), gather.shape
 
     def write(self, name: str, start_pos: int, value: torch.Tensor) -> torch.Tensor:
-        buf = getattr(self.pages, name)
+        buf = self.pages[name]
         flat = buf.view(-1, *buf.shape[2:])
         value = value.flatten(0, 1)
         if value.dtype != flat.dtype:
@@ -171,7 +173,7 @@ class ChainCache:
 
     def write(self, name: str, start_pos: int, value: torch.Tensor) -> torch.Tensor:
         if name not in self.values:
-            buf = getattr(self.paged.pages, name)
+            buf = self.paged.pages[name]
             flat = buf.view(-1, *buf.shape[2:])
             self.values[name] = flat.index_select(0, self.paged.gather).view(*self.paged.shape, *flat.shape[1:])
         old = self.values[name]
@@ -260,7 +262,7 @@ class Engine:
             slots = torch.where(valid, slots, 0)                              # padding writes go to scratch
             mask = torch.where(valid[..., None], mask, t == 0)               # padding queries see key 0 only
         gather = (table[:, :, None] * P + ar[:P]).flatten(1)[:, :keys]   # position t: page t // P, slot t % P
-        return pos, mask, [PagedCache(c, slots, gather) for c in self.pool.caches]
+        return pos, mask, [PagedCache(pages, slots, gather) for pages in self.pool.pages]
 
     def _compiles(self, tokens: torch.Tensor) -> bool:
         """Whether a forward over tokens [b, s] runs compiled: a decode-sized one, with compile on."""

@@ -138,6 +138,7 @@ def allowed_ids(keep: torch.Tensor) -> list[torch.Tensor]:
 # verify step, whose MoE layers then take the dense inference path (model/moe.py Experts.dense_products), which
 # traces; a prefill runs eagerly
 COMPILE_TOKENS = 512
+RECOMPILE_LIMIT = 24   # programs per compiled function (see `compiled`)
 COMPILE_BACKEND = "inductor"   # tests trace with "eager" (dynamo's graphs run by eager kernels: no C++ build)
 _COMPILED: dict = {}
 
@@ -150,8 +151,12 @@ def compiled(fn):
         program = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND)
 
         def run(*args, **kwargs):
-            # no shape specialised: not a batch of 1 or a chunk of 1, nor a batch as wide as the model (duck sizing)
-            with torch.fx.experimental._config.patch(use_duck_shape=False, backed_size_oblivious=True):
+            # no shape specialised: not a batch of 1 or a chunk of 1, nor a batch as wide as the model (duck sizing);
+            # programs per function: one per draft count (a loop bound), inductor's batch-of-1 indexing, and a
+            # recompile when a guarded object of an earlier call is gone: a sweep over draft counts (the rollout
+            # benchmark) needs more than dynamo's default 8, after which a function would run eagerly
+            with torch.fx.experimental._config.patch(use_duck_shape=False, backed_size_oblivious=True), \
+                    torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 return program(*args, **kwargs)
         _COMPILED[fn] = run
     return _COMPILED[fn]

@@ -307,13 +307,13 @@ def test_chain_cache_sees_what_a_page_write_would():
     table = torch.tensor([[2, 5, 0], [1, 3, 4]])              # two sequences' block tables (0: scratch)
     keys = 11
     gather = (table[:, :, None] * P + torch.arange(P)).flatten(1)[:, :keys]
-    chain = ChainCache(PagedCache(pages, torch.zeros(2, 1, dtype=torch.long), gather))
+    chain = ChainCache(PagedCache(dict(pages.named_buffers()), torch.zeros(2, 1, dtype=torch.long), gather))
     written, before = Pages(), {k: v.clone() for k, v in pages.state_dict().items()}
     written.load_state_dict(pages.state_dict())
     for pos in ([5, 9], [6, 10], [6, 10]):                     # the last: clamped to the limit, rewritten
         pos = torch.tensor(pos)
         slots = (table.gather(1, (pos // P)[:, None]) * P + (pos % P)[:, None])
-        ref = PagedCache(written, slots, gather)
+        ref = PagedCache(dict(written.named_buffers()), slots, gather)
         for name, width in (("kv", 3), ("pe", 2)):
             value = torch.randn(2, 1, width)
             chain.pos = pos
