@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
                                                  / small["rows"]["shared_prefix"]["tokens_per_s"], 2),
         "speculative_draft_tokens_small_batch": best_small,
         "compiled": args.compile,
-        "compile": ({"what": "the static Generator's decode steps and the engine's decode forwards, T = 0 "
+        "compile": ({"what": "the static Generator's decode steps and the engine's decode forwards, "
                              "speculation steps (verify + acceptance + MTP drafts, one program) and MTP draft "
                              f"forwards of <= {COMPILE_TOKENS} tokens (prefills eager): torch.compile(dynamic=True), "
                              "inductor C++ kernels (gcc); every row warmed up untimed first",

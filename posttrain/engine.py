@@ -44,9 +44,10 @@ and at temperature 0 they are its greedy tokens. Each step drafts the next one's
 MTP module runs over the verified positions with the main model's hidden states and the tokens one ahead
 (the accepted drafts, then the last emitted token) and drafts from the last emitted position, so the MTP
 cache keeps pace with the main one; a new sequence's first drafts come from the prompt's last position at
-admission. At T = 0 the acceptance needs no random draw, so the whole step (verify, acceptance, the MTP
-pass and the chained drafts) is one call, one compiled program with compile=True (`greedy_speculation`):
-on a small model a step costs about a decode plus the MTP block's share, not three calls' fixed costs.
+admission. The whole step (verify, acceptance, the MTP pass and the chained drafts) is one call, one
+compiled program with compile=True (`speculation_step`): at T > 0 each sequence's uniforms for the step are
+drawn from its own generator first, and acceptance and every draw (inverse CDF) happen inside. On a small
+model a step then costs about a decode plus the MTP block's share, not three calls' fixed costs.
 
 Parallel layouts. Under tp every rank holds the same prompts and seeds and gathers the same logits, so all
 run the same schedule. Under ep (and any layout whose forward is a collective) the ranks hold different
@@ -75,33 +76,66 @@ __all__ = ["Engine", "PagePool", "PagedCache", "rollout_engine"]
 TOO_LONG = "prompt_too_long"   # the finish of a prompt that cannot fit: reported, never truncated
 
 
-def greedy_speculation(model, tokens, pos, caches, mask, drafted, limit, n_draft: int):
-    """One temperature-0 speculation step as one program (compiled like the decode-sized forwards): the main
-    model verifies tokens [b, 1 + w] = [pending, drafts] at positions pos (drafted [b]: how many of a row's
-    drafts are real) and a draft is accepted while it is the argmax; then the MTP module runs over the same
-    positions with the main model's hidden states and the tokens one ahead, which along the accepted run are
-    the argmax tokens (V3 eq. 21), and drafts the next step's first token from the last accepted position,
-    the rest chained on its own hidden state, one position on (clamped to each row's `limit`: a draft past
-    what a row may still emit is never used), through a `ChainCache`. caches: the trunk's layers' then the
-    MTP block's.
-    Returns (greedy [b, 1 + w], their log-probs, accepted drafts per row [b], next drafts [b, n_draft])."""
+def inverse_cdf(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of the unnormalised distributions dist [b, vocab], drawn with the uniforms u [b]: the
+    first whose cumulative mass exceeds u times the row's total (never a zero-mass token)."""
+    cdf = dist.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=dist.shape[-1] - 1)
+
+
+def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: int, params, accept=None, q=None,
+                     u=None):
+    """One speculation step as one program (compiled like the decode-sized forwards; V3 §5.4.3, Leviathan et al.
+    2023 alg. 1). The main model verifies tokens [b, 1 + w] = [pending, drafts] at positions pos (drafted [b]:
+    how many of a row's drafts are real); the drafts are accepted while the rule holds, and the token after the
+    accepted run is drawn; then the MTP module runs over the same positions with the main model's hidden
+    states and the tokens one ahead (the accepted drafts, then that token: V3 eq. 21) and drafts the next
+    step's first token from the last emitted position, the rest chained on its own hidden state one position
+    on (clamped to each row's `limit`: a draft past what a row may still emit is never used), through a
+    `ChainCache`. caches: the trunk's layers' then the MTP block's.
+
+    At T = 0 a draft is accepted while it is the argmax, and every draw is the argmax. At T > 0 (q [b, n_draft,
+    vocab]: the drafts' sampling distributions; u [b, 2 n_draft + 1]: the row's uniforms from its own
+    generator) draft j is accepted when accept(p, q, u[:, j]) (u q(d) < p(d)), a rejected one replaced by a
+    draw from norm(max(0, p - q)) and a run accepted whole followed by a draw from p (u[:, n_draft]), and
+    the next drafts are drawn from the MTP's distributions (u[:, n_draft + 1 + j]), each by inverse CDF.
+    Returns (tokens one ahead [b, 1 + w], whose first accepted + 1 are emitted; their log-probs; the
+    truncation masks [b, 1 + w, vocab] or None; accepted drafts per row [b]; next drafts [b, n_draft]; their
+    distributions [b, n_draft, vocab] or None at T = 0)."""
+    greedy = params.temperature == 0
     logits, h = model.decode(tokens, pos, caches[:-1], mask)
     logits = model.gather_logits(logits).float()
-    greedy = logits.argmax(-1)
-    logp = logits.log_softmax(-1).gather(2, greedy[..., None])[..., 0]
-    real = torch.arange(tokens.shape[1] - 1, device=tokens.device) < drafted[:, None]
-    ok = (greedy[:, :-1] == tokens[:, 1:]) & real
-    accepted = ok.long().cumprod(1).sum(1)
+    logp, p, keep = Engine._distributions(logits, params)
     at = torch.arange(tokens.shape[0], device=tokens.device)
-    d_logits, g = model.draft(h, greedy, pos, caches[-1], mask)
-    d_logits, g, p = d_logits[at, accepted], g[at, accepted][:, None], pos[at, accepted]
-    drafts = [model.gather_logits(d_logits).float().argmax(-1)]
+    w, d = tokens.shape[1] - 1, tokens[:, 1:]
+    real = torch.arange(w, device=tokens.device) < drafted[:, None]
+    if greedy:
+        ahead = logits.argmax(-1)
+        accepted = ((ahead[:, :-1] == d) & real).long().cumprod(1).sum(1)
+    else:
+        p_d, q_d = p[:, :w].gather(2, d[..., None])[..., 0], q[:, :w].gather(2, d[..., None])[..., 0]
+        accepted = (accept(p_d, q_d, u[:, :w]) & real).long().cumprod(1).sum(1)
+        p_n, q_n = p[at, accepted], q[at, accepted.clamp(max=n_draft - 1)]
+        last = inverse_cdf(torch.where((accepted < drafted)[:, None], (p_n - q_n).clamp(min=0), p_n),
+                           u[:, n_draft])
+        ahead = torch.where(torch.arange(w + 1, device=d.device) == accepted[:, None], last[:, None],
+                            torch.cat([d, last[:, None]], 1))
+    logp = logp.gather(2, ahead[..., None])[..., 0]
+    d_logits, g = model.draft(h, ahead, pos, caches[-1], mask)
+    d_logits, g, at_pos = d_logits[at, accepted], g[at, accepted][:, None], pos[at, accepted]
     keys, chain = torch.arange(mask.shape[-1], device=mask.device), ChainCache(caches[-1])
-    for _ in range(1, n_draft):
-        p = chain.pos = torch.minimum(p + 1, limit)
-        d_logits, g = model.draft(g, drafts[-1][:, None], p[:, None], chain, (keys <= p[:, None])[:, None])
-        drafts.append(model.gather_logits(d_logits[:, 0]).float().argmax(-1))
-    return greedy, logp, accepted, torch.stack(drafts, 1)
+    drafts, qs = [], []
+    for j in range(n_draft):
+        if j:
+            at_pos = chain.pos = torch.minimum(at_pos + 1, limit)
+            d_logits, g = model.draft(g, drafts[-1][:, None], at_pos[:, None], chain,
+                                      (keys <= at_pos[:, None])[:, None])
+            d_logits = d_logits[:, 0]
+        d_logits = model.gather_logits(d_logits).float()
+        _, q_j, _ = Engine._distributions(d_logits, params)
+        drafts.append(d_logits.argmax(-1) if greedy else inverse_cdf(q_j, u[:, n_draft + 1 + j]))
+        qs.append(q_j)
+    return ahead, logp, keep, accepted, torch.stack(drafts, 1), None if greedy else torch.stack(qs, 1)
 
 
 class PagePool:
@@ -234,10 +268,10 @@ class Engine:
 
     # -- the acceptance rule (speculative sampling) -----------------------------------------------------
     @staticmethod
-    def accept(p: float, q: float, gen: torch.Generator) -> bool:
-        """Accept a draft token drawn from q with probability min(1, p / q): p and q are its probabilities
-        under the model's and the draft's sampling distributions."""
-        return torch.rand((), generator=gen).item() * q < p
+    def accept(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Accept draft tokens drawn from q with probability min(1, p / q): p and q are their probabilities
+        under the model's and the draft's sampling distributions, u uniforms in [0, 1)."""
+        return u * q < p
 
     # -- one forward over a ragged batch ------------------------------------------------------------------
     def _frame(self, table: torch.Tensor, starts: list[int], s: int, lens: list[int] | None, reach: int = 0):
@@ -446,7 +480,9 @@ class Engine:
         self.slots = list(range(self.max_batch - 1, -1, -1))
         self.dbuf = torch.full((self.max_batch, max(self.draft_tokens, 1)), self.pad, dtype=torch.long,
                                device=self.device)
-        self.qbuf, self._ar = None, None
+        self.qbuf = (torch.ones(self.max_batch, self.draft_tokens, self.model.cfg.vocab_size, device=self.device)
+                     if self.draft_tokens and params.temperature > 0 else None)
+        self._ar = None
         self.forwards = self.prefilled = self.steps = 0
         self.drafted = [0] * self.draft_tokens
         self.accepted = [0] * self.draft_tokens
@@ -632,21 +668,17 @@ class Engine:
             self._emit(seq, token, lp, params, sets[b])
 
     def _speculate(self, running: list[Sequence], params: SamplingParams):
-        """One verify step (V3 §5.4.3; Leviathan et al. 2023, alg. 1): the main model scores [pending token,
-        its drafts] in one forward (up to draft_tokens drafts, no more than the sequence may still emit, less
-        one), the speculative-sampling rule decides what is emitted, and the MTP module drafts the next step's
-        tokens from the verified positions' hidden states. At T = 0 all of it is one call for the batch
-        (`greedy_speculation`); at T > 0 the acceptance draws from each sequence's own generator between the
-        verify and the drafts."""
+        """One verify step, one call for the batch (`speculation_step`): the main model scores [pending token,
+        its drafts] (up to draft_tokens drafts, no more than the sequence may still emit, less one), the
+        speculative-sampling rule decides what is emitted, and the MTP module drafts the next step's tokens
+        from the verified positions' hidden states. At T > 0 each sequence's uniforms come from its own
+        generator, drawn before the call."""
         K, dev = self.draft_tokens, self.device
         if not running:   # another rank verifies: the same collectives, into the scratch page
-            if params.temperature == 0:
-                zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
-                self._verify_greedy(zero, [0], zero + self.pad, None, zero[0], zero[0])
-                self.forwards -= 1 + K
-            else:
-                self._idle()
-                self._draft([], None, [], None, None, None, [], params)
+            zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
+            q = None if self.qbuf is None else self.qbuf[:1]
+            self._step(zero, [0], zero + self.pad, None, zero[0], zero[0], params, q, self._uniforms([None]))
+            self.forwards -= 1 + K
             return
         ks = [min(K, params.max_new_tokens - len(s.out) - 1) for s in running]
         P, refs = self.page_size, self.pool.refs
@@ -656,61 +688,51 @@ class Engine:
                 self._pages_for(seq, seq.length, end)
         width = max(ks)                   # the verify scores [pending, drafts]: 1 + width positions
         slots = self._slots(running)
-        table, starts = self.table[slots], [s.length for s in running]
         pending = torch.tensor([s.tokens[s.length] for s in running], device=dev)[:, None]
         tokens = torch.cat([pending, self.dbuf[slots, :width]], 1)
-        lens = None if min(ks) == width else [1 + k for k in ks]
+        drafted, limit = torch.tensor([ks, [s.limit for s in running]], device=dev)
         for j in range(K):   # acceptance per position: accepted over drafted, whatever came before
             self.drafted[j] += sum(k > j for k in ks)
-        if params.temperature == 0:
-            drafted, limit = torch.tensor([ks, [s.limit for s in running]], device=dev)
-            greedy, logp, n_ok, drafts = self._verify_greedy(table, starts, tokens, lens, drafted, limit)
-            verify_routes = self.routes
-            self.dbuf[slots] = drafts
-            n_ok = n_ok.tolist()
-            for j in range(K):
-                self.accepted[j] += sum(a > j for a in n_ok)
-            greedy, logp = greedy.tolist(), logp.tolist()
-            picks = [greedy[b][:a + 1] for b, a in enumerate(n_ok)]
-            lps = [logp[b][:a + 1] for b, a in enumerate(n_ok)]
-            sets = [[None] * len(t) for t in picks]
-        else:
-            logits, h = self._forward(table, starts, tokens, lens)
-            verify_routes = self.routes
-            # the emitted tokens' allowed sets are the truncation of the main model's p, whose support the
-            # residual resample norm(max(0, p - q)) also stays in
-            logp, p, keep = self._distributions(self._logits(logits), params)
-            picks = self._accept_sampled(running, ks, tokens[:, 1:], width, p, self.qbuf[slots])
-            flat_r = [b for b, t in enumerate(picks) for _ in t]
-            flat_c = [j for t in picks for j in range(len(t))]
-            flat = logp[flat_r, flat_c, [x for t in picks for x in t]].tolist()
-            flat_s = allowed_ids(keep[flat_r, flat_c]) if keep is not None else [None] * len(flat_r)
-            lps, sets, n = [], [], 0
-            for t in picks:
-                lps.append(flat[n:n + len(t)])
-                sets.append(flat_s[n:n + len(t)])
-                n += len(t)
-            # the MTP module over the verified positions, fed the tokens one ahead: the accepted drafts, then
-            # the last emitted token; it drafts from the last emitted one's position
-            ahead = torch.tensor([t + [self.pad] * (1 + width - len(t)) for t in picks], device=dev)
-            self._draft(running, table, starts, ahead, lens, h, [len(t) - 1 for t in picks], params)
+        ahead, logp, keep, n_ok, drafts, q = self._step(
+            self.table[slots], [s.length for s in running], tokens, None if min(ks) == width else [1 + k for k in ks],
+            drafted, limit, params, None if self.qbuf is None else self.qbuf[slots], self._uniforms(running))
+        verify_routes = self.routes
+        self.dbuf[slots] = drafts
+        if q is not None:
+            self.qbuf[slots] = q
+        n_ok, ahead, logp = n_ok.tolist(), ahead.tolist(), logp.tolist()
+        for j in range(K):
+            self.accepted[j] += sum(a > j for a in n_ok)
+        sets, base = None, 0
+        if keep is not None:   # the emitted tokens' allowed sets: the truncation of the main model's p
+            sets = allowed_ids(keep[[b for b, a in enumerate(n_ok) for _ in range(a + 1)],
+                                    [j for a in n_ok for j in range(a + 1)]])
         for b, seq in enumerate(running):
             emitted = 0
-            for token, lp, allowed in zip(picks[b], lps[b], sets[b]):
+            for j in range(n_ok[b] + 1):
                 emitted += 1
-                if self._emit(seq, token, lp, params, allowed):
+                if self._emit(seq, ahead[b][j], logp[b][j], params, None if sets is None else sets[base + j]):
                     break
+            base += n_ok[b] + 1
             if self.record:   # the pending token and the accepted drafts: the positions now in the cache
                 seq.routes.append(verify_routes[b, :emitted])
             seq.length += emitted
 
-    def _verify_greedy(self, table, starts, tokens, lens, drafted, limit):
-        """`greedy_speculation` over the batch (compiled when decode-sized): (greedy tokens, their log-probs,
-        accepted drafts per row, next drafts)."""
+    def _uniforms(self, running: list) -> torch.Tensor | None:
+        """At T > 0 each sequence's uniforms for one step, from its own generator (None: a scratch row)."""
+        if self.qbuf is None:
+            return None
+        n = 2 * self.draft_tokens + 1
+        return torch.stack([torch.rand(n, generator=s.gen, device=self.device) if s is not None
+                            else torch.zeros(n, device=self.device) for s in running]).to(self.qbuf.dtype)
+
+    def _step(self, table, starts, tokens, lens, drafted, limit, params, q, u):
+        """`speculation_step` over the batch (compiled when decode-sized)."""
         pos, mask, caches = self._frame(table, starts, tokens.shape[1], lens, reach=self.draft_tokens - 1)
         self.forwards += 1 + self.draft_tokens
-        fn = compiled(greedy_speculation) if self._compiles(tokens) else greedy_speculation
-        out = fn(self.model, tokens, pos, caches, mask, drafted, limit, self.draft_tokens)
+        fn = compiled(speculation_step) if self._compiles(tokens) else speculation_step
+        out = fn(self.model, tokens, pos, caches, mask, drafted, limit, self.draft_tokens, params,
+                 None if q is None else self.accept, q, u)
         self._recorded()
         return out
 
@@ -743,38 +765,9 @@ class Engine:
                 ids = logits.argmax(-1)
             else:
                 _, q, _ = self._distributions(logits, params)
-                if self.qbuf is None:
-                    self.qbuf = q.new_ones(self.max_batch, K, q.shape[-1])
                 self.qbuf[slots, j] = q
                 ids = torch.tensor(self._draw(logits, q, seqs), device=dev)
             self.dbuf[slots, j] = ids
-
-    def _accept_sampled(self, running, ks, drafts, width, p, q_all) -> list[list[int]]:
-        """T > 0: each sequence's emitted tokens by the speculative-sampling rule, drawn with its own
-        generator: draft j accepted with probability min(1, p/q), a rejected one replaced by a sample of
-        norm(max(0, p - q)), a fully accepted run followed by a sample of p."""
-        w = max(width, 1)
-        d_idx = drafts[:, :w, None]
-        p_d = p[:, :w].gather(2, d_idx)[..., 0].tolist()
-        if q_all is None:   # nothing drafted anywhere: every sequence is on its last token
-            q_all = p.new_ones(len(running), w, p.shape[-1])
-        q_d = q_all[:, :w].gather(2, d_idx)[..., 0].tolist()
-        d_l = drafts.tolist()
-        picks = []
-        for b, seq in enumerate(running):
-            tokens = []
-            for j in range(ks[b]):
-                token = d_l[b][j]
-                if not self.accept(p_d[b][j], q_d[b][j], seq.gen):   # the residual keeps the output distributed as p
-                    residual = (p[b, j] - q_all[b, j]).clamp(min=0)
-                    tokens.append(int(torch.multinomial(residual / residual.sum(), 1, generator=seq.gen)))
-                    break
-                self.accepted[j] += 1
-                tokens.append(token)
-            else:            # every draft accepted: one more token from the last verified position
-                tokens.append(int(torch.multinomial(p[b, ks[b]], 1, generator=seq.gen)))
-            picks.append(tokens)
-        return picks
 
 
 def rollout_engine(model, tokenizer, rollout) -> Engine | Generator:

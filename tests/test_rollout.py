@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
-from posttrain.engine import TOO_LONG, Engine, greedy_speculation
+from posttrain.engine import TOO_LONG, Engine, speculation_step
 from posttrain.generate import Generator, SamplingParams
 from distributed import run_ranks
 from test_generate import ToyTokenizer, _net, _prompts
@@ -223,7 +223,7 @@ def test_speculative_sampling_keeps_the_model_distribution():
     outs, stats = engine.generate([prompt] * 3000, params, seed=0)
     assert _chi_square_pvalue(outs, joint, vocab) > 0.01
     assert 0.05 < stats["acceptance_per_position"][0] < 0.95      # the rule both accepts and rejects
-    engine.accept = lambda p, q, gen: True
+    engine.accept = lambda p, q, u: torch.ones_like(p, dtype=torch.bool)
     outs, stats = engine.generate([prompt] * 3000, params, seed=0)
     assert _chi_square_pvalue(outs, joint, vocab) < 1e-6 and stats["acceptance"] == 1
 
@@ -285,13 +285,13 @@ def test_compiled_steps_equal_eager(monkeypatch):
         for kw in (dict(max_batch=4, page_size=4), dict(max_batch=4, draft_tokens=2)):
             outs, stats = Engine(net, tok, pad_id=3, compile=True, **kw).generate(prompts, params)
             _assert_same(ref, outs)
-        assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft, greedy_speculation}
+        assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft, speculation_step}
     finally:
         torch._dynamo.reset()
 
 
 def test_chain_cache_sees_what_a_page_write_would():
-    """Chained drafts inside the T = 0 program (`greedy_speculation`) put their keys into a gathered copy
+    """Chained drafts inside the speculation step's program (`speculation_step`) put their keys into a gathered copy
     (`ChainCache`) instead of the pages: each chained position must read exactly what writing the pages and
     gathering them again reads, the earlier chained positions' values included."""
     from posttrain.engine import ChainCache, PagedCache
