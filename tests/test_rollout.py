@@ -264,11 +264,11 @@ def test_rollout_under_tp_and_ep_equals_one_process(kw):
 
 
 def test_compiled_steps_equal_eager(monkeypatch):
-    """Engine(compile=True) and Generator(compile=True) (benchmarks/rollout.py): the decode, verify and draft
-    forwards trace (paged caches, the dense MoE inference path, symbolic batch and context) and give the eager
-    tokens at T = 0, with sequences leaving and joining. Traced by dynamo and run by eager kernels here
-    (the "eager" backend): inductor's C++ build takes minutes on a small CPU, and the benchmark checks its
-    tokens against the eager static engine's."""
+    """Engine(compile=True) and Generator(compile=True) (benchmarks/rollout.py): the decode, speculation-step
+    and draft forwards trace (paged caches, the dense MoE inference path, symbolic batch and context) and give
+    the eager tokens at T = 0, and at T = 0.8 with top-p the eager samples, with sequences leaving and joining.
+    Traced by dynamo and run by eager kernels here (the "eager" backend): inductor's C++ build takes minutes on a
+    small CPU, and the benchmark checks its tokens against the eager static engine's."""
     import posttrain.generate as generate
     monkeypatch.setattr(generate, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(generate, "_COMPILED", {})
@@ -285,6 +285,13 @@ def test_compiled_steps_equal_eager(monkeypatch):
         for kw in (dict(max_batch=4, page_size=4), dict(max_batch=4, draft_tokens=2)):
             outs, stats = Engine(net, tok, pad_id=3, compile=True, **kw).generate(prompts, params)
             _assert_same(ref, outs)
+        # a sampled speculation step (uniforms drawn up front, acceptance and draws inside the program)
+        sampled, seeds = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9), list(range(len(prompts)))
+        kw = dict(pad_id=3, max_batch=4, draft_tokens=2)
+        ref, _ = Engine(net, tok, **kw).generate(prompts, sampled, seeds=seeds)
+        outs, stats = Engine(net, tok, compile=True, **kw).generate(prompts, sampled, seeds=seeds)
+        _assert_same(ref, outs)
+        assert 0 < stats["acceptance"] < 1
         assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft, speculation_step}
     finally:
         torch._dynamo.reset()
