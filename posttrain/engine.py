@@ -91,8 +91,8 @@ def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: 
     accepted run is drawn; then the MTP module runs over the same positions with the main model's hidden
     states and the tokens one ahead (the accepted drafts, then that token: V3 eq. 21) and drafts the next
     step's first token from the last emitted position, the rest chained on its own hidden state one position
-    on (clamped to each row's `limit`: a draft past what a row may still emit is never used), through a
-    `ChainCache`. caches: the trunk's layers' then the MTP block's.
+    on (clamped to each row's `limit`: a draft past what a row may still emit is never used; `draft_step`).
+    caches: the trunk's layers' then the MTP block's.
 
     At T = 0 a draft is accepted while it is the argmax, and every draw is the argmax. At T > 0 (q [b, n_draft,
     vocab]: the drafts' sampling distributions; u [b, 2 n_draft + 1]: the row's uniforms from its own
@@ -121,9 +121,21 @@ def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: 
         ahead = torch.where(torch.arange(w + 1, device=d.device) == accepted[:, None], last[:, None],
                             torch.cat([d, last[:, None]], 1))
     logp = logp.gather(2, ahead[..., None])[..., 0]
-    d_logits, g = model.draft(h, ahead, pos, caches[-1], mask)
-    d_logits, g, at_pos = d_logits[at, accepted], g[at, accepted][:, None], pos[at, accepted]
-    keys, chain = torch.arange(mask.shape[-1], device=mask.device), ChainCache(caches[-1])
+    drafts, qs = draft_step(model, h, ahead, pos, caches[-1], mask, accepted, limit, n_draft, params,
+                            None if greedy else u[:, n_draft + 1:])
+    return ahead, logp, keep, accepted, drafts, qs
+
+
+def draft_step(model, h, ahead, pos, cache, mask, at, limit, n_draft: int, params, u=None):
+    """The next n_draft drafts per row, as one program: the first MTP module over chunks at positions pos
+    [b, s] with the main model's hidden states h [b, s, dim] and the tokens one ahead of them, the first
+    draft from chunk position at [b], the rest chained on the module's own hidden state one position on
+    (clamped to `limit`), through a `ChainCache`; argmax at T = 0, else inverse-CDF draws with u [b,
+    n_draft]. Returns (drafts [b, n_draft], their distributions [b, n_draft, vocab] or None at T = 0)."""
+    rows = torch.arange(ahead.shape[0], device=ahead.device)
+    d_logits, g = model.draft(h, ahead, pos, cache, mask)
+    d_logits, g, at_pos = d_logits[rows, at], g[rows, at][:, None], pos[rows, at]
+    keys, chain = torch.arange(mask.shape[-1], device=mask.device), ChainCache(cache)
     drafts, qs = [], []
     for j in range(n_draft):
         if j:
@@ -133,9 +145,9 @@ def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: 
             d_logits = d_logits[:, 0]
         d_logits = model.gather_logits(d_logits).float()
         _, q_j, _ = Engine._distributions(d_logits, params)
-        drafts.append(d_logits.argmax(-1) if greedy else inverse_cdf(q_j, u[:, n_draft + 1 + j]))
+        drafts.append(d_logits.argmax(-1) if u is None else inverse_cdf(q_j, u[:, j]))
         qs.append(q_j)
-    return ahead, logp, keep, accepted, torch.stack(drafts, 1), None if greedy else torch.stack(qs, 1)
+    return torch.stack(drafts, 1), None if u is None else torch.stack(qs, 1)
 
 
 class PagePool:
@@ -478,8 +490,8 @@ class Engine:
         # with speculation their next drafts (at T > 0 also the drafts' sampling distributions), per slot
         self.table = torch.zeros(self.max_batch, -(-self.max_seq_len // P), dtype=torch.long, device=self.device)
         self.slots = list(range(self.max_batch - 1, -1, -1))
-        self.dbuf = torch.full((self.max_batch, max(self.draft_tokens, 1)), self.pad, dtype=torch.long,
-                               device=self.device)
+        self.dbuf = (torch.full((self.max_batch, self.draft_tokens), self.pad, dtype=torch.long, device=self.device)
+                     if self.draft_tokens else None)
         self.qbuf = (torch.ones(self.max_batch, self.draft_tokens, self.model.cfg.vocab_size, device=self.device)
                      if self.draft_tokens and params.temperature > 0 else None)
         self._ar = None
@@ -587,7 +599,7 @@ class Engine:
             if self.draft_tokens and self._anyone(False):
                 self._idle(draft=True)
             if self.draft_tokens and self._anyone(False):
-                self._draft([], None, [], None, None, None, [], params)
+                self._draft([], None, None, params)
             return []
         tables = [[self.pool.take() for _ in range(math.ceil(len(q) / self.page_size))] for q, _ in admitted]
         width = max(map(len, tables))
@@ -634,9 +646,7 @@ class Engine:
             for seq in out:
                 self._pages_for(seq, seq.length - 1, min(seq.length - 1 + self.draft_tokens, seq.limit + 1))
             rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-            tokens = torch.tensor([[seq.tokens[seq.length]] for seq in out], dtype=torch.long, device=self.device)
-            self._draft(out, self.table[self._slots(out)], [seq.length - 1 for seq in out], tokens, None,
-                        h[rows_t, ends[rows_t]][:, None], [0] * len(out), params)
+            self._draft(out, h[rows_t, ends[rows_t]][:, None], [seq.length - 1 for seq in out], params)
         return out
 
     def _decode(self, running: list[Sequence], params: SamplingParams):
@@ -677,7 +687,7 @@ class Engine:
         if not running:   # another rank verifies: the same collectives, into the scratch page
             zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
             q = None if self.qbuf is None else self.qbuf[:1]
-            self._step(zero, [0], zero + self.pad, None, zero[0], zero[0], params, q, self._uniforms([None]))
+            self._step(zero, [0], zero + self.pad, None, zero[0], zero[0], params, q, self._uniforms([None], 2 * K + 1))
             self.forwards -= 1 + K
             return
         ks = [min(K, params.max_new_tokens - len(s.out) - 1) for s in running]
@@ -695,7 +705,7 @@ class Engine:
             self.drafted[j] += sum(k > j for k in ks)
         ahead, logp, keep, n_ok, drafts, q = self._step(
             self.table[slots], [s.length for s in running], tokens, None if min(ks) == width else [1 + k for k in ks],
-            drafted, limit, params, None if self.qbuf is None else self.qbuf[slots], self._uniforms(running))
+            drafted, limit, params, None if self.qbuf is None else self.qbuf[slots], self._uniforms(running, 2 * K + 1))
         verify_routes = self.routes
         self.dbuf[slots] = drafts
         if q is not None:
@@ -718,11 +728,10 @@ class Engine:
                 seq.routes.append(verify_routes[b, :emitted])
             seq.length += emitted
 
-    def _uniforms(self, running: list) -> torch.Tensor | None:
-        """At T > 0 each sequence's uniforms for one step, from its own generator (None: a scratch row)."""
+    def _uniforms(self, running: list, n: int) -> torch.Tensor | None:
+        """At T > 0 each sequence's n uniforms, from its own generator (None: a scratch row)."""
         if self.qbuf is None:
             return None
-        n = 2 * self.draft_tokens + 1
         return torch.stack([torch.rand(n, generator=s.gen, device=self.device) if s is not None
                             else torch.zeros(n, device=self.device) for s in running]).to(self.qbuf.dtype)
 
@@ -736,38 +745,34 @@ class Engine:
         self._recorded()
         return out
 
-    def _draft(self, seqs: list[Sequence], table, starts: list[int], tokens, lens, hidden, at: list[int],
-               params: SamplingParams) -> None:
-        """Each sequence's next draft_tokens drafts into the draft buffer (and at T > 0 their sampling
-        distributions into its q buffer): the MTP module over chunks tokens [b, s] at positions starts with
-        the main model's hidden states [b, s, dim] (tokens one ahead of them), the first draft from position
-        at[i] of each chunk, the rest chained on the module's own hidden state one position on (V3 §5.4.3),
-        drawn with each sequence's own generator at T > 0. Exactly draft_tokens forwards on every rank (a
-        rank with no sequence runs them into the scratch page)."""
-        K = self.draft_tokens
-        if not seqs:
-            for _ in range(K):
-                self._idle(draft=True)
+    def _draft(self, seqs: list[Sequence], hidden, starts: list[int] | None, params: SamplingParams) -> None:
+        """New sequences' first drafts into the draft buffer (at T > 0 their distributions into the q buffer):
+        `draft_step` at each one's prompt's last position `starts`, on its hidden state there [b, 1, dim] and
+        the first sampled token, with uniforms from its own generator at T > 0. A rank with no sequence runs
+        the same program on a scratch row (its forwards are collectives under ep)."""
+        K, dev = self.draft_tokens, self.device
+        scratch = not seqs
+        if scratch:
+            zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
+            p = next(self.model.parameters())
+            table, starts, tokens = zero, [0], zero + self.pad
+            hidden, limit = torch.zeros(1, 1, self.model.cfg.dim, dtype=p.dtype, device=dev), zero[0]
+        else:
+            slots = self._slots(seqs)
+            table = self.table[slots]
+            tokens = torch.tensor([[s.tokens[s.length]] for s in seqs], dtype=torch.long, device=dev)
+            limit = torch.tensor([s.limit for s in seqs], device=dev)
+        pos, mask, caches = self._frame(table, starts, 1, None, reach=K - 1)
+        u = self._uniforms(seqs or [None], K)
+        fn = compiled(draft_step) if self._compiles(tokens) else draft_step
+        drafts, q = fn(self.model, hidden.contiguous(), tokens, pos, caches[self.n_layers], mask,
+                       torch.zeros_like(limit), limit, K, params, u)
+        if scratch:
             return
-        dev = self.device
-        slots = self._slots(seqs)
-        logits, g = self._forward(table, starts, tokens, lens, hidden=hidden)
-        rows, at_t = torch.arange(len(seqs), device=dev), torch.tensor(at, device=dev)
-        logits, g = logits[rows, at_t], g[rows, at_t][:, None]
-        pos, ids = [st + a for st, a in zip(starts, at)], None
-        for j in range(K):
-            if j:   # chained: one position on, clamped where the sequence may not emit that far (never read)
-                pos = [min(p + 1, s.limit) for p, s in zip(pos, seqs)]
-                logits, g = self._forward(table, pos, ids[:, None], hidden=g)
-                logits = logits[:, 0]
-            logits = self._logits(logits)
-            if params.temperature == 0:
-                ids = logits.argmax(-1)
-            else:
-                _, q, _ = self._distributions(logits, params)
-                self.qbuf[slots, j] = q
-                ids = torch.tensor(self._draw(logits, q, seqs), device=dev)
-            self.dbuf[slots, j] = ids
+        self.forwards += K
+        self.dbuf[slots] = drafts
+        if q is not None:
+            self.qbuf[slots] = q
 
 
 def rollout_engine(model, tokenizer, rollout) -> Engine | Generator:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
-from posttrain.engine import TOO_LONG, Engine, speculation_step
+from posttrain.engine import TOO_LONG, Engine, draft_step, speculation_step
 from posttrain.generate import Generator, SamplingParams
 from distributed import run_ranks
 from test_generate import ToyTokenizer, _net, _prompts
@@ -292,7 +292,8 @@ def test_compiled_steps_equal_eager(monkeypatch):
         outs, stats = Engine(net, tok, compile=True, **kw).generate(prompts, sampled, seeds=seeds)
         _assert_same(ref, outs)
         assert 0 < stats["acceptance"] < 1
-        assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft, speculation_step}
+        assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft, speculation_step,
+                                         draft_step}
     finally:
         torch._dynamo.reset()
 
