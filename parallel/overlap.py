@@ -90,7 +90,8 @@ def check_overlap(mode: str, dims: ParallelDims, schedule: str | None = None) ->
 class _Step:
     """One part of a micro-batch's forward: `outputs` (what it produced, with their graph), the leaves the
     later parts consumed in their place (`leaves`, same order), and the leaves it consumed (`inputs`).
-    An all-to-all step keeps, per tensor sent, (sent leaf, received leaf, send, recv, group, label)."""
+    An all-to-all step, recorded where it was waited for, keeps per tensor sent (sent leaf, received leaf,
+    send, recv, group, label)."""
 
     __slots__ = ("outputs", "leaves", "inputs", "a2a")
 
@@ -182,6 +183,8 @@ class _MicroBatch:
         self.weights: dict | None = None
         self.deferred: list = []
         self.n_deferred = 0
+        # halves: the routed experts in two token halves hiding each other's all-to-alls (`_routed_halves`)
+        self.halves = False
 
     # -- forward ------------------------------------------------------------------------------------------
     def _compute(self, fn, inputs: list, *args):
@@ -200,30 +203,29 @@ class _MicroBatch:
         self.steps.append(_Step(outputs, leaves, [x for x in inputs if _differentiable(x)]))
         return tree_unflatten(flat, spec)
 
-    def _all_to_all(self, sends: list, meanwhile=None, fp8=None):
-        """Issue [(tensor, send, recv, group, label)], yield while they fly, run `meanwhile()` (parts that do
-        not need them), then wait: (the received leaves, what meanwhile returned). The all-to-all's step is
-        recorded before meanwhile's parts, so that their backward runs before its gradients are sent back.
-        `fp8` = (rows sent, their tiles): FP8 dispatch (V3 §3.3.3); the first two sends are the tiles' E4M3
-        bytes and scales, which arrive as one `Fp8Rows` whose gradient goes back to the rows in their dtype."""
-        if fp8 is not None:
-            x_s, tiles = fp8
-            s, r, g = sends[0][1:4]
-            sends = [(tiles.data.view(torch.uint8), s, r, g, "all_to_all"),
-                     (tiles.scale, s, r, g, "all_to_all_scales"), *sends[1:]]
-        if self.connected:  # autograd's all-to-alls, issued now, waited below; their backward is blocking
-            works = [issue_all_to_all(t, s, r, g, label) for t, s, r, g, label in sends]
-            yield
-            extra = meanwhile() if meanwhile is not None else None
-            got = [w.wait() for w in works]
-            if fp8 is not None:
-                q_r, s_r = got[0].view(tiles.data.dtype), got[1]
-                got = [Fp8Rows.wrap(_Fp8Arrival.apply(x_s, q_r, s_r, s, r, g), Fp8Tensor(q_r, s_r, TILE)), *got[2:]]
-            return got, extra
-        works = [comm.all_to_all_async(t.detach(), s, r, g, label) for t, s, r, g, label in sends]
-        yield
-        at = len(self.steps)
-        extra = meanwhile() if meanwhile is not None else None
+    @staticmethod
+    def _fp8_sends(sends: list, fp8):
+        """`fp8` = (rows sent, their tiles): FP8 dispatch (V3 §3.3.3); the rows' send becomes the tiles' E4M3
+        bytes and their scales."""
+        if fp8 is None:
+            return sends
+        _x_s, tiles = fp8
+        s, r, g = sends[0][1:4]
+        return [(tiles.data.view(torch.uint8), s, r, g, "all_to_all"), (tiles.scale, s, r, g, "all_to_all_scales"),
+                *sends[1:]]
+
+    def _issue(self, sends: list, fp8=None):
+        """Issue [(tensor, send, recv, group, label)] asynchronously; `_receive` waits for them."""
+        sends = self._fp8_sends(sends, fp8)
+        return sends, [comm.all_to_all_async(t.detach(), s, r, g, label) for t, s, r, g, label in sends], fp8
+
+    def _receive(self, issued) -> list:
+        """Wait for an issued all-to-all: the received leaves. Its step is recorded here, after the parts that
+        ran while it flew, so that the backward sends its gradients back before their backward, which then
+        runs while those fly (the backward waits only where a part needs them: `backward`). With `fp8` the
+        first two sends (tiles, scales) arrive as one `Fp8Rows`, whose gradient goes back to the rows in their
+        dtype, like a BF16 payload's."""
+        sends, works, fp8 = issued
         got, record = [], []
         for (t, s, r, g, label), w in zip(sends, works):
             y = w.wait()
@@ -232,12 +234,33 @@ class _MicroBatch:
                 record.append((t, y, s, r, g, label))
             got.append(y)
         if fp8 is not None:   # a leaf of the rows' values, its gradient sent back like a BF16 payload's
+            x_s, tiles = fp8
+            s, r, g = sends[0][1:4]
             q_r, s_r = got[0].view(tiles.data.dtype), got[1]
             y = dequantize(q_r, s_r, TILE).to(x_s.dtype).requires_grad_()
             record.insert(0, (x_s, y, s, r, g, "all_to_all"))
             got = [Fp8Rows.wrap(y, Fp8Tensor(q_r, s_r, TILE)), *got[2:]]
-        self.steps.insert(at, _Step(a2a=record))
-        return got, extra
+        self.steps.append(_Step(a2a=record))
+        return got
+
+    def _all_to_all(self, sends: list, meanwhile=None, fp8=None):
+        """Issue [(tensor, send, recv, group, label)], yield while they fly, run `meanwhile()` (parts that do
+        not need them), then wait: (the received leaves, what meanwhile returned)."""
+        if self.connected:  # autograd's all-to-alls, issued now, waited below; their backward is blocking
+            works = [issue_all_to_all(t, s, r, g, label) for t, s, r, g, label in self._fp8_sends(sends, fp8)]
+            yield
+            extra = meanwhile() if meanwhile is not None else None
+            got = [w.wait() for w in works]
+            if fp8 is not None:
+                x_s, tiles = fp8
+                s, r, g = sends[0][1:4]
+                q_r, s_r = got[0].view(tiles.data.dtype), got[1]
+                got = [Fp8Rows.wrap(_Fp8Arrival.apply(x_s, q_r, s_r, s, r, g), Fp8Tensor(q_r, s_r, TILE)), *got[2:]]
+            return got, extra
+        issued = self._issue(sends, fp8)
+        yield
+        extra = meanwhile() if meanwhile is not None else None
+        return self._receive(issued), extra
 
     def forward(self):
         model = self.model
@@ -280,32 +303,79 @@ class _MicroBatch:
             entry = _entry(block)
         h, u, w, routed, partial, stats = self._compute(
             lambda x_: entry(mode, block.moe_pre, x_, rope, start_pos, None, mask), [x])
+        shared = functools.partial(self._compute, lambda u_: entry(mode, block.moe_shared, u_), [u])
+        if self.halves and len(experts.ep_levels) == 1 and not self.connected:
+            y, shared = yield from self._routed_halves(experts, mode, u, w, routed, shared)
+        else:
+            y, shared = yield from self._routed(experts, mode, u, w, routed, shared)
+        out = self._compute(lambda h_, u_, y_, s_, st: entry(mode, block.moe_post, h_, u_, y_, st, s_),
+                            [h, u, y, shared], stats)
+        return out if fsdp is None else fsdp._post_forward(block, (x,), out)
+
+    def _routed(self, experts, mode: str, u, w, routed, shared):
+        """The routed experts' output for u [T, dim] (dispatch level by level, the experts, combine back) and the
+        shared experts' (`shared()`, run while the last level's payload flies: they need no dispatch)."""
         xs, idx, ws, base, span = u, routed, w, 0, experts.ep_total
-        routes, shared = [], None
+        routes, out = [], None
         levels = experts.ep_levels
+        recipe = getattr(experts, "fp8_dispatch", None)   # the rows as FP8 tiles (expert_parallel.py)
         for i, group in enumerate(levels):        # dispatch, level by level (across nodes, then inside)
             route = Route(group, idx, base, span).exchange()   # the split sizes: the host synchronisation
             x_s, w_s = self._compute(route.gather, [xs, ws])
             s, r = route.send, route.recv
-            # the shared experts need no dispatch: they run while the last level's payload flies
-            recipe = getattr(experts, "fp8_dispatch", None)   # the rows as FP8 tiles (expert_parallel.py)
             (xs, idx, ws), got = yield from self._all_to_all(
                 [(x_s, s, r, group, "all_to_all"), (route.idx_s, s, r, group, "all_to_all_routing"),
-                 (w_s, s, r, group, "all_to_all_routing")],
-                (lambda: self._compute(lambda u_: entry(mode, block.moe_shared, u_), [u])) if i == len(levels) - 1
-                else None, fp8=(x_s, row_tiles(x_s, recipe)) if recipe is not None and group.size > 1 else None)
-            shared = got if i == len(levels) - 1 else shared
+                 (w_s, s, r, group, "all_to_all_routing")], shared if i == len(levels) - 1 else None,
+                fp8=(x_s, row_tiles(x_s, recipe)) if recipe is not None and group.size > 1 else None)
+            out = got if i == len(levels) - 1 else out
             routes.append(route)
             base, span = route.child_base, route.per
-        tiles = xs.fp8 if isinstance(xs, Fp8Rows) else None   # passed apart: FSDP2's entry returns plain tensors
-        y = self._compute(lambda x_, w_: _entry(experts)(mode, experts.ep_local, x_, idx, w_, base, span, tiles),
-                          [xs, ws])
+        y = self._experts(experts, mode, xs, idx, ws, base, span)
         for route in reversed(routes):           # combine, level by level back
             (y_s,), _ = yield from self._all_to_all([(y, route.recv, route.send, route.group, "all_to_all")])
             y = self._compute(lambda t: route.scatter_add(t, u), [y_s])
-        out = self._compute(lambda h_, u_, y_, s_, st: entry(mode, block.moe_post, h_, u_, y_, st, s_),
-                            [h, u, y, shared], stats)
-        return out if fsdp is None else fsdp._post_forward(block, (x,), out)
+        return y, out
+
+    def _routed_halves(self, experts, mode: str, u, w, routed, shared):
+        """`_routed` (one dispatch level) with the tokens in two halves, each half's all-to-alls flying while
+        the other half computes: for a chunk with no partner to hide them (DualPipeV's warm-up forwards and
+        cool-down backwards). Dispatch A flies under B's gather and the shared experts, dispatch B under the
+        experts on A, combine A under the experts on B; only combine B has nothing under it (and, backward,
+        the reverse of combine B). Each token's rows and the order they are summed in are the whole
+        dispatch's; only the experts' GEMMs see fewer rows at once."""
+        group, span = experts.ep_levels[0], experts.ep_total
+        first = (torch.arange(routed.shape[0], device=routed.device) < (routed.shape[0] + 1) // 2).unsqueeze(1)
+        # a token's pairs outside its half point past the experts (span): absent from that half's route
+        routes = [Route(group, torch.where(first, routed, span), 0, span),
+                  Route(group, torch.where(first, span, routed), 0, span)]   # both split-size exchanges issued
+        recipe = getattr(experts, "fp8_dispatch", None)
+        dispatches = []
+        for route in routes:
+            route.exchange()
+            x_s, w_s = self._compute(route.gather, [u, w])
+            s, r = route.send, route.recv
+            dispatches.append(self._issue(
+                [(x_s, s, r, group, "all_to_all"), (route.idx_s, s, r, group, "all_to_all_routing"),
+                 (w_s, s, r, group, "all_to_all_routing")],
+                fp8=(x_s, row_tiles(x_s, recipe)) if recipe is not None and group.size > 1 else None))
+            yield
+        out = shared()
+        combines = []
+        for route, issued in zip(routes, dispatches):
+            xs, idx, ws = self._receive(issued)
+            y = self._experts(experts, mode, xs, idx, ws, route.child_base, route.per)
+            combines.append(self._issue([(y, route.recv, route.send, group, "all_to_all")]))
+            yield
+        ys = [self._receive(issued)[0] for issued in combines]
+        y = self._compute(lambda a, b: routes[0].scatter_add(a, u) + routes[1].scatter_add(b, u), ys)
+        return y, out
+
+    def _experts(self, experts, mode: str, xs, idx, ws, base: int, span: int):
+        """This rank's experts on the rows it received (FP8 tiles, when dispatched so, passed apart: FSDP2's
+        entry returns plain tensors)."""
+        tiles = xs.fp8 if isinstance(xs, Fp8Rows) else None
+        return self._compute(lambda x_, w_: _entry(experts)(mode, experts.ep_local, x_, idx, w_, base, span, tiles),
+                             [xs, ws])
 
     # -- backward -----------------------------------------------------------------------------------------
     def backward(self, outputs=None, grads=None):
@@ -316,27 +386,41 @@ class _MicroBatch:
         torch.autograd.backward(seed.outputs if outputs is None else outputs, grads)
         if self.connected:
             return
+        flying: list = []   # reverse all-to-alls issued, not yet waited for: (their record, works)
         while steps:
             step = steps.pop()
             if step.a2a is not None:
-                works = []
-                for sent, got, s, r, g, label in step.a2a:
-                    grad = got.grad if got.grad is not None else torch.zeros_like(got)
-                    works.append(comm.all_to_all_async(grad, r, s, g, label))
+                flying.append((step.a2a, [comm.all_to_all_async(got.grad if got.grad is not None else
+                                                                torch.zeros_like(got), r, s, g, label)
+                                          for _sent, got, s, r, g, label in step.a2a]))
                 yield
                 self.weight_grads()   # deferred weight gradients run while the all-to-alls fly
-                for (sent, _got, *_), work in zip(step.a2a, works):
-                    _accumulate(sent, work.wait())
                 continue
-            pairs = [(o, leaf.grad) for o, leaf in zip(step.outputs, step.leaves) if leaf.grad is not None]
-            if pairs:
-                outs, grads_ = [o for o, _ in pairs], [g for _, g in pairs]
-                later = _input_grads(outs, grads_, step.inputs, self.weights) if self.weights and step.inputs else None
-                if later is None:
-                    torch.autograd.backward(outs, grads_)
-                else:
-                    self.deferred.append(later)
-                    self.n_deferred += 1
+            self._land(flying, step.leaves)   # only the gradients this part needs
+            self._part_backward(step)
+        self._land(flying, None)
+
+    @staticmethod
+    def _land(flying: list, leaves) -> None:
+        """Wait for the reverse all-to-alls whose gradients go to one of `leaves` (all: None) and add them."""
+        for item in list(flying):
+            record, works = item
+            if leaves is None or any(sent is leaf for sent, *_ in record for leaf in leaves):
+                for (sent, *_), work in zip(record, works):
+                    _accumulate(sent, work.wait())
+                flying.remove(item)
+
+    def _part_backward(self, step: _Step) -> None:
+        """One compute part's backward from its outputs' gradients; its weight gradients deferred if `weights`."""
+        pairs = [(o, leaf.grad) for o, leaf in zip(step.outputs, step.leaves) if leaf.grad is not None]
+        if pairs:
+            outs, grads_ = [o for o, _ in pairs], [g for _, g in pairs]
+            later = _input_grads(outs, grads_, step.inputs, self.weights) if self.weights and step.inputs else None
+            if later is None:
+                torch.autograd.backward(outs, grads_)
+            else:
+                self.deferred.append(later)
+                self.n_deferred += 1
 
     def weight_grads(self) -> None:
         """The weight gradients the parts' backward deferred (`weights` set), in the order they were deferred."""
@@ -454,6 +538,7 @@ def overlapped_losses(model: nn.Module, mesh, micro_batch_size: int, tokens: tor
         rows = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
         mbs.append(_MicroBatch(model, tokens[rows], labels[rows], {k: v[rows] for k, v in inputs.items()}, n,
                                connected=i == n - 1))
+    mbs[0].halves = False   # the first forward has no backward beside it (the last backward is autograd's, whole)
     sums: dict[str, torch.Tensor] = {}
     set_gradient_sync(model, n == 1)
     prev = None
@@ -532,6 +617,12 @@ class FBRunner:
         # W deferred into the all-to-alls' flight: exposes less, but the split costs more than it hides on CPU
         # (benchmarks/overlap.py: 28% exposed against 38%, yet 1.38x the serial step against 1.48x), so off
         self.defer_weights = False
+        # the (stage, micro-batch) whose forward or backward runs alone (warm-up, cool-down): their routed
+        # experts go in token halves that hide each other's all-to-alls (`_MicroBatch._routed_halves`)
+        lone = (FORWARD, FULL_BACKWARD, BACKWARD_INPUT)
+        self.lone = {(a.stage_index, a.microbatch_index) for a in schedule.pipeline_order[schedule.rank]
+                     if a is not None and a.computation_type in lone}
+        self.split_lone = False
         self.deferred_parts = 0          # parts whose W was deferred, since construction (tests read it)
         schedule.register_custom_function(FORWARD, self._timed("F", lambda a, ctx: (self._forward(a, ctx),)))
         schedule.register_custom_function(FULL_BACKWARD, self._timed("B", lambda a, ctx: (self._backward(a, ctx),)))
@@ -562,6 +653,7 @@ class FBRunner:
             _wait_batch_p2p(sched.fwd_recv_ops.pop((idx, mb)))
         h_in = None if stage.is_first else stage._retrieve_recv_activations(mb)[0]
         part = self.passes[(idx, mb)] = _StagePass(stage.submod, h_in, ctx.kwarg_mbs[mb])
+        part.halves = self.split_lone and (idx, mb) in self.lone
         yield from part.forward()
         out = part.output
         stage.fwd_cache[mb] = ((out,), [] if h_in is None else [h_in])   # what the SEND_F action sends
