@@ -185,6 +185,7 @@ class _MicroBatch:
         self.n_deferred = 0
         # halves: the routed experts in two token halves hiding each other's all-to-alls (`_routed_halves`)
         self.halves = False
+        self.n_halved = 0   # MoE blocks run in halves
 
     # -- forward ------------------------------------------------------------------------------------------
     def _compute(self, fn, inputs: list, *args):
@@ -304,7 +305,9 @@ class _MicroBatch:
         h, u, w, routed, partial, stats = self._compute(
             lambda x_: entry(mode, block.moe_pre, x_, rope, start_pos, None, mask), [x])
         shared = functools.partial(self._compute, lambda u_: entry(mode, block.moe_shared, u_), [u])
-        if self.halves and len(experts.ep_levels) == 1 and not self.connected:
+        # not under FP8: its weight-gradient GEMM quantizes along the tokens, so halves would change the tiles
+        if (self.halves and len(experts.ep_levels) == 1 and not self.connected
+                and getattr(experts, "fp8_dispatch", None) is None):
             y, shared = yield from self._routed_halves(experts, mode, u, w, routed, shared)
         else:
             y, shared = yield from self._routed(experts, mode, u, w, routed, shared)
@@ -342,13 +345,14 @@ class _MicroBatch:
         cool-down backwards). Dispatch A flies under B's gather and the shared experts, dispatch B under the
         experts on A, combine A under the experts on B; only combine B has nothing under it (and, backward,
         the reverse of combine B). Each token's rows and the order they are summed in are the whole
-        dispatch's; only the experts' GEMMs see fewer rows at once."""
+        dispatch's; only the experts' GEMMs see fewer rows at once (not under FP8, whose weight-gradient tiles
+        run along the tokens: `_moe_block` keeps those chunks whole)."""
+        self.n_halved += 1
         group, span = experts.ep_levels[0], experts.ep_total
         first = (torch.arange(routed.shape[0], device=routed.device) < (routed.shape[0] + 1) // 2).unsqueeze(1)
         # a token's pairs outside its half point past the experts (span): absent from that half's route
         routes = [Route(group, torch.where(first, routed, span), 0, span),
                   Route(group, torch.where(first, span, routed), 0, span)]   # both split-size exchanges issued
-        recipe = getattr(experts, "fp8_dispatch", None)
         dispatches = []
         for route in routes:
             route.exchange()
@@ -356,8 +360,7 @@ class _MicroBatch:
             s, r = route.send, route.recv
             dispatches.append(self._issue(
                 [(x_s, s, r, group, "all_to_all"), (route.idx_s, s, r, group, "all_to_all_routing"),
-                 (w_s, s, r, group, "all_to_all_routing")],
-                fp8=(x_s, row_tiles(x_s, recipe)) if recipe is not None and group.size > 1 else None))
+                 (w_s, s, r, group, "all_to_all_routing")]))
             yield
         out = shared()
         combines = []
@@ -538,7 +541,6 @@ def overlapped_losses(model: nn.Module, mesh, micro_batch_size: int, tokens: tor
         rows = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
         mbs.append(_MicroBatch(model, tokens[rows], labels[rows], {k: v[rows] for k, v in inputs.items()}, n,
                                connected=i == n - 1))
-    mbs[0].halves = False   # the first forward has no backward beside it (the last backward is autograd's, whole)
     sums: dict[str, torch.Tensor] = {}
     set_gradient_sync(model, n == 1)
     prev = None
@@ -622,7 +624,8 @@ class FBRunner:
         lone = (FORWARD, FULL_BACKWARD, BACKWARD_INPUT)
         self.lone = {(a.stage_index, a.microbatch_index) for a in schedule.pipeline_order[schedule.rank]
                      if a is not None and a.computation_type in lone}
-        self.split_lone = False
+        self.split_lone = True
+        self.halved_blocks = 0           # MoE blocks run in halves, since construction (tests read it)
         self.deferred_parts = 0          # parts whose W was deferred, since construction (tests read it)
         schedule.register_custom_function(FORWARD, self._timed("F", lambda a, ctx: (self._forward(a, ctx),)))
         schedule.register_custom_function(FULL_BACKWARD, self._timed("B", lambda a, ctx: (self._backward(a, ctx),)))
@@ -655,6 +658,7 @@ class FBRunner:
         part = self.passes[(idx, mb)] = _StagePass(stage.submod, h_in, ctx.kwarg_mbs[mb])
         part.halves = self.split_lone and (idx, mb) in self.lone
         yield from part.forward()
+        self.halved_blocks += part.n_halved
         out = part.output
         stage.fwd_cache[mb] = ((out,), [] if h_in is None else [h_in])   # what the SEND_F action sends
         if stage.is_last:
