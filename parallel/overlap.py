@@ -185,6 +185,8 @@ class _MicroBatch:
         self.n_deferred = 0
         # halves: the routed experts in two token halves hiding each other's all-to-alls (`_routed_halves`)
         self.halves = False
+        # paired: this forward runs beside another micro-batch's backward (`_routed`: the shared experts first)
+        self.paired = False
         self.n_halved = 0   # MoE blocks run in halves
 
     # -- forward ------------------------------------------------------------------------------------------
@@ -317,20 +319,34 @@ class _MicroBatch:
 
     def _routed(self, experts, mode: str, u, w, routed, shared):
         """The routed experts' output for u [T, dim] (dispatch level by level, the experts, combine back) and the
-        shared experts' (`shared()`, run while the last level's payload flies: they need no dispatch)."""
+        shared experts' (`shared()`: they need no dispatch). Alone, they run while the last level's payload
+        flies; in a pair (`paired`), before it is issued: the partner's compute hides that payload, and the
+        shared experts then hide the split sizes' exchange and lengthen what the partner's reverse combine,
+        issued before, flies under."""
         xs, idx, ws, base, span = u, routed, w, 0, experts.ep_total
         routes, out = [], None
         levels = experts.ep_levels
         recipe = getattr(experts, "fp8_dispatch", None)   # the rows as FP8 tiles (expert_parallel.py)
         for i, group in enumerate(levels):        # dispatch, level by level (across nodes, then inside)
-            route = Route(group, idx, base, span).exchange()   # the split sizes: the host synchronisation
+            last = i == len(levels) - 1
+            route = Route(group, idx, base, span)   # issues the split sizes' exchange
+            # (not in one autograd graph: there the order the parts are built in orders u's gradient sum)
+            early = last and self.paired and not self.connected
+            if early:   # the shared experts before the dispatch: they hide the split sizes' exchange (below)
+                out = shared()
+                moved = self.steps.pop()
+            route.exchange()                        # the split sizes: the host synchronisation
             x_s, w_s = self._compute(route.gather, [xs, ws])
+            if early:
+                # recorded after the gather, as in the other order: the backward adds u's gradients in the
+                # serial step's order, and runs the shared experts' part under the dispatch's reverse
+                self.steps.append(moved)
             s, r = route.send, route.recv
             (xs, idx, ws), got = yield from self._all_to_all(
                 [(x_s, s, r, group, "all_to_all"), (route.idx_s, s, r, group, "all_to_all_routing"),
-                 (w_s, s, r, group, "all_to_all_routing")], shared if i == len(levels) - 1 else None,
+                 (w_s, s, r, group, "all_to_all_routing")], shared if last and not early else None,
                 fp8=(x_s, row_tiles(x_s, recipe)) if recipe is not None and group.size > 1 else None)
-            out = got if i == len(levels) - 1 else out
+            out = got if last and not early else out
             routes.append(route)
             base, span = route.child_base, route.per
         y = self._experts(experts, mode, xs, idx, ws, base, span)
@@ -541,6 +557,7 @@ def overlapped_losses(model: nn.Module, mesh, micro_batch_size: int, tokens: tor
         rows = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
         mbs.append(_MicroBatch(model, tokens[rows], labels[rows], {k: v[rows] for k, v in inputs.items()}, n,
                                connected=i == n - 1))
+        mbs[-1].paired = i > 0   # beside the backward of micro-batch i - 1
     sums: dict[str, torch.Tensor] = {}
     set_gradient_sync(model, n == 1)
     prev = None
@@ -622,8 +639,10 @@ class FBRunner:
         # the (stage, micro-batch) whose forward or backward runs alone (warm-up, cool-down): their routed
         # experts go in token halves that hide each other's all-to-alls (`_MicroBatch._routed_halves`)
         lone = (FORWARD, FULL_BACKWARD, BACKWARD_INPUT)
-        self.lone = {(a.stage_index, a.microbatch_index) for a in schedule.pipeline_order[schedule.rank]
-                     if a is not None and a.computation_type in lone}
+        order = [a for a in schedule.pipeline_order[schedule.rank] if a is not None]
+        self.lone = {(a.stage_index, a.microbatch_index) for a in order if a.computation_type in lone}
+        self.paired = {(f.stage_index, f.microbatch_index) for a in order if a.computation_type == OVERLAP_F_B
+                       for f in a.sub_actions if f.computation_type == FORWARD}
         self.split_lone = True
         self.halved_blocks = 0           # MoE blocks run in halves, since construction (tests read it)
         self.deferred_parts = 0          # parts whose W was deferred, since construction (tests read it)
@@ -657,6 +676,7 @@ class FBRunner:
         h_in = None if stage.is_first else stage._retrieve_recv_activations(mb)[0]
         part = self.passes[(idx, mb)] = _StagePass(stage.submod, h_in, ctx.kwarg_mbs[mb])
         part.halves = self.split_lone and (idx, mb) in self.lone
+        part.paired = (idx, mb) in self.paired
         yield from part.forward()
         self.halved_blocks += part.n_halved
         out = part.output
