@@ -11,7 +11,9 @@ loss part), `--micro` micro-batches per step on each rank. First the serial step
 compute time and the all-to-all bytes per step; the bandwidth is then set so that the link time of a step
 equals that compute time (latency `--latency`). Then, under the link, the serial step and the overlapped step
 each `--steps` times: the step time (median) and, per rank and step, the time blocked in all-to-all waits
-(exposed) over the time they were in flight (link), max over ranks. `overlap_compute_step_s`: the overlapped
+(exposed) over the time they were in flight (link), max over ranks, and the part of it spent before the
+peers had joined the collective (`*_peer_wait_s`, `*_exposed_link_only_fraction` without it: with 4 ranks on
+2 cores a peer is often not running). `overlap_compute_step_s`: the overlapped
 step without the link (what cutting the step into parts costs). For DualPipeV one more overlapped step is
 traced (every rank's actions and all-to-alls: `timeline`, and the PNG), and its exposure split into the
 all-to-alls issued inside F&B pairs and those of lone warm-up forwards and cool-down backwards, which have no
@@ -141,6 +143,10 @@ def _measure(args, world: int, pp: int) -> dict:
             out[f"{name}_link_s"] = worst(statistics.median(r[1]["link_s"] for r in runs))
             out[f"{name}_exposed_s"] = worst(statistics.median(r[1]["exposed_s"] for r in runs))
             out[f"{name}_exposed_fraction"] = worst(statistics.median(r[1]["exposed_fraction"] for r in runs))
+            # of the exposed time, blocked before the peers joined (a late or descheduled peer, not the link)
+            out[f"{name}_peer_wait_s"] = worst(statistics.median(r[1]["peer_s"] for r in runs))
+            out[f"{name}_exposed_link_only_fraction"] = worst(statistics.median(
+                (r[1]["exposed_s"] - r[1]["peer_s"]) / r[1]["link_s"] for r in runs))
         if pp > 1:   # one more overlapped step (the default runner), traced: every rank's actions and all-to-alls
             pipe = pipes["ep"]
             pipe.fb_runner.defer_weights = False
@@ -248,7 +254,8 @@ def main():
                   f"{c['overlap_deferred_w_exposed_fraction']:.0%}), x{c['speedup_deferred_w']:.2f}")
         print(f"{case}: compute {c['compute_step_s']:.3f} s/step; serial {c['serial_step_s']:.3f} s "
               f"(exposed {c['serial_exposed_fraction']:.0%}), overlap {c['overlap_step_s']:.3f} s "
-              f"(exposed {c['overlap_exposed_fraction']:.0%}), x{c['speedup']:.2f}", flush=True)
+              f"(exposed {c['overlap_exposed_fraction']:.0%}, {c['overlap_exposed_link_only_fraction']:.0%} without "
+              f"waiting on peers), x{c['speedup']:.2f}", flush=True)
     for case, c in cases.items():
         if "timeline" in c:
             png = os.path.join(os.path.dirname(args.out), f"overlap_timeline_{case}.png")

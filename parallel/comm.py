@@ -266,7 +266,9 @@ def all_to_all_autograd(x, send: list[int], recv: list[int], group: Group, label
 # Per rank (each rank is a process) and per step (`LINK.reset()` at its start): `exposed_s`, the compute
 # thread's time blocked in waits; `link_s`, the time the collectives were in flight (each one's simulated
 # duration, or longer when the real transfer was still running when waited on), overlapped or not, so
-# that exposed <= link op by op; `calls`.
+# that exposed <= link op by op; `calls`; `peer_s`, the part of exposed_s spent inside gloo's own wait, before
+# the peers had joined the collective (a peer still computing or, with more ranks than cores, not running):
+# waiting on a peer, not on the link.
 import contextlib as _contextlib  # noqa: E402
 import time as _time  # noqa: E402
 
@@ -287,6 +289,7 @@ class LinkStats:
 
     def reset(self) -> None:
         self.exposed_s = 0.0
+        self.peer_s = 0.0
         self.link_s = 0.0
         self.calls = 0
 
@@ -294,9 +297,11 @@ class LinkStats:
         return 0.0 if not self.simulated else self.latency_s + nbytes / self.bytes_per_s
 
     def snapshot(self) -> dict[str, float]:
-        """{"exposed_s", "link_s", "calls", "exposed_fraction"} (fraction: exposed / link, 0 with no link time)."""
+        """{"exposed_s", "peer_s", "link_s", "calls", "exposed_fraction"} (fraction: exposed / link, 0 with no link
+        time)."""
         frac = min(1.0, self.exposed_s / self.link_s) if self.link_s > 0 else 0.0
-        return {"exposed_s": self.exposed_s, "link_s": self.link_s, "calls": self.calls, "exposed_fraction": frac}
+        return {"exposed_s": self.exposed_s, "peer_s": self.peer_s, "link_s": self.link_s, "calls": self.calls,
+                "exposed_fraction": frac}
 
 
 LINK = LinkStats()
@@ -342,6 +347,7 @@ class Work:
             t0 = self._issued if blocking else _time.perf_counter()
             if self._work is not None:
                 self._work.wait()
+                LINK.peer_s += _time.perf_counter() - t0
             left = self._done_at - _time.perf_counter()
             if left > 0:
                 _time.sleep(left)
