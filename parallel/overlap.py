@@ -482,11 +482,12 @@ def _input_grads(outputs: list, grads: list, inputs: list, weights: dict):
 
 def _weight_grads(later) -> None:
     """W of one part: its weight gradients from the gradients `_input_grads` kept at the nodes where they join,
-    in one autograd call."""
+    one autograd call per parameter group: a call given every group's nodes would also run, from a node
+    high in the graph, the input-gradient path down to the lower groups' nodes (the I pass again)."""
     from torch.autograd.graph import GradientEdge
     groups, accs = later
-    edges, outs, kept = [], [], []
     for group in groups:
+        edges, outs, kept = [], [], []
         for grads, node in zip(group["grads"], group["intermediates"]):
             if grads is None:
                 continue
@@ -495,19 +496,20 @@ def _weight_grads(later) -> None:
                 if g is not None:
                     edges.append(GradientEdge(node, i))
                     outs.append(g)
-    if not edges:
-        return
-    params = [a for group in groups for a in group["params"]]
-    # a kept node below another gets its kept gradient, not that plus what flows into it again
-    clamps = [node.register_prehook(lambda _g, grads=grads: grads) for node, grads in kept] if len(kept) > 1 else []
-    try:
-        dws = torch.autograd.grad(edges, [GradientEdge(a, 0) for a in params], outs, allow_unused=True)
-    finally:
-        for h in clamps:
-            h.remove()
-    for acc, dw in zip(params, dws):
-        if dw is not None:
-            _accumulate(accs[acc], dw)
+        if not edges:
+            continue
+        params = list(group["params"])
+        # a kept node below another of the group gets its kept gradient, not that plus what flows into it again
+        clamps = ([node.register_prehook(lambda _g, grads=grads: grads) for node, grads in kept]
+                  if len(kept) > 1 else [])
+        try:
+            dws = torch.autograd.grad(edges, [GradientEdge(a, 0) for a in params], outs, allow_unused=True)
+        finally:
+            for h in clamps:
+                h.remove()
+        for acc, dw in zip(params, dws):
+            if dw is not None:
+                _accumulate(accs[acc], dw)
 
 
 def _fsdp_state(module: nn.Module):
