@@ -171,3 +171,29 @@ def test_bad_overlap_settings_name_the_key(mode, kw, match):
         check_overlap(mode, dims)
     assert "parallel.overlap" in str(e.value)
     check_overlap("none", dims)
+
+
+def _late_peer() -> None:
+    """Rank 1 joins the all-to-all 0.2 s after rank 0: rank 0's wait is exposed, and that time is counted as
+    waiting on the peer (`peer_s`), not as the link. Rank 0 joining last instead (its peer already there),
+    only the simulated 50 ms transfer is exposed."""
+    import time
+    group = comm.Group("ep", dist.group.WORLD, (0, 1), 2)
+    x = torch.ones(4, 8)
+    with comm.simulate_link(0.05, 1e12):
+        for late_rank in (1, 0):
+            dist.barrier()
+            comm.LINK.reset()
+            if dist.get_rank() == late_rank:
+                time.sleep(0.2)
+            comm.all_to_all_async(x, [2, 2], [2, 2], group).wait()
+            snap = comm.LINK.snapshot()
+            assert 0.0 <= snap["peer_s"] <= snap["exposed_s"] <= snap["link_s"] + 1e-3, snap
+            if dist.get_rank() == 0 and late_rank == 1:
+                assert snap["peer_s"] > 0.15 and snap["exposed_s"] > 0.15, snap
+            if dist.get_rank() == 0 and late_rank == 0:
+                assert snap["exposed_s"] >= 0.045 and snap["peer_s"] < 0.03, snap
+
+
+def test_link_counts_waiting_on_a_late_peer_apart():
+    run_ranks(2, _late_peer)
