@@ -509,7 +509,7 @@ def _weight_grads(later) -> None:
                 h.remove()
         for acc, dw in zip(params, dws):
             if dw is not None:
-                _accumulate(accs[acc], dw)
+                _accumulate_weight(accs[acc], dw)
 
 
 def _fsdp_state(module: nn.Module):
@@ -527,6 +527,19 @@ def _gathered(unit: nn.Module, *args):
 
 def _accumulate(leaf: torch.Tensor, g: torch.Tensor) -> None:
     leaf.grad = g if leaf.grad is None else leaf.grad + g
+
+
+def _accumulate_weight(param: torch.Tensor, g: torch.Tensor) -> None:
+    """`_accumulate` for a parameter over micro-batches: in place once its gradient is a sum this function made
+    (a gradient autograd returned may alias another's, so the first one is never written into)."""
+    if param.grad is None:
+        param.grad = g
+    elif getattr(param.grad, "_summed_here", False):
+        param.grad.add_(g)
+    else:
+        total = param.grad + g
+        total._summed_here = True
+        param.grad = total
 
 
 def _seen_args(args, kwargs):
