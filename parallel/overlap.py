@@ -308,7 +308,7 @@ class _MicroBatch:
             lambda x_: entry(mode, block.moe_pre, x_, rope, start_pos, None, mask), [x])
         shared = functools.partial(self._compute, lambda u_: entry(mode, block.moe_shared, u_), [u])
         # not under FP8: its weight-gradient GEMM quantizes along the tokens, so halves would change the tiles
-        if (self.halves and len(experts.ep_levels) == 1 and not self.connected
+        if (self.halves and len(experts.ep_levels) == 1 and not self.connected and routed.shape[0] > 1
                 and getattr(experts, "fp8_dispatch", None) is None):
             y, shared = yield from self._routed_halves(experts, mode, u, w, routed, shared)
         else:
