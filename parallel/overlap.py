@@ -341,10 +341,8 @@ class _MicroBatch:
                 # recorded after the gather, as in the other order: the backward adds u's gradients in the
                 # serial step's order, and runs the shared experts' part under the dispatch's reverse
                 self.steps.append(moved)
-            s, r = route.send, route.recv
             (xs, idx, ws), got = yield from self._all_to_all(
-                [(x_s, s, r, group, "all_to_all"), (route.idx_s, s, r, group, "all_to_all_routing"),
-                 (w_s, s, r, group, "all_to_all_routing")], shared if last and not early else None,
+                _dispatch_sends(route, x_s, w_s), shared if last and not early else None,
                 fp8=(x_s, row_tiles(x_s, recipe)) if recipe is not None and group.size > 1 else None)
             out = got if last and not early else out
             routes.append(route)
@@ -373,10 +371,7 @@ class _MicroBatch:
         for route in routes:
             route.exchange()
             x_s, w_s = self._compute(route.gather, [u, w])
-            s, r = route.send, route.recv
-            dispatches.append(self._issue(
-                [(x_s, s, r, group, "all_to_all"), (route.idx_s, s, r, group, "all_to_all_routing"),
-                 (w_s, s, r, group, "all_to_all_routing")]))
+            dispatches.append(self._issue(_dispatch_sends(route, x_s, w_s)))
             yield
         out = shared()
         combines = []
@@ -445,6 +440,14 @@ class _MicroBatch:
         """The weight gradients the parts' backward deferred (`weights` set), in the order they were deferred."""
         while self.deferred:
             _weight_grads(self.deferred.pop(0))
+
+
+def _dispatch_sends(route: Route, x_s: torch.Tensor, w_s: torch.Tensor) -> list:
+    """A dispatch level's sends, [(tensor, send, recv, group, label)]: the rows, their expert indices, their
+    gate weights."""
+    s, r, g = route.send, route.recv, route.group
+    return [(x_s, s, r, g, "all_to_all"), (route.idx_s, s, r, g, "all_to_all_routing"),
+            (w_s, s, r, g, "all_to_all_routing")]
 
 
 def _input_grads(outputs: list, grads: list, inputs: list, weights: dict):
