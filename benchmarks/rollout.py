@@ -122,6 +122,17 @@ def train(task: ChainTask, steps: int, batch: int, seed: int):
     return net.eval(), cfg, {"steps": steps, "batch": batch, "seconds": round(time.perf_counter() - t0, 1), **last}
 
 
+def static_chunks(gen: Generator, prompts: list[list[int]], params: SamplingParams, batch: int):
+    """The static Generator over consecutive batches of `batch` prompts (what a cache for `batch` sequences
+    allows), one after another: (every completion in order, the summed tokens over the wall time)."""
+    t0, outs = time.perf_counter(), []
+    for i in range(0, len(prompts), batch):
+        outs += gen.generate(prompts[i:i + batch], params, seed=0)[0]
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(c.ids) for c in outs)
+    return outs, {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
 def interleaved(runs: dict, repeats: int) -> dict:
     """name -> (outputs, stats) of the fastest of `repeats` runs of each, the runs interleaved (rotating the
     order each round) so that a slow spell of the machine does not fall on one row only."""
@@ -148,6 +159,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--small-batch", type=int, default=4, help="sequences of the low-load speculation rows")
+    ap.add_argument("--memory-bound-prompts", type=int, default=64,
+                    help="prompts (x --group samples) of the memory-bound rows: more sequences than --max-batch")
+    ap.add_argument("--memory-bound-repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -169,12 +183,18 @@ def main(argv=None) -> dict:
     warmup: dict = {}
     refs: dict = {}
 
-    def rows_at(temperature: float, prompts: list[list[int]], compile: bool = args.compile) -> dict:
+    def rows_at(temperature: float, prompts: list[list[int]], compile: bool = args.compile,
+                draft_tokens: list[int] = args.draft_tokens, chunked: bool = False,
+                repeats: int = args.repeats) -> dict:
         params = SamplingParams(max_new_tokens=new, temperature=temperature)
         seeds = list(range(len(prompts)))
         engines = {"continuous": dict(share_prefix=False), "shared_prefix": dict()}
-        engines.update({f"speculative_k{k}": dict(draft_tokens=k) for k in args.draft_tokens})
-        runs = {"static": lambda: Generator(net, tok, compile=compile).generate(prompts, params, seed=0)}
+        engines.update({f"speculative_k{k}": dict(draft_tokens=k) for k in draft_tokens})
+        if chunked:   # the static engine holds max_batch sequences too: consecutive batches, each waits for its longest
+            runs = {"static": lambda: static_chunks(Generator(net, tok, compile=compile), prompts, params,
+                                                     args.max_batch)}
+        else:
+            runs = {"static": lambda: Generator(net, tok, compile=compile).generate(prompts, params, seed=0)}
         for name, kw in engines.items():
             runs[name] = (lambda kw: lambda: Engine(net, tok, max_batch=args.max_batch, compile=compile, **kw).generate(
                 prompts, params, seeds=seeds))(kw)
@@ -183,7 +203,7 @@ def main(argv=None) -> dict:
                 t0 = time.perf_counter()
                 run()
                 warmup[name] = round(warmup.get(name, 0.0) + time.perf_counter() - t0, 1)
-        best = interleaved(runs, args.repeats)
+        best = interleaved(runs, repeats)
         ref = best["static"][0]
         refs[compile, temperature, len(prompts)] = [c.ids for c in ref]
         lengths = sorted(len(c.ids) for c in ref)
@@ -206,10 +226,17 @@ def main(argv=None) -> dict:
     greedy = rows_at(0.0, prompts)
     sampled = rows_at(args.temperature, prompts)
     small = rows_at(0.0, prompts[::args.group][:args.small_batch])   # distinct prompts, one sample each
+    best_k = max(args.draft_tokens, key=lambda k: greedy["rows"][f"speculative_k{k}"]["tokens_per_s"])
+    # memory-bound: a GRPO step of more sequences than a batch holds (the headline's prompts first, then more);
+    # the static engine runs them max_batch at a time, the engine keeps max_batch running, refilling
+    more_task = ChainTask(args.seed, args.max_len)
+    more_task.g.manual_seed(10_000 + args.seed)
+    more = [q for q in (more_task.prompt() for _ in range(args.memory_bound_prompts)) for _ in range(args.group)]
+    bound = rows_at(0.0, more, draft_tokens=[best_k], chunked=True, repeats=args.memory_bound_repeats)
     eager = rows_at(0.0, prompts, compile=False) if args.compile else None   # the same rows uncompiled, for context
     r = greedy["rows"]
-    best_k = max(args.draft_tokens, key=lambda k: r[f"speculative_k{k}"]["tokens_per_s"])
     spec = r[f"speculative_k{best_k}"]
+    b = bound["rows"]
     best_small = max(args.draft_tokens, key=lambda k: small["rows"][f"speculative_k{k}"]["tokens_per_s"])
     result = {
         "benchmark": "rollout",
@@ -233,6 +260,9 @@ def main(argv=None) -> dict:
         "speedup_speculative_small_batch": round(small["rows"][f"speculative_k{best_small}"]["tokens_per_s"]
                                                  / small["rows"]["shared_prefix"]["tokens_per_s"], 2),
         "speculative_draft_tokens_small_batch": best_small,
+        "speedup_continuous_memory_bound": round(b["shared_prefix"]["tokens_per_s"] / b["static"]["tokens_per_s"], 2),
+        "speedup_speculative_memory_bound": round(b[f"speculative_k{best_k}"]["tokens_per_s"]
+                                                  / b["shared_prefix"]["tokens_per_s"], 2),
         "compiled": args.compile,
         "compile": ({"what": "the static Generator's decode steps and the engine's decode forwards, "
                              "speculation steps (verify + acceptance + MTP drafts, one program) and MTP draft "
@@ -242,6 +272,9 @@ def main(argv=None) -> dict:
         "temperature_0": greedy,
         f"temperature_{args.temperature}": sampled,
         f"small_batch_{args.small_batch}_temperature_0": small,
+        "memory_bound_temperature_0": {"sequences": len(more), "max_batch": args.max_batch,
+                                       "static": f"{-(-len(more) // args.max_batch)} batches of {args.max_batch}, "
+                                                 "one after another", **bound},
     }
     if eager is not None:
         assert refs[True, 0.0, len(prompts)] == refs[False, 0.0, len(prompts)], "compiled static differs from eager"
@@ -256,8 +289,9 @@ def main(argv=None) -> dict:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    for label, block in (("T=0", greedy), (f"T={args.temperature}", sampled),
-                         (f"T=0, {args.small_batch} sequences", small)) + ((("T=0, eager", eager),) if eager else ()):
+    blocks = [("T=0", greedy), (f"T={args.temperature}", sampled), (f"T=0, {args.small_batch} sequences", small),
+              (f"T=0, {len(more)} sequences, batches of {args.max_batch}", bound)]
+    for label, block in blocks + ([("T=0, eager", eager)] if eager else []):
         print(f"{label}: reply lengths {block['reply_lengths']}")
         for name, row in block["rows"].items():
             print(f"  {name:<18}{row['tokens_per_s']:>10.1f} tokens/s  {row['seconds']:>8.2f} s"
@@ -265,8 +299,9 @@ def main(argv=None) -> dict:
                      else ""))
     print(f"speedup_continuous {result['speedup_continuous']}, speedup_speculative {result['speedup_speculative']} "
           f"(k={best_k}; {result['speedup_speculative_small_batch']} at {args.small_batch} sequences, k={best_small}), "
-          f"acceptance "
-          f"{result['acceptance']}; wrote {args.out}")
+          f"acceptance {result['acceptance']}; memory-bound ({len(more)} sequences, batches of {args.max_batch}): "
+          f"continuous {result['speedup_continuous_memory_bound']}, speculative "
+          f"{result['speedup_speculative_memory_bound']}; wrote {args.out}")
     return result
 
 
