@@ -19,7 +19,11 @@ shared_prefix at the best k, acceptance = accepted / drafted); the same at --tem
 --small-batch distinct prompts (low load, where a verify step costs little more than a decode step: SGLang's
 and vLLM's speculation figures are at batch 1 and low load), with its own best k
 (speedup_speculative_small_batch). Every engine row's tokens are checked against the static engine's at T = 0
-before they count.
+before they count. Memory-bound (`memory_bound_temperature_0`, T = 0): --memory-bound-prompts x --group
+sequences (the headline's prompts first, 512 by default), more than --max-batch: the static engine runs them
+max_batch at a time, one batch after another (a cache for max_batch sequences; each batch waits for its
+longest), the engine keeps max_batch running and refills (`speedup_continuous_memory_bound`, and the best k's
+`speedup_speculative_memory_bound`).
 
 Compiled (the default; --no-compile: eager only). At this width a decode forward's time is mostly fixed
 per-op cost (a few hundred small kernels launched from Python), which continuous batching and speculation
@@ -33,7 +37,7 @@ after it. The compiled static Generator's T = 0 tokens are checked against the e
 rows are run eagerly too (`eager_temperature_0`, with its own speedups), for context.
 
 Usage: python benchmarks/rollout.py [--out PATH] [--train-steps N] [--prompts N] [--group G] [--repeats R]
-                                    [--no-compile]
+                                    [--memory-bound-prompts N] [--no-compile]
 """
 from __future__ import annotations
 
