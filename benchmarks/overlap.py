@@ -14,7 +14,9 @@ each `--steps` times: the step time (median) and, per rank and step, the time bl
 (exposed) over the time they were in flight (link), max over ranks, and the part of it spent before the
 peers had joined the collective (`*_peer_wait_s`, `*_exposed_link_only_fraction` without it: with 4 ranks on
 2 cores a peer is often not running). `overlap_compute_step_s`: the overlapped
-step without the link (what cutting the step into parts costs). For DualPipeV one more overlapped step is
+step without the link (what cutting the step into parts costs). For DualPipeV the overlapped step runs the
+default runner (weight gradients deferred, `FBRunner.defer_weights` "all") and also, as rows `overlap_w_experts`
+and `overlap_w_none`, with only the routed experts' W deferred and with none. One more overlapped step is
 traced (every rank's actions and all-to-alls: `timeline`, and the PNG), and its exposure split into the
 all-to-alls issued inside F&B pairs and those of lone warm-up forwards and cool-down backwards, which have no
 partner (the planner's DualPipeV term, plan/planner.py).
@@ -130,13 +132,15 @@ def _measure(args, world: int, pp: int) -> dict:
            "compute_step_s": compute_s, "overlap_compute_step_s": parts_s, "a2a_bytes_per_step": nbytes,
            "a2a_calls_per_step": calls,
            "latency_s": args.latency, "bytes_per_s": bw}
-    modes = [("serial", False), ("overlap", True)]
-    if pp > 1:   # also with each part's weight gradients deferred into the all-to-alls' flight (FBRunner option)
-        modes.append(("overlap_deferred_w", True))
+    modes = [("serial", False, None), ("overlap", True, None)]
+    if pp > 1:   # the default runner's weight gradients deferred into the all-to-alls' flight (FBRunner.defer_weights
+        # "all"); also with the routed experts' parts' only deferred, and with none (each part's backward whole)
+        default = pipes["ep"].fb_runner.defer_weights
+        modes += [(f"overlap_w_{d}", True, d) for d in ("experts", "none") if d != default]
     with comm.simulate_link(args.latency, bw):
-        for name, overlap in modes:
+        for name, overlap, defer in modes:
             if pp > 1:
-                pipes["ep"].fb_runner.defer_weights = name == "overlap_deferred_w"
+                pipes["ep"].fb_runner.defer_weights = defer or default
             step(overlap)  # warm-up under the link
             runs = [step(overlap) for _ in range(args.steps)]
             out[f"{name}_step_s"] = worst(statistics.median(r[0] for r in runs))
@@ -149,7 +153,7 @@ def _measure(args, world: int, pp: int) -> dict:
                 (r[1]["exposed_s"] - r[1]["peer_s"]) / r[1]["link_s"] for r in runs))
         if pp > 1:   # one more overlapped step (the default runner), traced: every rank's actions and all-to-alls
             pipe = pipes["ep"]
-            pipe.fb_runner.defer_weights = False
+            pipe.fb_runner.defer_weights = default
             pipe.fb_runner.trace, comm.LINK.events = [], []
             dist.barrier()
             t0 = time.perf_counter()
@@ -178,7 +182,9 @@ def _measure(args, world: int, pp: int) -> dict:
     out["exposed_fraction"] = out["overlap_exposed_fraction"]
     out["speedup"] = out["serial_step_s"] / out["overlap_step_s"]
     if pp > 1:
-        out["speedup_deferred_w"] = out["serial_step_s"] / out["overlap_deferred_w_step_s"]
+        out["defer_weights"] = default
+        for name, _, defer in modes[2:]:
+            out[f"speedup_w_{defer}"] = out["serial_step_s"] / out[f"{name}_step_s"]
     return out
 
 
@@ -249,9 +255,10 @@ def main():
             cases[case] = json.load(f)
         os.remove(path)
         c = cases[case]
-        if "speedup_deferred_w" in c:
-            print(f"{case}: with W deferred: overlap {c['overlap_deferred_w_step_s']:.3f} s (exposed "
-                  f"{c['overlap_deferred_w_exposed_fraction']:.0%}), x{c['speedup_deferred_w']:.2f}")
+        for defer in ("experts", "none"):
+            if f"speedup_w_{defer}" in c:
+                print(f"{case}: defer_weights={defer}: overlap {c[f'overlap_w_{defer}_step_s']:.3f} s (exposed "
+                      f"{c[f'overlap_w_{defer}_exposed_fraction']:.0%}), x{c[f'speedup_w_{defer}']:.2f}")
         print(f"{case}: compute {c['compute_step_s']:.3f} s/step; serial {c['serial_step_s']:.3f} s "
               f"(exposed {c['serial_exposed_fraction']:.0%}), overlap {c['overlap_step_s']:.3f} s "
               f"(exposed {c['overlap_exposed_fraction']:.0%}, {c['overlap_exposed_link_only_fraction']:.0%} without "

@@ -91,12 +91,13 @@ class _Step:
     """One part of a micro-batch's forward: `outputs` (what it produced, with their graph), the leaves the
     later parts consumed in their place (`leaves`, same order), and the leaves it consumed (`inputs`).
     An all-to-all step, recorded where it was waited for, keeps per tensor sent (sent leaf, received leaf,
-    send, recv, group, label)."""
+    send, recv, group, label). `experts`: the part is the routed experts' GEMMs (their W may be deferred alone)."""
 
-    __slots__ = ("outputs", "leaves", "inputs", "a2a")
+    __slots__ = ("outputs", "leaves", "inputs", "a2a", "experts")
 
     def __init__(self, outputs=(), leaves=(), inputs=(), a2a=None):
         self.outputs, self.leaves, self.inputs, self.a2a = list(outputs), list(leaves), list(inputs), a2a
+        self.experts = False
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -181,6 +182,7 @@ class _MicroBatch:
         # weights: {gradient accumulator: parameter} whose gradients a part's backward may defer (DualPipe's W,
         # V3 Figure 4): each part then computes its input gradients first and keeps what its weight gradients need
         self.weights: dict | None = None
+        self.experts_only = False   # defer only the routed experts' parts' W (`FBRunner.defer_weights` "experts")
         self.deferred: list = []
         self.n_deferred = 0
         # halves: the routed experts in two token halves hiding each other's all-to-alls (`_routed_halves`)
@@ -188,6 +190,9 @@ class _MicroBatch:
         # paired: this forward runs beside another micro-batch's backward (`_routed`: the shared experts first)
         self.paired = False
         self.n_halved = 0   # MoE blocks run in halves
+        # shared_late: the backward runs the shared experts under the combine's reverse rather than the dispatch's
+        # (where the deferred weight gradients of the experts then run: `FBRunner.defer_weights`)
+        self.shared_late = False
 
     # -- forward ------------------------------------------------------------------------------------------
     def _compute(self, fn, inputs: list, *args):
@@ -324,30 +329,42 @@ class _MicroBatch:
         shared experts then hide the split sizes' exchange and lengthen what the partner's reverse combine,
         issued before, flies under."""
         xs, idx, ws, base, span = u, routed, w, 0, experts.ep_total
-        routes, out = [], None
+        routes, out, held = [], None, []
         levels = experts.ep_levels
         recipe = getattr(experts, "fp8_dispatch", None)   # the rows as FP8 tiles (expert_parallel.py)
+
+        def shared_part(hold: bool):
+            y_shared = shared()
+            if hold:   # its step recorded later (below)
+                held.append(self.steps.pop())
+            return y_shared
+
         for i, group in enumerate(levels):        # dispatch, level by level (across nodes, then inside)
             last = i == len(levels) - 1
             route = Route(group, idx, base, span)   # issues the split sizes' exchange
             # (not in one autograd graph: there the order the parts are built in orders u's gradient sum)
             early = last and self.paired and not self.connected
             if early:   # the shared experts before the dispatch: they hide the split sizes' exchange (below)
-                out = shared()
-                moved = self.steps.pop()
+                out = shared_part(True)
             route.exchange()                        # the split sizes: the host synchronisation
             x_s, w_s = self._compute(route.gather, [xs, ws])
-            if early:
+            if early and not self.shared_late:
                 # recorded after the gather, as in the other order: the backward adds u's gradients in the
                 # serial step's order, and runs the shared experts' part under the dispatch's reverse
-                self.steps.append(moved)
+                self.steps += held
+                held.clear()
+            meanwhile = functools.partial(shared_part, self.shared_late and not self.connected)
             (xs, idx, ws), got = yield from self._all_to_all(
-                _dispatch_sends(route, x_s, w_s), shared if last and not early else None,
+                _dispatch_sends(route, x_s, w_s), meanwhile if last and not early else None,
                 fp8=(x_s, row_tiles(x_s, recipe)) if recipe is not None and group.size > 1 else None)
             out = got if last and not early else out
             routes.append(route)
             base, span = route.child_base, route.per
         y = self._experts(experts, mode, xs, idx, ws, base, span)
+        # with `shared_late`, the shared experts' step recorded after the experts': the backward runs them while the
+        # combine's reverse flies (the experts' backward needs its gradient), still between the post part's and
+        # the gather's gradients for u, the serial step's order
+        self.steps += held
         for route in reversed(routes):           # combine, level by level back
             (y_s,), _ = yield from self._all_to_all([(y, route.recv, route.send, route.group, "all_to_all")])
             y = self._compute(lambda t: route.scatter_add(t, u), [y_s])
@@ -388,8 +405,11 @@ class _MicroBatch:
         """This rank's experts on the rows it received (FP8 tiles, when dispatched so, passed apart: FSDP2's
         entry returns plain tensors)."""
         tiles = xs.fp8 if isinstance(xs, Fp8Rows) else None
-        return self._compute(lambda x_, w_: _entry(experts)(mode, experts.ep_local, x_, idx, w_, base, span, tiles),
-                             [xs, ws])
+        y = self._compute(lambda x_, w_: _entry(experts)(mode, experts.ep_local, x_, idx, w_, base, span, tiles),
+                          [xs, ws])
+        if not self.connected:
+            self.steps[-1].experts = True
+        return y
 
     # -- backward -----------------------------------------------------------------------------------------
     def backward(self, outputs=None, grads=None):
@@ -429,7 +449,8 @@ class _MicroBatch:
         pairs = [(o, leaf.grad) for o, leaf in zip(step.outputs, step.leaves) if leaf.grad is not None]
         if pairs:
             outs, grads_ = [o for o, _ in pairs], [g for _, g in pairs]
-            later = _input_grads(outs, grads_, step.inputs, self.weights) if self.weights and step.inputs else None
+            defer = self.weights and step.inputs and (step.experts or not self.experts_only)
+            later = _input_grads(outs, grads_, step.inputs, self.weights) if defer else None
             if later is None:
                 torch.autograd.backward(outs, grads_)
             else:
@@ -637,14 +658,15 @@ class FBRunner:
     received activations or gradients, cache the output for the send, compute the loss, hand over locally
     between the two stages of the V on this rank.
 
-    A part's backward computes its weight gradients with its input gradients, so BACKWARD_INPUT runs the whole
-    backward and BACKWARD_WEIGHT finds nothing left. With `defer_weights` (DualPipe's W, V3 Figure 4) each
-    part's backward, without recomputation, first computes its input gradients only (torch.distributed.
-    pipelining's I/W split, applied per part) and keeps what its weight gradients need; they run after the
-    backward issues its next all-to-all, hiding it (and, in a pair, the forward's), the rest at the
-    backward's end or at the BACKWARD_WEIGHT action after a BACKWARD_INPUT (the zero-bubble deferral kept).
-    Off by default: measured slower on CPU (above). Under recomputation, and for an FP8-dispatched payload's
-    experts, a part's backward runs whole either way."""
+    With `defer_weights` ("all", the default: DualPipe's W, V3 Figure 4) each part's backward, without
+    recomputation, first computes its input gradients only (torch.distributed.pipelining's I/W split, applied
+    per part) and keeps what its weight gradients need; they run after the backward issues its next
+    all-to-all, hiding it (and, in a pair, the forward's), the rest at the backward's end or at the
+    BACKWARD_WEIGHT action after a BACKWARD_INPUT (the zero-bubble deferral kept); the shared experts' backward
+    then runs under the combine's reverse (`_MicroBatch.shared_late`). "experts": the routed experts' parts
+    only; "none": a part's backward computes its weight gradients with its input gradients (BACKWARD_INPUT
+    runs the whole backward, BACKWARD_WEIGHT finds nothing left). Under recomputation, and for an
+    FP8-dispatched payload's experts, a part's backward runs whole either way."""
 
     def __init__(self, schedule, stages: list):
         from torch.distributed.pipelining.schedules import (BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, FULL_BACKWARD,
@@ -653,9 +675,9 @@ class FBRunner:
         self.passes: dict[tuple[int, int], _StagePass] = {}
         self.waiting_w: dict[tuple[int, int], _StagePass] = {}   # after BACKWARD_INPUT, before BACKWARD_WEIGHT
         self.trace: list | None = None   # a list: each action appends (kind, [(stage, micro-batch)], start, end)
-        # W deferred into the all-to-alls' flight: exposes less, but the split costs more than it hides on CPU
-        # (benchmarks/overlap.py: 28% exposed against 38%, yet 1.38x the serial step against 1.48x), so off
-        self.defer_weights = False
+        # W deferred into the all-to-alls' flight: "all" (every part's), "experts" (the routed experts' parts only)
+        # or "none" (each part's backward whole); measured in benchmarks/overlap.py
+        self.defer_weights = "all"
         # the (stage, micro-batch) whose forward or backward runs alone (warm-up, cool-down): their routed
         # experts go in token halves that hide each other's all-to-alls (`_MicroBatch._routed_halves`)
         lone = (FORWARD, FULL_BACKWARD, BACKWARD_INPUT)
@@ -697,6 +719,7 @@ class FBRunner:
         part = self.passes[(idx, mb)] = _StagePass(stage.submod, h_in, ctx.kwarg_mbs[mb])
         part.halves = self.split_lone and (idx, mb) in self.lone
         part.paired = (idx, mb) in self.paired
+        part.shared_late = self._defers(stage)
         yield from part.forward()
         self.halved_blocks += part.n_halved
         out = part.output
@@ -706,6 +729,12 @@ class FBRunner:
         sched._maybe_compute_loss(stage, out, ctx.target_mbs, mb)
         if idx + 1 in self.stages:
             self.stages[idx + 1].set_local_fwd_input(out, mb)
+
+    def _defers(self, stage) -> bool:
+        """Whether this stage's backward parts defer their weight gradients (not under recomputation)."""
+        if self.defer_weights not in ("none", "experts", "all"):
+            raise ValueError(f"FBRunner.defer_weights={self.defer_weights!r}: valid values are none, experts, all")
+        return self.defer_weights != "none" and all(recompute_mode(b) == "none" for b in stage.submod.layers.values())
 
     def _weights(self, action):
         self.waiting_w.pop((action.stage_index, action.microbatch_index)).weight_grads()
@@ -729,9 +758,10 @@ class FBRunner:
             stage.submod.set_is_last_backward(False)
             stage.submod.set_reshard_after_backward(False)
             stage.submod.set_requires_gradient_sync(False)
-        if self.defer_weights and all(recompute_mode(b) == "none" for b in stage.submod.layers.values()):
+        if self._defers(stage):
             # DualPipe's W (V3 Figure 4): each part's weight gradients wait for an all-to-all to hide under
             part.weights = {_get_grad_fn_or_grad_acc(p): p for p in stage.submod.parameters() if p.requires_grad}
+            part.experts_only = self.defer_weights == "experts"
         yield from part.backward(outputs, grads)
         self.deferred_parts += part.n_deferred
         if input_only:

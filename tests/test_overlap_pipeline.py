@@ -2,7 +2,8 @@
 stages runs part by part, the OVERLAP_F_B pairs interleaved at each all-to-all. The overlapped step gives the
 same layout's serial step bit for bit (loss terms and every gradient) and one process's (fp32 1e-5; fp64
 parameters after 3 AdamW steps 1e-9), with packed documents, MTP and the balance losses on, with each part's
-backward whole (the default) and with its weight gradients deferred into the all-to-alls' flight. With the
+backward whole (the default) and with its weight gradients deferred into the all-to-alls' flight (every part's,
+or only the routed experts' parts': `defer_weights` "all" / "experts"). With the
 chunks that run alone split in token halves (`split_lone`, the default), the experts' GEMMs see half the rows
 and their weight gradients are summed in two parts: equal to the serial step at 1e-5 (fp32) / 1e-9 (fp64),
 not in bits. Layouts:
@@ -63,7 +64,7 @@ def _same(serial: dict, got: dict, engines, mesh, what: str, tol: float | None =
 
 
 def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute: str = "none", fp8: bool = False,
-          defer: bool = False, halves: bool = True):
+          defer: str = "none", halves: bool = True):
     tol = 1e-5 if dtype == torch.float32 else 1e-9
     what = f"{layout} {overrides} recompute={recompute} fp8={fp8} defer={defer} halves={halves} {dtype}"
     torch.manual_seed(0)
@@ -98,8 +99,12 @@ def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute
             outs.append(e.step(tokens[mine], labels[mine], doc_ids=doc_ids[mine]))
         same(outs[0], outs[1], engines, mesh, f"{what} step {step}")
         # with defer_weights, W deferred into the all-to-alls' flight where nothing is recomputed
-        deferred = engines[1].fb_runner.deferred_parts
-        assert (deferred > 0) == (defer and recompute == "none"), (what, deferred)
+        # ("experts": where blocks run in parts, under expert parallelism; summed over the ranks: some hold no MoE)
+        deferred = torch.tensor([engines[1].fb_runner.deferred_parts])
+        torch.distributed.all_reduce(deferred)
+        deferred = deferred.item()
+        assert (deferred > 0) == (defer != "none" and recompute == "none" and (defer == "all" or dims.ep > 1)), (
+            what, deferred)
         halved = torch.tensor([engines[1].fb_runner.halved_blocks])   # over the ranks: some hold no MoE block
         torch.distributed.all_reduce(halved)
         assert (halved.item() > 0) == split, (what, halved)
@@ -127,16 +132,21 @@ def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute
 
 def _ranks(cases: list) -> None:
     """Each case in fp32 for a step, without the halves (bits) and with them, and where nothing is recomputed
-    with the weight gradients deferred too and in fp64 for 3 steps (default runner and deferred W)."""
+    with the weight gradients deferred too and in fp64 for 3 steps (default runner, every W deferred, and under
+    expert parallelism the experts' W only)."""
     for name, layout, overrides, kw in cases:
         if layout.get("ep", 1) > 1 and not kw.get("fp8"):
             _case(name, layout, overrides, torch.float32, 1, **kw, halves=False)
+            if kw.get("recompute", "none") == "none":   # the runner's default: W deferred, in bits too
+                _case(name, layout, overrides, torch.float32, 1, **kw, halves=False, defer="all")
         _case(name, layout, overrides, torch.float32, 1, **kw)
         if kw.get("recompute", "none") == "none":
-            _case(name, layout, overrides, torch.float32, 1, **kw, defer=True)
+            _case(name, layout, overrides, torch.float32, 1, **kw, defer="all")
             if not kw.get("fp8"):
                 _case(name, layout, overrides, torch.float64, STEPS, **kw)
-                _case(name, layout, overrides, torch.float64, STEPS, **kw, defer=True)
+                _case(name, layout, overrides, torch.float64, STEPS, **kw, defer="all")
+                if layout.get("ep", 1) > 1:
+                    _case(name, layout, overrides, torch.float64, STEPS, **kw, defer="experts")
 
 
 V3 = "tiny-deepseek-v3"
