@@ -268,7 +268,8 @@ def main():
             png = os.path.join(os.path.dirname(args.out), f"overlap_timeline_{case}.png")
             plot(case, c, png)
             print("wrote", png)
-    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+    result = {"command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
+              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                           "torch": torch.__version__, "threads_per_rank": 1},
               "model": {**MODEL, "preset": "tiny-deepseek-v3"},
               "link": "parallel.comm.simulate_link: completion >= issue + latency + bytes / bandwidth, "
