@@ -2,8 +2,8 @@
 stages runs part by part, the OVERLAP_F_B pairs interleaved at each all-to-all. The overlapped step gives the
 same layout's serial step bit for bit (loss terms and every gradient) and one process's (fp32 1e-5; fp64
 parameters after 3 AdamW steps 1e-9), with packed documents, MTP and the balance losses on, with each part's
-backward whole (the default) and with its weight gradients deferred into the all-to-alls' flight (every part's,
-or only the routed experts' parts': `defer_weights` "all" / "experts"). With the
+backward whole (`defer_weights` "none") and with its weight gradients deferred into the all-to-alls' flight
+(every part's, the runner's default "all", or only the routed experts' parts', "experts"). With the
 chunks that run alone split in token halves (`split_lone`, the default), the experts' GEMMs see half the rows
 and their weight gradients are summed in two parts: equal to the serial step at 1e-5 (fp32) / 1e-9 (fp64),
 not in bits. Layouts:
@@ -132,7 +132,7 @@ def _case(name: str, layout: dict, overrides: dict, dtype, steps: int, recompute
 
 def _ranks(cases: list) -> None:
     """Each case in fp32 for a step, without the halves (bits) and with them, and where nothing is recomputed
-    with the weight gradients deferred too and in fp64 for 3 steps (default runner, every W deferred, and under
+    with the weight gradients deferred too and in fp64 for 3 steps (no W deferred, every W deferred, and under
     expert parallelism the experts' W only)."""
     for name, layout, overrides, kw in cases:
         if layout.get("ep", 1) > 1 and not kw.get("fp8"):
