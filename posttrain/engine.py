@@ -83,6 +83,18 @@ def inverse_cdf(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=dist.shape[-1] - 1)
 
 
+def decode_step(model, tokens, pos, caches, mask, params, u=None):
+    """One decode step for the batch as one program (compiled like speculation_step): the main model over
+    tokens [b, 1] at positions pos, then each row's next token, the argmax at T = 0, else an inverse-CDF draw
+    from its sampling distribution with the row's uniform u [b] (drawn from its own generator). Returns
+    (tokens [b], their log-probs [b], the truncation masks [b, vocab] or None)."""
+    logits, _ = model.decode(tokens, pos, caches, mask)
+    logits = model.gather_logits(logits[:, 0]).float()
+    logp, p, keep = Engine._distributions(logits, params)
+    ids = logits.argmax(-1) if u is None else inverse_cdf(p, u)
+    return ids, logp.gather(1, ids[:, None])[:, 0], keep
+
+
 def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: int, params, accept=None, q=None,
                      u=None):
     """One speculation step as one program (compiled like the decode-sized forwards; V3 §5.4.3, Leviathan et al.
@@ -417,11 +429,11 @@ class Engine:
         return logp.view_as(logits), (probs / probs.sum(-1, keepdim=True)).view_as(logits), None
 
     def _draw(self, logits: torch.Tensor, probs: torch.Tensor | None, seqs: list[Sequence]) -> list[int]:
-        """One token per row: the argmax at T = 0, else a draw from each row's distribution with its own
-        sequence's generator (so that no sequence's stream depends on the others)."""
+        """One token per row: the argmax at T = 0, else an inverse-CDF draw from each row's distribution with a
+        uniform from its own sequence's generator (so that no sequence's stream depends on the others)."""
         if probs is None:
             return logits.argmax(-1).tolist()
-        return [int(torch.multinomial(row, 1, generator=seq.gen)) for row, seq in zip(probs, seqs)]
+        return inverse_cdf(probs, self._uniforms(seqs, 1)[:, 0]).tolist()
 
     def _emit(self, seq: Sequence, token: int, logp: float, params: SamplingParams,
               allowed: torch.Tensor | None = None) -> bool:
@@ -494,7 +506,7 @@ class Engine:
                      if self.draft_tokens else None)
         self.qbuf = (torch.ones(self.max_batch, self.draft_tokens, self.model.cfg.vocab_size, device=self.device)
                      if self.draft_tokens and params.temperature > 0 else None)
-        self._ar = None
+        self._ar, self.sampled = None, params.temperature > 0
         self.forwards = self.prefilled = self.steps = 0
         self.drafted = [0] * self.draft_tokens
         self.accepted = [0] * self.draft_tokens
@@ -651,7 +663,8 @@ class Engine:
 
     def _decode(self, running: list[Sequence], params: SamplingParams):
         """One token for every running sequence: a fresh page only where a sequence crosses into one (or
-        its first write lands in a shared page), then one forward and one sampling call for the batch."""
+        its first write lands in a shared page), then one call for the batch (`decode_step`: the forward and
+        the draws, at T > 0 with a uniform per sequence from its own generator)."""
         if not running:   # another rank decodes
             return self._idle()
         P, refs = self.page_size, self.pool.refs
@@ -660,18 +673,15 @@ class Engine:
             if i == len(seq.pages) or refs[seq.pages[i]] > 1:
                 self._pages_for(seq, seq.length, seq.length + 1)
         tokens = torch.tensor([s.tokens[s.length] for s in running], device=self.device)[:, None]
-        logits, _ = self._forward(self.table[self._slots(running)], [s.length for s in running], tokens)
-        logits = self._logits(logits[:, 0])
-        logp, probs, keep = self._distributions(logits, params)
-        if probs is None:
-            ids = logits.argmax(-1)
-            tokens = ids.tolist()
-        else:
-            tokens = self._draw(logits, probs, running)
-            ids = torch.tensor(tokens, device=logp.device)
+        pos, mask, caches = self._frame(self.table[self._slots(running)], [s.length for s in running], 1, None)
+        self.forwards += 1
+        u = self._uniforms(running, 1)
+        fn = compiled(decode_step) if self._compiles(tokens) else decode_step
+        ids, logps, keep = fn(self.model, tokens, pos, caches[:self.n_layers], mask, params,
+                              None if u is None else u[:, 0])
+        self._recorded()
         sets = allowed_ids(keep) if keep is not None else [None] * len(running)
-        logps = logp.gather(1, ids[:, None])[:, 0].tolist()
-        for b, (seq, token, lp) in enumerate(zip(running, tokens, logps)):
+        for b, (seq, token, lp) in enumerate(zip(running, ids.tolist(), logps.tolist())):
             if self.record:
                 seq.routes.append(self.routes[b, :1])
             seq.length += 1
@@ -729,11 +739,11 @@ class Engine:
             seq.length += emitted
 
     def _uniforms(self, running: list, n: int) -> torch.Tensor | None:
-        """At T > 0 each sequence's n uniforms, from its own generator (None: a scratch row)."""
-        if self.qbuf is None:
+        """At T > 0 each sequence's n uniforms [b, n], from its own generator (None: a scratch row); at T = 0 None."""
+        if not self.sampled:
             return None
         return torch.stack([torch.rand(n, generator=s.gen, device=self.device) if s is not None
-                            else torch.zeros(n, device=self.device) for s in running]).to(self.qbuf.dtype)
+                            else torch.zeros(n, device=self.device) for s in running])
 
     def _step(self, table, starts, tokens, lens, drafted, limit, params, q, u):
         """`speculation_step` over the batch (compiled when decode-sized)."""
