@@ -32,8 +32,10 @@ hundreds of small kernels. The first step of each shape class compiles (tens of 
 
 Exactness. A sequence's arithmetic is the static engine's up to the order of floating-point sums, so at
 temperature 0 the tokens are the same and the log-probs equal to rounding. Each sequence samples from its
-own generator (`seeds`, or seed * 1_000_003 + index), so a sampled sequence is the same alone or in any
-batch, whatever finishes beside it.
+own stream (`seeds`, or seed * 1_000_003 + index): every draw is an inverse-CDF draw with a uniform that is a
+hash of the seed and the count of uniforms drawn before (`stream_uniforms`, counter-based), so a sampled
+sequence is the same alone or in any batch, whatever finishes beside it, and the batch draws inside the step's
+program in a few vectorised ops rather than a generator call per sequence.
 
 Speculation (draft_tokens = k >= 1; V3 §5.4.3). The first MTP module drafts k tokens, chained on its own
 hidden state past the first, as vLLM and SGLang do with V3's single module; the main model verifies
@@ -45,8 +47,8 @@ MTP module runs over the verified positions with the main model's hidden states 
 (the accepted drafts, then the last emitted token) and drafts from the last emitted position, so the MTP
 cache keeps pace with the main one; a new sequence's first drafts come from the prompt's last position at
 admission. The whole step (verify, acceptance, the MTP pass and the chained drafts) is one call, one
-compiled program with compile=True (`speculation_step`): at T > 0 each sequence's uniforms for the step are
-drawn from its own generator first, and acceptance and every draw (inverse CDF) happen inside. On a small
+compiled program with compile=True (`speculation_step`): at T > 0 the step's uniforms come from each
+sequence's stream inside it, and acceptance and every draw (inverse CDF) happen inside too. On a small
 model a step then costs about a decode plus the MTP block's share, not three calls' fixed costs.
 
 Parallel layouts. Under tp every rank holds the same prompts and seeds and gathers the same logits, so all
@@ -83,20 +85,47 @@ def inverse_cdf(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=dist.shape[-1] - 1)
 
 
-def decode_step(model, tokens, pos, caches, mask, params, u=None):
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32 for x in [0, 2^32) held in int64, without overflowing int64 (c split in 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (Wellons' lowbias32), on int64 tensors holding [0, 2^32)."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stream_uniforms(rng: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's next n uniforms in [0, 1), [b, n] fp32, from its own counter-based stream: rng [2, b] int64 holds
+    each row's seed and how many it has drawn before, and draw c of seed s is a hash of (s, c), so a row's draws
+    depend on its seed and count alone (the batch, the step and the device do not enter), and the whole batch
+    draws in a few vectorised ops inside the step's program (a generator per sequence would be a call per row)."""
+    seed, drawn = rng[0], rng[1]
+    key = _mix32(_mix32((seed & _M32) ^ 0x9E3779B9) ^ ((seed >> 32) & _M32))   # the row's 32-bit key
+    c = (drawn[:, None] + torch.arange(n, device=rng.device)) & _M32
+    h = _mix32(_mix32(c ^ 0x85EBCA6B) ^ key[:, None])                          # a bijection of c per key
+    return (h >> 8).to(torch.float32) * 2.0 ** -24   # 24 bits: exact in fp32, below 1
+
+
+def decode_step(model, tokens, pos, caches, mask, params, rng=None):
     """One decode step for the batch as one program (compiled like speculation_step): the main model over
     tokens [b, 1] at positions pos, then each row's next token, the argmax at T = 0, else an inverse-CDF draw
-    from its sampling distribution with the row's uniform u [b] (drawn from its own generator). Returns
-    (tokens [b], their log-probs [b], the truncation masks [b, vocab] or None)."""
+    from its sampling distribution with the row's next uniform (rng: `stream_uniforms`). Returns (tokens [b],
+    their log-probs [b], the truncation masks [b, vocab] or None)."""
     logits, _ = model.decode(tokens, pos, caches, mask)
     logits = model.gather_logits(logits[:, 0]).float()
     logp, p, keep = Engine._distributions(logits, params)
-    ids = logits.argmax(-1) if u is None else inverse_cdf(p, u)
+    ids = logits.argmax(-1) if rng is None else inverse_cdf(p, stream_uniforms(rng, 1)[:, 0])
     return ids, logp.gather(1, ids[:, None])[:, 0], keep
 
 
 def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: int, params, accept=None, q=None,
-                     u=None):
+                     rng=None):
     """One speculation step as one program (compiled like the decode-sized forwards; V3 §5.4.3, Leviathan et al.
     2023 alg. 1). The main model verifies tokens [b, 1 + w] = [pending, drafts] at positions pos (drafted [b]:
     how many of a row's drafts are real); the drafts are accepted while the rule holds, and the token after the
@@ -107,8 +136,8 @@ def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: 
     caches: the trunk's layers' then the MTP block's.
 
     At T = 0 a draft is accepted while it is the argmax, and every draw is the argmax. At T > 0 (q [b, n_draft,
-    vocab]: the drafts' sampling distributions; u [b, 2 n_draft + 1]: the row's uniforms from its own
-    generator) draft j is accepted when accept(p, q, u[:, j]) (u q(d) < p(d)), a rejected one replaced by a
+    vocab]: the drafts' sampling distributions; u [b, 2 n_draft + 1]: the row's next uniforms, from rng by
+    `stream_uniforms`) draft j is accepted when accept(p, q, u[:, j]) (u q(d) < p(d)), a rejected one replaced by a
     draw from norm(max(0, p - q)) and a run accepted whole followed by a draw from p (u[:, n_draft]), and
     the next drafts are drawn from the MTP's distributions (u[:, n_draft + 1 + j]), each by inverse CDF.
     Returns (tokens one ahead [b, 1 + w], whose first accepted + 1 are emitted; their log-probs; the
@@ -125,6 +154,7 @@ def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: 
         ahead = logits.argmax(-1)
         accepted = ((ahead[:, :-1] == d) & real).long().cumprod(1).sum(1)
     else:
+        u = stream_uniforms(rng, 2 * n_draft + 1)
         p_d, q_d = p[:, :w].gather(2, d[..., None])[..., 0], q[:, :w].gather(2, d[..., None])[..., 0]
         accepted = (accept(p_d, q_d, u[:, :w]) & real).long().cumprod(1).sum(1)
         p_n, q_n = p[at, accepted], q[at, accepted.clamp(max=n_draft - 1)]
@@ -249,7 +279,7 @@ class Sequence:
     `slot` of the engine's draft buffer."""
 
     index: int
-    gen: torch.Generator
+    seed: int
     pages: list[int]
     promise: int
     tokens: list[int] = field(default_factory=list)
@@ -262,6 +292,7 @@ class Sequence:
     text: str = ""
     routes: list = field(default_factory=list)   # with record_routing: [n, n_moe_layers, k] per fed chunk
     allowed: list = field(default_factory=list)  # with keep_sampling_mask: each emitted token's allowed ids
+    drawn: int = 0                               # uniforms drawn so far from its stream (`stream_uniforms`)
 
 
 class Engine:
@@ -429,11 +460,11 @@ class Engine:
         return logp.view_as(logits), (probs / probs.sum(-1, keepdim=True)).view_as(logits), None
 
     def _draw(self, logits: torch.Tensor, probs: torch.Tensor | None, seqs: list[Sequence]) -> list[int]:
-        """One token per row: the argmax at T = 0, else an inverse-CDF draw from each row's distribution with a
-        uniform from its own sequence's generator (so that no sequence's stream depends on the others)."""
+        """One token per row: the argmax at T = 0, else an inverse-CDF draw from each row's distribution with the
+        next uniform of its own sequence's stream (so that no sequence's draws depend on the others)."""
         if probs is None:
             return logits.argmax(-1).tolist()
-        return inverse_cdf(probs, self._uniforms(seqs, 1)[:, 0]).tolist()
+        return inverse_cdf(probs, stream_uniforms(self._streams(seqs, 1), 1)[:, 0]).tolist()
 
     def _emit(self, seq: Sequence, token: int, logp: float, params: SamplingParams,
               allowed: torch.Tensor | None = None) -> bool:
@@ -585,10 +616,9 @@ class Engine:
             self.pool.promised += prefix + g * fresh + (g - 1) * copy
             children = []
             for n, i in enumerate(members[:g]):
-                gen = torch.Generator(device=self.device).manual_seed(
-                    seeds[i] if seeds is not None else seed * 1_000_003 + i)
+                stream = (seeds[i] if seeds is not None else seed * 1_000_003 + i) % 2 ** 63
                 promise = fresh + copy * (n < g - 1)   # which child copies is the pool's concern, not the sum
-                children.append(Sequence(i, gen, [], promise, tokens=list(q), length=len(q),
+                children.append(Sequence(i, stream, [], promise, tokens=list(q), length=len(q),
                                          limit=len(q) + params.max_new_tokens - 1, slot=self.slots.pop()))
             admitted.append((q, children))
             room -= g
@@ -664,7 +694,7 @@ class Engine:
     def _decode(self, running: list[Sequence], params: SamplingParams):
         """One token for every running sequence: a fresh page only where a sequence crosses into one (or
         its first write lands in a shared page), then one call for the batch (`decode_step`: the forward and
-        the draws, at T > 0 with a uniform per sequence from its own generator)."""
+        the draws, at T > 0 with the next uniform of each sequence's own stream)."""
         if not running:   # another rank decodes
             return self._idle()
         P, refs = self.page_size, self.pool.refs
@@ -675,10 +705,9 @@ class Engine:
         tokens = torch.tensor([s.tokens[s.length] for s in running], device=self.device)[:, None]
         pos, mask, caches = self._frame(self.table[self._slots(running)], [s.length for s in running], 1, None)
         self.forwards += 1
-        u = self._uniforms(running, 1)
         fn = compiled(decode_step) if self._compiles(tokens) else decode_step
         ids, logps, keep = fn(self.model, tokens, pos, caches[:self.n_layers], mask, params,
-                              None if u is None else u[:, 0])
+                              self._streams(running, 1))
         self._recorded()
         sets = allowed_ids(keep) if keep is not None else [None] * len(running)
         for b, (seq, token, lp) in enumerate(zip(running, ids.tolist(), logps.tolist())):
@@ -692,12 +721,12 @@ class Engine:
         its drafts] (up to draft_tokens drafts, no more than the sequence may still emit, less one), the
         speculative-sampling rule decides what is emitted, and the MTP module drafts the next step's tokens
         from the verified positions' hidden states. At T > 0 each sequence's uniforms come from its own
-        generator, drawn before the call."""
+        stream, drawn inside the call."""
         K, dev = self.draft_tokens, self.device
         if not running:   # another rank verifies: the same collectives, into the scratch page
             zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
             q = None if self.qbuf is None else self.qbuf[:1]
-            self._step(zero, [0], zero + self.pad, None, zero[0], zero[0], params, q, self._uniforms([None], 2 * K + 1))
+            self._step(zero, [0], zero + self.pad, None, zero[0], zero[0], params, q, self._streams([None], 2 * K + 1))
             self.forwards -= 1 + K
             return
         ks = [min(K, params.max_new_tokens - len(s.out) - 1) for s in running]
@@ -715,7 +744,7 @@ class Engine:
             self.drafted[j] += sum(k > j for k in ks)
         ahead, logp, keep, n_ok, drafts, q = self._step(
             self.table[slots], [s.length for s in running], tokens, None if min(ks) == width else [1 + k for k in ks],
-            drafted, limit, params, None if self.qbuf is None else self.qbuf[slots], self._uniforms(running, 2 * K + 1))
+            drafted, limit, params, None if self.qbuf is None else self.qbuf[slots], self._streams(running, 2 * K + 1))
         verify_routes = self.routes
         self.dbuf[slots] = drafts
         if q is not None:
@@ -738,12 +767,16 @@ class Engine:
                 seq.routes.append(verify_routes[b, :emitted])
             seq.length += emitted
 
-    def _uniforms(self, running: list, n: int) -> torch.Tensor | None:
-        """At T > 0 each sequence's n uniforms [b, n], from its own generator (None: a scratch row); at T = 0 None."""
+    def _streams(self, running: list, n: int) -> torch.Tensor | None:
+        """At T > 0 the rows' streams for `stream_uniforms` [2, b] (seed, uniforms drawn before; a scratch row
+        None draws from seed 0), each sequence's count advanced by the n it is about to draw; at T = 0 None."""
         if not self.sampled:
             return None
-        return torch.stack([torch.rand(n, generator=s.gen, device=self.device) if s is not None
-                            else torch.zeros(n, device=self.device) for s in running])
+        rows = [(s.seed, s.drawn) if s is not None else (0, 0) for s in running]
+        for s in running:
+            if s is not None:
+                s.drawn += n
+        return torch.tensor(rows, dtype=torch.long, device=self.device).t()
 
     def _step(self, table, starts, tokens, lens, drafted, limit, params, q, u):
         """`speculation_step` over the batch (compiled when decode-sized)."""
@@ -758,7 +791,7 @@ class Engine:
     def _draft(self, seqs: list[Sequence], hidden, starts: list[int] | None, params: SamplingParams) -> None:
         """New sequences' first drafts into the draft buffer (at T > 0 their distributions into the q buffer):
         `draft_step` at each one's prompt's last position `starts`, on its hidden state there [b, 1, dim] and
-        the first sampled token, with uniforms from its own generator at T > 0. A rank with no sequence runs
+        the first sampled token, with uniforms from its own stream at T > 0. A rank with no sequence runs
         the same program on a scratch row (its forwards are collectives under ep)."""
         K, dev = self.draft_tokens, self.device
         scratch = not seqs
@@ -773,7 +806,8 @@ class Engine:
             tokens = torch.tensor([[s.tokens[s.length]] for s in seqs], dtype=torch.long, device=dev)
             limit = torch.tensor([s.limit for s in seqs], device=dev)
         pos, mask, caches = self._frame(table, starts, 1, None, reach=K - 1)
-        u = self._uniforms(seqs or [None], K)
+        rng = self._streams(seqs or [None], K)
+        u = None if rng is None else stream_uniforms(rng, K)
         fn = compiled(draft_step) if self._compiles(tokens) else draft_step
         drafts, q = fn(self.model, hidden.contiguous(), tokens, pos, caches[self.n_layers], mask,
                        torch.zeros_like(limit), limit, K, params, u)

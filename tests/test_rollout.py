@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
-from posttrain.engine import TOO_LONG, Engine, decode_step, draft_step, speculation_step
+from posttrain.engine import TOO_LONG, Engine, decode_step, draft_step, speculation_step, stream_uniforms
 from posttrain.generate import Generator, SamplingParams
 from distributed import run_ranks
 from test_generate import ToyTokenizer, _net, _prompts
@@ -110,7 +110,7 @@ def test_speculative_samples_do_not_depend_on_the_batch():
     _teach_mtp(net, cfg)
     tok = ToyTokenizer(cfg.vocab_size)
     prompts = _mixed(cfg)
-    seeds = [200 + i for i in range(len(prompts))]   # streams with rejected drafts (the taught MTP rarely misses)
+    seeds = [100 + i for i in range(len(prompts))]
     params = SamplingParams(max_new_tokens=12, temperature=0.8, stop=["A", "B"])
     kw = dict(pad_id=3, draft_tokens=2)
     full, stats = Engine(net, tok, **kw).generate(prompts, params, seeds=seeds)
@@ -327,3 +327,29 @@ def test_chain_cache_sees_what_a_page_write_would():
             chain.pos = pos
             torch.testing.assert_close(chain.write(name, 0, value), ref.write(name, 0, value), rtol=0, atol=0)
     assert torch.equal(pages.kv, before["kv"]) and torch.equal(pages.pe, before["pe"])   # no page written
+
+
+def test_stream_uniforms_are_per_sequence_uniform_and_independent():
+    """The engine's counter-based streams: a row's uniforms depend on its seed and draw count alone (the same
+    alone, in a batch, or drawn in pieces), lie in [0, 1), are uniform (chi-square over 64 bins), and
+    neighbouring seeds and consecutive draws are uncorrelated; a hash that let seed and counter collide
+    (u = (seed + count) mod 1) would fail the correlation check."""
+    seeds = torch.tensor([0, 1, 2, 1_000_003, 2 ** 62 + 5, 7 * 1_000_003 + 3])
+    rng = torch.stack([seeds, torch.zeros_like(seeds)])
+    u = stream_uniforms(rng, 4000)
+    assert u.dtype == torch.float32 and u.shape == (6, 4000) and 0 <= u.min() and u.max() < 1
+    for i in range(6):   # alone and in pieces: the same draws
+        alone = stream_uniforms(rng[:, i:i + 1], 4000)[0]
+        pieces = torch.cat([stream_uniforms(torch.tensor([[int(seeds[i])], [c]]), 1000)[0] for c in (0, 1000, 2000,
+                                                                                                        3000)])
+        assert torch.equal(alone, u[i]) and torch.equal(pieces, u[i])
+    counts = torch.histc(u.double().flatten(), bins=64, min=0, max=1)
+    stat = ((counts - counts.mean()) ** 2 / counts.mean()).sum()
+    assert float(torch.special.gammaincc(torch.tensor(63 / 2, dtype=torch.float64), stat / 2)) > 1e-3
+    def worst_correlation(v):   # neighbouring seeds at the same and the next draw; one seed's consecutive draws
+        x = (v - v.mean()) / v.std()
+        return max(float((x[:-1] * x[1:]).mean(1).abs().max()), float((x[:-1, 1:] * x[1:, :-1]).mean(1).abs().max()),
+                   float((x[:, :-1] * x[:, 1:]).mean(1).abs().max()))
+    assert worst_correlation(u) < 0.05
+    # seed s's draw c + 1 equals seed s + 1's draw c in a stream that adds seed and counter: the check sees it
+    assert worst_correlation(((seeds[:, None] + torch.arange(4000)) * 0.618034) % 1.0) > 0.5
