@@ -112,11 +112,32 @@ def stream_uniforms(rng: torch.Tensor, n: int) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * 2.0 ** -24   # 24 bits: exact in fp32, below 1
 
 
-def decode_step(model, tokens, pos, caches, mask, params, rng=None):
+def frame(table, start, s: int, keys: int, pages: list[dict], lens=None):
+    """(positions [b, s], mask [b, s, keys], a `PagedCache` per layer's `pages`) for chunks of s tokens at
+    positions start[b] + 0, 1, ... of the sequences whose block tables are the rows of `table`; the keys span
+    positions [0, keys); lens [b]: each row's own chunk length, the rest right padding (None: all are s long).
+    Built from tensors alone (no Python loop over the batch), inside a step's program when it is compiled."""
+    P = next(iter(pages[0].values())).shape[1]
+    ar_s, t = torch.arange(s, device=table.device), torch.arange(keys, device=table.device)
+    pos = start[:, None] + ar_s
+    # position t lives in page table[t // P] at slot t % P (a padding position past the table: its last page)
+    slots = table.gather(1, (pos // P).clamp(max=table.shape[1] - 1)) * P + pos % P
+    gather = table.gather(1, (t // P).expand(table.shape[0], -1)) * P + t % P
+    mask = t <= pos[..., None]
+    if lens is not None:
+        valid = ar_s < lens[:, None]
+        slots = torch.where(valid, slots, 0)                              # padding writes go to scratch
+        mask = torch.where(valid[..., None], mask, t == 0)               # padding queries see key 0 only
+    return pos, mask, [PagedCache(layer, slots, gather) for layer in pages]
+
+
+def decode_step(model, tokens, table, start, keys: int, pages, params, rng=None):
     """One decode step for the batch as one program (compiled like speculation_step): the main model over
-    tokens [b, 1] at positions pos, then each row's next token, the argmax at T = 0, else an inverse-CDF draw
-    from its sampling distribution with the row's next uniform (rng: `stream_uniforms`). Returns (tokens [b],
-    their log-probs [b], the truncation masks [b, vocab] or None)."""
+    tokens [b, 1] at positions start (its cache: `frame` over the trunk's `pages`), then each row's next token,
+    the argmax at T = 0, else an inverse-CDF draw from its sampling distribution with the row's next uniform
+    (rng: `stream_uniforms`). Returns (tokens [b], their log-probs [b], the truncation masks [b, vocab] or
+    None)."""
+    pos, mask, caches = frame(table, start, 1, keys, pages)
     logits, _ = model.decode(tokens, pos, caches, mask)
     logits = model.gather_logits(logits[:, 0]).float()
     logp, p, keep = Engine._distributions(logits, params)
@@ -124,16 +145,17 @@ def decode_step(model, tokens, pos, caches, mask, params, rng=None):
     return ids, logp.gather(1, ids[:, None])[:, 0], keep
 
 
-def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: int, params, accept=None, q=None,
-                     rng=None):
+def speculation_step(model, tokens, table, start, keys: int, lens, pages, drafted, limit, n_draft: int, params,
+                     accept=None, q=None, rng=None):
     """One speculation step as one program (compiled like the decode-sized forwards; V3 §5.4.3, Leviathan et al.
-    2023 alg. 1). The main model verifies tokens [b, 1 + w] = [pending, drafts] at positions pos (drafted [b]:
-    how many of a row's drafts are real); the drafts are accepted while the rule holds, and the token after the
-    accepted run is drawn; then the MTP module runs over the same positions with the main model's hidden
-    states and the tokens one ahead (the accepted drafts, then that token: V3 eq. 21) and drafts the next
-    step's first token from the last emitted position, the rest chained on its own hidden state one position
-    on (clamped to each row's `limit`: a draft past what a row may still emit is never used; `draft_step`).
-    caches: the trunk's layers' then the MTP block's.
+    2023 alg. 1). The main model verifies tokens [b, 1 + w] = [pending, drafts] at positions start + 0, 1, ...
+    (`frame` over `pages`: the trunk's layers' then the MTP block's; lens [b]: 1 + each row's drafts, or None
+    when all have w; drafted [b]: how many of a row's drafts are real); the drafts are accepted while the rule
+    holds, and the token after the accepted run is drawn; then the MTP module runs over the same positions with
+    the main model's hidden states and the tokens one ahead (the accepted drafts, then that token: V3 eq. 21)
+    and drafts the next step's first token from the last emitted position, the rest chained on its own hidden
+    state one position on (clamped to each row's `limit`: a draft past what a row may still emit is never used;
+    `draft_step`).
 
     At T = 0 a draft is accepted while it is the argmax, and every draw is the argmax. At T > 0 (q [b, n_draft,
     vocab]: the drafts' sampling distributions; u [b, 2 n_draft + 1]: the row's next uniforms, from rng by
@@ -144,6 +166,7 @@ def speculation_step(model, tokens, pos, caches, mask, drafted, limit, n_draft: 
     truncation masks [b, 1 + w, vocab] or None; accepted drafts per row [b]; next drafts [b, n_draft]; their
     distributions [b, n_draft, vocab] or None at T = 0)."""
     greedy = params.temperature == 0
+    pos, mask, caches = frame(table, start, tokens.shape[1], keys, pages, lens)
     logits, h = model.decode(tokens, pos, caches[:-1], mask)
     logits = model.gather_logits(logits).float()
     logp, p, keep = Engine._distributions(logits, params)
@@ -329,29 +352,20 @@ class Engine:
         return u * q < p
 
     # -- one forward over a ragged batch ------------------------------------------------------------------
-    def _frame(self, table: torch.Tensor, starts: list[int], s: int, lens: list[int] | None, reach: int = 0):
-        """(positions [b, s], mask [b, s, keys], every layer's PagedCache) of chunks
-        of s tokens at positions starts[i] + 0, 1, ... for the sequences whose pages are the rows of `table`;
-        lens[i]: row i's own chunk length, the rest right padding (None: every row is s long); the keys reach
-        `reach` positions past the longest chunk's end (the chained drafts', capped at max_seq_len). Every
-        index is built from `table` and two small tensors, with no Python loop over the batch."""
-        P, dev = self.page_size, self.device
+    def _extent(self, starts: list[int], s: int, lens: list[int] | None, reach: int = 0):
+        """`frame`'s (start [b], keys, lens [b] or None) for chunks of s tokens at positions starts[i] + 0, 1, ...;
+        lens[i]: row i's own chunk length (None: every row is s long); the keys reach `reach` positions past the
+        longest chunk's end (the chained drafts', capped at max_seq_len)."""
         end = max(starts) + s if lens is None else max(st + n for st, n in zip(starts, lens))
         keys = min(end + reach, self.max_seq_len) if reach else end
-        width = -(-keys // P)
-        table = table[:, :width]
-        ar = self._arange(max(s, keys, P))
-        start = torch.tensor(starts, device=dev)
-        pos = start[:, None] + ar[:s]
-        t = ar[:keys]
-        slots = table.gather(1, (pos // P).clamp(max=width - 1)) * P + pos % P
-        mask = t <= pos[..., None]
-        if lens is not None:
-            valid = ar[:s] < torch.tensor(lens, device=dev)[:, None]
-            slots = torch.where(valid, slots, 0)                              # padding writes go to scratch
-            mask = torch.where(valid[..., None], mask, t == 0)               # padding queries see key 0 only
-        gather = (table[:, :, None] * P + ar[:P]).flatten(1)[:, :keys]   # position t: page t // P, slot t % P
-        return pos, mask, [PagedCache(pages, slots, gather) for pages in self.pool.pages]
+        return (torch.tensor(starts, device=self.device), keys,
+                None if lens is None else torch.tensor(lens, device=self.device))
+
+    def _frame(self, table: torch.Tensor, starts: list[int], s: int, lens: list[int] | None, reach: int = 0):
+        """(positions [b, s], mask [b, s, keys], every layer's PagedCache) for the sequences whose pages are the
+        rows of `table` (see `_extent` and `frame`)."""
+        start, keys, lens = self._extent(starts, s, lens, reach)
+        return frame(table, start, s, keys, self.pool.pages, lens)
 
     def _compiles(self, tokens: torch.Tensor) -> bool:
         """Whether a forward over tokens [b, s] runs compiled: a decode-sized one, with compile on."""
@@ -382,11 +396,6 @@ class Engine:
         if self.record:
             self.routes = self.model.recorded_routing()[-1].cpu()
             self.model.record_routing()
-
-    def _arange(self, n: int) -> torch.Tensor:
-        if self._ar is None or len(self._ar) < n:
-            self._ar = torch.arange(max(n, 2 * self.page_size), device=self.device)
-        return self._ar
 
     def _slots(self, seqs: list[Sequence]) -> torch.Tensor:
         return torch.tensor([s.slot for s in seqs], device=self.device)
@@ -537,7 +546,7 @@ class Engine:
                      if self.draft_tokens else None)
         self.qbuf = (torch.ones(self.max_batch, self.draft_tokens, self.model.cfg.vocab_size, device=self.device)
                      if self.draft_tokens and params.temperature > 0 else None)
-        self._ar, self.sampled = None, params.temperature > 0
+        self.sampled = params.temperature > 0
         self.forwards = self.prefilled = self.steps = 0
         self.drafted = [0] * self.draft_tokens
         self.accepted = [0] * self.draft_tokens
@@ -703,11 +712,11 @@ class Engine:
             if i == len(seq.pages) or refs[seq.pages[i]] > 1:
                 self._pages_for(seq, seq.length, seq.length + 1)
         tokens = torch.tensor([s.tokens[s.length] for s in running], device=self.device)[:, None]
-        pos, mask, caches = self._frame(self.table[self._slots(running)], [s.length for s in running], 1, None)
+        start, keys, _ = self._extent([s.length for s in running], 1, None)
         self.forwards += 1
         fn = compiled(decode_step) if self._compiles(tokens) else decode_step
-        ids, logps, keep = fn(self.model, tokens, pos, caches[:self.n_layers], mask, params,
-                              self._streams(running, 1))
+        ids, logps, keep = fn(self.model, tokens, self.table[self._slots(running)], start, keys,
+                              self.pool.pages[:self.n_layers], params, self._streams(running, 1))
         self._recorded()
         sets = allowed_ids(keep) if keep is not None else [None] * len(running)
         for b, (seq, token, lp) in enumerate(zip(running, ids.tolist(), logps.tolist())):
@@ -778,13 +787,13 @@ class Engine:
                 s.drawn += n
         return torch.tensor(rows, dtype=torch.long, device=self.device).t()
 
-    def _step(self, table, starts, tokens, lens, drafted, limit, params, q, u):
+    def _step(self, table, starts, tokens, lens, drafted, limit, params, q, rng):
         """`speculation_step` over the batch (compiled when decode-sized)."""
-        pos, mask, caches = self._frame(table, starts, tokens.shape[1], lens, reach=self.draft_tokens - 1)
+        start, keys, lens = self._extent(starts, tokens.shape[1], lens, reach=self.draft_tokens - 1)
         self.forwards += 1 + self.draft_tokens
         fn = compiled(speculation_step) if self._compiles(tokens) else speculation_step
-        out = fn(self.model, tokens, pos, caches, mask, drafted, limit, self.draft_tokens, params,
-                 None if q is None else self.accept, q, u)
+        out = fn(self.model, tokens, table, start, keys, lens, self.pool.pages, drafted, limit, self.draft_tokens,
+                 params, None if q is None else self.accept, q, rng)
         self._recorded()
         return out
 
