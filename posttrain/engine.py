@@ -120,9 +120,11 @@ def frame(table, start, s: int, keys: int, pages: list[dict], lens=None):
     P = next(iter(pages[0].values())).shape[1]
     ar_s, t = torch.arange(s, device=table.device), torch.arange(keys, device=table.device)
     pos = start[:, None] + ar_s
-    # position t lives in page table[t // P] at slot t % P (a padding position past the table: its last page)
-    slots = table.gather(1, (pos // P).clamp(max=table.shape[1] - 1)) * P + pos % P
-    gather = table.gather(1, (t // P).expand(table.shape[0], -1)) * P + t % P
+    # position t lives in page table[t // P] at slot t % P (a position past the table, padding or a scratch
+    # row's keys: its last page, masked or scratch)
+    last = table.shape[1] - 1
+    slots = table.gather(1, (pos // P).clamp(max=last)) * P + pos % P
+    gather = table.gather(1, (t // P).clamp(max=last).expand(table.shape[0], -1)) * P + t % P
     mask = t <= pos[..., None]
     if lens is not None:
         valid = ar_s < lens[:, None]

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
-from posttrain.engine import TOO_LONG, Engine, decode_step, draft_step, speculation_step, stream_uniforms
+from posttrain.engine import TOO_LONG, Engine, decode_step, draft_step, frame, speculation_step, stream_uniforms
 from posttrain.generate import Generator, SamplingParams
 from distributed import run_ranks
 from test_generate import ToyTokenizer, _net, _prompts
@@ -353,3 +353,29 @@ def test_stream_uniforms_are_per_sequence_uniform_and_independent():
     assert worst_correlation(u) < 0.05
     # seed s's draw c + 1 equals seed s + 1's draw c in a stream that adds seed and counter: the check sees it
     assert worst_correlation(((seeds[:, None] + torch.arange(4000)) * 0.618034) % 1.0) > 0.5
+
+
+def test_frame_indices_equal_a_loop_over_positions():
+    """`frame`, which the decode and speculation programs build their cache indices with: for chunks of s tokens
+    at each row's start (rows right-padded to lens), the write slot of position p is page table[p // P] at p % P,
+    padding writes go to the scratch slot 0, the gather of key t reads table[t // P] at t % P, and the mask lets
+    a real query see keys up to its own position (padding: key 0 only). A row whose table is shorter than the
+    keys (the scratch row of an idle rank, drafting past a page) reads its last page instead of failing."""
+    P, cols = 4, 6
+    g = torch.Generator().manual_seed(0)
+    table = torch.randint(1, 50, (3, cols), generator=g)
+    start, lens, s, keys = torch.tensor([0, 5, 9]), torch.tensor([3, 1, 2]), 3, 13
+    pages = [{"kv": torch.zeros(50, P, 2)}]
+    pos, mask, (cache,) = frame(table, start, s, keys, pages, lens)
+    slots, gather = cache.slots.view(3, s), cache.gather.view(3, keys)
+    for b in range(3):
+        for j in range(s):
+            p = int(start[b]) + j
+            real = j < int(lens[b])
+            assert int(pos[b, j]) == p
+            assert int(slots[b, j]) == (int(table[b, p // P]) * P + p % P if real else 0)
+            assert mask[b, j].tolist() == [(t <= p) if real else t == 0 for t in range(keys)]
+        assert gather[b].tolist() == [int(table[b, t // P]) * P + t % P for t in range(keys)]
+    short = torch.tensor([[0]])
+    _, _, (cache,) = frame(short, torch.tensor([0]), 1, 2 * P + 1, pages)
+    assert cache.gather.tolist() == [t % P for t in range(2 * P + 1)]
