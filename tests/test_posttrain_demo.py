@@ -58,8 +58,8 @@ def test_demo_grpo_raises_held_out_accuracy(tmp_path):
     tiny V3 partly competent, then GRPO with rule-based rewards raises its held-out accuracy on the same
     512 prompts, with the paired 95% interval of the gain above zero, in one process and under ep2.
     CI's 30 minutes allow one seed in each layout and 60 of the demo's 80 rollout batches; the committed
-    run (docs/posttrain_demo.json: seeds 0, 1, 2 and seed 0 under ep2) has every interval above zero at
-    batch 60 too (lower bounds +4.3 to +8.5 points)."""
+    run (docs/posttrain_demo.json: seeds 0, 1, 2, seed 0 under ep2 and under pp2 x ep2) has every interval above zero at
+    batch 60 too (lower bounds +8.8 to +11.3 points)."""
     from posttrain.demo import run_demo
     report = run_demo(tmp_path, [0], ep=2, ep_seeds=[0], overrides=["train.steps=60"])
     assert sorted(report["runs"]) == ["seed 0", "seed 0, ep2"]
