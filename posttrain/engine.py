@@ -21,10 +21,11 @@ group that does not fit whole is split. Each step decodes every running sequence
 finishes leaves the batch and its pages return to the pool, and waiting prompts take its place.
 
 Per step cost. On a small model a step's time is mostly fixed (the forward's per-op overhead), so the
-engine keeps its own work per step to a few tensor ops: each running sequence holds a batch slot, whose
+engine keeps its own work per step to a few small tensors: each running sequence holds a batch slot, whose
 row of the block-table tensor `table` is updated only when a page is taken or copied (speculating, its
-row of the draft buffer `dbuf` each step); a forward's write slots, gather indices and mask are computed from those
-rows; sampling, log-probs and (at T = 0) the acceptance of drafts are one call each for the whole batch.
+row of the draft buffer `dbuf` each step). A step is one call (`decode_step`, `speculation_step`): it builds
+its write slots, gather indices and mask from those rows, the start positions and the key count (`frame`),
+runs the forward, and draws (with the acceptance of drafts and the next drafts, speculating) inside.
 With compile=True (one process) every decode, verify and draft forward of at most COMPILE_TOKENS tokens runs
 through torch.compile with symbolic batch, chunk and context sizes (posttrain/generate.py `compiled`): the
 CPU analogue of CUDA graphs over batch buckets, which removes most of the per-op cost of the model's
