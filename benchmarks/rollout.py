@@ -271,7 +271,7 @@ def main(argv=None) -> dict:
         "compile": ({"what": "the static Generator's decode steps and the engine's decode forwards, "
                              "speculation steps (verify + acceptance + MTP drafts, one program) and MTP draft "
                              f"forwards of <= {COMPILE_TOKENS} tokens (prefills eager): torch.compile(dynamic=True), "
-                             "inductor C++ kernels (gcc); every row warmed up untimed first",
+                             "inductor C++ kernels (gcc) called from its C++ wrapper; every row warmed up untimed first",
                      "warmup_seconds_per_row_incl_compile": warmup} if args.compile else None),
         "temperature_0": greedy,
         f"temperature_{args.temperature}": sampled,

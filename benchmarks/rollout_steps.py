@@ -1,0 +1,147 @@
+"""One decode step against one speculation step, per running batch size: where MTP speculation pays on this machine.
+
+benchmarks/rollout.py measures whole rollouts; its batch shrinks from 128 sequences to 1 as replies finish, so its
+speculative speedup is an average over batch sizes. This script takes the same trained model and prompts
+(rollout.py's `train` and chain task), runs the engine once plainly and once with --draft-tokens drafts, captures the
+arguments of the first step at each running batch size near --batches (the block tables, positions, a copy of the
+pages), and times the two compiled step programs the engine runs (`decode_step`, `speculation_step`, through
+posttrain/generate.py `compiled`) on them, interleaved, best of --repeats rounds of --calls calls each.
+
+Per batch size: ms per decode step, ms per speculation step, and the speculative speedup a step at that batch gives,
+tokens per verify step x decode ms / speculation ms, where tokens per verify step = 1 + the run's mean accepted
+drafts per step (1 + the sum of its per-position acceptance). The crossover is where it falls below 1.
+
+Usage: python benchmarks/rollout_steps.py [--out PATH] [--batches 8 32 64 128] [--draft-tokens 3] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import posttrain.engine as engine
+from _machine import cpu_name
+from posttrain.engine import Engine
+from posttrain.generate import Generator, SamplingParams, compiled
+from rollout import ChainTask, ChainTokenizer, train
+
+
+def capture(net, tok, prompts, params, draft_tokens: int, batches: list[int]):
+    """({batch wanted: (batch, the step function's arguments)}, the completions, the stats) of an eager run of the
+    engine: the arguments of the first step whose running batch b lies in (want / 2, want] for each wanted size
+    (speculating, a step whose rows all verify the full draft count: lens None)."""
+    name = "speculation_step" if draft_tokens else "decode_step"
+    step, found = getattr(engine, name), {}
+
+    def grab(*args):
+        tokens, lens = args[1], (args[5] if draft_tokens else None)
+        b = tokens.shape[0]
+        for want in batches:
+            if want // 2 < b <= want and want not in found and lens is None:
+                pages = [{k: v.clone() for k, v in layer.items()} for layer in args[6 if draft_tokens else 5]]
+                copy = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+                copy = copy[:6] + (pages,) + copy[7:] if draft_tokens else copy[:5] + (pages,) + copy[6:]
+                found[want] = (b, copy[:11] if draft_tokens else copy[:7])   # T = 0: no accept, q or rng
+        return step(*args)
+
+    setattr(engine, name, grab)
+    try:
+        outs, stats = Engine(net, tok, max_batch=max(batches), draft_tokens=draft_tokens).generate(prompts, params)
+    finally:
+        setattr(engine, name, step)
+    return found, outs, stats
+
+
+def best_ms(fn, args, calls: int) -> float:
+    best = float("inf")
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t)
+    return 1000 * best
+
+
+def main(argv=None) -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(here, "results", "rollout_steps_cpu.json"))
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=160)
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64, 128])
+    ap.add_argument("--draft-tokens", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.draft_tokens < 1 or min(args.batches) < 2:
+        ap.error("--draft-tokens must be >= 1 and every --batches size >= 2")
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    task = ChainTask(args.seed, args.max_len)
+    net, cfg, trained = train(task, args.train_steps, 16, args.seed)
+    tok = ChainTokenizer()
+    eval_task = ChainTask(args.seed, args.max_len)
+    eval_task.g.manual_seed(10_000 + args.seed)
+    prompts = [q for q in (eval_task.prompt() for _ in range(args.prompts)) for _ in range(args.group)]
+    params = SamplingParams(max_new_tokens=args.max_len + 16, temperature=0.0)
+    ref, _ = Generator(net, tok).generate(prompts, params)
+    plain, _, _ = capture(net, tok, prompts, params, 0, args.batches)
+    spec, outs, stats = capture(net, tok, prompts, params, args.draft_tokens, args.batches)
+    assert [c.ids for c in outs] == [c.ids for c in ref], "the speculative engine's greedy tokens differ from static"
+    per_step = 1 + sum(stats["acceptance_per_position"])
+    programs = {"decode": compiled(engine.decode_step), "speculation": compiled(engine.speculation_step)}
+    rows = {}
+    with torch.no_grad():
+        for want in sorted(set(plain) & set(spec)):
+            cases = {"decode": plain[want], "speculation": spec[want]}
+            compile_s = {}
+            for kind, (_, a) in cases.items():   # the first call of a shape class compiles
+                t = time.perf_counter()
+                programs[kind](*a)
+                compile_s[kind] = round(time.perf_counter() - t, 1)
+            ms = {kind: float("inf") for kind in cases}
+            for _ in range(args.repeats):   # interleaved, so a slow spell does not fall on one side only
+                for kind, (_, a) in cases.items():
+                    ms[kind] = min(ms[kind], best_ms(programs[kind], a, args.calls))
+            rows[str(want)] = {
+                "batch_decode": cases["decode"][0], "batch_speculation": cases["speculation"][0],
+                "keys_decode": cases["decode"][1][4], "keys_speculation": cases["speculation"][1][4],
+                "ms_decode_step": round(ms["decode"], 3), "ms_speculation_step": round(ms["speculation"], 3),
+                "speculation_over_decode": round(ms["speculation"] / ms["decode"], 2),
+                "speedup_speculative_at_this_batch": round(per_step * ms["decode"] / ms["speculation"], 2),
+                "first_call_seconds": compile_s}
+            print(want, rows[str(want)], flush=True)
+    result = {
+        "benchmark": "rollout_steps",
+        "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
+        "machine": {"cpu": cpu_name(), "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "loadavg_1_5_15_at_start_and_end": [list(load_before), list(os.getloadavg())]},
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "model": {"preset": "tiny-deepseek-v3", "dim": cfg.dim, "n_layers": cfg.n_layers, "n_mtp": cfg.n_mtp,
+                  "trained": trained},
+        "draft_tokens": args.draft_tokens,
+        "acceptance_per_position": stats["acceptance_per_position"],
+        "tokens_per_verify_step": round(per_step, 3),
+        "equal_to_static": True,   # asserted above
+        "compiled": "torch.compile(dynamic=True), inductor C++ kernels and C++ wrapper (posttrain/generate.py)",
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
