@@ -30,7 +30,7 @@ per-op cost (a few hundred small kernels launched from Python), which continuous
 cannot shrink; the GPU answer is CUDA graphs over fixed batch buckets, the CPU one here torch.compile. Both
 sides are compiled alike: the static Generator's decode steps and the engine's decode, verify and MTP
 draft forwards of at most COMPILE_TOKENS (512) tokens run through torch.compile(dynamic=True) (inductor's C++
-kernels, built with gcc; symbolic batch, chunk and context sizes, so one program per function and chunk of one or
+kernels, built with gcc and called from its C++ wrapper; symbolic batch, chunk and context sizes, so one program per function and chunk of one or
 more serves every step), prefills stay eager. Each row runs once untimed first: that warm-up (compilation
 included) is reported per row in the JSON's `compile`, and the timed rows are the fastest of --repeats
 after it. The compiled static Generator's T = 0 tokens are checked against the eager one's, and the T = 0

@@ -379,3 +379,29 @@ def test_frame_indices_equal_a_loop_over_positions():
     short = torch.tensor([[0]])
     _, _, (cache,) = frame(short, torch.tensor([0]), 1, 2 * P + 1, pages)
     assert cache.gather.tolist() == [t % P for t in range(2 * P + 1)]
+
+
+def test_step_benchmark_replays_captured_steps(monkeypatch, tmp_path):
+    """benchmarks/rollout_steps.py on a small run (dynamo traced, eager kernels): it captures real decode and
+    speculation steps of the engine, replays them through the compiled programs and writes its rows."""
+    import json
+    import os
+    import sys
+    import posttrain.generate as generate
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import rollout_steps
+    monkeypatch.setattr(generate, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(generate, "_COMPILED", {})
+    torch._dynamo.reset()
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "steps.json"
+        rollout_steps.main(["--train-steps", "20", "--prompts", "2", "--group", "4", "--max-len", "12",
+                            "--batches", "4", "8", "--repeats", "1", "--calls", "1", "--out", str(out)])
+    finally:
+        torch._dynamo.reset()
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    assert result["equal_to_static"] and result["rows"] and 1 <= result["tokens_per_verify_step"] <= 4
+    for want, row in result["rows"].items():
+        assert int(want) // 2 < row["batch_decode"] <= int(want) and row["ms_speculation_step"] > 0
