@@ -30,8 +30,8 @@ per-op cost (a few hundred small kernels launched from Python), which continuous
 cannot shrink; the GPU answer is CUDA graphs over fixed batch buckets, the CPU one here torch.compile. Both
 sides are compiled alike: the static Generator's decode steps and the engine's decode, verify and MTP
 draft forwards of at most COMPILE_TOKENS (512) tokens run through torch.compile(dynamic=True) (inductor's C++
-kernels, built with gcc and called from its C++ wrapper; symbolic batch, chunk and context sizes, so one program per function and chunk of one or
-more serves every step), prefills stay eager. Each row runs once untimed first: that warm-up (compilation
+kernels, built with gcc and called from its C++ wrapper; symbolic batch, chunk and context sizes, so one
+program per function and chunk of one or more serves every step), prefills stay eager. Each row runs once untimed first: that warm-up (compilation
 included) is reported per row in the JSON's `compile`, and the timed rows are the fastest of --repeats
 after it. The compiled static Generator's T = 0 tokens are checked against the eager one's, and the T = 0
 rows are run eagerly too (`eager_temperature_0`, with its own speedups), for context.
@@ -271,7 +271,8 @@ def main(argv=None) -> dict:
         "compile": ({"what": "the static Generator's decode steps and the engine's decode forwards, "
                              "speculation steps (verify + acceptance + MTP drafts, one program) and MTP draft "
                              f"forwards of <= {COMPILE_TOKENS} tokens (prefills eager): torch.compile(dynamic=True), "
-                             "inductor C++ kernels (gcc) called from its C++ wrapper; every row warmed up untimed first",
+                             "inductor C++ kernels (gcc) called from its C++ wrapper; every row warmed up untimed "
+                             "first",
                      "warmup_seconds_per_row_incl_compile": warmup} if args.compile else None),
         "temperature_0": greedy,
         f"temperature_{args.temperature}": sampled,
