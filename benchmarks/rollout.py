@@ -25,16 +25,16 @@ max_batch at a time, one batch after another (a cache for max_batch sequences; e
 longest), the engine keeps max_batch running and refills (`speedup_continuous_memory_bound`, and the best k's
 `speedup_speculative_memory_bound`).
 
-Compiled (the default; --no-compile: eager only). At this width a decode forward's time is mostly fixed
-per-op cost (a few hundred small kernels launched from Python), which continuous batching and speculation
-cannot shrink; the GPU answer is CUDA graphs over fixed batch buckets, the CPU one here torch.compile. Both
-sides are compiled alike: the static Generator's decode steps and the engine's decode, verify and MTP
-draft forwards of at most COMPILE_TOKENS (512) tokens run through torch.compile(dynamic=True) (inductor's C++
-kernels, built with gcc and called from its C++ wrapper; symbolic batch, chunk and context sizes, so one
-program per function and chunk of one or more serves every step), prefills stay eager. Each row runs once untimed first: that warm-up (compilation
-included) is reported per row in the JSON's `compile`, and the timed rows are the fastest of --repeats
-after it. The compiled static Generator's T = 0 tokens are checked against the eager one's, and the T = 0
-rows are run eagerly too (`eager_temperature_0`, with its own speedups), for context.
+Compiled (the default; --no-compile: eager only). At this width a decode forward's time is mostly fixed per-op
+cost (a few hundred small kernels launched from Python), which continuous batching and speculation cannot
+shrink; the GPU answer is CUDA graphs over fixed batch buckets, the CPU one here torch.compile. Both sides are
+compiled alike: the static Generator's decode steps and the engine's decode, verify and MTP draft forwards of
+at most COMPILE_TOKENS (512) tokens run through torch.compile(dynamic=True) (inductor's C++ kernels, built
+with gcc and called from its C++ wrapper; symbolic batch, chunk and context sizes, so one program per function
+and chunk of one or more serves every step), prefills stay eager. Each row runs once untimed first: that
+warm-up (compilation included) is reported per row in the JSON's `compile`, and the timed rows are the fastest
+of --repeats after it. The compiled static Generator's T = 0 tokens are checked against the eager one's, and
+the T = 0 rows are run eagerly too (`eager_temperature_0`, with its own speedups), for context.
 
 Usage: python benchmarks/rollout.py [--out PATH] [--train-steps N] [--prompts N] [--group G] [--repeats R]
                                     [--memory-bound-prompts N] [--no-compile]
