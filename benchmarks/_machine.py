@@ -1,4 +1,6 @@
-"""What every benchmark result records about the machine it ran on."""
+"""What every benchmark result records about the machine it ran on, and how a result is written."""
+import json
+import os
 import platform
 
 
@@ -11,3 +13,22 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine(load_before: tuple | None = None) -> dict:
+    """The machine a result ran on: CPU, uname, cores, torch's threads, and with load_before (os.getloadavg() when
+    the run started) the load average at its start and end."""
+    import torch
+    out = {"cpu": cpu_name(), "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads()}
+    if load_before is not None:
+        out["loadavg_1_5_15_at_start_and_end"] = [list(load_before), list(os.getloadavg())]
+    return out
+
+
+def write_result(path: str, result: dict) -> None:
+    """The result as indented JSON at path, its folder made if missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
-from _machine import cpu_name
+from _machine import machine, write_result
 
 from model import build_model, preset
 from model.attention import KVCache
@@ -119,15 +117,12 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "kv_cache",
         "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
-        "machine": {"cpu": cpu_name(), "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count()},
+        "machine": machine(),
         "torch": torch.__version__,
         "dtype": "bfloat16",
         "results": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_result(args.out, result)
 
     print("KV cache per token, bf16 (MLA measured from net.new_cache; MHA = n_heads*(qk_head_dim+v_head_dim))")
     print(f"{'preset':<18}{'MLA B/tok/layer':>16}{'MHA B/tok/layer':>16}{'ratio':>8}"

@@ -42,16 +42,14 @@ Usage: python benchmarks/rollout.py [--out PATH] [--train-steps N] [--prompts N]
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 
 import torch
 
-from _machine import cpu_name
+from _machine import machine, write_result
 
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
@@ -93,6 +91,14 @@ class ChainTask:
             i = min(len(self.chain) - 1, i + (1 if torch.rand(1, generator=self.g) < 0.75 else self._rand(2, 9)))
             out.append(self.chain[i])
         return out
+
+
+def eval_prompts(seed: int, max_len: int, n: int, group: int) -> list[list[int]]:
+    """n held-out prompts of the chain task (its chain, another generator seed), each repeated group times in a
+    row: a GRPO batch."""
+    task = ChainTask(seed, max_len)
+    task.g.manual_seed(10_000 + seed)
+    return [q for q in (task.prompt() for _ in range(n)) for _ in range(group)]
 
 
 def train(task: ChainTask, steps: int, batch: int, seed: int):
@@ -179,9 +185,7 @@ def main(argv=None) -> dict:
     net, cfg, trained = train(task, args.train_steps, 16, args.seed)
     print(f"trained {trained}", file=sys.stderr)
     tok = ChainTokenizer()
-    eval_task = ChainTask(args.seed, args.max_len)
-    eval_task.g.manual_seed(10_000 + args.seed)
-    prompts = [q for q in (eval_task.prompt() for _ in range(args.prompts)) for _ in range(args.group)]
+    prompts = eval_prompts(args.seed, args.max_len, args.prompts, args.group)
     new = args.max_len + 16
 
     warmup: dict = {}
@@ -233,9 +237,7 @@ def main(argv=None) -> dict:
     best_k = max(args.draft_tokens, key=lambda k: greedy["rows"][f"speculative_k{k}"]["tokens_per_s"])
     # memory-bound: a GRPO step of more sequences than a batch holds (the headline's prompts first, then more);
     # the static engine runs them max_batch at a time, the engine keeps max_batch running, refilling
-    more_task = ChainTask(args.seed, args.max_len)
-    more_task.g.manual_seed(10_000 + args.seed)
-    more = [q for q in (more_task.prompt() for _ in range(args.memory_bound_prompts)) for _ in range(args.group)]
+    more = eval_prompts(args.seed, args.max_len, args.memory_bound_prompts, args.group)
     bound = rows_at(0.0, more, draft_tokens=[best_k], chunked=True, repeats=args.memory_bound_repeats)
     eager = rows_at(0.0, prompts, compile=False) if args.compile else None   # the same rows uncompiled, for context
     r = greedy["rows"]
@@ -245,9 +247,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "rollout",
         "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
-        "machine": {"cpu": cpu_name(), "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
-                    "loadavg_1_5_15_at_start_and_end": [list(load_before), list(os.getloadavg())]},
+        "machine": machine(load_before),
         "torch": torch.__version__,
         "dtype": "float32",
         "model": {"preset": "tiny-deepseek-v3", "vocab_size": VOCAB, "dim": cfg.dim, "n_layers": cfg.n_layers,
@@ -290,10 +290,7 @@ def main(argv=None) -> dict:
             "speedup_speculative": round(e[f"speculative_k{best_e}"]["tokens_per_s"]
                                          / e["shared_prefix"]["tokens_per_s"], 2),
             "speculative_draft_tokens": best_e, "compiled_equal_to_eager": True, **eager}   # asserted above
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_result(args.out, result)
     blocks = [("T=0", greedy), (f"T={args.temperature}", sampled), (f"T=0, {args.small_batch} sequences", small),
               (f"T=0, {len(more)} sequences, batches of {args.max_batch}", bound)]
     for label, block in blocks + ([("T=0, eager", eager)] if eager else []):

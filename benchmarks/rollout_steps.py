@@ -16,19 +16,17 @@ Usage: python benchmarks/rollout_steps.py [--out PATH] [--batches 8 32 64 128] [
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 import posttrain.engine as engine
-from _machine import cpu_name
+from _machine import machine, write_result
 from posttrain.engine import Engine
 from posttrain.generate import Generator, SamplingParams, compiled
-from rollout import ChainTask, ChainTokenizer, train
+from rollout import ChainTask, ChainTokenizer, eval_prompts, train
 
 
 def capture(net, tok, prompts, params, draft_tokens: int, batches: list[int]):
@@ -85,12 +83,9 @@ def main(argv=None) -> dict:
         ap.error("--draft-tokens must be >= 1 and every --batches size >= 2")
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    task = ChainTask(args.seed, args.max_len)
-    net, cfg, trained = train(task, args.train_steps, 16, args.seed)
+    net, cfg, trained = train(ChainTask(args.seed, args.max_len), args.train_steps, 16, args.seed)
     tok = ChainTokenizer()
-    eval_task = ChainTask(args.seed, args.max_len)
-    eval_task.g.manual_seed(10_000 + args.seed)
-    prompts = [q for q in (eval_task.prompt() for _ in range(args.prompts)) for _ in range(args.group)]
+    prompts = eval_prompts(args.seed, args.max_len, args.prompts, args.group)
     params = SamplingParams(max_new_tokens=args.max_len + 16, temperature=0.0)
     ref, _ = Generator(net, tok).generate(prompts, params)
     plain, _, _ = capture(net, tok, prompts, params, 0, args.batches)
@@ -122,9 +117,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "rollout_steps",
         "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
-        "machine": {"cpu": cpu_name(), "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
-                    "loadavg_1_5_15_at_start_and_end": [list(load_before), list(os.getloadavg())]},
+        "machine": machine(load_before),
         "torch": torch.__version__,
         "dtype": "float32",
         "model": {"preset": "tiny-deepseek-v3", "dim": cfg.dim, "n_layers": cfg.n_layers, "n_mtp": cfg.n_mtp,
@@ -136,10 +129,7 @@ def main(argv=None) -> dict:
         "compiled": "torch.compile(dynamic=True), inductor C++ kernels and C++ wrapper (posttrain/generate.py)",
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_result(args.out, result)
     return result
 
 
