@@ -16,11 +16,13 @@ def cpu_name() -> str:
 
 
 def machine(load_before: tuple | None = None) -> dict:
-    """The machine a result ran on: CPU, uname, cores, torch's threads, and with load_before (os.getloadavg() when
-    the run started) the load average at its start and end."""
+    """The machine a result ran on: CPU, uname, cores, torch's threads, the GPU if any, and with load_before
+    (os.getloadavg() when the run started) the load average at its start and end."""
     import torch
     out = {"cpu": cpu_name(), "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["gpu"], out["cuda"] = torch.cuda.get_device_name(), torch.version.cuda
     if load_before is not None:
         out["loadavg_1_5_15_at_start_and_end"] = [list(load_before), list(os.getloadavg())]
     return out

@@ -57,6 +57,7 @@ from posttrain.engine import Engine
 from posttrain.generate import COMPILE_TOKENS, Generator, SamplingParams
 
 VOCAB, EOD = 256, 0
+SECTIONS = ("greedy", "sampled", "small", "memory", "eager")
 
 
 class ChainTokenizer:
@@ -101,11 +102,18 @@ def eval_prompts(seed: int, max_len: int, n: int, group: int) -> list[list[int]]
     return [q for q in (task.prompt() for _ in range(n)) for _ in range(group)]
 
 
-def train(task: ChainTask, steps: int, batch: int, seed: int):
-    cfg = preset("tiny-deepseek-v3", vocab_size=VOCAB, dim=128, max_seq_len=256)
+# --wide (the GPU run): V3's shape at a width where a decode step reads its 0.74 GB of fp32 weights (184M
+# parameters), not the CPU run's dim 128
+WIDE = dict(dim=1024, n_layers=6, inter_dim=2816, n_heads=8, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+            qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, n_activated_experts=4, moe_inter_dim=512)
+
+
+def train(task: ChainTask, steps: int, batch: int, seed: int, device: str = "cpu", wide: bool = False,
+          lr: float = 3e-3):
+    cfg = preset("tiny-deepseek-v3", vocab_size=VOCAB, max_seq_len=256, **(WIDE if wide else dict(dim=128)))
     torch.manual_seed(seed)
-    net = build_model(cfg, seed=seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.0)
+    net = build_model(cfg, device=device, seed=seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     net.train()
     t0, last = time.perf_counter(), {}
     for step in range(steps):
@@ -114,14 +122,14 @@ def train(task: ChainTask, steps: int, batch: int, seed: int):
             q = task.prompt()
             docs.append((q, task.reply(q[-1])))
         n = max(len(q) + len(r) for q, r in docs)
-        tokens = torch.full((batch, n), EOD)
-        labels = torch.full((batch, n), IGNORE_INDEX)
+        tokens = torch.full((batch, n), EOD, device=device)
+        labels = torch.full((batch, n), IGNORE_INDEX, device=device)
         for b, (q, r) in enumerate(docs):
             seq = q + r
             tokens[b, :len(seq)] = torch.tensor(seq)
             labels[b, len(q) - 1:len(seq) - 1] = torch.tensor(r)   # the reply only, EOD included
         for g in opt.param_groups:
-            g["lr"] = 3e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
         out = net.loss(tokens, labels)
         opt.zero_grad()
         out["loss"].backward()
@@ -177,12 +185,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="decode steps of the static Generator and of the engine through torch.compile (warmed up "
                          "untimed first); --no-compile: eager only")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run: engine steps replay CUDA graphs)")
+    ap.add_argument("--wide", action="store_true", help=f"a wider V3-shaped model ({WIDE}) instead of dim 128")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                    help="which blocks of rows to run (greedy: the headline, T = 0; sampled: --temperature; small: "
+                         "--small-batch sequences; memory: memory-bound; eager: greedy uncompiled)")
+    ap.add_argument("--compare-graphs", action="store_true",
+                    help="with --device cuda: also each engine row without CUDA graphs (buckets=False), per section")
     args = ap.parse_args(argv)
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        ap.error(f"--device {args.device!r}: cpu, or cuda on a machine with a CUDA device")
+    if "greedy" not in args.sections:
+        ap.error("--sections must include greedy: the headline speedups and the best draft count come from it")
+    if args.compare_graphs and (args.device != "cuda" or not args.compile):
+        ap.error("--compare-graphs needs --device cuda and compiled steps (CUDA graphs replay compiled steps)")
     torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()
     task = ChainTask(args.seed, args.max_len)
-    net, cfg, trained = train(task, args.train_steps, 16, args.seed)
+    net, cfg, trained = train(task, args.train_steps, 16, args.seed, args.device, args.wide, args.lr)
     print(f"trained {trained}", file=sys.stderr)
     tok = ChainTokenizer()
     prompts = eval_prompts(args.seed, args.max_len, args.prompts, args.group)
@@ -198,14 +220,16 @@ def main(argv=None) -> dict:
         seeds = list(range(len(prompts)))
         engines = {"continuous": dict(share_prefix=False), "shared_prefix": dict()}
         engines.update({f"speculative_k{k}": dict(draft_tokens=k) for k in draft_tokens})
+        if args.compare_graphs and compile:
+            engines.update({f"{name}_no_graphs": dict(kw, buckets=False) for name, kw in engines.items()})
+        static = Generator(net, tok, compile=compile)
         if chunked:   # the static engine holds max_batch sequences too: consecutive batches, each waits for its longest
-            runs = {"static": lambda: static_chunks(Generator(net, tok, compile=compile), prompts, params,
-                                                     args.max_batch)}
+            runs = {"static": lambda: static_chunks(static, prompts, params, args.max_batch)}
         else:
-            runs = {"static": lambda: Generator(net, tok, compile=compile).generate(prompts, params, seed=0)}
-        for name, kw in engines.items():
-            runs[name] = (lambda kw: lambda: Engine(net, tok, max_batch=args.max_batch, compile=compile, **kw).generate(
-                prompts, params, seeds=seeds))(kw)
+            runs = {"static": lambda: static.generate(prompts, params, seed=0)}
+        for name, kw in engines.items():   # one engine per row, as a trainer keeps one (its CUDA graphs with it)
+            runs[name] = (lambda engine: lambda: engine.generate(prompts, params, seeds=seeds))(
+                Engine(net, tok, max_batch=args.max_batch, compile=compile, **kw))
         if compile:   # untimed: the first call of each program shape compiles it (inductor's C++ build)
             for name, run in runs.items():
                 t0 = time.perf_counter()
@@ -221,6 +245,8 @@ def main(argv=None) -> dict:
                 assert [c.ids for c in outs] == [c.ids for c in ref], f"{name} differs from the static engine at T=0"
             row = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()
                    if k in ("tokens", "seconds", "tokens_per_s", "forwards", "steps", "prefill_tokens", "pages")}
+            if "graphs" in st:
+                row["graphs"], row["graph_replays"] = st["graphs"], st["graph_replays"]
             if "acceptance" in st:
                 row["acceptance"] = round(st["acceptance"], 3)
                 row["acceptance_per_position"] = [round(a, 3) for a in st["acceptance_per_position"]]
@@ -231,27 +257,29 @@ def main(argv=None) -> dict:
                                                "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1],
                                                "mean": round(sum(lengths) / len(lengths), 1)}}
 
+    on = set(args.sections)
     greedy = rows_at(0.0, prompts)
-    sampled = rows_at(args.temperature, prompts)
-    small = rows_at(0.0, prompts[::args.group][:args.small_batch])   # distinct prompts, one sample each
+    sampled = rows_at(args.temperature, prompts) if "sampled" in on else None
+    small = rows_at(0.0, prompts[::args.group][:args.small_batch]) if "small" in on else None   # one sample each
     best_k = max(args.draft_tokens, key=lambda k: greedy["rows"][f"speculative_k{k}"]["tokens_per_s"])
     # memory-bound: a GRPO step of more sequences than a batch holds (the headline's prompts first, then more);
     # the static engine runs them max_batch at a time, the engine keeps max_batch running, refilling
     more = eval_prompts(args.seed, args.max_len, args.memory_bound_prompts, args.group)
-    bound = rows_at(0.0, more, draft_tokens=[best_k], chunked=True, repeats=args.memory_bound_repeats)
-    eager = rows_at(0.0, prompts, compile=False) if args.compile else None   # the same rows uncompiled, for context
+    bound = (rows_at(0.0, more, draft_tokens=[best_k], chunked=True, repeats=args.memory_bound_repeats)
+             if "memory" in on else None)
+    eager = rows_at(0.0, prompts, compile=False) if args.compile and "eager" in on else None   # for context
     r = greedy["rows"]
     spec = r[f"speculative_k{best_k}"]
-    b = bound["rows"]
-    best_small = max(args.draft_tokens, key=lambda k: small["rows"][f"speculative_k{k}"]["tokens_per_s"])
     result = {
         "benchmark": "rollout",
         "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
         "machine": machine(load_before),
+        "device": args.device,
         "torch": torch.__version__,
         "dtype": "float32",
         "model": {"preset": "tiny-deepseek-v3", "vocab_size": VOCAB, "dim": cfg.dim, "n_layers": cfg.n_layers,
-                  "n_mtp": cfg.n_mtp, "trained": trained},
+                  "n_routed_experts": cfg.n_routed_experts, "n_mtp": cfg.n_mtp,
+                  "parameters": sum(p.numel() for p in net.parameters()), "trained": trained},
         "workload": {"prompts": args.prompts, "group": args.group, "sequences": len(prompts),
                      "max_new_tokens": new, "max_batch": args.max_batch,
                      "task": "chain walk, reply length log-uniform in 4..max_len (see the docstring)"},
@@ -261,26 +289,43 @@ def main(argv=None) -> dict:
         "speculative_draft_tokens": best_k,
         "acceptance": spec["acceptance"],
         "acceptance_per_position": spec["acceptance_per_position"],
-        "speedup_speculative_small_batch": round(small["rows"][f"speculative_k{best_small}"]["tokens_per_s"]
-                                                 / small["rows"]["shared_prefix"]["tokens_per_s"], 2),
-        "speculative_draft_tokens_small_batch": best_small,
-        "speedup_continuous_memory_bound": round(b["shared_prefix"]["tokens_per_s"] / b["static"]["tokens_per_s"], 2),
-        "speedup_speculative_memory_bound": round(b[f"speculative_k{best_k}"]["tokens_per_s"]
-                                                  / b["shared_prefix"]["tokens_per_s"], 2),
-        "compiled": args.compile,
-        "compile": ({"what": "the static Generator's decode steps and the engine's decode forwards, "
-                             "speculation steps (verify + acceptance + MTP drafts, one program) and MTP draft "
-                             f"forwards of <= {COMPILE_TOKENS} tokens (prefills eager): torch.compile(dynamic=True), "
-                             "inductor C++ kernels (gcc) called from its C++ wrapper; every row warmed up untimed "
-                             "first",
-                     "warmup_seconds_per_row_incl_compile": warmup} if args.compile else None),
-        "temperature_0": greedy,
-        f"temperature_{args.temperature}": sampled,
-        f"small_batch_{args.small_batch}_temperature_0": small,
-        "memory_bound_temperature_0": {"sequences": len(more), "max_batch": args.max_batch,
-                                       "static": f"{-(-len(more) // args.max_batch)} batches of {args.max_batch}, "
-                                                 "one after another", **bound},
     }
+    if args.compare_graphs:   # what replaying CUDA graphs gives each engine row, measured in the same run
+        result["speedup_cuda_graphs"] = {name[:-len("_no_graphs")]: round(
+            r[name[:-len("_no_graphs")]]["tokens_per_s"] / row["tokens_per_s"], 2)
+            for name, row in r.items() if name.endswith("_no_graphs")}
+    if small is not None:
+        best_small = max(args.draft_tokens, key=lambda k: small["rows"][f"speculative_k{k}"]["tokens_per_s"])
+        sr = small["rows"]
+        result["speedup_speculative_small_batch"] = round(
+            sr[f"speculative_k{best_small}"]["tokens_per_s"] / sr["shared_prefix"]["tokens_per_s"], 2)
+        result["speculative_draft_tokens_small_batch"] = best_small
+    if bound is not None:
+        b = bound["rows"]
+        result["speedup_continuous_memory_bound"] = round(b["shared_prefix"]["tokens_per_s"]
+                                                          / b["static"]["tokens_per_s"], 2)
+        result["speedup_speculative_memory_bound"] = round(b[f"speculative_k{best_k}"]["tokens_per_s"]
+                                                           / b["shared_prefix"]["tokens_per_s"], 2)
+    result["compiled"] = args.compile
+    graphs = ("; on the GPU the engine's steps padded to batch and context buckets and replayed from a CUDA graph per "
+              "bucket (posttrain/engine.py StepGraphs), the static Generator's not" if args.device == "cuda" else "")
+    result["compile"] = ({"what": "the static Generator's decode steps and the engine's decode forwards, "
+                                  "speculation steps (verify + acceptance + MTP drafts, one program) and MTP draft "
+                                  f"forwards of <= {COMPILE_TOKENS} tokens (prefills eager): "
+                                  "torch.compile(dynamic=True), inductor "
+                                  + ("Triton kernels" if args.device == "cuda" else
+                                     "C++ kernels (gcc) called from its C++ wrapper") + graphs
+                                  + "; every row warmed up untimed first",
+                          "warmup_seconds_per_row_incl_compile": warmup} if args.compile else None)
+    result["temperature_0"] = greedy
+    if sampled is not None:
+        result[f"temperature_{args.temperature}"] = sampled
+    if small is not None:
+        result[f"small_batch_{args.small_batch}_temperature_0"] = small
+    if bound is not None:
+        result["memory_bound_temperature_0"] = {"sequences": len(more), "max_batch": args.max_batch,
+                                                "static": f"{-(-len(more) // args.max_batch)} batches of "
+                                                          f"{args.max_batch}, one after another", **bound}
     if eager is not None:
         assert refs[True, 0.0, len(prompts)] == refs[False, 0.0, len(prompts)], "compiled static differs from eager"
         e = eager["rows"]
@@ -292,18 +337,17 @@ def main(argv=None) -> dict:
             "speculative_draft_tokens": best_e, "compiled_equal_to_eager": True, **eager}   # asserted above
     write_result(args.out, result)
     blocks = [("T=0", greedy), (f"T={args.temperature}", sampled), (f"T=0, {args.small_batch} sequences", small),
-              (f"T=0, {len(more)} sequences, batches of {args.max_batch}", bound)]
-    for label, block in blocks + ([("T=0, eager", eager)] if eager else []):
+              (f"T=0, {len(more)} sequences, batches of {args.max_batch}", bound), ("T=0, eager", eager)]
+    for label, block in blocks:
+        if block is None:
+            continue
         print(f"{label}: reply lengths {block['reply_lengths']}")
         for name, row in block["rows"].items():
-            print(f"  {name:<18}{row['tokens_per_s']:>10.1f} tokens/s  {row['seconds']:>8.2f} s"
+            print(f"  {name:<28}{row['tokens_per_s']:>10.1f} tokens/s  {row['seconds']:>8.2f} s"
                   + (f"  acceptance {row['acceptance']:.2f} {row['acceptance_per_position']}" if "acceptance" in row
                      else ""))
-    print(f"speedup_continuous {result['speedup_continuous']}, speedup_speculative {result['speedup_speculative']} "
-          f"(k={best_k}; {result['speedup_speculative_small_batch']} at {args.small_batch} sequences, k={best_small}), "
-          f"acceptance {result['acceptance']}; memory-bound ({len(more)} sequences, batches of {args.max_batch}): "
-          f"continuous {result['speedup_continuous_memory_bound']}, speculative "
-          f"{result['speedup_speculative_memory_bound']}; wrote {args.out}")
+    print({k: v for k, v in result.items() if k.startswith(("speedup", "acceptance", "speculative"))})
+    print(f"wrote {args.out}")
     return result
 
 

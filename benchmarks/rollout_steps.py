@@ -36,16 +36,14 @@ def capture(net, tok, prompts, params, draft_tokens: int, batches: list[int]):
     name = "speculation_step" if draft_tokens else "decode_step"
     step, found = getattr(engine, name), {}
 
-    def grab(*args):
-        tokens, lens = args[1], (args[5] if draft_tokens else None)
-        b = tokens.shape[0]
+    def grab(**kw):
+        b = kw["tokens"].shape[0]
         for want in batches:
-            if want // 2 < b <= want and want not in found and lens is None:
-                pages = [{k: v.clone() for k, v in layer.items()} for layer in args[6 if draft_tokens else 5]]
-                copy = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-                copy = copy[:6] + (pages,) + copy[7:] if draft_tokens else copy[:5] + (pages,) + copy[6:]
-                found[want] = (b, copy[:11] if draft_tokens else copy[:7])   # T = 0: no accept, q or rng
-        return step(*args)
+            if want // 2 < b <= want and want not in found and kw.get("lens") is None:
+                copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+                copy["pages"] = [{k: v.clone() for k, v in layer.items()} for layer in kw["pages"]]
+                found[want] = (b, copy)
+        return step(**kw)
 
     setattr(engine, name, grab)
     try:
@@ -55,11 +53,11 @@ def capture(net, tok, prompts, params, draft_tokens: int, batches: list[int]):
     return found, outs, stats
 
 
-def best_ms(fn, args, calls: int) -> float:
+def best_ms(fn, kwargs: dict, calls: int) -> float:
     best = float("inf")
     for _ in range(calls):
         t = time.perf_counter()
-        fn(*args)
+        fn(**kwargs)
         best = min(best, time.perf_counter() - t)
     return 1000 * best
 
@@ -100,7 +98,7 @@ def main(argv=None) -> dict:
             compile_s = {}
             for kind, (_, a) in cases.items():   # the first call of a shape class compiles
                 t = time.perf_counter()
-                programs[kind](*a)
+                programs[kind](**a)
                 compile_s[kind] = round(time.perf_counter() - t, 1)
             ms = {kind: float("inf") for kind in cases}
             for _ in range(args.repeats):   # interleaved, so a slow spell does not fall on one side only
@@ -108,7 +106,7 @@ def main(argv=None) -> dict:
                     ms[kind] = min(ms[kind], best_ms(programs[kind], a, args.calls))
             rows[str(want)] = {
                 "batch_decode": cases["decode"][0], "batch_speculation": cases["speculation"][0],
-                "keys_decode": cases["decode"][1][4], "keys_speculation": cases["speculation"][1][4],
+                "keys_decode": cases["decode"][1]["keys"], "keys_speculation": cases["speculation"][1]["keys"],
                 "ms_decode_step": round(ms["decode"], 3), "ms_speculation_step": round(ms["speculation"], 3),
                 "speculation_over_decode": round(ms["speculation"] / ms["decode"], 2),
                 "speedup_speculative_at_this_batch": round(per_step * ms["decode"] / ms["speculation"], 2),

@@ -27,9 +27,10 @@ row of the draft buffer `dbuf` each step). A step is one call (`decode_step`, `s
 its write slots, gather indices and mask from those rows, the start positions and the key count (`frame`),
 runs the forward, and draws (with the acceptance of drafts and the next drafts, speculating) inside.
 With compile=True (one process) every decode, verify and draft forward of at most COMPILE_TOKENS tokens runs
-through torch.compile with symbolic batch, chunk and context sizes (posttrain/generate.py `compiled`): the
-CPU analogue of CUDA graphs over batch buckets, which removes most of the per-op cost of the model's
-hundreds of small kernels. The first step of each shape class compiles (tens of seconds on a CPU).
+through torch.compile with symbolic batch, chunk and context sizes (posttrain/generate.py `compiled`), which
+removes most of the per-op cost of the model's hundreds of small kernels. The first step of each shape class
+compiles (tens of seconds on a CPU). On a CUDA device each step is also padded to a batch and a context
+bucket and replayed from a CUDA graph recorded per bucket (`buckets`, `StepGraphs`): the whole step, one launch.
 
 Exactness. A sequence's arithmetic is the static engine's up to the order of floating-point sums, so at
 temperature 0 the tokens are the same and the log-probs equal to rounding. Each sequence samples from its
@@ -74,7 +75,7 @@ from parallel.data_parallel import reshard
 from .generate import (COMPILE_TOKENS, Completion, Generator, SamplingParams, allowed_ids, compiled,
                        restricted_logprobs, sampling_distribution)
 
-__all__ = ["Engine", "PagePool", "PagedCache", "rollout_engine"]
+__all__ = ["Engine", "PagePool", "PagedCache", "StepGraphs", "batch_bucket", "keys_bucket", "rollout_engine"]
 
 TOO_LONG = "prompt_too_long"   # the finish of a prompt that cannot fit: reported, never truncated
 
@@ -102,11 +103,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def stream_uniforms(rng: torch.Tensor, n: int) -> torch.Tensor:
-    """Each row's next n uniforms in [0, 1), [b, n] fp32, from its own counter-based stream: rng [2, b] int64 holds
+    """Each row's next n uniforms in [0, 1), [b, n] fp32, from its own counter-based stream: rng [b, 2] int64 holds
     each row's seed and how many it has drawn before, and draw c of seed s is a hash of (s, c), so a row's draws
     depend on its seed and count alone (the batch, the step and the device do not enter), and the whole batch
     draws in a few vectorised ops inside the step's program (a generator per sequence would be a call per row)."""
-    seed, drawn = rng[0], rng[1]
+    seed, drawn = rng[:, 0], rng[:, 1]
     key = _mix32(_mix32((seed & _M32) ^ 0x9E3779B9) ^ ((seed >> 32) & _M32))   # the row's 32-bit key
     c = (drawn[:, None] + torch.arange(n, device=rng.device)) & _M32
     h = _mix32(_mix32(c ^ 0x85EBCA6B) ^ key[:, None])                          # a bijection of c per key
@@ -218,6 +219,70 @@ def draft_step(model, h, ahead, pos, cache, mask, at, limit, n_draft: int, param
     return torch.stack(drafts, 1), None if u is None else torch.stack(qs, 1)
 
 
+def first_draft_step(model, hidden, tokens, table, start, keys: int, pages, limit, n_draft: int, params, rng=None):
+    """New sequences' first drafts as one program (`draft_step` at each row's prompt's last position start [b],
+    on its hidden state there [b, 1, dim] and its first sampled token [b, 1]; `frame` over the MTP block's
+    `pages`), with the rows' next n_draft uniforms drawn inside at T > 0 (rng: `stream_uniforms`)."""
+    pos, mask, caches = frame(table, start, 1, keys, [pages])
+    u = None if rng is None else stream_uniforms(rng, n_draft)
+    return draft_step(model, hidden, tokens, pos, caches[0], mask, torch.zeros_like(limit), limit, n_draft, params, u)
+
+
+def batch_bucket(n: int, cap: int) -> int:
+    """The batch a step of n rows is padded to: the next of 1, 2, 4, 8, then multiples of 16, at most cap (the
+    engine's max_batch), so that a rollout's steps take a dozen shapes (vLLM's and SGLang's capture sizes)."""
+    b = 1 << max(n - 1, 0).bit_length() if n <= 8 else -(-n // 16) * 16
+    return min(b, cap)
+
+
+def keys_bucket(n: int, floor: int, cap: int) -> int:
+    """The key count a step reaching n positions attends over: the next power of two times `floor` (the page
+    size), at most cap (max_seq_len). Keys past a row's position are masked, so padding them changes no row."""
+    k = floor
+    while k < n:
+        k *= 2
+    return min(k, cap)
+
+
+class StepGraphs:
+    """CUDA graphs of the engine's step programs over one page pool, one per shape (batch bucket, chunk, context
+    bucket, sampling), each recorded on its first use and replayed after, as vLLM and SGLang replay their decode
+    graphs: a replay copies the step's rows into the graph's static inputs (zero rows past them) and launches
+    the whole step, hundreds of kernels, at once. The pages are the same tensors in every replay (the graphs
+    belong to one pool). All graphs share one memory pool: a step's outputs are read before the next replay,
+    as every caller does (it copies them or moves them to the host at once)."""
+
+    def __init__(self):
+        self.pool, self.graphs, self.recorded, self.replays = torch.cuda.graph_pool_handle(), {}, 0, 0
+
+    @staticmethod
+    def _fill(static: dict, rows: dict) -> None:
+        for name, value in rows.items():
+            if value is not None:
+                static[name][:value.shape[0]].copy_(value)
+                static[name][value.shape[0]:].zero_()
+
+    def __call__(self, key, fn, rows: dict, batch: int, fixed: dict):
+        if key not in self.graphs:
+            static = {k: None if v is None else v.new_zeros(batch, *v.shape[1:]) for k, v in rows.items()}
+            self._fill(static, rows)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):   # compile, autotune and warm the allocator outside the capture
+                fn(**static, **fixed)       # (it writes the step's own keys, as the replay will again)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(**static, **fixed)
+            self.graphs[key] = (graph, static, out)
+            self.recorded += 1
+        graph, static, out = self.graphs[key]
+        self._fill(static, rows)
+        graph.replay()
+        self.replays += 1
+        return out
+
+
 class PagePool:
     """Every layer's cache cut into `n_pages` pages of `page_size` positions, with reference counts
     (shared prefixes) and promises (pages admitted sequences may still take). Page 0 is scratch."""
@@ -228,8 +293,12 @@ class PagePool:
         self.caches = model.new_cache(n_pages, page_size, mtp=mtp)
         self.pages = [dict(c.named_buffers()) for c in self.caches]
         self.n_pages, self.page_size = n_pages, page_size
-        self.free = list(range(n_pages - 1, 0, -1))
-        self.refs = [0] * n_pages
+        self.reset()
+
+    def reset(self) -> None:
+        """Every page free (a kept pool's next call: pages are written before they are read, so none is cleared)."""
+        self.free = list(range(self.n_pages - 1, 0, -1))
+        self.refs = [0] * self.n_pages
         self.promised = 0
 
     def available(self) -> int:
@@ -327,10 +396,14 @@ class Engine:
     page_size: positions per page; n_pages: the pool (default: room for max_batch worst-case sequences);
     max_batch: sequences decoded together; share_prefix: identical prompts prefill once; draft_tokens: MTP
     drafts per step (0: none; needs a model with MTP modules); compile: decode-sized forwards through
-    torch.compile (one process only; not with record_routing)."""
+    torch.compile (one process only; not with record_routing); buckets: each step padded to a batch bucket and a
+    context bucket (`batch_bucket`, `keys_bucket`), and on a CUDA device, compiled, replayed from a CUDA graph per
+    bucket (`StepGraphs`; the engine then keeps its pool and graphs between calls: `release` frees them).
+    None: on exactly when compiled on a CUDA device."""
 
     def __init__(self, model, tokenizer, *, page_size: int = 16, n_pages: int | None = None, max_batch: int = 64,
-                 pad_id: int | None = None, share_prefix: bool = True, draft_tokens: int = 0, compile: bool = False):
+                 pad_id: int | None = None, share_prefix: bool = True, draft_tokens: int = 0, compile: bool = False,
+                 buckets: bool | None = None):
         if page_size < 1 or max_batch < 1 or draft_tokens < 0:
             raise ValueError(f"page_size ({page_size}) and max_batch ({max_batch}) must be >= 1, draft_tokens "
                              f"({draft_tokens}) >= 0")
@@ -345,6 +418,9 @@ class Engine:
         self.page_size, self.n_pages, self.max_batch = page_size, n_pages, max_batch
         self.share_prefix, self.draft_tokens = share_prefix, draft_tokens
         self.compile, self.compile_tokens = compile, COMPILE_TOKENS
+        self.buckets, self.bucketed = buckets, bool(buckets)   # bucketed: resolved per call (None: on CUDA, compiled)
+        self.kept: tuple[PagePool, StepGraphs] | None = None   # with graphs: the pool and its graphs, between calls
+        self.graphs: StepGraphs | None = None
         self.record, self.routes = False, None   # routing replay: record the trunk's experts per forward
 
     # -- the acceptance rule (speculative sampling) -----------------------------------------------------
@@ -370,9 +446,32 @@ class Engine:
         start, keys, lens = self._extent(starts, s, lens, reach)
         return frame(table, start, s, keys, self.pool.pages, lens)
 
-    def _compiles(self, tokens: torch.Tensor) -> bool:
-        """Whether a forward over tokens [b, s] runs compiled: a decode-sized one, with compile on."""
-        return self.compile and not self.record and tokens.numel() <= self.compile_tokens
+    def _compiles(self, n_tokens: int) -> bool:
+        """Whether a forward over n_tokens tokens runs compiled: a decode-sized one, with compile on."""
+        return self.compile and not self.record and n_tokens <= self.compile_tokens
+
+    def _launch(self, fn, rows: dict, keys: int, **fixed):
+        """fn(**rows, keys=keys, **fixed), one call for the batch (a step function: `decode_step`,
+        `speculation_step`, `first_draft_step`), compiled when decode-sized. rows: the batch's tensors [b, ...]
+        (or None). With buckets the rows are padded with zero rows (token 0 at position 0 of the scratch page:
+        a row that writes only scratch and is cut off after) to `batch_bucket`, the keys to `keys_bucket`, and a
+        compiled step on a CUDA device replays its CUDA graph. Returns fn's outputs for the b real rows."""
+        tokens = rows["tokens"]
+        b = tokens.shape[0]
+        if not self.bucketed:
+            return (compiled(fn) if self._compiles(tokens.numel()) else fn)(**rows, keys=keys, **fixed)
+        batch, keys = batch_bucket(b, self.max_batch), keys_bucket(keys, self.page_size, self.max_seq_len)
+        runs_compiled = self._compiles(batch * tokens.shape[1])
+        if self.graphs is not None and runs_compiled:
+            sampling = fixed["params"]
+            key = (fn, batch, keys, tuple((k, None if v is None else (v.shape[1:], v.dtype)) for k, v in rows.items()),
+                   fixed.get("n_draft"), sampling.temperature, sampling.top_p, sampling.top_k, sampling.records_mask)
+            out = self.graphs(key, compiled(fn), rows, batch, dict(fixed, keys=keys))
+        else:
+            rows = {k: v if v is None or batch == b else torch.cat([v, v.new_zeros(batch - b, *v.shape[1:])])
+                    for k, v in rows.items()}
+            out = (compiled(fn) if runs_compiled else fn)(**rows, keys=keys, **fixed)
+        return tuple(None if o is None else o[:b] for o in out)
 
     def _forward(self, table: torch.Tensor, starts: list[int], tokens: torch.Tensor, lens: list[int] | None = None,
                  hidden: torch.Tensor | None = None):
@@ -382,13 +481,13 @@ class Engine:
         pos, mask, caches = self._frame(table, starts, tokens.shape[1], lens)
         self.forwards += 1
         if hidden is None:
-            if self._compiles(tokens):
+            if self._compiles(tokens.numel()):
                 out = compiled(type(self.model).decode)(self.model, tokens, pos, caches[:self.n_layers], mask)
             else:
                 out = self.model.decode(tokens, pos, caches[:self.n_layers], mask)
             self._recorded()
             return out
-        if self._compiles(tokens):
+        if self._compiles(tokens.numel()):
             return compiled(type(self.model).draft)(self.model, hidden.contiguous(), tokens, pos,
                                                     caches[self.n_layers], mask)
         return self.model.draft(hidden, tokens, pos, caches[self.n_layers], mask)
@@ -540,7 +639,9 @@ class Engine:
             raise ValueError(f"a page budget of {n_pages} pages of {P} positions (one is scratch) cannot hold one "
                              f"sequence: a {longest}-token prompt + max_new_tokens {new} needs {worst} pages; "
                              f"raise n_pages to at least {worst + 1} or lower max_new_tokens")
-        self.pool = PagePool(net, n_pages, P, mtp=self.draft_tokens > 0)
+        self.bucketed = self.buckets if self.buckets is not None else self.compile and self.device.type == "cuda"
+        self.pool, self.graphs = self._pool(n_pages)
+        n_pages = self.pool.n_pages
         # the running sequences' block tables, one row per batch slot (unused entries: the scratch page 0), and
         # with speculation their next drafts (at T > 0 also the drafts' sampling distributions), per slot
         self.table = torch.zeros(self.max_batch, -(-self.max_seq_len // P), dtype=torch.long, device=self.device)
@@ -602,12 +703,34 @@ class Engine:
         n = sum(len(c.ids) for c in completions)
         stats = {"tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9), "forwards": self.forwards,
                  "steps": self.steps, "prefill_tokens": self.prefilled, "skipped": fits.count(False), "pages": n_pages}
+        if self.graphs is not None:
+            stats["graphs"], stats["graph_replays"] = self.graphs.recorded, self.graphs.replays
         if self.draft_tokens:
             stats["acceptance"] = sum(self.accepted) / max(sum(self.drafted), 1)
             stats["drafted"], stats["accepted"] = sum(self.drafted), sum(self.accepted)
             stats["acceptance_per_position"] = [a / max(d, 1) for a, d in zip(self.accepted, self.drafted)]
-        self.pool = self.table = self.dbuf = self.qbuf = None
+        self.pool = self.graphs = self.table = self.dbuf = self.qbuf = None
         return completions, stats
+
+    def _pool(self, n_pages: int) -> tuple[PagePool, StepGraphs | None]:
+        """The page pool of a call, and the CUDA graphs of its steps when they replay them (bucketed, compiled, on
+        a CUDA device). The graphs hold the pages' addresses, so then the pool and its graphs are kept between
+        calls and reused while the pool has at least n_pages pages (`release` frees them); else a pool per call."""
+        graphs = self.bucketed and self.compile and self.device.type == "cuda"
+        if graphs and self.kept is not None and self.kept[0].n_pages >= n_pages:
+            self.kept[0].reset()
+            return self.kept
+        self.kept = None   # the old pool is freed before the new one is allocated
+        pool = PagePool(self.model, n_pages, self.page_size, mtp=self.draft_tokens > 0)
+        if graphs:
+            self.kept = (pool, StepGraphs())
+            return self.kept
+        return pool, None
+
+    def release(self) -> None:
+        """Free the pool and CUDA graphs kept between calls (with graphs), e.g. before a training step needs the
+        memory; the next call allocates and records them again."""
+        self.kept = None
 
     def _admit(self, waiting: deque, running: list, prompts, params, seed, seeds) -> list:
         """Take waiting groups in order while the batch has room and the pool can promise each child its
@@ -717,9 +840,10 @@ class Engine:
         tokens = torch.tensor([s.tokens[s.length] for s in running], device=self.device)[:, None]
         start, keys, _ = self._extent([s.length for s in running], 1, None)
         self.forwards += 1
-        fn = compiled(decode_step) if self._compiles(tokens) else decode_step
-        ids, logps, keep = fn(self.model, tokens, self.table[self._slots(running)], start, keys,
-                              self.pool.pages[:self.n_layers], params, self._streams(running, 1))
+        ids, logps, keep = self._launch(
+            decode_step, dict(tokens=tokens, table=self.table[self._slots(running)], start=start,
+                              rng=self._streams(running, 1)),
+            keys, model=self.model, pages=self.pool.pages[:self.n_layers], params=params)
         self._recorded()
         sets = allowed_ids(keep) if keep is not None else [None] * len(running)
         for b, (seq, token, lp) in enumerate(zip(running, ids.tolist(), logps.tolist())):
@@ -747,7 +871,10 @@ class Engine:
             end = min(seq.length + k + K, seq.limit + 1)
             if -(-end // P) > len(seq.pages) or refs[seq.pages[seq.length // P]] > 1:
                 self._pages_for(seq, seq.length, end)
-        width = max(ks)                   # the verify scores [pending, drafts]: 1 + width positions
+        # the verify scores [pending, drafts]: 1 + width positions; at least one draft slot, so that a step in
+        # which no sequence may draft (all one token from max_new_tokens) keeps the program's shapes (a compiled
+        # step traced over zero drafts fails in dynamo's fake cumprod); the slot is padding (lens 1)
+        width = max(max(ks), 1)
         slots = self._slots(running)
         pending = torch.tensor([s.tokens[s.length] for s in running], device=dev)[:, None]
         tokens = torch.cat([pending, self.dbuf[slots, :width]], 1)
@@ -780,7 +907,7 @@ class Engine:
             seq.length += emitted
 
     def _streams(self, running: list, n: int) -> torch.Tensor | None:
-        """At T > 0 the rows' streams for `stream_uniforms` [2, b] (seed, uniforms drawn before; a scratch row
+        """At T > 0 the rows' streams for `stream_uniforms` [b, 2] (seed, uniforms drawn before; a scratch row
         None draws from seed 0), each sequence's count advanced by the n it is about to draw; at T = 0 None."""
         if not self.sampled:
             return None
@@ -788,21 +915,22 @@ class Engine:
         for s in running:
             if s is not None:
                 s.drawn += n
-        return torch.tensor(rows, dtype=torch.long, device=self.device).t()
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _step(self, table, starts, tokens, lens, drafted, limit, params, q, rng):
         """`speculation_step` over the batch (compiled when decode-sized)."""
         start, keys, lens = self._extent(starts, tokens.shape[1], lens, reach=self.draft_tokens - 1)
         self.forwards += 1 + self.draft_tokens
-        fn = compiled(speculation_step) if self._compiles(tokens) else speculation_step
-        out = fn(self.model, tokens, table, start, keys, lens, self.pool.pages, drafted, limit, self.draft_tokens,
-                 params, None if q is None else self.accept, q, rng)
+        out = self._launch(speculation_step, dict(tokens=tokens, table=table, start=start, lens=lens, drafted=drafted,
+                                                  limit=limit, q=q, rng=rng),
+                           keys, model=self.model, pages=self.pool.pages, n_draft=self.draft_tokens, params=params,
+                           accept=None if q is None else self.accept)
         self._recorded()
         return out
 
     def _draft(self, seqs: list[Sequence], hidden, starts: list[int] | None, params: SamplingParams) -> None:
         """New sequences' first drafts into the draft buffer (at T > 0 their distributions into the q buffer):
-        `draft_step` at each one's prompt's last position `starts`, on its hidden state there [b, 1, dim] and
+        `first_draft_step` at each one's prompt's last position `starts`, on its hidden state there [b, 1, dim] and
         the first sampled token, with uniforms from its own stream at T > 0. A rank with no sequence runs
         the same program on a scratch row (its forwards are collectives under ep)."""
         K, dev = self.draft_tokens, self.device
@@ -817,12 +945,10 @@ class Engine:
             table = self.table[slots]
             tokens = torch.tensor([[s.tokens[s.length]] for s in seqs], dtype=torch.long, device=dev)
             limit = torch.tensor([s.limit for s in seqs], device=dev)
-        pos, mask, caches = self._frame(table, starts, 1, None, reach=K - 1)
-        rng = self._streams(seqs or [None], K)
-        u = None if rng is None else stream_uniforms(rng, K)
-        fn = compiled(draft_step) if self._compiles(tokens) else draft_step
-        drafts, q = fn(self.model, hidden.contiguous(), tokens, pos, caches[self.n_layers], mask,
-                       torch.zeros_like(limit), limit, K, params, u)
+        start, keys, _ = self._extent(starts, 1, None, reach=K - 1)
+        drafts, q = self._launch(first_draft_step, dict(hidden=hidden.contiguous(), tokens=tokens, table=table,
+                                                        start=start, limit=limit, rng=self._streams(seqs or [None], K)),
+                                 keys, model=self.model, pages=self.pool.pages[self.n_layers], n_draft=K, params=params)
         if scratch:
             return
         self.forwards += K

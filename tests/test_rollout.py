@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
-from posttrain.engine import TOO_LONG, Engine, decode_step, draft_step, frame, speculation_step, stream_uniforms
+from posttrain.engine import (TOO_LONG, Engine, batch_bucket, decode_step, first_draft_step, frame, keys_bucket,
+                              speculation_step, stream_uniforms)
 from posttrain.generate import Generator, SamplingParams
 from distributed import run_ranks
 from test_generate import ToyTokenizer, _net, _prompts
@@ -293,7 +294,58 @@ def test_compiled_steps_equal_eager(monkeypatch):
             _assert_same(ref, outs)
         assert 0 < stats["acceptance"] < 1
         assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft, decode_step,
-                                         speculation_step, draft_step}
+                                         speculation_step, first_draft_step}
+    finally:
+        torch._dynamo.reset()
+
+
+def test_buckets():
+    assert [batch_bucket(n, 128) for n in (1, 2, 3, 5, 8, 9, 16, 17, 33, 120, 128)] == [1, 2, 4, 8, 8, 16, 16, 32,
+                                                                                        48, 128, 128]
+    assert batch_bucket(9, 12) == 12 and batch_bucket(3, 3) == 3
+    assert [keys_bucket(n, 16, 256) for n in (1, 16, 17, 100, 200, 256)] == [16, 16, 32, 128, 256, 256]
+    assert keys_bucket(300, 16, 300) == 300
+
+
+def test_bucketed_steps_equal_unpadded(monkeypatch):
+    """Engine(buckets=True), the shapes CUDA graphs are recorded for: every step padded with zero rows to its batch
+    bucket and its keys to a power of two pages. Padding rows write only the scratch page and are cut off, padded
+    keys are masked, so the tokens, log-probs and finishes equal the unpadded engine's: at T = 0 with stops,
+    at T = 0.8 with top-p (per-sequence streams), plain and speculating (first drafts, verify, chained drafts),
+    batches of 10 prompts leaving and joining (buckets 1 to 16), and traced by dynamo (symbolic shapes)."""
+    import posttrain.generate as generate
+    net, cfg = _net()
+    _teach_mtp(net, cfg)
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompts = _mixed(cfg)
+    seeds = [100 + i for i in range(len(prompts))]
+    greedy = _stop_params(net, cfg, prompts)
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9)
+    padded = []
+    launch = Engine._launch
+
+    def spy(self, fn, rows, keys, **fixed):   # the padding actually happens: batch and keys both grow
+        out = launch(self, fn, rows, keys, **fixed)
+        b = rows["tokens"].shape[0]
+        padded.append((batch_bucket(b, self.max_batch) > b, keys_bucket(keys, self.page_size, self.max_seq_len) > keys))
+        return out
+
+    monkeypatch.setattr(Engine, "_launch", spy)
+    for params in (greedy, sampled):
+        for kw in (dict(), dict(draft_tokens=2), dict(draft_tokens=3, max_batch=5, page_size=4)):
+            ref, _ = Engine(net, tok, pad_id=3, **kw).generate(prompts, params, seeds=seeds)
+            outs, stats = Engine(net, tok, pad_id=3, buckets=True, **kw).generate(prompts, params, seeds=seeds)
+            _assert_same(ref, outs)
+            assert "graphs" not in stats   # no CUDA device: padded, not replayed
+    assert any(b for b, _ in padded) and any(k for _, k in padded)
+    monkeypatch.setattr(generate, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(generate, "_COMPILED", {})
+    torch._dynamo.reset()
+    try:
+        ref, _ = Engine(net, tok, pad_id=3, draft_tokens=2).generate(prompts, sampled, seeds=seeds)
+        outs, _ = Engine(net, tok, pad_id=3, draft_tokens=2, compile=True, buckets=True).generate(prompts, sampled,
+                                                                                                 seeds=seeds)
+        _assert_same(ref, outs)
     finally:
         torch._dynamo.reset()
 
@@ -335,13 +387,13 @@ def test_stream_uniforms_are_per_sequence_uniform_and_independent():
     neighbouring seeds and consecutive draws are uncorrelated; a hash that let seed and counter collide
     (u = (seed + count) mod 1) would fail the correlation check."""
     seeds = torch.tensor([0, 1, 2, 1_000_003, 2 ** 62 + 5, 7 * 1_000_003 + 3])
-    rng = torch.stack([seeds, torch.zeros_like(seeds)])
+    rng = torch.stack([seeds, torch.zeros_like(seeds)], 1)
     u = stream_uniforms(rng, 4000)
     assert u.dtype == torch.float32 and u.shape == (6, 4000) and 0 <= u.min() and u.max() < 1
     for i in range(6):   # alone and in pieces: the same draws
-        alone = stream_uniforms(rng[:, i:i + 1], 4000)[0]
-        pieces = torch.cat([stream_uniforms(torch.tensor([[int(seeds[i])], [c]]), 1000)[0] for c in (0, 1000, 2000,
-                                                                                                        3000)])
+        alone = stream_uniforms(rng[i:i + 1], 4000)[0]
+        pieces = torch.cat([stream_uniforms(torch.tensor([[int(seeds[i]), c]]), 1000)[0] for c in (0, 1000, 2000,
+                                                                                                     3000)])
         assert torch.equal(alone, u[i]) and torch.equal(pieces, u[i])
     counts = torch.histc(u.double().flatten(), bins=64, min=0, max=1)
     stat = ((counts - counts.mean()) ** 2 / counts.mean()).sum()
@@ -405,3 +457,27 @@ def test_step_benchmark_replays_captured_steps(monkeypatch, tmp_path):
     assert result["equal_to_static"] and result["rows"] and 1 <= result["tokens_per_verify_step"] <= 4
     for want, row in result["rows"].items():
         assert int(want) // 2 < row["batch_decode"] <= int(want) and row["ms_speculation_step"] > 0
+
+
+def test_rollout_benchmark_runs_its_sections(tmp_path):
+    """benchmarks/rollout.py on a small run (eager), the sections the GPU run uses: its rows, each engine's T = 0
+    tokens asserted equal to the static engine's inside, and the JSON's headline fields."""
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import rollout
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "rollout.json"
+        rollout.main(["--train-steps", "20", "--prompts", "2", "--group", "4", "--max-len", "12", "--repeats", "1",
+                      "--no-compile", "--sections", "greedy", "small", "--draft-tokens", "1", "2", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    rows = result["temperature_0"]["rows"]
+    assert set(rows) == {"static", "continuous", "shared_prefix", "speculative_k1", "speculative_k2"}
+    assert all(row["equal_to_static"] for name, row in rows.items() if name != "static")
+    assert result["speculative_draft_tokens"] in (1, 2) and 0 <= result["acceptance"] <= 1
+    assert "speedup_speculative_small_batch" in result and "memory_bound_temperature_0" not in result
+    assert result["device"] == "cpu" and result["model"]["dim"] == 128

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 23's GPU measurements in one device call (about 7 minutes), everything written to $OUT:
+#   1. tests/test_rollout_cuda.py: the engine's CUDA graphs (StepGraphs) against the eager engine, plain and
+#      speculating, T = 0 and T = 0.8, a second call reusing the kept pool and graphs (dynamo, eager kernels);
+#   2. benchmarks/rollout.py --device cuda --wide: the static Generator vs continuous batching vs + shared prefixes
+#      vs + 3 MTP drafts, T = 0 on the GRPO batch (16 prompts x 8) and at 4 sequences, on a V3-shaped model of
+#      dim 1024 (6 layers, 16 experts), each engine row also without CUDA graphs (speedup_cuda_graphs). Inductor
+#      compiles each step program once (Triton); the T = 0 tokens of every engine row are asserted equal to the
+#      static engine's before they count.
+#
+# From the session:  run(command="bash benchmarks/gpu_issue23.sh", timeout_s=600)
+# then copy $OUT/rollout_gpu.json to benchmarks/results/ and summarise it in docs/posttrain.md.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/issue23_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+{
+    date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c "import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/env.txt" 2>&1
+
+# 1. graphs against eager (~1-2 min)
+timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_rollout_cuda.py > "$OUT/test_rollout_cuda.log" 2>&1
+echo "test_rollout_cuda rc=$? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
+
+# 2. the benchmark (the JSON is written at its end)
+left=$(( 540 - ($(date +%s) - t0) ))
+timeout $(( left > 240 ? left : 240 )) $PY benchmarks/rollout.py --device cuda --wide --lr 1e-3 --threads 8 \
+    --sections greedy small --draft-tokens 3 --repeats 3 --compare-graphs --out "$OUT/rollout_gpu.json" \
+    > "$OUT/rollout_gpu.log" 2>&1
+echo "rollout rc=$? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
+tail -4 "$OUT/test_rollout_cuda.log"; tail -25 "$OUT/rollout_gpu.log"
