@@ -31,6 +31,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def traced(monkeypatch):
+    """Compiled steps traced by dynamo and run by eager kernels (the "eager" backend): inductor's C++ build takes
+    minutes on a small CPU, and the benchmarks check its kernels (tests/test_rollout.py). Yields
+    posttrain.generate, its programs fresh."""
+    import posttrain.generate as generate
+    monkeypatch.setattr(generate, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(generate, "_COMPILED", {})
+    torch._dynamo.reset()
+    yield generate
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """The embedded corpus at a small size (vocabulary 512, 400 KB), built once per session."""

@@ -264,39 +264,32 @@ def test_rollout_under_tp_and_ep_equals_one_process(kw):
     run_ranks(2, parallel_rollout_rank, kw, [c.ids for c in ref], params, seeds)
 
 
-def test_compiled_steps_equal_eager(monkeypatch):
+def test_compiled_steps_equal_eager(traced):
     """Engine(compile=True) and Generator(compile=True) (benchmarks/rollout.py): the decode, speculation-step
     and draft forwards trace (paged caches, the dense MoE inference path, symbolic batch and context) and give
     the eager tokens at T = 0, and at T = 0.8 with top-p the eager samples, with sequences leaving and joining.
     Traced by dynamo and run by eager kernels here (the "eager" backend): inductor's C++ build takes minutes on a
     small CPU, and the benchmark checks its tokens against the eager static engine's."""
-    import posttrain.generate as generate
-    monkeypatch.setattr(generate, "COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(generate, "_COMPILED", {})
-    torch._dynamo.reset()
-    try:
-        net, cfg = _net()
-        _teach_mtp(net, cfg)
-        tok = ToyTokenizer(cfg.vocab_size)
-        prompts = _mixed(cfg)
-        params = SamplingParams(max_new_tokens=10, temperature=0)
-        ref, _ = Generator(net, tok, pad_id=3).generate(prompts, params)
-        outs, _ = Generator(net, tok, pad_id=3, compile=True).generate(prompts, params)
+    net, cfg = _net()
+    _teach_mtp(net, cfg)
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompts = _mixed(cfg)
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    ref, _ = Generator(net, tok, pad_id=3).generate(prompts, params)
+    outs, _ = Generator(net, tok, pad_id=3, compile=True).generate(prompts, params)
+    _assert_same(ref, outs)
+    for kw in (dict(max_batch=4, page_size=4), dict(max_batch=4, draft_tokens=2)):
+        outs, stats = Engine(net, tok, pad_id=3, compile=True, **kw).generate(prompts, params)
         _assert_same(ref, outs)
-        for kw in (dict(max_batch=4, page_size=4), dict(max_batch=4, draft_tokens=2)):
-            outs, stats = Engine(net, tok, pad_id=3, compile=True, **kw).generate(prompts, params)
-            _assert_same(ref, outs)
-        # sampled decode and speculation steps (uniforms drawn up front; acceptance and draws inside the program)
-        sampled, seeds = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9), list(range(len(prompts)))
-        for kw in (dict(pad_id=3, max_batch=4), dict(pad_id=3, max_batch=4, draft_tokens=2)):
-            ref, _ = Engine(net, tok, **kw).generate(prompts, sampled, seeds=seeds)
-            outs, stats = Engine(net, tok, compile=True, **kw).generate(prompts, sampled, seeds=seeds)
-            _assert_same(ref, outs)
-        assert 0 < stats["acceptance"] < 1
-        assert set(generate._COMPILED) == {type(net).forward, type(net).decode, type(net).draft, decode_step,
-                                         speculation_step, first_draft_step}
-    finally:
-        torch._dynamo.reset()
+    # sampled decode and speculation steps (uniforms drawn up front; acceptance and draws inside the program)
+    sampled, seeds = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9), list(range(len(prompts)))
+    for kw in (dict(pad_id=3, max_batch=4), dict(pad_id=3, max_batch=4, draft_tokens=2)):
+        ref, _ = Engine(net, tok, **kw).generate(prompts, sampled, seeds=seeds)
+        outs, stats = Engine(net, tok, compile=True, **kw).generate(prompts, sampled, seeds=seeds)
+        _assert_same(ref, outs)
+    assert 0 < stats["acceptance"] < 1
+    assert set(traced._COMPILED) == {type(net).forward, type(net).decode, type(net).draft, decode_step,
+                                     speculation_step, first_draft_step}
 
 
 def test_buckets():
@@ -307,13 +300,12 @@ def test_buckets():
     assert keys_bucket(300, 16, 300) == 300
 
 
-def test_bucketed_steps_equal_unpadded(monkeypatch):
+def test_bucketed_steps_equal_unpadded(monkeypatch, traced):
     """Engine(buckets=True), the shapes CUDA graphs are recorded for: every step padded with zero rows to its batch
     bucket and its keys to a power of two pages. Padding rows write only the scratch page and are cut off, padded
     keys are masked, so the tokens, log-probs and finishes equal the unpadded engine's: at T = 0 with stops,
     at T = 0.8 with top-p (per-sequence streams), plain and speculating (first drafts, verify, chained drafts),
     batches of 10 prompts leaving and joining (buckets 1 to 16), and traced by dynamo (symbolic shapes)."""
-    import posttrain.generate as generate
     net, cfg = _net()
     _teach_mtp(net, cfg)
     tok = ToyTokenizer(cfg.vocab_size)
@@ -338,16 +330,10 @@ def test_bucketed_steps_equal_unpadded(monkeypatch):
             _assert_same(ref, outs)
             assert "graphs" not in stats   # no CUDA device: padded, not replayed
     assert any(b for b, _ in padded) and any(k for _, k in padded)
-    monkeypatch.setattr(generate, "COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(generate, "_COMPILED", {})
-    torch._dynamo.reset()
-    try:
-        ref, _ = Engine(net, tok, pad_id=3, draft_tokens=2).generate(prompts, sampled, seeds=seeds)
-        outs, _ = Engine(net, tok, pad_id=3, draft_tokens=2, compile=True, buckets=True).generate(prompts, sampled,
-                                                                                                 seeds=seeds)
-        _assert_same(ref, outs)
-    finally:
-        torch._dynamo.reset()
+    ref, _ = Engine(net, tok, pad_id=3, draft_tokens=2).generate(prompts, sampled, seeds=seeds)
+    outs, _ = Engine(net, tok, pad_id=3, draft_tokens=2, compile=True, buckets=True).generate(prompts, sampled,
+                                                                                             seeds=seeds)
+    _assert_same(ref, outs)
 
 
 def test_chain_cache_sees_what_a_page_write_would():
@@ -433,25 +419,20 @@ def test_frame_indices_equal_a_loop_over_positions():
     assert cache.gather.tolist() == [t % P for t in range(2 * P + 1)]
 
 
-def test_step_benchmark_replays_captured_steps(monkeypatch, tmp_path):
+def test_step_benchmark_replays_captured_steps(traced, tmp_path):
     """benchmarks/rollout_steps.py on a small run (dynamo traced, eager kernels): it captures real decode and
     speculation steps of the engine, replays them through the compiled programs and writes its rows."""
     import json
     import os
     import sys
-    import posttrain.generate as generate
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
     import rollout_steps
-    monkeypatch.setattr(generate, "COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(generate, "_COMPILED", {})
-    torch._dynamo.reset()
     threads = torch.get_num_threads()
     try:
         out = tmp_path / "steps.json"
         rollout_steps.main(["--train-steps", "20", "--prompts", "2", "--group", "4", "--max-len", "12",
                             "--batches", "4", "8", "--repeats", "1", "--calls", "1", "--out", str(out)])
     finally:
-        torch._dynamo.reset()
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     assert result["equal_to_static"] and result["rows"] and 1 <= result["tokens_per_verify_step"] <= 4
