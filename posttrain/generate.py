@@ -144,14 +144,16 @@ _COMPILED: dict = {}
 
 
 def compiled(fn):
-    """torch.compile(fn, dynamic=True), once per function (Transformer.decode, .draft, .forward) for the process:
-    shapes (batch, chunk, context) are symbolic, so one program serves every decode step of every call; the
-    first call of each shape class compiles (tens of seconds on a CPU: inductor's C++ kernels)."""
+    """torch.compile(fn, dynamic=True, fullgraph=True), once per function (Transformer.decode, .draft, .forward,
+    the engine's step functions) for the process: shapes (batch, chunk, context) are symbolic, so one program
+    serves every decode step of every call; the first call of each shape class compiles (tens of seconds on a
+    CPU: inductor's C++ kernels). fullgraph: a graph break (a host sync such as .item(), data-dependent control
+    flow) is an error, not a silent split, so every step is one program a CUDA graph can capture whole."""
     if fn not in _COMPILED:
         # on a CPU, inductor's C++ wrapper: the program's hundreds of kernel calls made from C++, not Python (the
         # CPU's counterpart of a CUDA graph's one launch; measured 1.18-1.40x per decode step on 2 cores)
         cpu = COMPILE_BACKEND == "inductor" and not torch.cuda.is_available()
-        program = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND,
+        program = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND, fullgraph=True,
                                 options={"cpp_wrapper": True} if cpu else None)
 
         def run(*args, **kwargs):
