@@ -253,7 +253,7 @@ class StepGraphs:
     as every caller does (it copies them or moves them to the host at once)."""
 
     def __init__(self):
-        self.pool, self.graphs, self.recorded, self.replays = torch.cuda.graph_pool_handle(), {}, 0, 0
+        self.pool, self.graphs, self.recorded, self.replays = None, {}, 0, 0
 
     @staticmethod
     def _fill(static: dict, rows: dict) -> None:
@@ -262,23 +262,29 @@ class StepGraphs:
                 static[name][:value.shape[0]].copy_(value)
                 static[name][value.shape[0]:].zero_()
 
+    def record(self, fn, static: dict, fixed: dict):
+        """(replay, outputs) of fn over the static inputs: warmed up outside the graph, then captured."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):   # compile, autotune and warm the allocator outside the capture
+            fn(**static, **fixed)       # (it writes the step's own keys, as the replay will again)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn(**static, **fixed)
+        return graph.replay, out
+
     def __call__(self, key, fn, rows: dict, batch: int, fixed: dict):
         if key not in self.graphs:
             static = {k: None if v is None else v.new_zeros(batch, *v.shape[1:]) for k, v in rows.items()}
             self._fill(static, rows)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):   # compile, autotune and warm the allocator outside the capture
-                fn(**static, **fixed)       # (it writes the step's own keys, as the replay will again)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = fn(**static, **fixed)
-            self.graphs[key] = (graph, static, out)
+            self.graphs[key] = (*self.record(fn, static, fixed), static)
             self.recorded += 1
-        graph, static, out = self.graphs[key]
+        replay, out, static = self.graphs[key]
         self._fill(static, rows)
-        graph.replay()
+        replay()
         self.replays += 1
         return out
 
@@ -716,7 +722,7 @@ class Engine:
         """The page pool of a call, and the CUDA graphs of its steps when they replay them (bucketed, compiled, on
         a CUDA device). The graphs hold the pages' addresses, so then the pool and its graphs are kept between
         calls and reused while the pool has at least n_pages pages (`release` frees them); else a pool per call."""
-        graphs = self.bucketed and self.compile and self.device.type == "cuda"
+        graphs = self._graphed()
         if graphs and self.kept is not None and self.kept[0].n_pages >= n_pages:
             self.kept[0].reset()
             return self.kept
@@ -726,6 +732,10 @@ class Engine:
             self.kept = (pool, StepGraphs())
             return self.kept
         return pool, None
+
+    def _graphed(self) -> bool:
+        """Whether this call's compiled steps replay CUDA graphs: bucketed, compiled, on a CUDA device."""
+        return self.bucketed and self.compile and self.device.type == "cuda"
 
     def release(self) -> None:
         """Free the pool and CUDA graphs kept between calls (with graphs), e.g. before a training step needs the

@@ -9,8 +9,9 @@ import torch.distributed as dist
 
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
-from posttrain.engine import (TOO_LONG, Engine, batch_bucket, decode_step, first_draft_step, frame, keys_bucket,
-                              speculation_step, stream_uniforms)
+import posttrain.engine as engine_mod
+from posttrain.engine import (TOO_LONG, Engine, StepGraphs, batch_bucket, decode_step, first_draft_step, frame,
+                              keys_bucket, speculation_step, stream_uniforms)
 from posttrain.generate import Generator, SamplingParams
 from distributed import run_ranks
 from test_generate import ToyTokenizer, _net, _prompts
@@ -334,6 +335,57 @@ def test_bucketed_steps_equal_unpadded(monkeypatch, traced):
     outs, _ = Engine(net, tok, pad_id=3, draft_tokens=2, compile=True, buckets=True).generate(prompts, sampled,
                                                                                              seeds=seeds)
     _assert_same(ref, outs)
+
+
+class _Replayed(StepGraphs):
+    """StepGraphs with the CUDA capture replaced by running the program again into the first run's output
+    tensors, as a replayed graph writes them: on a CPU it checks everything around the capture (the static inputs
+    refilled and padded every step, one entry per shape, every output read before its graph replays again, the
+    pool and its graphs kept between calls)."""
+
+    def record(self, fn, static: dict, fixed: dict):
+        out = fn(**static, **fixed)
+
+        def replay():
+            for o, new in zip(out, fn(**static, **fixed)):
+                if o is not None:
+                    o.copy_(new)
+        return replay, out
+
+
+def graph_replays_equal_eager(net, cfg, draft_tokens: int, **kw):
+    """An engine replaying step graphs gives the eager engine's tokens, log-probs and finishes at T = 0 (with
+    stops) and its seeded samples at T = 0.8 with top-p, sequences leaving and joining; a second call on the same
+    engine replays without recording, a smaller one reuses the kept pool, and `release` frees them."""
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompts = _mixed(cfg)
+    seeds = [100 + i for i in range(len(prompts))]
+    for params in (_stop_params(net, cfg, prompts), SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9)):
+        ref, _ = Engine(net, tok, pad_id=3, draft_tokens=draft_tokens).generate(prompts, params, seeds=seeds)
+        engine = Engine(net, tok, pad_id=3, draft_tokens=draft_tokens, compile=True, **kw)
+        outs, stats = engine.generate(prompts, params, seeds=seeds)
+        _assert_same(ref, outs)
+        assert 0 < stats["graphs"] < stats["graph_replays"]
+        pool = engine.kept[0]
+        again, stats2 = engine.generate(prompts, params, seeds=seeds)
+        _assert_same(ref, again)
+        assert stats2["graphs"] == stats["graphs"] and stats2["graph_replays"] == 2 * stats["graph_replays"]
+        few, _ = engine.generate(prompts[:3], params, seeds=seeds[:3])
+        _assert_same(ref[:3], few)
+        assert engine.kept[0] is pool
+        engine.release()
+        assert engine.kept is None
+
+
+@pytest.mark.parametrize("draft_tokens", [0, 2])
+def test_graph_replay_around_the_capture(monkeypatch, traced, draft_tokens):
+    """What the engine does around a CUDA graph capture, on a CPU (`_Replayed`; tests/test_rollout_cuda.py runs
+    the same check with real graphs on a GPU)."""
+    monkeypatch.setattr(engine_mod, "StepGraphs", _Replayed)
+    monkeypatch.setattr(Engine, "_graphed", lambda self: self.bucketed and self.compile)
+    net, cfg = _net()
+    _teach_mtp(net, cfg)
+    graph_replays_equal_eager(net, cfg, draft_tokens, buckets=True)   # on a CPU buckets default to off
 
 
 def test_chain_cache_sees_what_a_page_write_would():
