@@ -19,8 +19,10 @@ shared_prefix at the best k, acceptance = accepted / drafted); the same at --tem
 --small-batch distinct prompts (low load, where a verify step costs little more than a decode step: SGLang's
 and vLLM's speculation figures are at batch 1 and low load), with its own best k
 (speedup_speculative_small_batch). Every engine row's tokens are checked against the static engine's at T = 0
-before they count. Memory-bound (`memory_bound_temperature_0`, T = 0): --memory-bound-prompts x --group
-sequences (the headline's prompts first, 512 by default), more than --max-batch: the static engine runs them
+before they count (in fp32; with --dtype bfloat16 the fraction of equal sequences is reported instead: another
+batch shape rounds differently there, and a near-tie may flip). Memory-bound (`memory_bound_temperature_0`,
+T = 0): --memory-bound-prompts x --group sequences (the headline's prompts first, 512 by default), more than
+--max-batch: the static engine runs them
 max_batch at a time, one batch after another (a cache for max_batch sequences; each batch waits for its
 longest), the engine keeps max_batch running and refills (`speedup_continuous_memory_bound`, and the best k's
 `speedup_speculative_memory_bound`).
@@ -102,8 +104,8 @@ def eval_prompts(seed: int, max_len: int, n: int, group: int) -> list[list[int]]
     return [q for q in (task.prompt() for _ in range(n)) for _ in range(group)]
 
 
-# --wide (the GPU run): V3's shape at a width where a decode step reads its 0.74 GB of fp32 weights (184M
-# parameters), not the CPU run's dim 128
+# --wide (the GPU run): V3's shape at a width where a decode step reads its weights from memory (184M parameters,
+# 0.37 GB in bf16), not the CPU run's dim 128
 WIDE = dict(dim=1024, n_layers=6, inter_dim=2816, n_heads=8, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
             qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, n_activated_experts=4, moe_inter_dim=512)
 
@@ -188,6 +190,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run: engine steps replay CUDA graphs)")
     ap.add_argument("--wide", action="store_true", help=f"a wider V3-shaped model ({WIDE}) instead of dim 128")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the rollouts' precision (trained in fp32, then cast); bf16: T = 0 equality is reported, "
+                         "not asserted")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                     help="which blocks of rows to run (greedy: the headline, T = 0; sampled: --temperature; small: "
                          "--small-batch sequences; memory: memory-bound; eager: greedy uncompiled)")
@@ -206,6 +211,7 @@ def main(argv=None) -> dict:
     task = ChainTask(args.seed, args.max_len)
     net, cfg, trained = train(task, args.train_steps, 16, args.seed, args.device, args.wide, args.lr)
     print(f"trained {trained}", file=sys.stderr)
+    net = net.to(getattr(torch, args.dtype))
     tok = ChainTokenizer()
     prompts = eval_prompts(args.seed, args.max_len, args.prompts, args.group)
     new = args.max_len + 16
@@ -241,8 +247,11 @@ def main(argv=None) -> dict:
         lengths = sorted(len(c.ids) for c in ref)
         out = {}
         for name, (outs, st) in best.items():
-            if temperature == 0:
-                assert [c.ids for c in outs] == [c.ids for c in ref], f"{name} differs from the static engine at T=0"
+            # T = 0: the fraction of sequences whose tokens equal the static engine's; in fp32 all must (asserted),
+            # in bf16 another batch shape rounds differently and a near-tie may flip (reported)
+            same = sum(c.ids == r.ids for c, r in zip(outs, ref)) / len(ref) if temperature == 0 else None
+            if same is not None and args.dtype == "float32":
+                assert same == 1, f"{name} differs from the static engine at T=0"
             row = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()
                    if k in ("tokens", "seconds", "tokens_per_s", "forwards", "steps", "prefill_tokens", "pages")}
             if "graphs" in st:
@@ -250,8 +259,8 @@ def main(argv=None) -> dict:
             if "acceptance" in st:
                 row["acceptance"] = round(st["acceptance"], 3)
                 row["acceptance_per_position"] = [round(a, 3) for a in st["acceptance_per_position"]]
-            if name != "static":
-                row["equal_to_static"] = temperature == 0   # asserted above
+            if name != "static" and same is not None:
+                row["equal_to_static"] = same
             out[name] = row
         return {"rows": out, "reply_lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2],
                                                "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1],
@@ -276,7 +285,7 @@ def main(argv=None) -> dict:
         "machine": machine(load_before),
         "device": args.device,
         "torch": torch.__version__,
-        "dtype": "float32",
+        "dtype": args.dtype,
         "model": {"preset": "tiny-deepseek-v3", "vocab_size": VOCAB, "dim": cfg.dim, "n_layers": cfg.n_layers,
                   "n_routed_experts": cfg.n_routed_experts, "n_mtp": cfg.n_mtp,
                   "parameters": sum(p.numel() for p in net.parameters()), "trained": trained},
@@ -327,14 +336,16 @@ def main(argv=None) -> dict:
                                                 "static": f"{-(-len(more) // args.max_batch)} batches of "
                                                           f"{args.max_batch}, one after another", **bound}
     if eager is not None:
-        assert refs[True, 0.0, len(prompts)] == refs[False, 0.0, len(prompts)], "compiled static differs from eager"
+        assert args.dtype != "float32" or refs[True, 0.0, len(prompts)] == refs[False, 0.0, len(prompts)], \
+            "compiled static differs from eager"
         e = eager["rows"]
         best_e = max(args.draft_tokens, key=lambda k: e[f"speculative_k{k}"]["tokens_per_s"])
         result["eager_temperature_0"] = {
             "speedup_continuous": round(e["shared_prefix"]["tokens_per_s"] / e["static"]["tokens_per_s"], 2),
             "speedup_speculative": round(e[f"speculative_k{best_e}"]["tokens_per_s"]
                                          / e["shared_prefix"]["tokens_per_s"], 2),
-            "speculative_draft_tokens": best_e, "compiled_equal_to_eager": True, **eager}   # asserted above
+            "speculative_draft_tokens": best_e, **eager,
+            "compiled_equal_to_eager": refs[True, 0.0, len(prompts)] == refs[False, 0.0, len(prompts)]}
     write_result(args.out, result)
     blocks = [("T=0", greedy), (f"T={args.temperature}", sampled), (f"T=0, {args.small_batch} sequences", small),
               (f"T=0, {len(more)} sequences, batches of {args.max_batch}", bound), ("T=0, eager", eager)]
