@@ -29,7 +29,7 @@ t0=$(date +%s)
 timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_rollout_cuda.py > "$OUT/test_rollout_cuda.log" 2>&1
 echo "test_rollout_cuda rc=$? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
 
-# 2. the benchmark (the JSON is written at its end)
+# 2. the benchmark (its JSON is rewritten after each section: a run cut short keeps what it measured)
 left=$(( 540 - ($(date +%s) - t0) ))
 timeout $(( left > 240 ? left : 240 )) $PY benchmarks/rollout.py --device cuda --wide --lr 1e-3 --threads 8 \
     --dtype bfloat16 --sections greedy small --draft-tokens 3 --repeats 3 --compare-graphs --out "$OUT/rollout_gpu.json" \

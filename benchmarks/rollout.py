@@ -218,8 +218,10 @@ def main(argv=None) -> dict:
 
     warmup: dict = {}
     refs: dict = {}
+    command = "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:])
+    done: dict = {}   # the sections measured so far, written after each: a run cut short keeps them
 
-    def rows_at(temperature: float, prompts: list[list[int]], compile: bool = args.compile,
+    def rows_at(label: str, temperature: float, prompts: list[list[int]], compile: bool = args.compile,
                 draft_tokens: list[int] = args.draft_tokens, chunked: bool = False,
                 repeats: int = args.repeats) -> dict:
         params = SamplingParams(max_new_tokens=new, temperature=temperature)
@@ -262,26 +264,31 @@ def main(argv=None) -> dict:
             if name != "static" and same is not None:
                 row["equal_to_static"] = same
             out[name] = row
-        return {"rows": out, "reply_lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2],
-                                               "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1],
-                                               "mean": round(sum(lengths) / len(lengths), 1)}}
+        done[label] = {"rows": out, "reply_lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2],
+                                                      "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1],
+                                                      "mean": round(sum(lengths) / len(lengths), 1)}}
+        write_result(args.out, {"benchmark": "rollout", "partial": "the run had not finished when this was written",
+                                "command": command, "device": args.device, "dtype": args.dtype, **done})
+        return done[label]
 
     on = set(args.sections)
-    greedy = rows_at(0.0, prompts)
-    sampled = rows_at(args.temperature, prompts) if "sampled" in on else None
-    small = rows_at(0.0, prompts[::args.group][:args.small_batch]) if "small" in on else None   # one sample each
+    greedy = rows_at("temperature_0", 0.0, prompts)
+    sampled = rows_at(f"temperature_{args.temperature}", args.temperature, prompts) if "sampled" in on else None
+    small = (rows_at(f"small_batch_{args.small_batch}_temperature_0", 0.0, prompts[::args.group][:args.small_batch])
+             if "small" in on else None)   # distinct prompts, one sample each
     best_k = max(args.draft_tokens, key=lambda k: greedy["rows"][f"speculative_k{k}"]["tokens_per_s"])
     # memory-bound: a GRPO step of more sequences than a batch holds (the headline's prompts first, then more);
     # the static engine runs them max_batch at a time, the engine keeps max_batch running, refilling
     more = eval_prompts(args.seed, args.max_len, args.memory_bound_prompts, args.group)
-    bound = (rows_at(0.0, more, draft_tokens=[best_k], chunked=True, repeats=args.memory_bound_repeats)
-             if "memory" in on else None)
-    eager = rows_at(0.0, prompts, compile=False) if args.compile and "eager" in on else None   # for context
+    bound = (rows_at("memory_bound_temperature_0", 0.0, more, draft_tokens=[best_k], chunked=True,
+                     repeats=args.memory_bound_repeats) if "memory" in on else None)
+    eager = (rows_at("eager_temperature_0", 0.0, prompts, compile=False) if args.compile and "eager" in on
+             else None)   # the same rows uncompiled, for context
     r = greedy["rows"]
     spec = r[f"speculative_k{best_k}"]
     result = {
         "benchmark": "rollout",
-        "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(here))] + sys.argv[1:]),
+        "command": command,
         "machine": machine(load_before),
         "device": args.device,
         "torch": torch.__version__,
