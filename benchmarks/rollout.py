@@ -153,6 +153,18 @@ def static_chunks(gen: Generator, prompts: list[list[int]], params: SamplingPara
     return outs, {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
+def workload_args(ap: argparse.ArgumentParser, out: str) -> None:
+    """The options rollout.py and rollout_steps.py share: where the result goes, the model's training, the
+    prompts (the chain task's), and the machine's threads."""
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=160, help="the longest reply the task asks for")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def interleaved(runs: dict, repeats: int) -> dict:
     """name -> (outputs, stats) of the fastest of `repeats` runs of each, the runs interleaved (rotating the
     order each round) so that a slow spell of the machine does not fall on one row only."""
@@ -169,11 +181,7 @@ def interleaved(runs: dict, repeats: int) -> dict:
 def main(argv=None) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(here, "results", "rollout_cpu.json"))
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=160, help="the longest reply the task asks for")
+    workload_args(ap, os.path.join(here, "results", "rollout_cpu.json"))
     ap.add_argument("--max-batch", type=int, default=128)
     ap.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -182,8 +190,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory-bound-prompts", type=int, default=64,
                     help="prompts (x --group samples) of the memory-bound rows: more sequences than --max-batch")
     ap.add_argument("--memory-bound-repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="decode steps of the static Generator and of the engine through torch.compile (warmed up "
                          "untimed first); --no-compile: eager only")

@@ -26,7 +26,7 @@ import posttrain.engine as engine
 from _machine import machine, write_result
 from posttrain.engine import Engine
 from posttrain.generate import Generator, SamplingParams, compiled
-from rollout import ChainTask, ChainTokenizer, eval_prompts, train
+from rollout import ChainTask, ChainTokenizer, eval_prompts, train, workload_args
 
 
 def capture(net, tok, prompts, params, draft_tokens: int, batches: list[int]):
@@ -65,17 +65,11 @@ def best_ms(fn, kwargs: dict, calls: int) -> float:
 def main(argv=None) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(here, "results", "rollout_steps_cpu.json"))
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=160)
+    workload_args(ap, os.path.join(here, "results", "rollout_steps_cpu.json"))
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64, 128])
     ap.add_argument("--draft-tokens", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calls", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.draft_tokens < 1 or min(args.batches) < 2:
         ap.error("--draft-tokens must be >= 1 and every --batches size >= 2")
