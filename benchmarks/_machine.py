@@ -28,6 +28,40 @@ def machine(load_before: tuple | None = None) -> dict:
     return out
 
 
+def roofline(device: str = "cpu", seconds: float = 1.0) -> dict:
+    """The device's two ceilings, measured (float32 on a CPU, bfloat16 on a GPU): GEMM arithmetic (a 2048^3
+    matmul, FLOP/s) and memory bandwidth (a 256 MiB copy, bytes read + written per s), each the best of as many
+    calls as fit in `seconds`; their ratio is the ridge point: a step whose FLOPs per byte of memory it reads are
+    below it is bound by memory, above it by arithmetic."""
+    import time
+
+    import torch
+    cuda = device == "cuda"
+    dev, dtype = device, torch.bfloat16 if cuda else torch.float32
+
+    def best(fn) -> float:
+        fn()   # warm up
+        t_end, b = time.perf_counter() + seconds, float("inf")
+        while time.perf_counter() < t_end:
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            b = min(b, time.perf_counter() - t)
+        return b
+
+    n = 2048
+    a, w = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    flops = 2 * n ** 3 / best(lambda: a @ w)
+    x = torch.empty(64 * 2 ** 20, device=dev, dtype=torch.float32)
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 4 / best(lambda: y.copy_(x))
+    return {"gemm_tflops": round(flops / 1e12, 3), "memory_tb_per_s": round(bw / 1e12, 4),
+            "ridge_flop_per_byte": round(flops / bw, 1), "dtype": str(dtype).removeprefix("torch.")}
+
+
 def write_result(path: str, result: dict) -> None:
     """The result as indented JSON at path, its folder made if missing."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -51,7 +51,7 @@ import time
 
 import torch
 
-from _machine import machine, write_result
+from _machine import machine, roofline, write_result
 
 from model import build_model, preset
 from model.transformer import IGNORE_INDEX
@@ -214,6 +214,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()
+    roof = roofline(args.device)   # GEMM and memory ceilings (bf16 on a GPU): what bounds a decode step
     task = ChainTask(args.seed, args.max_len)
     net, cfg, trained = train(task, args.train_steps, 16, args.seed, args.device, args.wide, args.lr)
     print(f"trained {trained}", file=sys.stderr)
@@ -274,7 +275,8 @@ def main(argv=None) -> dict:
                                                       "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1],
                                                       "mean": round(sum(lengths) / len(lengths), 1)}}
         write_result(args.out, {"benchmark": "rollout", "partial": "the run had not finished when this was written",
-                                "command": command, "device": args.device, "dtype": args.dtype, **done})
+                                "command": command, "device": args.device, "dtype": args.dtype, "roofline": roof,
+                                **done})
         return done[label]
 
     on = set(args.sections)
@@ -296,6 +298,7 @@ def main(argv=None) -> dict:
         "benchmark": "rollout",
         "command": command,
         "machine": machine(load_before),
+        "roofline": {**roof, "weight_bytes": sum(p.numel() * p.element_size() for p in net.parameters())},
         "device": args.device,
         "torch": torch.__version__,
         "dtype": args.dtype,

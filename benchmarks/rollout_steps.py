@@ -11,6 +11,11 @@ Per batch size: ms per decode step, ms per speculation step, and the speculative
 tokens per verify step x decode ms / speculation ms, where tokens per verify step = 1 + the run's mean accepted
 drafts per step (1 + the sum of its per-position acceptance). The crossover is where it falls below 1.
 
+Why it falls (the roofline): the machine's GEMM FLOP/s and memory bandwidth are measured (`_machine.roofline`), and
+each step's matmul FLOPs counted (torch's FlopCounterMode, once, eagerly). A step's FLOPs per byte of weights it
+reads, against the machine's ridge point, says whether reading the weights (paid once per step, whatever the tokens:
+what speculation amortises) or the arithmetic (paid per token) bounds it.
+
 Usage: python benchmarks/rollout_steps.py [--out PATH] [--batches 8 32 64 128] [--draft-tokens 3] [--repeats 5]
 """
 from __future__ import annotations
@@ -21,9 +26,11 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import posttrain.engine as engine
-from _machine import machine, write_result
+from model.moe import Experts
+from _machine import machine, roofline, write_result
 from posttrain.engine import Engine
 from posttrain.generate import Generator, SamplingParams, compiled
 from rollout import ChainTask, ChainTokenizer, eval_prompts, train, workload_args
@@ -62,6 +69,18 @@ def best_ms(fn, kwargs: dict, calls: int) -> float:
     return 1000 * best
 
 
+def step_flops(fn, kwargs: dict) -> int:
+    """The matmul FLOPs of one eager call of a step function, with the routed experts run densely as the compiled
+    program runs them (model/moe.py `dense_products`)."""
+    dense, Experts.dense_products = Experts.dense_products, 2 ** 62
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn(**kwargs)
+    finally:
+        Experts.dense_products = dense
+    return counter.get_total_flops()
+
+
 def main(argv=None) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -84,12 +103,16 @@ def main(argv=None) -> dict:
     spec, outs, stats = capture(net, tok, prompts, params, args.draft_tokens, args.batches)
     assert [c.ids for c in outs] == [c.ids for c in ref], "the speculative engine's greedy tokens differ from static"
     per_step = 1 + sum(stats["acceptance_per_position"])
+    roof = roofline()
+    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     programs = {"decode": compiled(engine.decode_step), "speculation": compiled(engine.speculation_step)}
     rows = {}
     with torch.no_grad():
         for want in sorted(set(plain) & set(spec)):
             cases = {"decode": plain[want], "speculation": spec[want]}
-            compile_s = {}
+            compile_s, gflop = {}, {}
+            for kind, (_, a) in cases.items():
+                gflop[kind] = step_flops(getattr(engine, f"{kind}_step"), a) / 1e9
             for kind, (_, a) in cases.items():   # the first call of a shape class compiles
                 t = time.perf_counter()
                 programs[kind](**a)
@@ -104,6 +127,11 @@ def main(argv=None) -> dict:
                 "ms_decode_step": round(ms["decode"], 3), "ms_speculation_step": round(ms["speculation"], 3),
                 "speculation_over_decode": round(ms["speculation"] / ms["decode"], 2),
                 "speedup_speculative_at_this_batch": round(per_step * ms["decode"] / ms["speculation"], 2),
+                "gflop_decode_step": round(gflop["decode"], 4),
+                "gflop_speculation_step": round(gflop["speculation"], 4),
+                # the decode step's arithmetic intensity against its weights, and its ms at the GEMM ceiling
+                "decode_flop_per_weight_byte": round(gflop["decode"] * 1e9 / weight_bytes, 1),
+                "ms_decode_at_gemm_peak": round(gflop["decode"] / roof["gemm_tflops"], 3),
                 "first_call_seconds": compile_s}
             print(want, rows[str(want)], flush=True)
     result = {
@@ -114,6 +142,8 @@ def main(argv=None) -> dict:
         "dtype": "float32",
         "model": {"preset": "tiny-deepseek-v3", "dim": cfg.dim, "n_layers": cfg.n_layers, "n_mtp": cfg.n_mtp,
                   "trained": trained},
+        "roofline": {**roof, "weight_bytes": weight_bytes,
+                     "ms_weights_from_memory": round(weight_bytes / roof["memory_tb_per_s"] / 1e9, 4)},
         "draft_tokens": args.draft_tokens,
         "acceptance_per_position": stats["acceptance_per_position"],
         "tokens_per_verify_step": round(per_step, 3),

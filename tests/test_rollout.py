@@ -490,6 +490,11 @@ def test_step_benchmark_replays_captured_steps(traced, tmp_path):
     assert result["equal_to_static"] and result["rows"] and 1 <= result["tokens_per_verify_step"] <= 4
     for want, row in result["rows"].items():
         assert int(want) // 2 < row["batch_decode"] <= int(want) and row["ms_speculation_step"] > 0
+        # a 3-draft step runs the trunk over 4 tokens a row: at least twice a decode step's matmul FLOPs a row
+        spec = row["gflop_speculation_step"] / row["batch_speculation"]
+        assert spec > 2 * row["gflop_decode_step"] / row["batch_decode"] > 0
+    roof = result["roofline"]
+    assert roof["gemm_tflops"] > 0 and roof["memory_tb_per_s"] > 0 and roof["weight_bytes"] > 0
 
 
 def test_rollout_benchmark_runs_its_sections(tmp_path):
