@@ -204,6 +204,9 @@ def main(argv=None) -> dict:
                          "--small-batch sequences; memory: memory-bound; eager: greedy uncompiled)")
     ap.add_argument("--compare-graphs", action="store_true",
                     help="with --device cuda: also each engine row without CUDA graphs (buckets=False), per section")
+    ap.add_argument("--no-graphs", action="store_true",
+                    help="with --device cuda: every engine row compiled but without CUDA graphs (buckets off): what "
+                         "the device script falls back to when a graph capture fails")
     args = ap.parse_args(argv)
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         ap.error(f"--device {args.device!r}: cpu, or cuda on a machine with a CUDA device")
@@ -211,6 +214,9 @@ def main(argv=None) -> dict:
         ap.error("--sections must include greedy: the headline speedups and the best draft count come from it")
     if args.compare_graphs and (args.device != "cuda" or not args.compile):
         ap.error("--compare-graphs needs --device cuda and compiled steps (CUDA graphs replay compiled steps)")
+    if args.no_graphs and (args.device != "cuda" or args.compare_graphs):
+        ap.error("--no-graphs goes with --device cuda (steps replay CUDA graphs only there) and not with "
+                 "--compare-graphs (which measures each engine row both ways)")
     torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()
@@ -235,7 +241,9 @@ def main(argv=None) -> dict:
         seeds = list(range(len(prompts)))
         engines = {"continuous": dict(share_prefix=False), "shared_prefix": dict()}
         engines.update({f"speculative_k{k}": dict(draft_tokens=k) for k in draft_tokens})
-        if args.compare_graphs and compile:
+        if args.no_graphs:
+            engines = {name: dict(kw, buckets=False) for name, kw in engines.items()}
+        elif args.compare_graphs and compile:
             engines.update({f"{name}_no_graphs": dict(kw, buckets=False) for name, kw in engines.items()})
         static = Generator(net, tok, compile=compile)
         if chunked:   # the static engine holds max_batch sequences too: consecutive batches, each waits for its longest
