@@ -135,18 +135,31 @@ def frame(table, start, s: int, keys: int, pages: list[dict], lens=None):
     return pos, mask, [PagedCache(layer, slots, gather) for layer in pages]
 
 
+def step_routes(model) -> torch.Tensor | None:
+    """With routing replay's recording on (`Transformer.record_routing`): the trunk's experts of the forward just
+    run [b, s, n_moe_layers, k], the record emptied for the next; else None. The step programs return them as an
+    output, so a compiled step records what an eager one does and a CUDA graph's replay returns them too (a module
+    attribute set inside a captured program is not set again when it replays)."""
+    if not any(m.record_routes for m in model.trunk_moe_layers()):
+        return None
+    routes = model.recorded_routing()[-1]
+    model.record_routing()
+    return routes
+
+
 def decode_step(model, tokens, table, start, keys: int, pages, params, rng=None):
     """One decode step for the batch as one program (compiled like speculation_step): the main model over
     tokens [b, 1] at positions start (its cache: `frame` over the trunk's `pages`), then each row's next token,
     the argmax at T = 0, else an inverse-CDF draw from its sampling distribution with the row's next uniform
     (rng: `stream_uniforms`). Returns (tokens [b], their log-probs [b], the truncation masks [b, vocab] or
-    None)."""
+    None, the recorded experts [b, 1, n_moe_layers, k] or None: `step_routes`)."""
     pos, mask, caches = frame(table, start, 1, keys, pages)
     logits, _ = model.decode(tokens, pos, caches, mask)
+    routes = step_routes(model)
     logits = model.gather_logits(logits[:, 0]).float()
     logp, p, keep = Engine._distributions(logits, params)
     ids = logits.argmax(-1) if rng is None else inverse_cdf(p, stream_uniforms(rng, 1)[:, 0])
-    return ids, logp.gather(1, ids[:, None])[:, 0], keep
+    return ids, logp.gather(1, ids[:, None])[:, 0], keep, routes
 
 
 def speculation_step(model, tokens, table, start, keys: int, lens, pages, drafted, limit, n_draft: int, params,
@@ -168,10 +181,12 @@ def speculation_step(model, tokens, table, start, keys: int, lens, pages, drafte
     the next drafts are drawn from the MTP's distributions (u[:, n_draft + 1 + j]), each by inverse CDF.
     Returns (tokens one ahead [b, 1 + w], whose first accepted + 1 are emitted; their log-probs; the
     truncation masks [b, 1 + w, vocab] or None; accepted drafts per row [b]; next drafts [b, n_draft]; their
-    distributions [b, n_draft, vocab] or None at T = 0)."""
+    distributions [b, n_draft, vocab] or None at T = 0; the verify's recorded experts [b, 1 + w, n_moe_layers, k]
+    or None: `step_routes`)."""
     greedy = params.temperature == 0
     pos, mask, caches = frame(table, start, tokens.shape[1], keys, pages, lens)
     logits, h = model.decode(tokens, pos, caches[:-1], mask)
+    routes = step_routes(model)
     logits = model.gather_logits(logits).float()
     logp, p, keep = Engine._distributions(logits, params)
     at = torch.arange(tokens.shape[0], device=tokens.device)
@@ -192,7 +207,7 @@ def speculation_step(model, tokens, table, start, keys: int, lens, pages, drafte
     logp = logp.gather(2, ahead[..., None])[..., 0]
     drafts, qs = draft_step(model, h, ahead, pos, caches[-1], mask, accepted, limit, n_draft, params,
                             None if greedy else u[:, n_draft + 1:])
-    return ahead, logp, keep, accepted, drafts, qs
+    return ahead, logp, keep, accepted, drafts, qs, routes
 
 
 def draft_step(model, h, ahead, pos, cache, mask, at, limit, n_draft: int, params, u=None):
@@ -402,7 +417,7 @@ class Engine:
     page_size: positions per page; n_pages: the pool (default: room for max_batch worst-case sequences);
     max_batch: sequences decoded together; share_prefix: identical prompts prefill once; draft_tokens: MTP
     drafts per step (0: none; needs a model with MTP modules); compile: decode-sized forwards through
-    torch.compile (one process only; not with record_routing); buckets: each step padded to a batch bucket and a
+    torch.compile (one process only); buckets: each step padded to a batch bucket and a
     context bucket (`batch_bucket`, `keys_bucket`), and on a CUDA device, compiled, replayed from a CUDA graph per
     bucket (`StepGraphs`; the engine then keeps its pool and graphs between calls: `release` frees them).
     None: on exactly when compiled on a CUDA device."""
@@ -454,7 +469,7 @@ class Engine:
 
     def _compiles(self, n_tokens: int) -> bool:
         """Whether a forward over n_tokens tokens runs compiled: a decode-sized one, with compile on."""
-        return self.compile and not self.record and n_tokens <= self.compile_tokens
+        return self.compile and n_tokens <= self.compile_tokens
 
     def _launch(self, fn, rows: dict, keys: int, **fixed):
         """fn(**rows, keys=keys, **fixed), one call for the batch (a step function: `decode_step`,
@@ -471,7 +486,8 @@ class Engine:
         if self.graphs is not None and runs_compiled:
             sampling = fixed["params"]
             key = (fn, batch, keys, tuple((k, None if v is None else (v.shape[1:], v.dtype)) for k, v in rows.items()),
-                   fixed.get("n_draft"), sampling.temperature, sampling.top_p, sampling.top_k, sampling.records_mask)
+                   fixed.get("n_draft"), sampling.temperature, sampling.top_p, sampling.top_k, sampling.records_mask,
+                   self.record)
             out = self.graphs(key, compiled(fn), rows, batch, dict(fixed, keys=keys))
         else:
             rows = {k: v if v is None or batch == b else torch.cat([v, v.new_zeros(batch - b, *v.shape[1:])])
@@ -850,15 +866,15 @@ class Engine:
         tokens = torch.tensor([s.tokens[s.length] for s in running], device=self.device)[:, None]
         start, keys, _ = self._extent([s.length for s in running], 1, None)
         self.forwards += 1
-        ids, logps, keep = self._launch(
+        ids, logps, keep, routes = self._launch(
             decode_step, dict(tokens=tokens, table=self.table[self._slots(running)], start=start,
                               rng=self._streams(running, 1)),
             keys, model=self.model, pages=self.pool.pages[:self.n_layers], params=params)
-        self._recorded()
         sets = allowed_ids(keep) if keep is not None else [None] * len(running)
+        routes = routes.to("cpu", copy=True) if self.record else None   # a copy: a graph's output is rewritten
         for b, (seq, token, lp) in enumerate(zip(running, ids.tolist(), logps.tolist())):
             if self.record:
-                seq.routes.append(self.routes[b, :1])
+                seq.routes.append(routes[b, :1])
             seq.length += 1
             self._emit(seq, token, lp, params, sets[b])
 
@@ -891,14 +907,14 @@ class Engine:
         drafted, limit = torch.tensor([ks, [s.limit for s in running]], device=dev)
         for j in range(K):   # acceptance per position: accepted over drafted, whatever came before
             self.drafted[j] += sum(k > j for k in ks)
-        ahead, logp, keep, n_ok, drafts, q = self._step(
+        ahead, logp, keep, n_ok, drafts, q, verify_routes = self._step(
             self.table[slots], [s.length for s in running], tokens, None if min(ks) == width else [1 + k for k in ks],
             drafted, limit, params, None if self.qbuf is None else self.qbuf[slots], self._streams(running, 2 * K + 1))
-        verify_routes = self.routes
         self.dbuf[slots] = drafts
         if q is not None:
             self.qbuf[slots] = q
         n_ok, ahead, logp = n_ok.tolist(), ahead.tolist(), logp.tolist()
+        verify_routes = verify_routes.to("cpu", copy=True) if self.record else None
         for j in range(K):
             self.accepted[j] += sum(a > j for a in n_ok)
         sets, base = None, 0
@@ -931,12 +947,10 @@ class Engine:
         """`speculation_step` over the batch (compiled when decode-sized)."""
         start, keys, lens = self._extent(starts, tokens.shape[1], lens, reach=self.draft_tokens - 1)
         self.forwards += 1 + self.draft_tokens
-        out = self._launch(speculation_step, dict(tokens=tokens, table=table, start=start, lens=lens, drafted=drafted,
-                                                  limit=limit, q=q, rng=rng),
-                           keys, model=self.model, pages=self.pool.pages, n_draft=self.draft_tokens, params=params,
-                           accept=None if q is None else self.accept)
-        self._recorded()
-        return out
+        return self._launch(speculation_step, dict(tokens=tokens, table=table, start=start, lens=lens,
+                                                   drafted=drafted, limit=limit, q=q, rng=rng),
+                            keys, model=self.model, pages=self.pool.pages, n_draft=self.draft_tokens, params=params,
+                            accept=None if q is None else self.accept)
 
     def _draft(self, seqs: list[Sequence], hidden, starts: list[int] | None, params: SamplingParams) -> None:
         """New sequences' first drafts into the draft buffer (at T > 0 their distributions into the q buffer):

@@ -341,15 +341,19 @@ class _Replayed(StepGraphs):
     """StepGraphs with the CUDA capture replaced by running the program again into the first run's output
     tensors, as a replayed graph writes them: on a CPU it checks everything around the capture (the static inputs
     refilled and padded every step, one entry per shape, every output read before its graph replays again, the
-    pool and its graphs kept between calls)."""
+    pool and its graphs kept between calls, nothing read from a module attribute the program sets)."""
 
     def record(self, fn, static: dict, fixed: dict):
         out = fn(**static, **fixed)
+        moe = fixed["model"].trunk_moe_layers()
 
         def replay():
+            kept = [m.routes for m in moe]
             for o, new in zip(out, fn(**static, **fixed)):
                 if o is not None:
                     o.copy_(new)
+            for m, routes in zip(moe, kept):   # a replay runs no Python: it sets no module attribute
+                m.routes = routes
         return replay, out
 
 

@@ -6,10 +6,11 @@ import torch
 
 from model import build_model, preset
 from model.moe import expert_counts
+import posttrain.engine as engine_mod
 from posttrain.engine import Engine
 from posttrain.generate import Generator, SamplingParams
 from test_generate import ToyTokenizer, _net
-from test_rollout import _mixed, _teach_mtp
+from test_rollout import _mixed, _Replayed, _teach_mtp
 
 
 def _full_routes(net, prompt, ids):
@@ -44,6 +45,32 @@ def test_engine_and_static_generator_record_the_same_routing():
             assert o.ids == r.ids and torch.equal(o.routes, r.routes)
     plain, _ = Engine(net, tok, pad_id=3).generate(prompts, params)
     assert all(c.routes is None for c in plain)
+    assert all(not m.record_routes and m.routes == () for m in net.moe_layers())
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_compiled_steps_record_the_same_routing(monkeypatch, traced, graphs):
+    """Recording keeps the steps compiled: the step programs return the trunk's experts (`step_routes`), so
+    compiled steps (dynamo-traced) and steps replayed from graphs (`_Replayed`, which like a real replay sets no
+    module attribute) record what the eager engine records, plain and speculating, call after call."""
+    if graphs:
+        monkeypatch.setattr(engine_mod, "StepGraphs", _Replayed)
+        monkeypatch.setattr(Engine, "_graphed", lambda self: self.bucketed and self.compile)
+    net, cfg = _net("tiny-deepseek-v3")
+    _teach_mtp(net, cfg, steps=30)
+    tok = ToyTokenizer(cfg.vocab_size)
+    prompts = _mixed(cfg)[:7] + [list(_mixed(cfg)[1])] * 2
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    for kw in ({}, dict(draft_tokens=1)):
+        ref, _ = Engine(net, tok, pad_id=3, **kw).generate(prompts, params, record_routing=True)
+        engine = Engine(net, tok, pad_id=3, compile=True, buckets=graphs, **kw)
+        for _ in range(2):   # with graphs the second call only replays
+            outs, stats = engine.generate(prompts, params, record_routing=True)
+            for r, o in zip(ref, outs):
+                assert o.ids == r.ids and torch.equal(o.routes, r.routes)
+            assert (stats.get("graph_replays", 0) > 0) == graphs
+        step = engine_mod.speculation_step if kw else engine_mod.decode_step
+        assert step in traced._COMPILED   # the steps ran compiled
     assert all(not m.record_routes and m.routes == () for m in net.moe_layers())
 
 
