@@ -186,6 +186,12 @@ def clip_grad_norm_(model: nn.Module | list[nn.Module], max_norm: float, mesh: M
     return (norms if apart else norms[0]).to(dtype)
 
 
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether FSDP2 wraps any part of the model (its parameters are then gathered by hooks around forwards)."""
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def reshard(model: nn.Module) -> None:
     """Free the gathered parameters FSDP2 keeps after a forward without backward (evaluation under
     ZeRO-2 keeps them), so that the module holds its sharded parameters again (the ones the optimizer

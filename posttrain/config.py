@@ -43,6 +43,10 @@ class RolloutSection:
     # prompt prefixes (and MTP speculation when draft_tokens > 0); static = one padded batch (posttrain/generate.py)
     engine: str = "paged"           # paged | static
     draft_tokens: int = 0           # MTP drafts per decode step (V3 §5.4.3); needs model.n_mtp >= 1
+    # decode-sized steps through torch.compile (on a CUDA device replayed from CUDA graphs: posttrain/engine.py);
+    # one process only. GRPO then generates with a plain copy of the policy when the policy is an FSDP2 module
+    # (a compute dtype set), refreshed after each update; the first steps of each shape compile (tens of seconds)
+    compile: bool = False
     page_size: int = 16             # positions per cache page
     max_batch: int = 64             # sequences decoded together
     # the rollout layout (issue 22 §1): generation on the same ranks with its own tp and ep, dp = world / tp and no

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from parallel.data_parallel import reshard
+from parallel.data_parallel import is_fsdp, reshard
 
 from .generate import (COMPILE_TOKENS, Completion, Generator, SamplingParams, allowed_ids, compiled,
                        restricted_logprobs, sampling_distribution)
@@ -428,6 +428,10 @@ class Engine:
         if page_size < 1 or max_batch < 1 or draft_tokens < 0:
             raise ValueError(f"page_size ({page_size}) and max_batch ({max_batch}) must be >= 1, draft_tokens "
                              f"({draft_tokens}) >= 0")
+        if compile and is_fsdp(model):
+            raise ValueError("compile=True traces each step whole, and this model is an FSDP2 module, whose hooks "
+                             "do not trace: generate with a plain copy of the weights (posttrain/grpo.py does so "
+                             "under rollout.compile), or set compile=False")
         if draft_tokens and not model.cfg.n_mtp:
             raise ValueError(f"speculative decoding (draft_tokens={draft_tokens}) drafts with the model's MTP "
                              "module, and this model has no MTP module (model.n_mtp = 0); set draft_tokens=0")
@@ -985,6 +989,6 @@ def rollout_engine(model, tokenizer, rollout) -> Engine | Generator:
     """The generator a post-training stage samples with, from its `rollout` config section: the paged engine
     (continuous batching, shared prompt prefixes, `draft_tokens` MTP drafts) or the static padded batch."""
     if rollout.engine == "static":
-        return Generator(model, tokenizer)
+        return Generator(model, tokenizer, compile=rollout.compile)
     return Engine(model, tokenizer, page_size=rollout.page_size, max_batch=rollout.max_batch,
-                  draft_tokens=rollout.draft_tokens)
+                  draft_tokens=rollout.draft_tokens, compile=rollout.compile)

@@ -34,6 +34,7 @@ from model import build_model
 from model.transformer import IGNORE_INDEX
 from parallel import (LayoutError, ParallelConfig, build_mesh, comm, finish_grad_sync, init_parallel_weights,
                       parallelize, sequence_multiple, set_gradient_sync)
+from parallel.data_parallel import is_fsdp
 from parallel.refit import Refit
 from pretrain.config import ConfigError
 from pretrain.session import DTYPES
@@ -275,18 +276,23 @@ class GRPOTrainer:
         """(generating model, its mesh, the Refit that refreshes it) for rollout.tp / rollout.ep (0: the training
         layout's), dp = world / tp, no pp. The training layout itself at pp = 1: the policy generates (no copy,
         no Refit). Otherwise a copy in the rollout layout (FSDP2 over its dp, frozen), refreshed from the
-        training shards before each generation that follows an update (issue 22 §1)."""
+        training shards before each generation that follows an update (issue 22 §1). With rollout.compile (one
+        process) the copy is plain, without FSDP2, whose hooks a compiled step cannot trace: made when the
+        policy is an FSDP2 module (a compute dtype set), else the policy generates."""
         cfg, sess = self.cfg, self.session
         r, dims = cfg.rollout, sess.dims
+        if r.compile and dims.world > 1:
+            raise ConfigError(f"rollout.compile runs the rollout's steps through torch.compile in one process, and "
+                              f"this run has {dims.world} ranks; set rollout.compile=false or run one process")
         tp, ep = r.tp or dims.tp, r.ep or dims.ep
-        if dims.pp == 1 and (tp, ep) == (dims.tp, dims.ep):
+        if dims.pp == 1 and (tp, ep) == (dims.tp, dims.ep) and not (r.compile and is_fsdp(sess.policy)):
             return sess.policy, sess.mesh, None
         what = f"the rollout layout rollout.tp = {tp}, rollout.ep = {ep} (dp = world / tp = {dims.world // tp})"
         try:
             mesh = build_mesh(ParallelConfig(tp=tp, ep=ep, dp=dims.world // tp if dims.world % tp == 0 else 0,
                                              node_size=cfg.parallel.node_size))
-            net = parallelize(build_model(sess.model_cfg, device="meta").eval(), mesh,
-                              param_dtype=DTYPES[cfg.train.dtype])
+            net = parallelize(build_model(sess.model_cfg, device="meta").eval(), mesh,   # in one process, no
+                              param_dtype=None if r.compile else DTYPES[cfg.train.dtype])  # dtype: no FSDP2
             init_parallel_weights(net, mesh, cfg.train.seed, sess.device)
             if DTYPES[cfg.train.dtype] is not None:   # it only generates: stored in the compute dtype, whose values
                 net.to(DTYPES[cfg.train.dtype])        # FSDP2 would cast to anyway (the pages follow: model.new_cache)

@@ -27,6 +27,7 @@ from collections import Counter
 
 import torch.distributed as dist
 
+from parallel.data_parallel import is_fsdp
 from pretrain.config import ConfigError
 from pretrain.session import decided_on_rank0, join_job
 
@@ -166,6 +167,11 @@ class RejectionSampler:
         self.sampling = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                                        top_k=ro.top_k, stop=list(ro.stop))
         self.reward = build_reward(cfg.reward.weights)
+        if ro.compile and (sess.dims.world > 1 or is_fsdp(sess.policy)):
+            raise ConfigError("rollout.compile: rejection sampling generates with the policy itself, which compiles "
+                              "in one process with train.dtype=fp32 only (a compute dtype makes it an FSDP2 module, "
+                              f"whose hooks a compiled step cannot trace; this run: {sess.dims.world} rank(s), "
+                              f"train.dtype={cfg.train.dtype}); set rollout.compile=false")
         self.gen = rollout_engine(sess.policy, sess.tokenizer, cfg.rollout)
         sess.total_steps = 0                  # one pass, no optimizer steps
         sess.resume()

@@ -285,6 +285,42 @@ def test_bf16_update_with_mtp_modules_runs(task_dir, tmp_path):
     assert row["step"] == 1 and row["loss"] == row["loss"]
 
 
+def compiled_rank(task_dir, run_dir, extra, out):
+    """run_rank with rollout.compile: the steps traced by dynamo and run by eager kernels (the "eager" backend:
+    inductor's C++ build takes minutes here), checking that they ran compiled and what generated."""
+    import posttrain.engine as engine
+    import posttrain.generate as generate
+    from parallel.data_parallel import is_fsdp
+    generate.COMPILE_BACKEND = "eager"
+    tr = GRPOTrainer(_config(task_dir, run_dir, "rollout.compile=true", *extra))
+    tr.run()
+    assert tr.gen.compile and not is_fsdp(tr.gen_model)   # a plain model generates
+    assert (tr.gen_model is tr.session.policy) == (not is_fsdp(tr.session.policy))   # a copy only of an FSDP2 one
+    assert {engine.decode_step, engine.speculation_step} & set(generate._COMPILED)
+    tr.session.close()
+    import parallel
+    torch.save({k: v.detach().clone() for k, v in parallel.full_state(tr.session.policy, tr.session.mesh).items()},
+               out)
+
+
+@pytest.mark.parametrize("extra", [[], ["train.dtype=bf16", "rollout.draft_tokens=1"]])
+def test_compiled_rollouts_give_the_eager_run(task_dir, tmp_path, extra):
+    """rollout.compile (one process) changes nothing but speed: the same metrics (routing recorded as the rollout
+    goes, for routing_mismatch) and parameters as the eager run. In fp32 the policy generates; in bf16 the policy is
+    an FSDP2 module, so a plain bf16 copy of it generates, refreshed after each update."""
+    extra = ["train.steps=2", "eval.every=0", *extra]
+    run_ranks(1, run_rank, str(task_dir), str(tmp_path / "a"), extra, str(tmp_path / "a.pt"))
+    run_ranks(1, compiled_rank, str(task_dir), str(tmp_path / "b"), extra, str(tmp_path / "b.pt"))
+    rows = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab"]
+    for eager, comp in zip(*rows):
+        timed = [k for k in eager if "per_s" in k or "seconds" in k or k.startswith(("time", "mem"))]
+        assert {k: v for k, v in comp.items() if k not in timed} == {k: v for k, v in eager.items() if k not in timed}
+    assert len(rows[0]) == len(rows[1]) == 2 and "routing_mismatch" in rows[0][-1]
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_speculative_rollouts_log_their_acceptance(task_dir, tmp_path):
     run_ranks(1, run_rank, str(task_dir), str(tmp_path / "a"), ["train.steps=1", "eval.every=0",
                                                                "rollout.draft_tokens=2"], str(tmp_path / "a.pt"))
@@ -492,6 +528,7 @@ def test_pp2_run_generates_under_its_rollout_layout(task_dir, tmp_path):
     (["rollout.ep=-1"], "rollout.ep must be >= 1"),
     (["rollout.ep=3"], "rollout.ep = 3"),
     (["data.seq_len=16"], "set data.seq_len >= "),
+    (["rollout.compile=true"], "rollout.compile runs the rollout's steps through torch.compile in one process"),
 ])
 def test_pipelined_grpo_settings_are_checked(task_dir, tmp_path, extra, words):
     run_ranks(2, refused_rank, str(task_dir), str(tmp_path / "r"), ["parallel.pp=2", *PP, *extra],

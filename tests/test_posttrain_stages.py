@@ -166,6 +166,8 @@ def rejection_two_ranks(task_dir, out_dir):
     # a trainer's pp2 layout: sampling only, the stage generates in its rollout layout (here ep2, dp2)
     rejection_rank(task_dir, f"{out_dir}/pp2", ["parallel.pp=2", "rollout.ep=2"])
     rejection_rank(task_dir, out_dir, [])
+    with pytest.raises(ConfigError, match="rollout.compile: rejection sampling generates with the policy itself"):
+        RejectionSampler(_load(_rejection_args(task_dir, f"{out_dir}/compiled") + ["rollout.compile=true"]))
     before = (Path(out_dir) / "sft.jsonl").read_bytes()
     with pytest.raises(ConfigError, match="already exists"):        # every rank refuses, before any work
         RejectionSampler(_load(_rejection_args(task_dir, out_dir)))
@@ -181,6 +183,21 @@ def test_rejection_under_dp2_and_tp2_writes_what_one_process_writes(task_dir, re
     for name in ("sft.jsonl", "pairs.jsonl", "samples.jsonl"):
         for sub in (".", "tp2", "pp2"):
             assert (tmp_path / sub / name).read_text() == (rejection_dir / name).read_text(), (sub, name)
+
+
+def rejection_compiled_rank(task_dir, out_dir):
+    import posttrain.engine as engine
+    import posttrain.generate as generate
+    generate.COMPILE_BACKEND = "eager"   # traced by dynamo, eager kernels (inductor's C++ build takes minutes here)
+    rejection_rank(task_dir, out_dir, ["rollout.compile=true"])
+    assert engine.decode_step in generate._COMPILED
+
+
+def test_compiled_rejection_writes_what_eager_writes(task_dir, rejection_dir, tmp_path):
+    """rollout.compile in one process (fp32: the policy is a plain module) changes nothing but speed."""
+    run_ranks(1, rejection_compiled_rank, str(task_dir), str(tmp_path))
+    for name in ("sft.jsonl", "pairs.jsonl", "samples.jsonl"):
+        assert (tmp_path / name).read_text() == (rejection_dir / name).read_text(), name
 
 
 def test_rejection_cli_refuses_to_overwrite(task_dir, rejection_dir, tmp_path):

@@ -392,6 +392,21 @@ def test_graph_replay_around_the_capture(monkeypatch, traced, draft_tokens):
     graph_replays_equal_eager(net, cfg, draft_tokens, buckets=True)   # on a CPU buckets default to off
 
 
+def fsdp_compile_rank():
+    from parallel import ParallelConfig, build_mesh, parallelize
+    cfg = preset("tiny-deepseek-v3")
+    net = parallelize(build_model(cfg), build_mesh(ParallelConfig()), param_dtype=torch.bfloat16)   # FSDP2 at 1 rank
+    with pytest.raises(ValueError, match="this model is an FSDP2 module, whose hooks do not trace"):
+        Engine(net, ToyTokenizer(cfg.vocab_size), compile=True)
+    Engine(net, ToyTokenizer(cfg.vocab_size))   # eager: fine
+
+
+def test_compiled_steps_refuse_an_fsdp2_module():
+    """A compiled step traces the model whole, and FSDP2's hooks do not trace: a clear error up front, not a
+    dynamo failure in the first step."""
+    run_ranks(1, fsdp_compile_rank)
+
+
 def test_chain_cache_sees_what_a_page_write_would():
     """Chained drafts inside the speculation step's program (`speculation_step`) put their keys into a gathered copy
     (`ChainCache`) instead of the pages: each chained position must read exactly what writing the pages and
