@@ -14,7 +14,8 @@ engine.py, parallel/refit.py; docs/posttrain.md "Training and rollout layouts"):
 - dpo: + a frozen reference in the training layout (a micro-batch is 2 rows per pair);
 - grpo: + the frozen reference when grpo.beta > 0, + under pp > 1 (or a rollout.tp / rollout.ep that
   differs from training's) a frozen rollout copy in the rollout layout (tp = rollout.tp, ep = rollout.ep,
-  dp = world / tp, pp = 1, FSDP2 over its dp), + the paged engine's latent cache, + the refresh's buffers;
+  dp = world / tp, pp = 1, FSDP2 over its dp; with rollout.compile in one process and a compute dtype, a plain
+  copy), + the paged engine's latent cache, + the refresh's buffers;
 - rejection (pp = 1, no training): the frozen policy, its gathered units while generating, the cache.
 
 The reference and the policy's own cache are held in fp32: FSDP2 keeps a module's parameters in their own
@@ -185,6 +186,12 @@ def posttrain_memory(cfg, stage: str, n_gpus: int, gpu: str = "H800", *, prompt_
         raise _err(f"train.moment_dtype {t.moment_dtype!r}: use one of {', '.join(MOMENT_BYTES)}")
     if stage == "rejection" and p.pp != 1:
         raise _err(f"parallel.pp = {p.pp}: rejection sampling runs with parallel.pp = 1 (posttrain.stage.PIPELINED)")
+    if stage in ("grpo", "rejection") and r.compile and (n_gpus > 1 or (stage == "rejection" and t.dtype != "fp32")):
+        fp32 = stage == "rejection"   # rejection sampling compiles the policy itself: no FSDP2, so no compute dtype
+        raise _err("rollout.compile runs the rollout's steps through torch.compile in one process"
+                   + (" with train.dtype=fp32 for rejection sampling (it compiles the policy itself)" if fp32 else "")
+                   + f" (here {n_gpus} GPU(s), train.dtype={t.dtype}); plan it with --gpus 1"
+                   + (" and train.dtype=fp32" if fp32 else "") + ", or set rollout.compile=false")
     cluster = P.Cluster(gpu, n_gpus, gpus_per_node or p.node_size)
     model_cfg = cfg.model_config()
     notes: list[str] = []
@@ -254,9 +261,15 @@ def posttrain_memory(cfg, stage: str, n_gpus: int, gpu: str = "H800", *, prompt_
     rollout_label, rollout_working = "", 0.0
     if stage == "grpo":
         rtp, rep = r.tp or p.tp, r.ep or p.ep
-        copy = p.pp > 1 or (rtp, rep) != (p.tp, p.ep)
+        # rollout.compile (one process) generates with a plain copy, without FSDP2, when the policy carries a
+        # compute dtype (FSDP2 then wraps it, and its hooks do not trace): the whole model in bf16, nothing gathered
+        plain = r.compile and t.dtype == "bf16"
+        copy = p.pp > 1 or (rtp, rep) != (p.tp, p.ep) or plain
         gdp, gen = _rollout(cfg, n_gpus, rtp, rep, copy, shape, cluster, dims, notes)
-        rollout_label = f"tp{rtp} ep{rep} dp{gdp} pp1" + ("" if copy else " (the policy itself)")
+        if plain:
+            gen["gathered"] = 0.0
+        rollout_label = f"tp{rtp} ep{rep} dp{gdp} pp1" + (" (a plain copy, compiled)" if plain else ""
+                                                          if copy else " (the policy itself)")
         # the rollout copy is held in train.dtype (posttrain/grpo.py: it only generates), and so are its pages
         element = (2 if t.dtype == "bf16" else PARAM_BYTES) if copy else CACHE_BYTES
         if copy:

@@ -63,6 +63,21 @@ def test_grpo_terms_equal_hand_and_runtime_counts():
     assert m.bound >= m.total and m.fits
 
 
+def test_compiled_rollouts_plan_one_process_and_a_plain_copy():
+    """rollout.compile runs in one process; GRPO with a compute dtype then generates with a plain bf16 copy of every
+    weight (nothing gathered while generating), as posttrain/grpo.py builds it."""
+    from model import build_model, preset
+    one = ["parallel.pp=1", "parallel.ep=1", "rollout.ep=1", "rollout.compile=true"]
+    m = _tiny("grpo", [*one, "train.dtype=bf16"], n=1)
+    total = sum(q.numel() for q in build_model(preset("tiny-deepseek-v3"), device="meta").parameters())
+    assert m.parts["rollout_copy"] == 2 * total and m.parts["rollout_gathered"] == 0.0
+    assert "plain copy, compiled" in m.rollout
+    assert "rollout_copy" not in _tiny("grpo", one, n=1).parts   # fp32: the policy, a plain module, generates
+    for stage, extra, n in (("grpo", one, 4), ("rejection", [*one, "train.dtype=bf16"], 1)):
+        with pytest.raises(ValueError, match="rollout.compile runs the rollout's steps through torch.compile in one"):
+            _tiny(stage, extra, n=n)
+
+
 def test_policy_training_terms_are_the_planners():
     from model import build_model, preset
     from plan import planner as P
