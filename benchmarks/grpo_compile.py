@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import sys
+from statistics import fmean
 import time
 from pathlib import Path
 
@@ -27,10 +28,6 @@ sys.path.insert(0, str(ROOT))
 
 from _machine import machine  # noqa: E402
 from posttrain.demo import GRPO_CONFIG, SFT_CONFIG, _command, _metrics, _run_all, prepare_sft  # noqa: E402
-
-
-def mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 def main(argv=None) -> dict:
@@ -62,9 +59,9 @@ def main(argv=None) -> dict:
             rate = [m["rollout_tokens_per_s"] for m in rows]
             runs[name].append({"run_dir": str(run_dir.relative_to(ROOT)), "wall_seconds": round(wall, 1),
                                "rollout_tokens_per_s_first_step": round(rate[0]),
-                               "rollout_tokens_per_s_after": round(mean(rate[1:])),
+                               "rollout_tokens_per_s_after": round(fmean(rate[1:])),
                                "reward_mean": [round(m["reward_mean"], 4) for m in rows],
-                               "routing_mismatch": mean([m.get("routing_mismatch", 0.0) for m in rows])})
+                               "routing_mismatch": fmean([m.get("routing_mismatch", 0.0) for m in rows])})
             print(name, runs[name][-1], flush=True)
     best = {name: max(x["rollout_tokens_per_s_after"] for x in rs) for name, rs in runs.items()}
     wall = {name: min(x["wall_seconds"] for x in rs) for name, rs in runs.items()}
