@@ -268,8 +268,8 @@ def posttrain_memory(cfg, stage: str, n_gpus: int, gpu: str = "H800", *, prompt_
         gdp, gen = _rollout(cfg, n_gpus, rtp, rep, copy, shape, cluster, dims, notes)
         if plain:
             gen["gathered"] = 0.0
-        rollout_label = f"tp{rtp} ep{rep} dp{gdp} pp1" + (" (a plain copy, compiled)" if plain else ""
-                                                          if copy else " (the policy itself)")
+        whose = " (a plain copy, compiled)" if plain else "" if copy else " (the policy itself)"
+        rollout_label = f"tp{rtp} ep{rep} dp{gdp} pp1{whose}"
         # the rollout copy is held in train.dtype (posttrain/grpo.py: it only generates), and so are its pages
         element = (2 if t.dtype == "bf16" else PARAM_BYTES) if copy else CACHE_BYTES
         if copy:

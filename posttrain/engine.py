@@ -522,8 +522,7 @@ class Engine:
         """With routing replay's recording on: the trunk's experts of the last forward per row [b, s,
         n_moe_layers, k] (padding rows are sliced off by the caller); the MTP's are not recorded."""
         if self.record:
-            self.routes = self.model.recorded_routing()[-1].cpu()
-            self.model.record_routing()
+            self.routes = step_routes(self.model).cpu()
 
     def _slots(self, seqs: list[Sequence]) -> torch.Tensor:
         return torch.tensor([s.slot for s in seqs], device=self.device)
